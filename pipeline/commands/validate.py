@@ -1,0 +1,27 @@
+"""`logitcache validate CACHE`: check every shard against the index."""
+
+import argparse
+
+HELP = "check a cache: the index, then every shard's checksum, counts and values"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("validate", help=HELP, description=HELP + ". Exit 0 when all is well; otherwise "
+                       "exit 1 and print each bad shard with the reason.",
+                       epilog="example: logitcache validate ./cache   |   logitcache validate s3://bucket/cache")
+    p.add_argument("cache", help="cache directory or fsspec URL (s3://, gs://, ...)")
+    return p
+
+
+def run(args) -> int:
+    from logitcache.storage import open_cache
+
+    cache = open_cache(args.cache)
+    problems = cache.validate()
+    for line in problems:
+        print(f"BAD  {line}")
+    if problems:
+        print(f"{len(problems)} of {len(cache.shards)} shard(s) failed validation")
+        return 1
+    print(f"OK   {len(cache.shards)} shard(s), {len(cache)} sequences, {cache.index['counts']['positions']} positions")
+    return 0

@@ -1,0 +1,102 @@
+"""Arrow backend: one Parquet file per shard, one row per sequence.
+
+Columns (K = top-K width, `lp` = the encoding's value type, see `encoding.py`):
+    row_index int64 | input_ids list<int32> | positions list<int32>
+    topk_ids list<fixed_size_list<int32>[K]> | topk_logprobs list<fixed_size_list<lp>[K]>
+    target_logprob list<f32|f16> | tail_mass list<f32|f16> | [sample_counts list<fixed_size_list<uint16>[K]>]
+    one string column per stored text field
+The schema metadata key ``logitcache`` holds the shard's JSON attributes (format version, encoding, ...),
+so `datasets.load_dataset("parquet", ...)` and plain pyarrow read shards with no logitcache installed.
+"""
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from logitcache.storage.encoding import decode_logprobs, encode_logprobs, scalar_dtype
+from logitcache.storage.shard import ShardData
+
+__all__ = ["SUFFIX", "encode_shard", "decode_shard"]
+
+SUFFIX = ".parquet"
+_META_KEY = b"logitcache"
+
+
+def _list(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    if values.ndim == 2:
+        values = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    else:
+        values = pa.array(values)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+
+
+def encode_shard(shard: ShardData, *, encoding: str, attrs: dict) -> dict[str, bytes]:
+    """Serialize a shard to Parquet bytes. Returns {"": file bytes}."""
+    scalar = scalar_dtype(encoding)
+    tok, pos = shard.token_offsets, shard.position_offsets
+    columns = {
+        "row_index": pa.array(shard.row_index),
+        "input_ids": _list(tok, shard.input_ids),
+        "positions": _list(pos, shard.positions),
+        "topk_ids": _list(pos, shard.topk_ids),
+        "topk_logprobs": _list(pos, encode_logprobs(shard.topk_logprobs, encoding)),
+        "target_logprob": _list(pos, shard.target_logprob.astype(scalar)),
+        "tail_mass": _list(pos, shard.tail_mass.astype(scalar)),
+    }
+    if shard.sample_counts is not None:
+        columns["sample_counts"] = _list(pos, shard.sample_counts)
+    for name, values in shard.texts.items():
+        columns[name] = pa.array(values, type=pa.string())
+    table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(attrs).encode()})
+    numeric = [c for c in columns if c not in shard.texts and c != "row_index"]
+    buf = io.BytesIO()
+    # Byte-stream-split + zstd is the Parquet spelling of byte-shuffle + zstd; dictionaries only hurt here.
+    pq.write_table(table, buf, compression="zstd", compression_level=3, use_dictionary=list(shard.texts),
+                   use_byte_stream_split=numeric, row_group_size=1 << 20, write_statistics=False)
+    return {"": buf.getvalue()}
+
+
+def _flat(table: pa.Table, name: str, offsets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Return (values, offsets) of a list column; checks offsets against `offsets` if given."""
+    col = table.column(name).combine_chunks()
+    own = col.offsets.to_numpy().astype(np.int64)
+    own = own - own[0]
+    if offsets is not None and not np.array_equal(own, offsets):
+        raise ValueError(f"column {name} is not aligned with positions")
+    values = col.flatten()
+    if pa.types.is_fixed_size_list(values.type):
+        width = values.type.list_size
+        return values.flatten().to_numpy(zero_copy_only=False).reshape(-1, width), own
+    return values.to_numpy(zero_copy_only=False), own
+
+
+def decode_shard(files: dict[str, bytes]) -> tuple[ShardData, dict]:
+    """Parse Parquet bytes back into a ShardData and the shard's attributes.
+
+    Raises any pyarrow/ValueError on malformed input; the caller wraps it into a ShardError.
+    """
+    table = pq.read_table(io.BytesIO(files[""]))
+    attrs = json.loads((table.schema.metadata or {})[_META_KEY])
+    input_ids, tok = _flat(table, "input_ids", None)
+    positions, pos = _flat(table, "positions", None)
+    columns = {name: _flat(table, name, pos)[0] for name in
+               ("topk_ids", "topk_logprobs", "target_logprob", "tail_mass", "sample_counts")
+               if name in table.column_names}
+    texts = {name: table.column(name).to_pylist() for name in attrs.get("text_fields", [])}
+    shard = ShardData(
+        row_index=table.column("row_index").to_numpy().astype(np.int64),
+        input_ids=input_ids.astype(np.int32, copy=False),
+        token_offsets=tok,
+        positions=positions.astype(np.int32, copy=False),
+        position_offsets=pos,
+        topk_ids=columns["topk_ids"].astype(np.int32, copy=False),
+        topk_logprobs=decode_logprobs(columns["topk_logprobs"], attrs["encoding"]),
+        target_logprob=columns["target_logprob"].astype(np.float32),
+        tail_mass=columns["tail_mass"].astype(np.float32),
+        sample_counts=columns["sample_counts"].astype(np.uint16) if "sample_counts" in columns else None,
+        texts=texts,
+    )
+    return shard, attrs

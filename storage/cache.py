@@ -1,0 +1,147 @@
+"""`open_cache`: the reader of a finished cache.
+
+    cache = open_cache("gs://bucket/cache")         # or a local path
+    len(cache); cache.index; cache[17]["topk_ids"]  # (P, K) int32
+    for seq in cache: ...                           # in order, one shard in memory at a time
+    for shard_id, shard in cache.iter_shards(): ... # ShardData, flat columns
+"""
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+
+from logitcache.storage.backends import get_backend, read_shard_files
+from logitcache.storage.errors import LogitCacheError, ShardError
+from logitcache.storage.index import read_index
+from logitcache.storage.paths import checksum, resolve, safe_join
+from logitcache.storage.shard import ShardData
+
+__all__ = ["Cache", "open_cache"]
+
+
+def open_cache(path_or_url: str, *, storage_options: dict | None = None, verify: bool = True) -> "Cache":
+    """Open a finished cache for reading.
+
+    Args:
+        path_or_url: cache directory or fsspec URL (``s3://...``, ``memory://...``).
+        storage_options: passed to fsspec (credentials, endpoint).
+        verify: check each shard's sha256 against the index when it is read.
+
+    Raises:
+        CacheIndexError: no index (unfinished cache) or an invalid one.
+        FormatVersionError: written by a format version this library cannot read.
+    """
+    fs, root = resolve(path_or_url, storage_options)
+    return Cache(fs, root, read_index(fs, root), url=str(path_or_url), verify=verify)
+
+
+class Cache:
+    """A finished cache: random access by sequence, iteration in order or by shard."""
+
+    def __init__(self, fs, root: str, index: dict, *, url: str, verify: bool = True, keep_shards: int = 2):
+        self.fs, self.root, self.index, self.url, self.verify = fs, root, index, url, verify
+        self.shards = index["shards"]
+        # starts[j] is the global number of the first sequence in shard j.
+        self._starts = np.concatenate([[0], np.cumsum([e["sequences"] for e in self.shards])]).tolist()
+        self._lru: OrderedDict[int, ShardData] = OrderedDict()
+        self._keep = keep_shards
+
+    def __repr__(self) -> str:
+        return (f"Cache({self.url!r}, sequences={len(self)}, shards={len(self.shards)}, "
+                f"backend={self.backend!r}, mode={self.mode!r}, k={self.k})")
+
+    @property
+    def backend(self) -> str:
+        return self.index["backend"]
+
+    @property
+    def mode(self) -> str:
+        return self.index["sparsification"]["mode"]
+
+    @property
+    def k(self) -> int:
+        return self.index["sparsification"]["k"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.index["fingerprint"]
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, i: int) -> dict:
+        """Sequence `i` as a dict: input_ids (T,), positions (P,), topk_ids (P, K), topk_logprobs (P, K),
+        target_logprob (P,), tail_mass (P,), [sample_counts (P, K)], row_index, and its text fields."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} out of range for a cache of {n}")
+        i %= n
+        j = bisect.bisect_right(self._starts, i) - 1
+        return self.shard(j).sequence(i - self._starts[j])
+
+    def __iter__(self) -> Iterator[dict]:
+        for _, shard in self.iter_shards():
+            for s in range(shard.num_sequences):
+                yield shard.sequence(s)
+
+    def iter_shards(self, order=None) -> Iterator[tuple[int, ShardData]]:
+        """Yield (shard id, ShardData) in `order` (default: index order), one shard read at a time."""
+        for j in (range(len(self.shards)) if order is None else order):
+            yield j, self.read_shard(j)
+
+    def shard(self, j: int) -> ShardData:
+        """Shard `j`, from a small LRU so random access within a shard stays cheap."""
+        if j in self._lru:
+            self._lru.move_to_end(j)
+            return self._lru[j]
+        data = self.read_shard(j)
+        self._lru[j] = data
+        while len(self._lru) > self._keep:
+            self._lru.popitem(last=False)
+        return data
+
+    def read_shard(self, j: int, *, verify: bool | None = None) -> ShardData:
+        """Read and decode shard `j`, checking it against its index entry.
+
+        Raises:
+            ShardError: missing, checksum mismatch, undecodable, or counts that disagree with the index.
+        """
+        entry = self.shards[j]
+        path = safe_join(self.root, entry["name"])
+        files = read_shard_files(self.fs, path, self.backend)
+        if (self.verify if verify is None else verify) and checksum(files) != entry["sha256"]:
+            raise ShardError(f"{path}: checksum mismatch (truncated or corrupted; expected sha256 {entry['sha256'][:16]}...)")
+        try:
+            data, attrs = get_backend(self.backend).decode_shard(files)
+        except LogitCacheError:
+            raise
+        except Exception as e:  # any parse failure of untrusted bytes becomes our error
+            raise ShardError(f"{path}: cannot decode shard ({e.__class__.__name__}: {e})") from None
+        self._check_against_entry(data, attrs, entry, path)
+        return data
+
+    def _check_against_entry(self, data: ShardData, attrs: dict, entry: dict, path: str) -> None:
+        got = {"sequences": data.num_sequences, "tokens": len(data.input_ids), "positions": len(data.positions)}
+        for key, value in got.items():
+            if entry[key] != value:
+                raise ShardError(f"{path}: has {value} {key}, the index says {entry[key]}")
+        if attrs.get("fingerprint") != self.fingerprint:
+            raise ShardError(f"{path}: belongs to another cache (fingerprint {attrs.get('fingerprint')!r})")
+        try:
+            data.validate(vocab_size=self.index["tokenizer"]["logits_width"], where=path)
+        except LogitCacheError as e:
+            raise ShardError(str(e)) from None
+        if data.k != self.k and self.mode == "topk":
+            raise ShardError(f"{path}: K={data.k}, the index says {self.k}")
+
+    def validate(self) -> list[str]:
+        """Read every shard with checksums on. Returns one problem line per bad shard (empty: all good)."""
+        problems = []
+        for j, entry in enumerate(self.shards):
+            try:
+                self.read_shard(j, verify=True)
+            except LogitCacheError as e:
+                problems.append(f"{entry['name']}: {e}")
+        return problems

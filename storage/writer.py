@@ -1,0 +1,138 @@
+"""`CacheWriter`: writes shards atomically, records each as an entry, and finalizes the index.
+
+Layout of a cache (see docs/FORMAT.md):
+    index.json                    written last; its presence means "finished"
+    shard-00000.parquet | .zarr/  the shards
+    entries/shard-00000.json      one entry per finished shard: the job's resume and merge record
+
+Stage one resumes by skipping shards whose entry exists; independent jobs (`--num-shards N
+--shard-index I`) each write their own shards and entries, and `finalize` (a.k.a. merge) turns the
+entries into one index, refusing gaps, duplicates or entries from a run with other settings.
+"""
+
+import json
+import re
+
+from logitcache.storage.backends import get_backend, shard_name, write_shard_files
+from logitcache.storage.encoding import COMPACT_STEP, check_encoding
+from logitcache.storage.errors import CacheIndexError, ConfigError, ShardError
+from logitcache.storage.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, write_index
+from logitcache.storage.paths import atomic_write_bytes, resolve, safe_join
+from logitcache.storage.shard import ShardData
+
+__all__ = ["CacheWriter"]
+
+_ENTRY = re.compile(r"^shard-(\d{5})\.(parquet|zarr)\.json$")
+
+
+class CacheWriter:
+    """Write one cache's shards and, at the end, its index.
+
+    Args:
+        root: cache directory or fsspec URL.
+        backend: "zarr" or "arrow".
+        encoding: "lossless", "float16" or "compact".
+        vocab_size: the model's logits width; every stored id must be below it.
+        fingerprint: the cache's chained fingerprint; entries from runs with another one are refused.
+        text_fields: names of the per-sequence text columns.
+        storage_options: passed to fsspec.
+    """
+
+    def __init__(self, root: str, *, backend: str, encoding: str, vocab_size: int, fingerprint: str,
+                 text_fields: tuple[str, ...] = (), storage_options: dict | None = None):
+        get_backend(backend)
+        self.backend, self.encoding = backend, check_encoding(encoding)
+        self.vocab_size, self.fingerprint, self.text_fields = vocab_size, fingerprint, tuple(text_fields)
+        self.fs, self.root = resolve(root, storage_options)
+        self.url = str(root)
+
+    def _entry_path(self, name: str) -> str:
+        return safe_join(self.root, f"entries/{name}.json")
+
+    def is_finished(self) -> bool:
+        return self.fs.exists(safe_join(self.root, INDEX_NAME))
+
+    def finished_shards(self) -> dict[int, dict]:
+        """Entries of shards already written by this or a compatible earlier run, by shard id.
+
+        Raises:
+            ConfigError: an entry was written with another fingerprint, backend or encoding.
+        """
+        entry_dir = safe_join(self.root, "entries")
+        if not self.fs.exists(entry_dir):
+            return {}
+        done = {}
+        for path in self.fs.ls(entry_dir, detail=False):
+            match = _ENTRY.match(path.rsplit("/", 1)[-1])
+            if not match:
+                continue  # temporary files of an interrupted write
+            try:
+                entry = json.loads(self.fs.cat_file(path))
+            except ValueError as e:
+                raise ShardError(f"{path}: unreadable shard entry ({e})") from None
+            for key, mine in (("fingerprint", self.fingerprint), ("backend", self.backend), ("encoding", self.encoding)):
+                if entry.get(key) != mine:
+                    raise ConfigError(
+                        f"{self.url} holds shards written with {key}={entry.get(key)!r}, but this run has "
+                        f"{key}={mine!r}. Use another output location, or delete that cache to start over.")
+            if self.fs.exists(safe_join(self.root, entry["name"])):
+                done[int(match.group(1))] = entry
+        return done
+
+    def write_shard(self, shard_id: int, shard: ShardData, *, extra: dict | None = None) -> dict:
+        """Validate and write one shard, then record its entry. Returns the entry.
+
+        Args:
+            shard_id: 0-based; names the shard ``shard-{id:05d}``.
+            shard: the contents; validated before a byte is written.
+            extra: JSON-able facts kept in the entry and the index (e.g. the source rows it covers).
+        """
+        name = shard_name(self.backend, shard_id)
+        if set(shard.texts) != set(self.text_fields):
+            raise ConfigError(f"{name}: text fields {sorted(shard.texts)} != declared {sorted(self.text_fields)}")
+        shard.validate(vocab_size=self.vocab_size, where=name)
+        attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "encoding": self.encoding,
+                 "compact_step": COMPACT_STEP, "fingerprint": self.fingerprint, "shard": name,
+                 "text_fields": list(self.text_fields)}
+        files = get_backend(self.backend).encode_shard(shard, encoding=self.encoding, attrs=attrs)
+        sha, nbytes = write_shard_files(self.fs, safe_join(self.root, name), files)
+        entry = {"name": name, "sequences": shard.num_sequences, "tokens": shard.num_tokens,
+                 "positions": shard.num_positions, "bytes": nbytes, "sha256": sha, **(extra or {})}
+        record = {**entry, "fingerprint": self.fingerprint, "backend": self.backend, "encoding": self.encoding}
+        atomic_write_bytes(self.fs, self._entry_path(name), json.dumps(record, sort_keys=True).encode())
+        return entry
+
+    def finalize(self, metadata: dict, *, num_shards: int | None = None, counts: dict | None = None) -> dict:
+        """Gather every shard entry into the index and write it atomically. Returns the index.
+
+        Args:
+            metadata: the descriptive sections: teacher, tokenizer, dataset, inputs, sparsification, engine.
+            num_shards: the expected shard count; any missing id is an error. Default: ids 0..max.
+            counts: extra counts to record (e.g. skipped or truncated rows), added to the totals.
+
+        Raises:
+            CacheIndexError: shards are missing or two shards claim the same source rows.
+        """
+        done = self.finished_shards()
+        expected = range(num_shards if num_shards is not None else (max(done) + 1 if done else 0))
+        missing = [i for i in expected if i not in done]
+        if missing:
+            raise CacheIndexError(f"{self.url}: cannot finalize, {len(missing)} shard(s) not written yet: "
+                                  f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if not done:
+            raise CacheIndexError(f"{self.url}: cannot finalize a cache with no shards")
+        entries = [{k: v for k, v in done[i].items() if k not in ("fingerprint", "backend", "encoding")} for i in expected]
+        _check_disjoint_rows(entries, self.url)
+        totals = {key: sum(e[key] for e in entries) for key in ("sequences", "tokens", "positions")}
+        index = {**metadata, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "backend": self.backend,
+                 "encoding": {"name": self.encoding, "compact_step": COMPACT_STEP}, "fingerprint": self.fingerprint,
+                 "text_fields": list(self.text_fields), "counts": {**(counts or {}), **totals}, "shards": entries}
+        write_index(self.fs, self.root, index)
+        return index
+
+
+def _check_disjoint_rows(entries: list[dict], where: str) -> None:
+    spans = sorted((tuple(e["rows"]), e["name"]) for e in entries if "rows" in e)
+    for (a, name_a), (b, name_b) in zip(spans, spans[1:]):
+        if b[0] < a[1]:
+            raise CacheIndexError(f"{where}: {name_a} (rows {a}) and {name_b} (rows {b}) overlap")
