@@ -28,26 +28,32 @@ def shard_name(backend: str, shard_id: int) -> str:
 
 
 def write_shard_files(fs, path: str, files: dict[str, bytes]) -> tuple[str, int]:
-    """Write a shard under a temporary name, then rename it into place.
+    """Write a shard so that no reader ever sees it partial. Returns (sha256, total bytes).
 
-    Returns (sha256, total bytes). Readers never see a partial shard: until the rename it has
-    another name, and until its entry is in the index, no reader looks for it.
+    Local disk: write under a temporary name, then rename into place. Object stores have no atomic
+    rename (it is a copy), so the shard is uploaded straight to its name after clearing any partial
+    upload of an interrupted run; it becomes visible only when its entry, written after the upload,
+    and then the index name it. Readers never list a cache: they open what the index names.
     """
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    if is_local(fs):  # object stores have no folders to make
+    local = is_local(fs)
+    target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local else path
+    if local:
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    elif fs.exists(path):
+        fs.rm(path, recursive=True)
     try:
         if list(files) == [""]:
-            fs.pipe_file(tmp, files[""])
+            fs.pipe_file(target, files[""])
         else:
-            if is_local(fs):
-                for folder in {posixpath.dirname(posixpath.join(tmp, rel)) for rel in files}:
+            if local:
+                for folder in {posixpath.dirname(posixpath.join(target, rel)) for rel in files}:
                     fs.makedirs(folder, exist_ok=True)
-            fs.pipe({posixpath.join(tmp, rel): data for rel, data in files.items()})
-        atomic_rename(fs, tmp, path)
+            fs.pipe({posixpath.join(target, rel): data for rel, data in files.items()})
+        if local:
+            atomic_rename(fs, target, path)
     except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+        if local and fs.exists(target):
+            fs.rm(target, recursive=True)
         raise
     return checksum(files), sum(len(b) for b in files.values())
 

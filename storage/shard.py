@@ -140,9 +140,11 @@ class ShardData:
             InvalidDataError: mismatched lengths, NaN/inf values, ids outside [0, vocab_size),
                 positions that do not predict a token inside their sequence. Names `where` and the field.
         """
+        # Zero sequences is valid: stage one writes such a shard when every row of its range was
+        # skipped, so that shard ids stay a fixed function of row ranges.
         s = self.num_sequences
-        if s < 1:
-            raise InvalidDataError(f"{where}: no sequences")
+        if s < 0:
+            raise InvalidDataError(f"{where}: token_offsets is empty; it needs S+1 entries")
         for name, off, n in (("token_offsets", self.token_offsets, len(self.input_ids)),
                              ("position_offsets", self.position_offsets, len(self.positions))):
             if len(off) != s + 1 or off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 0):

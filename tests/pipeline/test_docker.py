@@ -1,0 +1,70 @@
+"""The Docker images and job manifests: what they copy exists, and every command they run parses.
+
+No Docker engine runs here, so this checks what can be checked without one.
+
+    pytest tests/pipeline/test_docker.py
+"""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from logitcache.pipeline.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    lines, out = path.read_text().splitlines(), []
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def _parses(argv: list[str]) -> None:
+    parser = build_parser()
+    if argv[-1] == "--help":
+        assert argv[0] in parser._subparsers._group_actions[0].choices, f"unknown command {argv[0]}"
+        return
+    parser.parse_args(argv)
+
+
+def test_two_images_exist():
+    assert {p.name for p in DOCKERFILES} == {"precompute.Dockerfile", "train.Dockerfile"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_copies_exist_and_entrypoint_parses(dockerfile):
+    ins = _instructions(dockerfile)
+    assert ins[0][0] == "FROM"
+    for op, rest in ins:
+        if op == "COPY":
+            *sources, _dest = shlex.split(rest)
+            for src in sources:
+                assert (ROOT / src).exists(), f"{dockerfile.name} copies {src}, which is not in the repo"
+    assert json.loads(dict(ins)["ENTRYPOINT"]) == ["logitcache"]
+    _parses(json.loads(dict(ins)["CMD"]))
+    base = dict(ins)["FROM"]
+    assert ("vllm/vllm-openai" in base) == (dockerfile.name == "precompute.Dockerfile")
+
+
+def test_compose_commands_parse():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        assert (ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]).exists()
+        _parses(service["command"])
+
+
+def test_kubernetes_job_parses():
+    job = yaml.safe_load((ROOT / "docker" / "precompute-job.yaml").read_text())
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    args = [a.replace("$(JOB_COMPLETION_INDEX)", "3") for a in container["args"]]
+    _parses(args)
+    assert args[args.index("--num-shards") + 1] == str(job["spec"]["completions"])

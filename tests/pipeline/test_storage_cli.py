@@ -1,0 +1,87 @@
+"""`logitcache validate | inspect | convert` on small finished caches.
+
+    pytest tests/pipeline/test_storage_cli.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from synthetic import TEXT_FIELDS, VOCAB, make_sequence, metadata
+
+from logitcache.pipeline.cli import main
+from logitcache.storage import CacheWriter, ShardData, open_cache
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    root = str(tmp_path / "cache")
+    w = CacheWriter(root, backend="zarr", encoding="compact", vocab_size=VOCAB, fingerprint="cli",
+                    text_fields=TEXT_FIELDS)
+    for j in range(2):
+        seqs = [make_sequence(rng, 3 * j + i, 30, 16) for i in range(3)]
+        w.write_shard(j, ShardData.from_sequences(seqs, text_fields=TEXT_FIELDS), extra={"rows": [3 * j, 3 * j + 3]})
+    w.finalize(metadata(16), counts={"skipped": 2})
+    return root
+
+
+def test_help_for_every_command():
+    out = subprocess.run([sys.executable, "-m", "logitcache.pipeline.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in ("validate", "inspect", "convert"):
+        assert name in out.stdout
+        sub = subprocess.run([sys.executable, "-m", "logitcache.pipeline.cli", name, "--help"], capture_output=True, text=True)
+        assert sub.returncode == 0 and "example" in sub.stdout
+
+
+def test_validate_ok_then_names_the_bad_shard(cache_dir, capsys):
+    assert main(["validate", cache_dir]) == 0
+    assert "OK" in capsys.readouterr().out
+    victim = os.path.join(cache_dir, "shard-00001.zarr", "topk_ids", "c", "0", "0")
+    data = bytearray(open(victim, "rb").read())
+    data[-5] ^= 0x10
+    open(victim, "wb").write(bytes(data))
+    assert main(["validate", cache_dir]) == 1
+    out = capsys.readouterr().out
+    assert "shard-00001.zarr" in out and "checksum" in out and "shard-00000" not in out
+
+
+def test_validate_unfinished_cache_is_a_clear_error(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 2
+    assert "unfinished" in capsys.readouterr().err
+
+
+def test_inspect_json_and_plot(cache_dir, tmp_path, capsys):
+    png = tmp_path / "mass.png"
+    assert main(["inspect", cache_dir, "--json", "--plot", str(png)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    for key in ("sequences", "tokens", "positions", "bytes", "bytes_per_position", "top_k", "format"):
+        assert key in summary
+    assert summary["sequences"] == 6 and summary["top_k"] == 16 and summary["format"] == "zarr"
+    assert summary["positions"] == 6 * 28
+    assert summary["bytes_per_position"] == pytest.approx(summary["bytes"] / summary["positions"])
+    cache = open_cache(cache_dir)
+    mass = np.concatenate([1 - cache[i]["tail_mass"] for i in range(len(cache))])
+    assert summary["topk_mass"]["mean"] == pytest.approx(float(mass.mean()), rel=1e-6)
+    assert summary["other_counts"] == {"skipped": 2}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["inspect", cache_dir]) == 0
+    assert "bytes/entry" in capsys.readouterr().out
+
+
+def test_convert_both_ways(cache_dir, tmp_path, capsys):
+    arrow, back = str(tmp_path / "arrow"), str(tmp_path / "back")
+    assert main(["convert", cache_dir, arrow, "--format", "arrow"]) == 0
+    assert main(["convert", arrow, back, "--format", "zarr"]) == 0
+    a, c = open_cache(cache_dir), open_cache(back)
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a[i]["topk_logprobs"], c[i]["topk_logprobs"])
+
+
+def test_convert_rejects_unknown_format(cache_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["convert", cache_dir, str(tmp_path / "x"), "--format", "hdf5"])
