@@ -1,0 +1,96 @@
+"""The demo corpus: prompt → response pairs from the Python standard library that ships with this machine.
+
+Each pair is a function's signature (prompt) and the first paragraph of its docstring (response), so
+the demo exercises response-only supervision on real English-and-code text, with no download.
+Train and held-out are split **by file** (a stable hash of the path), so no function's module is in both.
+
+    python -m logitcache.pipeline.corpus --out corpus/ --max-train 2000
+"""
+
+import argparse
+import ast
+import json
+import sysconfig
+import zlib
+from pathlib import Path
+
+__all__ = ["build_corpus", "function_pairs"]
+
+
+def _first_paragraph(doc: str, limit: int) -> str:
+    para = doc.strip().split("\n\n")[0]
+    text = " ".join(line.strip() for line in para.splitlines()).strip()
+    return text[:limit].rsplit(" ", 1)[0] if len(text) > limit else text
+
+
+def function_pairs(source: str, *, max_response_chars: int = 240) -> list[dict]:
+    """All (signature, docstring paragraph) pairs of the functions in one module's source."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    pairs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 20:
+                continue
+            prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+            prompt = f"{prefix} {node.name}({ast.unparse(node.args)}):\n"
+            response = _first_paragraph(doc, max_response_chars)
+            if len(response) >= 20:
+                pairs.append({"prompt": prompt, "response": response})
+    return pairs
+
+
+def build_corpus(out_dir: str | Path, *, max_train: int, max_heldout: int, heldout_every: int = 10) -> dict:
+    """Write ``train.jsonl`` and ``heldout.jsonl`` under `out_dir`; returns their row counts.
+
+    Reuses existing files when they were built with the same settings (a rerun is free).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"max_train": max_train, "max_heldout": max_heldout, "heldout_every": heldout_every}
+    stamp = out / "corpus.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("settings") == settings:
+        return json.loads(stamp.read_text())["counts"]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not {"test", "tests", "site-packages", "idle_test"} & set(p.relative_to(root).parts))
+    splits = {"train": [], "heldout": []}
+    for path in files:
+        rel = str(path.relative_to(root))
+        split = "heldout" if zlib.crc32(rel.encode()) % heldout_every == 0 else "train"
+        limit = max_heldout if split == "heldout" else max_train
+        if len(splits[split]) >= limit:
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        for pair in function_pairs(source):
+            if len(splits[split]) < limit:
+                splits[split].append({**pair, "source": rel})
+        if all(len(splits[s]) >= (max_heldout if s == "heldout" else max_train) for s in splits):
+            break
+    counts = {}
+    for split, rows in splits.items():
+        with open(out / f"{split}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        counts[split] = len(rows)
+    stamp.write_text(json.dumps({"settings": settings, "counts": counts, "stdlib": str(root)}, indent=1))
+    return counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Build the demo's prompt/response corpus from the standard library.")
+    ap.add_argument("--out", required=True, help="folder for train.jsonl and heldout.jsonl")
+    ap.add_argument("--max-train", type=int, default=6000)
+    ap.add_argument("--max-heldout", type=int, default=600)
+    args = ap.parse_args()
+    print(build_corpus(args.out, max_train=args.max_train, max_heldout=args.max_heldout))
+
+
+if __name__ == "__main__":
+    main()
