@@ -1,0 +1,68 @@
+"""Teacher and student as distributions over the cached ids, with or without a tail bucket.
+
+This is where the divergences (kl, rkl, jsd, skl, srkl, topk_kl) decide what to do with the
+teacher probability the cache does not hold.
+"""
+
+import torch
+
+from logitcache.stages.train.kd_math import (compute_dtype, masked_log_softmax, split_padding, teacher_tail_mass,
+                                             uncovered_logprob)
+from logitcache.stages.train.student_stats import student_stats
+
+__all__ = ["TAILS", "kd_classes"]
+
+TAILS = ("bucket", "renorm")
+
+
+def kd_classes(
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    t_lp: torch.Tensor,
+    tail_mass: torch.Tensor | None,
+    *,
+    temperature: float,
+    tail: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher and student over the cached ids (+ a tail bucket), both at temperature T.
+
+    tail="renorm": C = K classes, both sides renormalized over the valid cached ids. Exact for the
+    teacher at any T, since its log-probs are logits minus a row constant. Needs no student
+    normalizer, so the student's logits are only gathered.
+
+    tail="bucket": C = K + 1 classes, the cached ids at their full-vocabulary probability plus one
+    bucket for every other id. Student: its exact mass outside the cached ids at temperature T.
+    Teacher: at T = 1, the stored tail mass. At T != 1 the tail's shape matters and is unknown; it
+    is taken as flat, the tail mass spread evenly over the V - K uncovered ids (per-id log-prob u,
+    see `kd_math.uncovered_logprob`), whose tempered weight is tail_mass * exp((1/T - 1) u).
+    Exact at T = 1, and at any T when the teacher's tail really is flat. A row whose cache covers
+    the vocabulary has no bucket (both sides' mass there is exactly 0).
+
+    Args:
+        s: (n, V) student logits chunk. ids: (n, K) cached ids, -1 padding.
+        t_lp: (n, K) teacher log-probs at T = 1. tail_mass: (n,) or None (derived from t_lp).
+        temperature: T > 0. tail: "bucket" or "renorm".
+
+    Returns:
+        lt: (n, C) teacher log-probs, ls: (n, C) student log-probs in the compute dtype, with 0
+        placeholders at masked classes; mask: (n, C) bool.
+    """
+    dtype = compute_dtype(s.dtype)
+    _, valid = split_padding(ids)
+    t_lp = t_lp.to(dtype)
+    t_scaled = t_lp if temperature == 1.0 else t_lp / temperature
+    if tail == "renorm":
+        x_k, _, _ = student_stats(s, ids, temperature, normalizers=False)
+        return masked_log_softmax(t_scaled, valid), masked_log_softmax(x_k, valid), valid
+
+    x_k, lse, s_tail = student_stats(s, ids, temperature)
+    has_tail = torch.isfinite(s_tail)
+    mask = torch.cat([valid, has_tail[:, None]], dim=1)
+    ls = torch.cat([x_k, s_tail[:, None]], dim=1) - lse[:, None]
+
+    tau = teacher_tail_mass(t_lp, valid, tail_mass)
+    t_tail = tau.log()
+    if temperature != 1.0:
+        t_tail = t_tail + (1.0 / temperature - 1.0) * uncovered_logprob(t_lp, valid, tau, s.shape[1])
+    lt = masked_log_softmax(torch.cat([t_scaled, t_tail[:, None]], dim=1), mask)
+    return lt, ls.masked_fill(~mask, 0.0), mask
