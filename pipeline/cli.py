@@ -43,10 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse argv; if it names --config, use the YAML's keys as defaults and parse again."""
-    args = parser.parse_args(argv)
-    path = getattr(args, "config", None)
+    sub_parser = parser._subparsers._group_actions[0].choices.get(argv[0] if argv else None)
+    if sub_parser is None or not any(a.dest == "config" for a in sub_parser._actions):
+        return parser.parse_args(argv)
+    # Find --config before the real parse: options the file provides may be required ones.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv[1:])[0].config
     if not path:
-        return args
+        return parser.parse_args(argv)
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
@@ -56,12 +61,11 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
-    sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # the chosen command's parser
     known = {a.dest for a in sub_parser._actions}
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)} for `logitcache {args.command}`")
+        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)} for `logitcache {argv[0]}`")
     sub_parser.set_defaults(**values)
     # Required options may now come from the file.
     for action in sub_parser._actions:

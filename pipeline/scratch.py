@@ -11,6 +11,7 @@ tok = train_tokenizer(['hello world'] * 10, 300, '/tmp/tiny'); make_tiny_llama('
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["BOS", "EOS", "PAD", "ROLE_TOKENS", "CHAT_TEMPLATE", "train_tokenizer", "make_tiny_llama"]
+__all__ = ["BOS", "EOS", "PAD", "ROLE_TOKENS", "CHAT_TEMPLATE", "toy_corpus", "train_tokenizer", "make_tiny_llama"]
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # Role markers are single special tokens so that a data pipeline can find turn boundaries
@@ -33,6 +34,19 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+
+
+_TOY_WORDS = (
+    "the teacher reads every token once and keeps the few most likely next tokens so a student "
+    "can learn from a cache of sparse logits instead of running the large model again and again "
+    "while training small fast models on shared machines with little memory"
+).split()
+
+
+def toy_corpus(num_lines: int = 400, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-text (8-40 words a line from a small vocabulary) to train a tokenizer on."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_TOY_WORDS) for _ in range(rng.randint(8, 40))) for _ in range(num_lines)]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
@@ -50,7 +64,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     """
     specials = [PAD, BOS, EOS, *ROLE_TOKENS]
     if vocab_size < 256 + len(specials):
-        raise ConfigError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {256 + len(specials)}")
+        raise ConfigError(
+            f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {256 + len(specials)}"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -18,13 +18,14 @@ import torch
 
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
-__all__ = ["topk_targets", "sample_targets", "position_seeds", "TOPK_FIELDS", "SAMPLE_FIELDS"]
+__all__ = ["topk_targets", "sample_targets", "position_seeds", "tail_mass", "TOPK_FIELDS", "SAMPLE_FIELDS"]
 
 TOPK_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_mass")
 SAMPLE_FIELDS = ("sample_ids", "sample_counts", "sample_logprobs", "target_logprob", "tail_mass")
 
-# fp32 elements per working chunk (256 MiB); sampling's fp64 CDF takes half as many rows.
-_CHUNK_ELEMENTS = 1 << 26
+# fp32 elements per working chunk (128 MiB, two such buffers live at once); sampling's fp64 CDF
+# takes half as many rows.
+_CHUNK_ELEMENTS = 1 << 25
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
 
@@ -38,7 +39,7 @@ def topk_targets(
         logits: (n, V) any float dtype, on any device.
         next_ids: (n,) int64, the token that follows each row; in [0, V).
         k: Entries kept per row, 1 <= k <= V.
-        chunk_rows: Rows converted to fp32 at a time; defaults to a 256 MiB working set.
+        chunk_rows: Rows converted to fp32 at a time; defaults to 32M logits a chunk.
 
     Returns:
         `topk_ids`: (n, k) int32, sorted by log-prob descending (ties in arbitrary order).
@@ -52,14 +53,13 @@ def topk_targets(
     out = {name: [] for name in TOPK_FIELDS}
     for lo, hi in _chunks(n, chunk_rows or max(1, _CHUNK_ELEMENTS // vocab)):
         x = logits[lo:hi].float()
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
         values, ids = torch.topk(x, k, dim=-1, sorted=True)
-        topk_lp = values - lse
+        lse, tail = _normalizer_and_mass_outside(x, ids)
         target = x.gather(1, next_ids[lo:hi, None].to(x.device)) - lse
         out["topk_ids"].append(ids.to(torch.int32))
-        out["topk_logprobs"].append(topk_lp)
+        out["topk_logprobs"].append(values - lse)
         out["target_logprob"].append(target[:, 0])
-        out["tail_mass"].append(_tail_mass(topk_lp))
+        out["tail_mass"].append(tail)
     return _to_numpy(out, n, k)
 
 
@@ -82,7 +82,7 @@ def sample_targets(
             log-probs are at temperature 1.
         seeds: (n,) uint64, one seed per row (see `position_seeds`). A row's draws are a
             function of its logits and its seed alone.
-        chunk_rows: Rows worked on at a time; defaults to a 256 MiB working set.
+        chunk_rows: Rows worked on at a time; defaults to 16M logits a chunk.
 
     Returns:
         `sample_ids`: (n, N) int32, the distinct drawn ids, by log-prob descending (ties by
@@ -104,9 +104,9 @@ def sample_targets(
     out = {name: [] for name in SAMPLE_FIELDS}
     for lo, hi in _chunks(n, chunk_rows or max(1, _CHUNK_ELEMENTS // (2 * vocab))):
         x = logits[lo:hi].float()
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
         draws = _inverse_cdf(x, temperature, uniforms[lo:hi].to(x.device))
         ids, counts = _unique_counts(draws)
+        lse, tail = _normalizer_and_mass_outside(x, ids)
         padding = counts == 0
         lp = (x.gather(1, ids.clamp(min=0)) - lse).masked_fill(padding, 0.0)
         # Distinct ids by log-prob descending; padding last. Ids arrive ascending and the sort
@@ -117,7 +117,7 @@ def sample_targets(
         out["sample_counts"].append(counts.to(torch.int32))
         out["sample_logprobs"].append(lp)
         out["target_logprob"].append((x.gather(1, next_ids[lo:hi, None].to(x.device)) - lse)[:, 0])
-        out["tail_mass"].append(_tail_mass(lp.masked_fill(counts == 0, -torch.inf)))
+        out["tail_mass"].append(tail)
     result = _to_numpy(out, n, num_samples)
     result["sample_counts"] = result["sample_counts"].astype(np.uint16)
     return result
@@ -140,9 +140,22 @@ def position_seeds(seed: int, positions: np.ndarray) -> np.ndarray:
     return _splitmix64(base ^ np.asarray(positions).astype(_U64))
 
 
+def tail_mass(logprobs: torch.Tensor) -> torch.Tensor:
+    """1 - sum(exp(logprobs)) per row, (n, m) -> (n,), >= 0, when only the kept log-probs are known.
+
+    -expm1 avoids cancelling 1 against the sum, but the answer is only as good as the log-probs:
+    a tail below ~1e-7 of fp32 log-probs' normalizer is lost in them. With the logits at hand,
+    `topk_targets` and `sample_targets` sum the tail itself instead. The clamp absorbs the
+    last-ulp overshoot when the kept ids are the whole vocabulary.
+    """
+    return (-torch.expm1(torch.logsumexp(logprobs, dim=-1))).clamp(min=0.0)
+
+
 def _check(logits: torch.Tensor, next_ids: torch.Tensor) -> tuple[int, int]:
     if logits.ndim != 2 or not logits.is_floating_point():
-        raise InvalidDataError(f"logits must be a 2-D float tensor (rows, vocab); got {logits.dtype} {tuple(logits.shape)}")
+        raise InvalidDataError(
+            f"logits must be a 2-D float tensor (rows, vocab); got {logits.dtype} {tuple(logits.shape)}"
+        )
     n, vocab = logits.shape
     if tuple(next_ids.shape) != (n,):
         raise InvalidDataError(f"next_ids has shape {tuple(next_ids.shape)}; expected ({n},) to match the logits rows")
@@ -153,14 +166,24 @@ def _check(logits: torch.Tensor, next_ids: torch.Tensor) -> tuple[int, int]:
     return n, vocab
 
 
+def _normalizer_and_mass_outside(x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp (rows, 1) of fp32 logits x (rows, V), and the probability outside `ids` (rows,).
+
+    `ids` is (rows, m) int64, -1 = padding, its first column always real. The outside mass is
+    summed over the excluded ids directly, so a tiny tail keeps its relative precision (students
+    take its log); 1 - sum(kept) would round it to 0 below fp32's epsilon. One exp pass serves
+    both results.
+    """
+    m = x.max(dim=-1, keepdim=True).values
+    e = (x - m).exp_()
+    total = e.sum(dim=-1, keepdim=True)
+    kept = torch.where(ids >= 0, ids, ids[:, :1])  # padding re-zeroes the first id
+    outside = e.scatter_(1, kept, 0.0).sum(dim=-1, keepdim=True)
+    return m + total.log(), (outside / total)[:, 0]
+
+
 def _chunks(n: int, size: int):
     return ((lo, min(lo + size, n)) for lo in range(0, n, size))
-
-
-def _tail_mass(logprobs: torch.Tensor) -> torch.Tensor:
-    # -expm1 keeps precision when the kept mass is close to 1; the clamp absorbs the last-ulp
-    # overshoot when the kept ids are the whole vocabulary.
-    return (-torch.expm1(torch.logsumexp(logprobs, dim=-1))).clamp(min=0.0)
 
 
 def _to_numpy(parts: dict[str, list[torch.Tensor]], n: int, width: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,26 @@
+"""`logitcache merge CACHE`: finalize a cache that independent precompute jobs filled."""
+
+import argparse
+
+HELP = "finalize a cache filled by several `precompute --num-shards N --shard-index I` jobs"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("merge", help=HELP, description=HELP + ". Reads the jobs' record (job.json) and their "
+                       "shard entries, refuses missing shards (naming them), overlapping rows or shards from "
+                       "other settings, and writes the index. Safe to run again.",
+                       epilog="example: logitcache merge ./cache   |   logitcache merge s3://bucket/cache")
+    p.add_argument("cache", help="cache folder or fsspec URL")
+    return p
+
+
+def run(args) -> int:
+    from logitcache.stages.precompute.plan import finalize_cache, read_job_record, writer_from_record
+
+    record = read_job_record(args.cache)
+    index = finalize_cache(writer_from_record(args.cache, record), record)
+    counts = index["counts"]
+    print(f"merged {args.cache}: {len(index['shards'])} shard(s), {counts['sequences']} sequences, "
+          f"{counts['positions']} positions, {counts['skipped']} row(s) skipped, {counts['truncated']} truncated "
+          f"(fingerprint {index['fingerprint'][:12]})")
+    return 0

@@ -1,0 +1,155 @@
+"""`logitcache precompute`: run a teacher once over a dataset and write the logit cache (stage one)."""
+
+import argparse
+import signal
+
+HELP = "run a teacher over a dataset once and cache its top-K (or sampled) log-probs"
+
+DESCRIPTION = """\
+Run a teacher over DATA once and write its sparse next-token distributions to a cache that
+`logitcache train` streams. Rerunning the same command resumes: finished shards are skipped.
+A killed run leaves nothing partial behind (the cache is unreadable until its index is written).
+
+Inputs (choose one kind):
+  --text-field F                     plain text; every position is supervised
+  --prompt-field P --response-field R
+                                     only response tokens (and the EOS appended after them) are
+                                     supervised; prompt positions are not stored
+  --messages-field M                 chat messages [{role, content}, ...] rendered with the
+                                     teacher tokenizer's chat template; assistant turns supervised
+Rows whose field is missing, not a string or empty are skipped and counted in the index
+(--strict: stop with an error naming the row). Rows longer than --max-length tokens keep their
+start; they are counted as truncated.
+
+Targets: --top-k K (default 32) keeps the K most likely ids per position. --mode sample
+--samples N draws N ids per position from the teacher at --temperature and keeps the distinct
+ids with their counts (RS-KD, unbiased; deterministic given --seed).
+"""
+
+EPILOG = """\
+examples:
+  logitcache precompute --teacher Qwen/Qwen2.5-1.5B-Instruct --data chats.jsonl \\
+      --messages-field messages --out ./cache
+  logitcache precompute --teacher ./teacher --data HuggingFaceFW/fineweb-edu --split "train[:10000]" \\
+      --text-field text --out s3://bucket/cache --encoding compact --max-length 2048
+  # four independent jobs (e.g. a Slurm array) fill one cache, then one merge:
+  logitcache precompute --config job.yaml --num-shards 4 --shard-index $SLURM_ARRAY_TASK_ID
+  logitcache merge ./cache
+  # every option can come from YAML (keys are the option names, e.g. `top_k: 32`);
+  # options given on the command line override the file:
+  logitcache precompute --config precompute.yaml
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("precompute", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (command-line flags win)")
+
+    g = p.add_argument_group("what to run")
+    g.add_argument("--teacher", required=True, metavar="MODEL",
+                   help="teacher model: a local Hugging Face model folder or a hub id")
+    g.add_argument("--data", required=True, metavar="DATA",
+                   help="a .jsonl/.json/.parquet/.arrow file or folder of them, a datasets.save_to_disk folder, "
+                        "or a hub dataset id")
+    g.add_argument("--out", required=True, metavar="CACHE", help="cache folder or fsspec URL (s3://, gs://, ...)")
+    g.add_argument("--split", help="dataset split; slices work, e.g. 'train[:1000]' (default: train)")
+    g.add_argument("--data-config", metavar="NAME", help="hub dataset configuration (subset) name")
+    g.add_argument("--revision", help="teacher revision (hub branch, tag or commit)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the teacher's own modelling/tokenizer code to run (off by default)")
+
+    g = p.add_argument_group("inputs")
+    g.add_argument("--text-field", metavar="F", help="column with plain text")
+    g.add_argument("--prompt-field", metavar="P", help="column with the prompt (not supervised)")
+    g.add_argument("--response-field", metavar="R", help="column with the response (supervised)")
+    g.add_argument("--messages-field", metavar="M", help="column with chat messages")
+    g.add_argument("--max-length", type=int, metavar="L",
+                   help="tokens kept per row, from the start (default: the teacher's context length)")
+    g.add_argument("--strict", action="store_true",
+                   help="stop at the first row that would be skipped, naming the row and field")
+
+    g = p.add_argument_group("targets")
+    g.add_argument("--mode", choices=["topk", "sample"], default="topk",
+                   help="topk: the K most likely ids (default); sample: RS-KD sampled ids with counts")
+    g.add_argument("--top-k", type=int, metavar="K", help="ids kept per position in topk mode (default 32)")
+    g.add_argument("--samples", type=int, metavar="N", help="draws per position in sample mode (default 64)")
+    g.add_argument("--temperature", type=float, metavar="T",
+                   help="sampling temperature in sample mode (default 1.0); stored log-probs are at temperature 1")
+    g.add_argument("--seed", type=int, default=0, help="sample-mode seed (default 0)")
+
+    g = p.add_argument_group("cache format")
+    g.add_argument("--format", choices=["zarr", "arrow"], default="zarr",
+                   help="zarr: Zarr v3 groups (default); arrow: Parquet files")
+    g.add_argument("--encoding", choices=["lossless", "float16", "compact"], default="lossless",
+                   help="lossless: float32, exactly what the teacher computed (default; `logitcache convert` can "
+                        "compact it later, not the reverse); compact: log-probs on a 1/32-nat grid, "
+                        "about half the size, recommended for large runs; float16: half precision")
+    g.add_argument("--rows-per-shard", type=int, default=1000, metavar="R",
+                   help="dataset rows per storage shard (default 1000); the unit of resume and of work. "
+                        "Fixed for a cache: changing it starts a different cache")
+
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=["vllm", "hf"],
+                   help="vllm or hf (transformers); default: vllm where vLLM and a GPU are present, else hf")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="teacher compute dtype (default auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--batch-size", type=int, default=64, metavar="B",
+                   help="sequences handed to the engine per call (default 64); the engine packs them into "
+                        "forward passes under --max-batch-tokens")
+    g.add_argument("--max-batch-tokens", type=int, metavar="N", help="engine token budget per forward pass")
+    g.add_argument("--engine-arg", dest="engine_args", action="append", metavar="KEY=VALUE",
+                   help="extra engine option, repeatable (e.g. vllm_path=logprobs); in YAML a mapping `engine_args:`")
+
+    g = p.add_argument_group("several jobs or machines")
+    g.add_argument("--num-shards", type=int, default=1, metavar="N",
+                   help="JOB split, not storage shards: the number of independent jobs that fill this cache "
+                        "together (default 1). Job I writes the storage shards s with s %% N == I. Run all N "
+                        "(any order, any machines), then `logitcache merge CACHE` (the last job to finish "
+                        "also finalizes by itself)")
+    g.add_argument("--shard-index", type=int, default=0, metavar="I", help="this job's number, 0 <= I < N (default 0)")
+    g.add_argument("--ray", action="store_true",
+                   help="run on Ray Data: one engine per actor (one per GPU, or one CPU actor without GPUs); "
+                        "starts a local Ray cluster unless --ray-address is given")
+    g.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. 'auto'); implies --ray")
+    g.add_argument("--ray-actors", type=int, metavar="N", help="engine actors (default: one per GPU, or 1)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def parse_engine_args(values) -> dict:
+    """`--engine-arg KEY=VALUE` strings (values read as YAML scalars) or a YAML mapping -> dict."""
+    import yaml
+
+    from logitcache.storage.errors import ConfigError
+
+    if values is None:
+        return {}
+    if isinstance(values, dict):
+        return dict(values)
+    out = {}
+    for item in values:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--engine-arg {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def run(args) -> int:
+    from logitcache.stages.precompute.run import precompute
+
+    result = precompute(
+        teacher=args.teacher, data=args.data, out=args.out, engine=args.engine, fmt=args.format,
+        encoding=args.encoding, mode=args.mode, top_k=args.top_k, samples=args.samples,
+        temperature=args.temperature, seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
+        response_field=args.response_field, messages_field=args.messages_field, split=args.split,
+        data_config=args.data_config, max_length=args.max_length, batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens, rows_per_shard=args.rows_per_shard, num_jobs=args.num_shards,
+        job_index=args.shard_index, strict=args.strict, dtype=args.dtype,
+        engine_args=parse_engine_args(args.engine_args), trust_remote_code=args.trust_remote_code,
+        revision=args.revision, ray=args.ray, ray_address=args.ray_address, ray_actors=args.ray_actors,
+        progress=args.progress)
+    if result.stopped_by:
+        return 128 + signal.Signals[result.stopped_by].value
+    return 0

@@ -1,0 +1,90 @@
+"""Teacher engines: token sequences in, sparse teacher targets out.
+
+    engine = build_engine("hf", "/path/to/teacher", mode="topk", k=32)
+    [targets] = engine.run([Request(token_ids=ids, positions=np.arange(len(ids) - 1))])
+    engine.close()
+
+`hf` runs transformers (CPU or CUDA); `vllm` runs vLLM (see `vllm_engine` for its two paths).
+Engine modules are imported on demand: importing vLLM is slow and starts nothing useful for
+the hf engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+
+from logitcache.stages.precompute.engines.base import Engine, Request, TargetSpec
+from logitcache.storage.errors import ConfigError
+
+__all__ = ["Engine", "Request", "TargetSpec", "build_engine", "default_engine_name", "ENGINE_NAMES"]
+
+ENGINE_NAMES = ("hf", "vllm")
+
+
+def build_engine(
+    name: str,
+    model: str,
+    *,
+    mode: str = "topk",
+    k: int = 32,
+    num_samples: int = 64,
+    temperature: float = 1.0,
+    dtype: str = "auto",
+    device: str | None = None,
+    max_batch_tokens: int | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    **engine_kwargs,
+) -> Engine:
+    """Start a teacher engine.
+
+    Args:
+        name: "hf" or "vllm".
+        model: Local model directory or hub id.
+        mode: "topk" or "sample" (RS-KD).
+        k: Ids kept per position in topk mode.
+        num_samples: Draws per position in sample mode.
+        temperature: Sampling temperature (sample mode only; topk log-probs are at 1).
+        dtype: "auto", "float32", "bfloat16" or "float16".
+        device: Where the hf engine (or the vllm pooling path's head) runs; default CUDA if any.
+        max_batch_tokens: Tokens per forward pass (hf: padded batch; vllm:
+            `max_num_batched_tokens`).
+        trust_remote_code: Allow the checkpoint's own modelling code.
+        revision: Hub revision.
+        **engine_kwargs: Engine-specific options, e.g. `vllm_path`, `max_model_len`,
+            `head_chunk_rows`; see `HFEngine` and `VLLMEngine`.
+
+    Raises:
+        ConfigError: unknown engine name, bad target settings, or an option the engine lacks.
+    """
+    spec = TargetSpec(mode=mode, k=k, num_samples=num_samples, temperature=temperature)
+    common = dict(
+        spec=spec,
+        dtype=dtype,
+        device=device,
+        max_batch_tokens=max_batch_tokens,
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+    )
+    if name == "hf":
+        from logitcache.stages.precompute.engines.hf import HFEngine as cls
+    elif name == "vllm":
+        from logitcache.stages.precompute.engines.vllm_engine import VLLMEngine as cls
+    else:
+        raise ConfigError(f"engine {name!r}; expected one of {ENGINE_NAMES}")
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        if unknown := sorted(set(engine_kwargs) - set(params)):
+            known = sorted(set(params) - set(common) - {"model"})
+            raise ConfigError(f"engine {name!r} has no option(s) {unknown}; it takes {known}")
+    return cls(model, **common, **engine_kwargs)
+
+
+def default_engine_name() -> str:
+    """ "vllm" where vLLM is installed and a CUDA GPU is present, else "hf"."""
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
+        return "vllm"
+    return "hf"

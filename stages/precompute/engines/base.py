@@ -1,0 +1,196 @@
+"""What every teacher engine shares: the request, the interface, and hidden states -> targets.
+
+An engine turns teacher-tokenized sequences into sparse targets at the positions a caller
+supervises. Row t of a request's result is the teacher's distribution after seeing tokens
+0..t, i.e. its prediction of token t+1. The result fields are those of `sparsify`: top-K or
+sampled ids and log-probs, the actual next token's log-prob, and the tail mass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from logitcache.stages.precompute.head import LMHead
+from logitcache.stages.precompute.sparsify import (
+    SAMPLE_FIELDS,
+    TOPK_FIELDS,
+    position_seeds,
+    sample_targets,
+    topk_targets,
+)
+from logitcache.storage.errors import ConfigError, InvalidDataError
+
+__all__ = ["Request", "Engine", "TargetSpec", "check_requests", "gather_inputs", "targets_from_hidden", "split_rows"]
+
+MODES = ("topk", "sample")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Request:
+    """One teacher-tokenized sequence and the positions to supervise.
+
+    Attributes:
+        token_ids: The sequence, length T >= 2.
+        positions: (P,) int supervised positions t, 0 <= t < T-1, in the order the result rows
+            should have; row t predicts token t+1.
+        seed: Per-sequence seed for sample mode (derived by the caller from a global seed and
+            the sequence's index in the dataset).
+    """
+
+    token_ids: list[int]
+    positions: np.ndarray
+    seed: int = 0
+
+
+class Engine(Protocol):
+    """A teacher that computes sparse targets for requests.
+
+    Attributes:
+        name: The engine ("hf", "vllm").
+        version: The version of the library doing the forward pass.
+        logits_width: The model's output width; may exceed the tokenizer's vocabulary.
+    """
+
+    name: str
+    version: str
+    logits_width: int
+
+    def run(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
+        """One dict per request, in order, with P rows each in the order of its positions."""
+        ...
+
+    def close(self) -> None:
+        """Release the model (and any engine process)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What to keep per position.
+
+    Attributes:
+        mode: "topk" (the K most likely ids) or "sample" (RS-KD draws).
+        k: Ids kept per position in topk mode.
+        num_samples: Draws per position in sample mode.
+        temperature: Sampling temperature. Top-K log-probs are always at temperature 1 (a
+            student applies its own), so topk mode refuses any other value rather than
+            silently ignore it.
+    """
+
+    mode: str = "topk"
+    k: int = 32
+    num_samples: int = 64
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}; expected one of {MODES}")
+        if self.mode == "topk" and self.k < 1:
+            raise ConfigError(f"k={self.k} must be >= 1")
+        if self.mode == "sample" and not 1 <= self.num_samples <= np.iinfo(np.uint16).max:
+            raise ConfigError(f"num_samples={self.num_samples} must be between 1 and 65535")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0")
+        if self.mode == "topk" and self.temperature != 1.0:
+            raise ConfigError(
+                f"temperature={self.temperature} in topk mode: top-K log-probs are stored at temperature 1; "
+                "temperature applies to sample mode only"
+            )
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Names of the result arrays."""
+        return TOPK_FIELDS if self.mode == "topk" else SAMPLE_FIELDS
+
+
+def check_requests(requests: list[Request], vocab: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Validate requests; return (token_ids (T,) int64, positions (P,) int64) for each.
+
+    Raises:
+        InvalidDataError: naming the request index and what is wrong with it.
+    """
+    checked = []
+    for i, req in enumerate(requests):
+        ids = np.asarray(req.token_ids)
+        pos = np.asarray(req.positions)
+        if ids.ndim != 1 or ids.size < 2 or (ids.size and ids.dtype.kind not in "iu"):
+            raise InvalidDataError(
+                f"request {i}: token_ids must be a 1-D integer sequence of length >= 2; got {ids.dtype} {ids.shape}"
+            )
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise InvalidDataError(f"request {i}: token_ids must lie in [0, {vocab}); got [{ids.min()}, {ids.max()}]")
+        if pos.ndim != 1 or (pos.size and pos.dtype.kind not in "iu"):
+            raise InvalidDataError(f"request {i}: positions must be a 1-D integer array; got {pos.dtype} {pos.shape}")
+        if pos.size and (pos.min() < 0 or pos.max() >= ids.size - 1):
+            raise InvalidDataError(
+                f"request {i}: positions must lie in [0, T-1) = [0, {ids.size - 1}) (row t predicts token t+1); "
+                f"got [{pos.min()}, {pos.max()}]"
+            )
+        checked.append((ids.astype(np.int64), pos.astype(np.int64)))
+    return checked
+
+
+def targets_from_hidden(
+    hidden: torch.Tensor,
+    head: LMHead,
+    next_ids: torch.Tensor,
+    spec: TargetSpec,
+    *,
+    seeds: np.ndarray | None = None,
+    chunk_rows: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Apply the head and sparsify, a chunk of rows at a time.
+
+    Args:
+        hidden: (n, H) final hidden states of the supervised rows.
+        head: The model's head; logits are (chunk_rows, V) at a time, never (n, V).
+        next_ids: (n,) int64 token after each row.
+        spec: What to keep.
+        seeds: (n,) uint64 per-row seeds; required in sample mode.
+        chunk_rows: Rows per head call; defaults to 64M logits (128 MiB in bf16).
+
+    Returns:
+        The `sparsify` fields, n rows each.
+    """
+    n = hidden.shape[0]
+    chunk_rows = chunk_rows or max(1, (1 << 26) // head.width)
+    parts = []
+    # Zero rows still go through once, for correctly typed empty arrays.
+    for lo in range(0, n, chunk_rows) or [0]:
+        hi = min(lo + chunk_rows, n)
+        logits = head(hidden[lo:hi])
+        ids = next_ids[lo:hi].to(logits.device)
+        if spec.mode == "topk":
+            parts.append(topk_targets(logits, ids, spec.k))
+        else:
+            parts.append(
+                sample_targets(
+                    logits, ids, num_samples=spec.num_samples, temperature=spec.temperature, seeds=seeds[lo:hi]
+                )
+            )
+    return {name: np.concatenate([p[name] for p in parts]) for name in spec.fields}
+
+
+def split_rows(rows: dict[str, np.ndarray], counts: list[int]) -> list[dict[str, np.ndarray]]:
+    """Split the concatenated rows of several requests back into one dict per request."""
+    bounds = np.cumsum(counts)[:-1]
+    per_field = {name: np.split(arr, bounds) for name, arr in rows.items()}
+    return [{name: per_field[name][i] for name in rows} for i in range(len(counts))]
+
+
+def gather_inputs(
+    checked: list[tuple[np.ndarray, np.ndarray]], seeds: list[int], spec: TargetSpec
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The next-token ids (n,) int64 and, in sample mode, the per-row seeds (n,) uint64 of the
+    supervised rows of several requests, concatenated in request order."""
+    next_ids = torch.from_numpy(np.concatenate([ids[pos + 1] for ids, pos in checked] or [np.zeros(0, np.int64)]))
+    if spec.mode != "sample":
+        return next_ids, None
+    row_seeds = [position_seeds(seed, pos) for (_, pos), seed in zip(checked, seeds)]
+    return next_ids, np.concatenate(row_seeds or [np.zeros(0, np.uint64)])
+

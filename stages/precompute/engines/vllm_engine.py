@@ -1,0 +1,289 @@
+"""The vLLM engine, with two paths to the teacher's distribution.
+
+`pooling` (default, fast): vLLM's pooling runner returns every token's final hidden state
+(after the final norm; the model is wrapped with `convert="embed"`, its LM head left unbuilt).
+This process applies the head, loaded from the checkpoint's safetensors by `head.py`, to the
+supervised rows only, and sparsifies them. Both modes (topk, sample) work here.
+
+`logprobs` (straightforward): vLLM computes `prompt_logprobs=K` itself. Position 0 has no
+distribution (vLLM returns None there), so our row t is vLLM's entry t+1, and each entry holds
+the actual token first (it may lie outside the top K) then the top K by rank. Top-K only: sample
+mode needs the full distribution, so it needs the pooling path.
+
+Requests go to vLLM as token ids (`{"prompt_token_ids": ...}`), never re-tokenized, in slabs of
+about `slab_tokens` tokens so that returned hidden states stay bounded; on the pooling path the
+next slab runs in vLLM while this process works on the previous one.
+
+Memory defaults on CPU: unless `VLLM_CPU_KVCACHE_SPACE` is set or `kv_cache_memory_bytes` is
+passed, the KV cache gets min(4 GiB, available memory / 4) (vLLM's own CPU default asks for 92%
+of the machine), and `max_model_len` defaults to `max_batch_tokens`. Prefill-only work needs KV
+room for about one scheduled batch, not a serving-sized pool.
+
+vLLM versions: tested with 0.32.0 (vllm-cpu) only. The pooling path needs
+`PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False)` and
+`LLM.encode(..., pooling_task="token_embed")`: `tok_pooling_type` came with vLLM PR #32026
+(January 2026), and older releases spelled these `pooling_type="ALL"`, `normalize=False` and the
+`encode` task. The logprobs path needs `SamplingParams(flat_logprobs=True)` (PR #28914, November
+2025), `LLM(logprobs_mode=...)` and `LLM(kv_cache_memory_bytes=...)`. On a release without them
+the constructor fails with vLLM's own message. Quirks seen in 0.32.0: the pooling runner needs
+the tokenizer (`skip_tokenizer_init=True` fails in its scoring I/O processor); a logprobs
+request counts its one generated token against `max_model_len`; and on CPU the worker binds to
+all cores but one, which it leaves to this process (whose torch threads still span all cores).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from logitcache.stages.precompute.engines.base import (
+    TORCH_DTYPES,
+    Request,
+    TargetSpec,
+    check_requests,
+    gather_inputs,
+    split_rows,
+    targets_from_hidden,
+)
+from logitcache.stages.precompute.head import head_from_checkpoint
+from logitcache.stages.precompute.sparsify import tail_mass
+from logitcache.storage.errors import ConfigError, InvalidDataError
+
+__all__ = ["VLLMEngine", "VLLM_PATHS", "token_slabs"]
+
+VLLM_PATHS = ("pooling", "logprobs")
+_GiB = 1 << 30
+
+
+class VLLMEngine:
+    """vLLM as a teacher (see the module docstring).
+
+    Args:
+        model: Local directory or hub id.
+        spec: What to keep per position.
+        vllm_path: "pooling" (hidden states + our head) or "logprobs" (vLLM's prompt_logprobs).
+        dtype: vLLM's model dtype ("auto" follows the checkpoint).
+        device: Where the pooling path's head runs; defaults to CUDA when available.
+        max_batch_tokens: vLLM's `max_num_batched_tokens`; default 8192.
+        trust_remote_code: Allow the checkpoint's own modelling code.
+        revision: Hub revision.
+        max_model_len: Longest request; defaults to `max_batch_tokens` on CPU (capped by the
+            model), to vLLM's choice on GPU.
+        slab_tokens: Tokens handed to vLLM per call; default 4 x `max_batch_tokens`: small
+            enough that sparsifying one slab overlaps computing the next, large enough that
+            the partly filled last step of each slab costs little.
+        head_dtype: Dtype of the pooling path's head matmul; default vLLM's model dtype, as
+            the model itself computes its logits (and twice as fast as fp32 in bf16, on CPU
+            too). "float32" gives logits free of bf16 rounding at the cost of a slower head.
+        head_chunk_rows: Rows per head call.
+        **llm_kwargs: Passed to `vllm.LLM` (e.g. `enforce_eager`, `gpu_memory_utilization`,
+            `kv_cache_memory_bytes`, `tensor_parallel_size`); they override ours.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        spec: TargetSpec,
+        vllm_path: str = "pooling",
+        dtype: str = "auto",
+        device: str | None = None,
+        max_batch_tokens: int | None = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        max_model_len: int | None = None,
+        slab_tokens: int | None = None,
+        head_dtype: str | None = None,
+        head_chunk_rows: int | None = None,
+        **llm_kwargs,
+    ):
+        if vllm_path not in VLLM_PATHS:
+            raise ConfigError(f"vllm_path={vllm_path!r}; expected one of {VLLM_PATHS}")
+        if spec.mode == "sample" and vllm_path == "logprobs":
+            raise ConfigError(
+                "sample mode needs the pooling path (vllm_path='pooling'): prompt_logprobs gives only top-K"
+            )
+        if head_dtype is not None and head_dtype not in TORCH_DTYPES:
+            raise ConfigError(f"head_dtype={head_dtype!r}; expected one of {sorted(TORCH_DTYPES)}")
+        import vllm
+        from vllm.platforms import current_platform
+
+        self.version = vllm.__version__
+        self.spec = spec
+        self.path = vllm_path
+        self.head_chunk_rows = head_chunk_rows
+        on_cpu = current_platform.is_cpu()
+        batch_tokens = max_batch_tokens or 8192
+        self.slab_tokens = slab_tokens or 4 * batch_tokens
+        kwargs = dict(
+            model=model,
+            dtype=dtype,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            max_num_batched_tokens=batch_tokens,
+            # Each sequence is seen once: a prefix cache only costs hashing (and would let a
+            # repeated prompt skip the very prefill whose outputs we want).
+            enable_prefix_caching=False,
+        )
+        if on_cpu:
+            model_max = _config_max_len(model, revision, trust_remote_code)
+            kwargs["max_model_len"] = max_model_len or min(batch_tokens, model_max)
+            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                import psutil
+
+                kwargs["kv_cache_memory_bytes"] = int(min(4 * _GiB, psutil.virtual_memory().available / 4))
+        elif max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if vllm_path == "pooling":
+            from vllm.config import PoolerConfig
+
+            kwargs.update(
+                runner="pooling",
+                convert="embed",
+                # use_activation=False: the embedding head would L2-normalize each hidden state.
+                pooler_config=PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False),
+                # Pooling models upcast their output to fp32 by default; in the model's dtype
+                # the hidden states cross the process boundary at half the bytes, losing nothing.
+                hf_overrides={"head_dtype": "model"},
+            )
+        else:
+            kwargs.update(
+                runner="generate",
+                max_logprobs=spec.k,
+                logprobs_mode="raw_logprobs",
+                skip_tokenizer_init=True,
+            )
+        if isinstance(llm_kwargs.get("hf_overrides"), dict) and isinstance(kwargs.get("hf_overrides"), dict):
+            llm_kwargs["hf_overrides"] = {**kwargs["hf_overrides"], **llm_kwargs["hf_overrides"]}
+        kwargs.update(llm_kwargs)
+        self.llm = vllm.LLM(**kwargs)
+        # The logprobs path generates one token after the prompt, and vLLM counts it.
+        self.max_request_tokens = self.llm.model_config.max_model_len - (vllm_path == "logprobs")
+        self.logits_width = self.llm.model_config.get_vocab_size()
+        if spec.mode == "topk" and spec.k > self.logits_width:
+            self.close()
+            raise ConfigError(f"k={spec.k} exceeds the logits width {self.logits_width} of {model!r}")
+        self.head = None
+        if vllm_path == "pooling":
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            torch_dtype = TORCH_DTYPES[head_dtype] if head_dtype else self.llm.model_config.dtype
+            self.head = head_from_checkpoint(
+                model, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype, device=self.device
+            )
+            if self.head.width != self.logits_width:
+                self.close()
+                raise ConfigError(
+                    f"the head loaded from {model!r} is {self.head.width} wide but vLLM's model is {self.logits_width}"
+                )
+
+    def run(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
+        """Sparse targets for each request (see `Engine.run`)."""
+        checked = check_requests(requests, self.logits_width)
+        for i, (ids, _) in enumerate(checked):
+            if len(ids) > self.max_request_tokens:
+                raise InvalidDataError(
+                    f"request {i} has {len(ids)} tokens; this engine takes at most {self.max_request_tokens} "
+                    f"(max_model_len={self.llm.model_config.max_model_len}); build it with a larger max_model_len"
+                )
+        slabs = token_slabs([len(ids) for ids, _ in checked], self.slab_tokens)
+        results: list[dict[str, np.ndarray]] = []
+        if self.path == "logprobs":
+            for slab in slabs:
+                outputs = self._generate([checked[i][0] for i in slab])
+                for i, out in zip(slab, outputs):
+                    results.append(_rows_from_prompt_logprobs(out.prompt_logprobs, *checked[i], self.spec.k))
+            return results
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # vLLM computes slab s+1 (in its own process) while this one sparsifies slab s.
+            pending = pool.submit(self._encode, [checked[i][0] for i in slabs[0]]) if slabs else None
+            for s, slab in enumerate(slabs):
+                outputs = pending.result()
+                if s + 1 < len(slabs):
+                    pending = pool.submit(self._encode, [checked[i][0] for i in slabs[s + 1]])
+                seeds = [requests[i].seed for i in slab]
+                results += self._targets_from_outputs(outputs, [checked[i] for i in slab], seeds)
+        return results
+
+    def close(self) -> None:
+        """Shut down vLLM's engine process."""
+        if getattr(self, "llm", None) is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+        self.head = None
+
+    def _encode(self, token_ids: list[np.ndarray]):
+        prompts = [{"prompt_token_ids": ids.tolist()} for ids in token_ids]
+        return self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+
+    def _generate(self, token_ids: list[np.ndarray]):
+        from vllm import SamplingParams
+
+        params = SamplingParams(prompt_logprobs=self.spec.k, max_tokens=1, flat_logprobs=True, detokenize=False)
+        prompts = [{"prompt_token_ids": ids.tolist()} for ids in token_ids]
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+    def _targets_from_outputs(self, outputs, checked, seeds) -> list[dict[str, np.ndarray]]:
+        hidden = []
+        for (ids, pos), out in zip(checked, outputs):
+            data = out.outputs.data
+            if data.shape[0] != len(ids):
+                raise RuntimeError(f"vLLM returned {data.shape[0]} hidden states for a {len(ids)}-token prompt")
+            hidden.append(data[torch.from_numpy(pos)])
+        next_ids, row_seeds = gather_inputs(checked, seeds, self.spec)
+        rows = targets_from_hidden(
+            torch.cat(hidden).to(self.device),
+            self.head,
+            next_ids,
+            self.spec,
+            seeds=row_seeds,
+            chunk_rows=self.head_chunk_rows,
+        )
+        return split_rows(rows, [len(pos) for _, pos in checked])
+
+
+def token_slabs(lengths: list[int], slab_tokens: int) -> list[list[int]]:
+    """Consecutive groups of request indices of about `slab_tokens` tokens each (at least one)."""
+    slabs: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if slabs and total + n <= slab_tokens:
+            slabs[-1].append(i)
+            total += n
+        else:
+            slabs.append([i])
+            total = n
+    return slabs
+
+
+def _rows_from_prompt_logprobs(flat, ids: np.ndarray, pos: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Our rows at `pos` from vLLM's `FlatLogprobs` for a prompt `ids` (see the module docstring)."""
+    starts = np.asarray(flat.start_indices, dtype=np.int64)[pos + 1]
+    ends = np.asarray(flat.end_indices, dtype=np.int64)[pos + 1]
+    if len(pos) and not (ends - starts == k + 1).all():
+        counts = sorted(set((ends - starts).tolist()))
+        raise RuntimeError(f"vLLM returned {counts} prompt logprobs per position; expected {k + 1}")
+    token_ids = np.asarray(flat.token_ids, dtype=np.int64)
+    logprobs = np.asarray(flat.logprobs, dtype=np.float32)
+    if len(pos) and not (token_ids[starts] == ids[pos + 1]).all():
+        raise RuntimeError("vLLM's first prompt logprob per position is not the prompt token's")
+    topk = starts[:, None] + np.arange(1, k + 1)
+    topk_logprobs = logprobs[topk].reshape(len(pos), k)
+    return {
+        "topk_ids": token_ids[topk].reshape(len(pos), k).astype(np.int32),
+        "topk_logprobs": topk_logprobs,
+        "target_logprob": logprobs[starts],
+        "tail_mass": tail_mass(torch.from_numpy(topk_logprobs)).numpy(),
+    }
+
+
+def _config_max_len(model: str, revision: str | None, trust_remote_code: bool) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    text = config.get_text_config()
+    return int(getattr(text, "max_position_embeddings", None) or 1 << 30)

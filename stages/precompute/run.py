@@ -1,0 +1,336 @@
+"""Stage one: run a teacher once over a dataset and write the logit cache.
+
+    logitcache precompute --teacher Qwen/Qwen2.5-7B-Instruct --data train.jsonl --messages-field messages \\
+        --out ./cache --top-k 32
+    # CPU, a tiny model (see logitcache.pipeline.scratch):
+    logitcache precompute --teacher /tmp/tiny --data /tmp/text.jsonl --text-field text --out /tmp/cache --engine hf
+
+The recipe, top to bottom (`precompute`):
+  1. settings: the target mode (top-K or RS-KD samples), the job split.
+  2. teacher: config (identity hash, logits width, context length) and tokenizer.
+  3. dataset: load DATA, pick the input kind, build the row encoder.
+  4. fingerprint: chained over dataset, teacher, tokenizer, inputs, sparsification, engine and
+     format version; plus the index metadata. A rerun with other settings is refused.
+  5. cache: the writer and `job.json` (what `logitcache merge` needs).
+  6. plan: shard s = rows [s*R, (s+1)*R); this job owns s % num_jobs == job_index; shards whose
+     entry exists are skipped (resume).
+  7. work: each remaining shard is encoded, run through the engine in batches and written
+     atomically (locally, or on Ray actors). SIGTERM/SIGINT: the shard in flight is discarded
+     (or finished, if it is being written), and the run stops with a message.
+  8. finalize: once every shard exists, the index is written; until then the cache is unfinished
+     and unreadable, so no reader can see a partial cache or shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from logitcache.stages.precompute.data import InputSpec, RowEncoder, load_rows
+from logitcache.stages.precompute.plan import (finalize_cache, num_shards, owned_shards, remove_stale_temporaries,
+                                               write_job_record)
+from logitcache.stages.precompute.shard_work import process_shard
+from logitcache.storage import FORMAT_VERSION, CacheWriter, chain_fingerprint, read_index, tokenizer_fingerprint
+from logitcache.storage.errors import ConfigError
+
+__all__ = ["precompute", "PrecomputeResult", "FINGERPRINT_PARTS"]
+
+# The order of the fingerprint chain; changing it changes every fingerprint.
+FINGERPRINT_PARTS = ("dataset", "teacher", "tokenizer", "inputs", "sparsification", "engine", "format")
+
+
+@dataclass
+class PrecomputeResult:
+    """What a run did.
+
+    Attributes:
+        out: the cache location.
+        fingerprint: the cache's fingerprint.
+        num_shards: storage shards of the whole cache.
+        owned: shard ids this job is responsible for.
+        written: shard ids written by this run.
+        finished: the index exists (this run or an earlier one finalized the cache).
+        stopped_by: the signal name if a signal stopped the run early, else None.
+        index: the index when finished.
+    """
+
+    out: str
+    fingerprint: str
+    num_shards: int
+    owned: list[int]
+    written: list[int] = field(default_factory=list)
+    finished: bool = False
+    stopped_by: str | None = None
+    index: dict | None = None
+
+
+def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "zarr", encoding: str = "lossless",
+               mode: str = "topk", top_k: int | None = None, samples: int | None = None,
+               temperature: float | None = None, seed: int = 0,
+               text_field: str | None = None, prompt_field: str | None = None, response_field: str | None = None,
+               messages_field: str | None = None, split: str | None = None, data_config: str | None = None,
+               max_length: int | None = None, batch_size: int = 64, max_batch_tokens: int | None = None,
+               rows_per_shard: int = 1000, num_jobs: int = 1, job_index: int = 0, strict: bool = False,
+               dtype: str = "auto", engine_args: dict | None = None, trust_remote_code: bool = False,
+               revision: str | None = None, ray: bool = False, ray_address: str | None = None,
+               ray_actors: int | None = None, progress: bool = True,
+               storage_options: dict | None = None) -> PrecomputeResult:
+    """Fill (part of) a cache; finalize it when every shard exists. See the module docstring.
+
+    `engine` is an engine name ("hf", "vllm"; None: vLLM where vLLM and a GPU are present, else
+    hf) or an already started engine, which is used and left open (tests share one). The other
+    arguments are the CLI's options (`logitcache precompute --help`).
+
+    Raises:
+        ConfigError: bad or conflicting settings, an unknown DATA, or a cache begun with other settings.
+        InvalidDataError: with `strict`, the first row that would be skipped.
+    """
+    from transformers import AutoTokenizer
+
+    from logitcache.stages.precompute.engines import build_engine, default_engine_name
+
+    # 1. Settings.
+    if mode not in ("topk", "sample"):
+        raise ConfigError(f"--mode {mode!r}: expected 'topk' or 'sample'")
+    if mode == "topk":
+        if samples is not None or temperature not in (None, 1.0):
+            raise ConfigError("--samples and --temperature belong to --mode sample; top-K log-probs are "
+                              "stored at temperature 1")
+        k, num_samples, temperature = (32 if top_k is None else top_k), None, 1.0
+    else:
+        if top_k is not None:
+            raise ConfigError("--top-k belongs to --mode topk; sample mode keeps the distinct ids of --samples draws")
+        k, num_samples = None, (64 if samples is None else samples)
+        temperature = 1.0 if temperature is None else temperature
+    width = k if mode == "topk" else num_samples
+    if not (isinstance(width, int) and width >= 1):
+        raise ConfigError(f"{'--top-k' if mode == 'topk' else '--samples'} must be a positive integer, got {width!r}")
+    for name, value in (("--batch-size", batch_size), ("--rows-per-shard", rows_per_shard)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    engine_name = engine if isinstance(engine, str) or engine is None else engine.name
+    engine_name = engine_name or default_engine_name()
+    engine_args = dict(engine_args or {})
+
+    # 2. Teacher: identity, logits width, context length; tokenizer.
+    teacher_info, logits_width, context = _teacher_identity(teacher, revision, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(teacher, revision=revision, trust_remote_code=trust_remote_code)
+    if max_length is None:
+        max_length = context or _tokenizer_limit(tokenizer)
+
+    # 3. Dataset and input kind.
+    dataset, dataset_info = load_rows(data, split=split, config_name=data_config)
+    spec = InputSpec.build(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
+                           messages_field=messages_field, max_length=max_length)
+    absent = [c for c in spec.columns.values() if c not in dataset.column_names]
+    if absent:
+        raise ConfigError(f"--data {data}: column(s) {absent} not found; it has {dataset.column_names}")
+    encoder = RowEncoder(tokenizer, spec)
+
+    # 4. Fingerprint and index metadata.
+    sparsification = {"mode": mode, "k": width, "temperature": temperature}
+    if mode == "sample":
+        sparsification.update(num_samples=num_samples, seed=seed)
+    engine_info = {"name": engine_name, "dtype": dtype, "options": engine_args}
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    parts = {
+        "dataset": {key: dataset_info[key] for key in ("fingerprint", "split", "config_name", "num_rows")},
+        "teacher": {key: teacher_info[key] for key in ("name_or_path", "revision", "config_hash")},
+        "tokenizer": tok_fp,
+        "inputs": {**spec.describe(), "rows_per_shard": rows_per_shard},
+        "sparsification": sparsification,
+        "engine": engine_info,
+        "format": {"format_version": FORMAT_VERSION},
+    }
+    fingerprint = chain_fingerprint(*(parts[name] for name in FINGERPRINT_PARTS))
+    metadata = {
+        "teacher": teacher_info,
+        "tokenizer": {"fingerprint": tok_fp, "vocab_size": len(tokenizer), "logits_width": logits_width,
+                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        "dataset": dataset_info,
+        "inputs": parts["inputs"],
+        "sparsification": sparsification,
+        "engine": engine_info,
+    }
+
+    # 5. Cache writer and job record.
+    total = num_shards(len(dataset), rows_per_shard)
+    owned = owned_shards(total, num_jobs, job_index)
+    writer = CacheWriter(out, backend=fmt, encoding=encoding, vocab_size=logits_width, fingerprint=fingerprint,
+                         text_fields=spec.stored_fields, storage_options=storage_options)
+    record = {"fingerprint": fingerprint, "fingerprint_parts": parts, "backend": fmt, "encoding": encoding,
+              "logits_width": logits_width, "text_fields": list(spec.stored_fields), "num_shards": total,
+              "rows_per_shard": rows_per_shard, "metadata": metadata}
+    write_job_record(writer, record)
+    result = PrecomputeResult(out=str(out), fingerprint=fingerprint, num_shards=total, owned=owned)
+    if writer.is_finished():
+        result.finished, result.index = True, read_index(writer.fs, writer.root)
+        _say(f"{out}: already finished ({total} shards, fingerprint {fingerprint[:12]}); nothing to do")
+        return result
+
+    # 6. Plan: this job's shards that are not written yet.
+    done = writer.finished_shards()
+    todo = [s for s in owned if s not in done]
+    remove_stale_temporaries(writer, todo)
+    _say(f"{out}: {total} shard(s) of {rows_per_shard} rows; this job owns {len(owned)}, "
+         f"{len(owned) - len(todo)} already written, {len(todo)} to do")
+
+    # 7. Work.
+    if todo:
+        rows_todo = sum(min(rows_per_shard, len(dataset) - s * rows_per_shard) for s in todo)
+        shard_kwargs = dict(rows_per_shard=rows_per_shard, strict=strict, mode=mode, width=width, seed=seed,
+                            batch_size=batch_size)
+        engine_kwargs = dict(mode=mode, k=k or 32, num_samples=num_samples or 64, temperature=temperature,
+                             dtype=dtype, max_batch_tokens=max_batch_tokens, trust_remote_code=trust_remote_code,
+                             revision=revision, **engine_args)
+        with _StopSignals() as stop:
+            if ray or ray_address:
+                from logitcache.stages.precompute.ray_job import run_on_ray
+
+                actor_setup = dict(teacher=teacher, revision=revision, trust_remote_code=trust_remote_code,
+                                   data=data, split=split, data_config=data_config, spec=spec,
+                                   expected={"dataset": dataset_info["fingerprint"], "tokenizer": tok_fp},
+                                   engine_name=engine_name, engine_kwargs=engine_kwargs, logits_width=logits_width,
+                                   writer_record=record, out=str(out), storage_options=storage_options,
+                                   shard_kwargs=shard_kwargs)
+                bar = _Progress(rows_todo, enabled=progress)
+                result.written = run_on_ray(todo, actor_setup=actor_setup, address=ray_address, actors=ray_actors,
+                                            on_shard=bar.remote_shard_done, should_stop=stop.is_set)
+            else:
+                own_engine = isinstance(engine, str) or engine is None
+                teacher_engine = build_engine(engine_name, teacher, **engine_kwargs) if own_engine else engine
+                bar = _Progress(rows_todo, enabled=progress)
+                try:
+                    if teacher_engine.logits_width != logits_width:
+                        raise ConfigError(f"engine {engine_name} reports logits width {teacher_engine.logits_width}, "
+                                          f"the config of {teacher} says {logits_width}")
+                    for s in todo:
+                        entry = process_shard(s, dataset=dataset, encoder=encoder, engine=teacher_engine, writer=writer,
+                                              on_batch=bar.update, should_stop=stop.is_set, **shard_kwargs)
+                        if entry is None:
+                            break
+                        result.written.append(s)
+                        bar.shard_done(s, entry)
+                        if stop.is_set():
+                            break
+                finally:
+                    if own_engine:
+                        teacher_engine.close()
+        bar.close()
+        if stop.signum is not None:
+            result.stopped_by = signal.Signals(stop.signum).name
+            _say(f"{out}: stopped by {result.stopped_by} after writing {len(result.written)} shard(s) in this run; "
+                 f"the shard in flight was discarded and nothing partial is visible. Rerun the same command to "
+                 f"resume.")
+            return result
+
+    # 8. Finalize once every shard of every job exists.
+    done = writer.finished_shards()
+    if len(done) < total:
+        _say(f"{out}: this job is done; {total - len(done)} shard(s) of other jobs are still missing. When all "
+             f"jobs have finished, run `logitcache merge {out}`.")
+        return result
+    result.index = finalize_cache(writer, record)
+    result.finished = True
+    counts = result.index["counts"]
+    reasons = ", ".join(f"{key[8:]} {n}" for key, n in counts.items() if key.startswith("skipped_") and n)
+    _say(f"{out}: finished: {counts['sequences']} sequences, {counts['positions']} positions, "
+         f"{counts['skipped']} row(s) skipped{f' ({reasons})' if reasons else ''}, {counts['truncated']} "
+         f"truncated to {max_length} tokens (fingerprint {fingerprint[:12]})")
+    return result
+
+
+def _teacher_identity(teacher: str, revision: str | None, trust_remote_code: bool) -> tuple[dict, int, int | None]:
+    """(index `teacher` section, logits width, context length or None) from the teacher's config."""
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    try:
+        config = AutoConfig.from_pretrained(teacher, revision=revision, trust_remote_code=trust_remote_code)
+        path = cached_file(teacher, "config.json", revision=revision)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--teacher {teacher}: cannot load its config ({e})") from None
+    with open(path) as f:
+        raw = json.load(f)
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash"):
+        raw.pop(volatile, None)
+    config_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    info = {"name_or_path": teacher, "revision": revision, "config_hash": config_hash,
+            "model_type": getattr(config, "model_type", None), "trust_remote_code": trust_remote_code}
+    return info, int(text.vocab_size), getattr(text, "max_position_embeddings", None)
+
+
+def _tokenizer_limit(tokenizer) -> int:
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 2 <= limit < 10_000_000:
+        return limit
+    raise ConfigError("the teacher's config gives no context length; pass --max-length")
+
+
+def _say(message: str) -> None:
+    print(f"precompute: {message}", file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """A tqdm bar in positions, with an ETA from the positions per row seen so far."""
+
+    def __init__(self, rows_total: int, *, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.rows_total, self.rows, self.positions, self.shards = rows_total, 0, 0, 0
+        self.bar = tqdm(total=None, unit="pos", unit_scale=True, desc="precompute", disable=not enabled,
+                        dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+    def update(self, rows: int, positions: int) -> None:
+        self.rows += rows
+        self.positions += positions
+        if self.rows:
+            self.bar.total = int(self.positions + (self.rows_total - self.rows) * self.positions / self.rows)
+        self.bar.update(positions)
+
+    def shard_done(self, shard_id: int, entry: dict) -> None:
+        self.shards += 1
+        self.bar.set_postfix_str(f"rows {self.rows}/{self.rows_total}, shards written {self.shards}", refresh=False)
+
+    def remote_shard_done(self, shard_id: int, entry: dict) -> None:
+        """A shard written elsewhere (a Ray actor): count its rows and positions at once."""
+        self.update(entry["rows"][1] - entry["rows"][0], entry["positions"])
+        self.shard_done(shard_id, entry)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT set a flag that the shard loop polls, instead of killing the process.
+
+    A second SIGINT interrupts at once. Only installed in the main thread (Python's rule).
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        _say(f"got {signal.Signals(signum).name}: finishing or discarding the shard in flight, then stopping")
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

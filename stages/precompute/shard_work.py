@@ -1,0 +1,130 @@
+"""One storage shard of stage one: its rows -> teacher tokens -> engine -> `ShardData` -> written.
+
+The single-process loop (`run.py`) and the Ray actors (`ray_job.py`) both call `process_shard`,
+so a shard's bytes do not depend on which of them made it: rows are encoded by the same code,
+the engine gets token ids (never re-tokenized strings), and the engine batches are the shard's
+sequences in row order, `batch_size` at a time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from logitcache.stages.precompute.data import Encoded, RowEncoder, Skipped
+from logitcache.stages.precompute.engines import Engine, Request
+from logitcache.stages.precompute.plan import sequence_seed, shard_rows
+from logitcache.storage import CacheWriter, ShardData
+from logitcache.storage.errors import ConfigError
+
+__all__ = ["encode_rows", "compute_shard", "process_shard"]
+
+
+def encode_rows(dataset, a: int, b: int, encoder: RowEncoder, *, strict: bool
+                ) -> tuple[list[tuple[int, Encoded]], Counter, int]:
+    """Encode source rows [a, b).
+
+    Returns:
+        ([(row index, Encoded)] in row order, skipped rows by reason, truncated row count).
+
+    Raises:
+        InvalidDataError: with `strict`, the first row that would be skipped, naming row and field.
+    """
+    columns = list(dict.fromkeys(encoder.spec.columns.values()))
+    block = dataset.select_columns(columns)[a:b]  # columnar: {column: [values]}
+    items, skipped, truncated = [], Counter(), 0
+    for i in range(b - a):
+        out = encoder({c: block[c][i] for c in columns})
+        if isinstance(out, Skipped):
+            if strict:
+                raise out.error(a + i)
+            skipped[out.reason] += 1
+            continue
+        truncated += out.truncated
+        items.append((a + i, out))
+    return items, skipped, truncated
+
+
+def compute_shard(engine: Engine, items: list[tuple[int, Encoded]], *, mode: str, width: int, seed: int,
+                  batch_size: int, text_fields: tuple[str, ...],
+                  on_batch: Callable[[int, int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> ShardData | None:
+    """Run the engine over a shard's sequences and pack the results.
+
+    Args:
+        engine: the teacher.
+        items: (row index, Encoded) in row order.
+        mode: "topk" or "sample"; in sample mode the engine's `sample_*` arrays become the
+            shard's `topk_ids` (-1 padded), `topk_logprobs` and `sample_counts`.
+        width: K (or N): the per-position width, used for a shard whose rows were all skipped.
+        seed: the run's seed; each sequence's is `sequence_seed(seed, row)`.
+        batch_size: sequences per `engine.run` call.
+        text_fields: stored text fields.
+        on_batch: called with (sequences, positions) after each engine call (progress).
+        should_stop: polled before each engine call; if it returns True the shard is dropped.
+
+    Returns:
+        The shard, or None when stopped.
+    """
+    sequences = []
+    for lo in range(0, len(items), batch_size):
+        if should_stop is not None and should_stop():
+            return None
+        batch = items[lo:lo + batch_size]
+        requests = [Request(token_ids=e.token_ids, positions=e.positions, seed=sequence_seed(seed, row))
+                    for row, e in batch]
+        results = engine.run(requests)
+        for (row, e), out in zip(batch, results):
+            sequences.append(_sequence(row, e, out, mode))
+            if sequences[-1]["topk_ids"].shape[1] != width:
+                raise ConfigError(f"the engine returns {sequences[-1]['topk_ids'].shape[1]} ids per position; "
+                                  f"this cache is set up for {width} (--top-k / --samples)")
+        if on_batch is not None:
+            on_batch(len(batch), sum(len(e.positions) for _, e in batch))
+    if should_stop is not None and should_stop():
+        return None
+    if not sequences:
+        return _empty_shard(width, mode == "sample", text_fields)
+    return ShardData.from_sequences(sequences, text_fields=text_fields)
+
+
+def process_shard(shard_id: int, *, dataset, encoder: RowEncoder, engine: Engine, writer: CacheWriter,
+                  rows_per_shard: int, strict: bool, mode: str, width: int, seed: int, batch_size: int,
+                  on_batch: Callable[[int, int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> dict | None:
+    """Encode, compute and write shard `shard_id`. Returns its entry, or None when stopped first."""
+    a, b = shard_rows(shard_id, rows_per_shard, len(dataset))
+    items, skipped, truncated = encode_rows(dataset, a, b, encoder, strict=strict)
+    if on_batch is not None and (b - a) > len(items):
+        on_batch(b - a - len(items), 0)  # skipped rows count as done for the progress bar
+    shard = compute_shard(engine, items, mode=mode, width=width, seed=seed, batch_size=batch_size,
+                          text_fields=writer.text_fields, on_batch=on_batch, should_stop=should_stop)
+    if shard is None:
+        return None
+    extra = {"rows": [a, b], "skipped": dict(sorted(skipped.items())), "truncated": truncated,
+             "engine_version": str(engine.version)}
+    return writer.write_shard(shard_id, shard, extra=extra)
+
+
+def _sequence(row: int, e: Encoded, out: dict, mode: str) -> dict:
+    seq = {"row_index": row, "input_ids": np.asarray(e.token_ids, dtype=np.int32), "positions": e.positions,
+           "target_logprob": out["target_logprob"], "tail_mass": out["tail_mass"], **e.texts}
+    if mode == "sample":
+        seq.update(topk_ids=out["sample_ids"], topk_logprobs=out["sample_logprobs"],
+                   sample_counts=out["sample_counts"])
+    else:
+        seq.update(topk_ids=out["topk_ids"], topk_logprobs=out["topk_logprobs"])
+    return seq
+
+
+def _empty_shard(width: int, sample: bool, text_fields: tuple[str, ...]) -> ShardData:
+    """A shard whose every row was skipped: it still exists, so shard ids stay fixed row ranges."""
+    return ShardData(
+        row_index=np.zeros(0, np.int64), input_ids=np.zeros(0, np.int32), token_offsets=np.zeros(1, np.int64),
+        positions=np.zeros(0, np.int32), position_offsets=np.zeros(1, np.int64),
+        topk_ids=np.zeros((0, width), np.int32), topk_logprobs=np.zeros((0, width), np.float32),
+        target_logprob=np.zeros(0, np.float32), tail_mass=np.zeros(0, np.float32),
+        sample_counts=np.zeros((0, width), np.uint16) if sample else None,
+        texts={name: [] for name in text_fields})

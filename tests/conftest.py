@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny teacher built from nothing, and the engines that serve it.
+
+Everything expensive is session-scoped and built on first use, so a test run that does not
+touch vLLM never starts it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# No model hub from tests: everything is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A tiny Llama teacher directory: byte-level BPE tokenizer (vocab ~600), 2 layers, 256 wide,
+    head_dim 64, untied head, bf16 weights. Returns (path, tokenizer)."""
+    from logitcache.pipeline.scratch import make_tiny_llama, toy_corpus, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    tokenizer = train_tokenizer(toy_corpus(), vocab_size=600, out_dir=out)
+    make_tiny_llama(out, tokenizer, hidden_size=256, num_layers=2, num_heads=4, seed=0)
+    return out, tokenizer
+
+
+def _vllm_engine(model, **kwargs):
+    pytest.importorskip("vllm")
+    from logitcache.stages.precompute.engines import build_engine
+
+    # Small KV cache (prefill-only work needs little; VLLM_CPU_KVCACHE_SPACE, if set, wins) and
+    # no torch.compile: start-up time and memory beside other test runs.
+    return build_engine(
+        "vllm",
+        str(model),
+        max_batch_tokens=1024,
+        max_model_len=512,
+        kv_cache_memory_bytes=256 << 20,
+        enforce_eager=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def vllm_pooling_engine(tiny_teacher):
+    """vLLM pooling-path engine (top-K, k=8) on `tiny_teacher`; start-up ~30 s on 2 CPU cores."""
+    engine = _vllm_engine(tiny_teacher[0], vllm_path="pooling", k=8)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_logprobs_engine(tiny_teacher):
+    """vLLM prompt_logprobs-path engine (k=8) on `tiny_teacher`: a second vLLM engine, so it
+    costs another start-up (~30 s on 2 CPU cores)."""
+    engine = _vllm_engine(tiny_teacher[0], vllm_path="logprobs", k=8)
+    yield engine
+    engine.close()

@@ -1,0 +1,150 @@
+"""`logitcache precompute` as a real process: kill -9 / SIGTERM at a random moment, then rerun;
+the YAML form of the options; the help text.
+
+    /tmp/venv/bin/pytest tests/pipeline/test_precompute_cli.py     # ~1 min on 2 CPU cores (4 subprocesses)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from precompute_util import assert_entries_complete, assert_same_cache, text_rows, write_jsonl
+
+from logitcache.pipeline.cli import _apply_config, build_parser
+from logitcache.stages.precompute.run import precompute
+from logitcache.storage import open_cache
+from logitcache.storage.errors import CacheIndexError
+
+ROWS, ROWS_PER_SHARD = 40, 2  # 20 shards, so a kill lands mid-run
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_teacher, tmp_path_factory):
+    """(teacher, data, reference cache written in one uninterrupted in-process run)."""
+    root = tmp_path_factory.mktemp("cli")
+    data = write_jsonl(root / "rows.jsonl", text_rows(ROWS))
+    reference = root / "reference"
+    precompute(teacher=str(tiny_teacher[0]), data=str(data), out=str(reference), **options(), progress=False)
+    return str(tiny_teacher[0]), data, reference
+
+
+def options() -> dict:
+    return dict(engine="hf", text_field="text", top_k=8, rows_per_shard=ROWS_PER_SHARD, batch_size=1)
+
+
+def flags(teacher, data, out) -> list[str]:
+    return ["precompute", "--teacher", teacher, "--data", str(data), "--out", str(out), "--engine", "hf",
+            "--text-field", "text", "--top-k", "8", "--rows-per-shard", str(ROWS_PER_SHARD), "--batch-size", "1",
+            "--no-progress"]
+
+
+def start(argv: list[str], log: Path) -> subprocess.Popen:
+    # Same thread settings as this process: CPU GEMM kernels, and so the last float bit, depend on them.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "logitcache.pipeline.cli", *argv], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_shards(proc: subprocess.Popen, out: Path, at_least: int, log: Path) -> None:
+    """Poll until `at_least` shards are written; meanwhile no reader may see a cache or a partial shard."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, f"exited early ({proc.returncode}):\n{log.read_text()}"
+        assert time.monotonic() < deadline, log.read_text()
+        assert not (out / "index.json").exists()
+        if (out / "entries").exists() and assert_entries_complete(out) >= at_least:
+            return
+        time.sleep(0.02)
+
+
+def assert_no_temporaries(out: Path) -> None:
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(setup, tmp_path):
+    teacher, data, reference = setup
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    out, log = tmp_path / "cache", tmp_path / "log"
+    proc = start(flags(teacher, data, out), log)
+    wait_for_shards(proc, out, rng.randint(1, 12), log)
+    time.sleep(rng.uniform(0, 0.1))  # anywhere inside the next shard
+    assert proc.poll() is None, f"finished before the kill (seed {seed})"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    written = assert_entries_complete(out)
+    assert 1 <= written < ROWS // ROWS_PER_SHARD, f"seed {seed}"
+    with pytest.raises(CacheIndexError, match="unfinished"):
+        open_cache(str(out))
+
+    # Rerun with the same settings from YAML: it resumes (same fingerprint) and finishes.
+    config = tmp_path / "precompute.yaml"
+    config.write_text(yaml.safe_dump({"teacher": teacher, "data": str(data), "out": str(out), "engine": "hf",
+                                      "text_field": "text", "top_k": 8, "rows_per_shard": ROWS_PER_SHARD,
+                                      "batch_size": 1, "progress": False}))
+    proc = start(["precompute", "--config", str(config)], log)
+    assert proc.wait() == 0, log.read_text()
+    assert f"{written} already written" in log.read_text()
+    assert open_cache(str(out)).validate() == []
+    assert_same_cache(reference, out)
+    assert_no_temporaries(out)
+
+
+def test_sigterm_stops_cleanly_then_rerun_completes(setup, tmp_path):
+    teacher, data, reference = setup
+    out, log = tmp_path / "cache", tmp_path / "log"
+    proc = start(flags(teacher, data, out), log)
+    wait_for_shards(proc, out, 2, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()
+    assert "stopped by SIGTERM" in log.read_text() and "Rerun the same command" in log.read_text()
+    assert not (out / "index.json").exists()
+    assert_no_temporaries(out)  # the shard in flight was discarded, or finished
+    assert 2 <= assert_entries_complete(out) < ROWS // ROWS_PER_SHARD
+
+    proc = start(flags(teacher, data, out), log)
+    assert proc.wait() == 0, log.read_text()
+    assert_same_cache(reference, out)
+
+
+def test_yaml_config_equals_flags(tmp_path):
+    argv = ["precompute", "--teacher", "t", "--data", "d.jsonl", "--out", "c", "--prompt-field", "q",
+            "--response-field", "a", "--mode", "sample", "--samples", "16", "--temperature", "0.7", "--seed", "3",
+            "--format", "arrow", "--encoding", "compact", "--max-length", "512", "--rows-per-shard", "50",
+            "--num-shards", "4", "--shard-index", "2", "--engine-arg", "vllm_path=logprobs", "--strict",
+            "--no-progress"]
+    config = {"teacher": "t", "data": "d.jsonl", "out": "c", "prompt_field": "q", "response-field": "a",
+              "mode": "sample", "samples": 16, "temperature": 0.7, "seed": 3, "format": "arrow",
+              "encoding": "compact", "max_length": 512, "rows_per_shard": 50, "num_shards": 4, "shard_index": 2,
+              "engine_args": ["vllm_path=logprobs"], "strict": True, "progress": False}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    from_flags = vars(_apply_config(build_parser(), argv))
+    from_yaml = vars(_apply_config(build_parser(), ["precompute", "--config", str(path)]))
+    from_flags.pop("config"), from_yaml.pop("config")
+    assert {k: v for k, v in from_flags.items() if k != "_run"} == {k: v for k, v in from_yaml.items() if k != "_run"}
+    # Flags override the file.
+    overridden = vars(_apply_config(build_parser(), ["precompute", "--config", str(path), "--seed", "9"]))
+    assert overridden["seed"] == 9
+
+
+def test_help_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["precompute", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("JOB split, not storage shards", "--rows-per-shard", "logitcache merge", "examples:",
+                   "--messages-field", "--strict"):
+        assert needle in text
+    args = build_parser().parse_args(["precompute", "--teacher", "t", "--data", "d", "--out", "o", "--text-field", "x"])
+    assert args.trust_remote_code is False and args.format == "zarr" and args.encoding == "lossless"
+    assert args.top_k is None and args.mode == "topk" and args.num_shards == 1 and args.shard_index == 0

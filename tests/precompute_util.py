@@ -1,0 +1,85 @@
+"""Shared helpers of the stage-one tests: input rows, and comparing caches shard by shard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from logitcache.pipeline.scratch import toy_corpus
+from logitcache.storage import open_cache
+from logitcache.storage.backends import read_shard_files
+from logitcache.storage.paths import checksum, resolve
+
+# Row layout of `mixed_rows` (rows_per_shard=4 -> shards [0,4) [4,8) [8,12) [12,14)):
+# shard 2 holds only bad rows, so it is written empty.
+LONG_ROW = 1
+MISSING_ROWS, NOT_STRING_ROWS, EMPTY_ROWS = (3, 8, 11), (5, 9), (10,)
+NUM_ROWS = 14
+MAX_LENGTH = 48  # good rows fit, LONG_ROW does not
+
+
+def _good(i: int, words: list[str], long: bool = False) -> dict:
+    a, b, c = " ".join(words[:4]), " ".join(words[4:8]), " ".join(words[8:12])
+    reply = " ".join(words[12:] if long else words[12:16])
+    return {"text": " ".join(words if long else words[:16]), "prompt": a + " " + b, "response": " " + c + " " + reply,
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": a},
+                         {"role": "assistant", "content": b}, {"role": "user", "content": c},
+                         {"role": "assistant", "content": reply}],
+            "id": i}
+
+
+def mixed_rows() -> list[dict]:
+    """14 rows for every input kind at once: good, one over-long, missing, non-string, empty."""
+    lines = [line.split() for line in toy_corpus(NUM_ROWS, seed=7)]
+    rows = []
+    for i in range(NUM_ROWS):
+        words = (lines[i] * 8)[:120] if i == LONG_ROW else (lines[i] * 4)[:16]
+        if i in MISSING_ROWS:
+            rows.append({"id": i})
+        elif i in NOT_STRING_ROWS:
+            rows.append({"text": 123, "prompt": 123, "response": 123, "messages": 123, "id": i})
+        elif i in EMPTY_ROWS:
+            rows.append({"text": "", "prompt": "", "response": "", "messages": [], "id": i})
+        else:
+            rows.append(_good(i, words, long=i == LONG_ROW))
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def text_rows(n: int, seed: int = 3) -> list[dict]:
+    """`n` plain rows of 6-30 words (for the job-level tests)."""
+    return [{"text": line} for line in toy_corpus(n, seed=seed)]
+
+
+def assert_same_cache(a: str, b: str) -> None:
+    """Same fingerprint, counts and shard list, and every shard decodes to the same arrays."""
+    ca, cb = open_cache(str(a)), open_cache(str(b))
+    assert ca.fingerprint == cb.fingerprint
+    assert ca.index["counts"] == cb.index["counts"]
+    strip = lambda e: {k: v for k, v in e.items() if k not in ("bytes", "sha256")}  # noqa: E731
+    assert [strip(e) for e in ca.shards] == [strip(e) for e in cb.shards]
+    for (_, x), (_, y) in zip(ca.iter_shards(), cb.iter_shards()):
+        for name in ("row_index", "input_ids", "token_offsets", "positions", "position_offsets", "topk_ids",
+                     "topk_logprobs", "target_logprob", "tail_mass", "sample_counts"):
+            u, v = getattr(x, name), getattr(y, name)
+            assert (u is None) == (v is None), name
+            if u is not None:
+                np.testing.assert_array_equal(u, v, err_msg=name)
+        assert x.texts == y.texts
+
+
+def assert_entries_complete(cache: str) -> int:
+    """Every shard an entry names is complete (its bytes match the entry's sha256). Returns the count."""
+    fs, root = resolve(str(cache))
+    entries = sorted(Path(cache, "entries").glob("*.json")) if Path(cache, "entries").exists() else []
+    for path in entries:
+        entry = json.loads(path.read_text())
+        files = read_shard_files(fs, f"{root}/{entry['name']}", entry["backend"])
+        assert checksum(files) == entry["sha256"], entry["name"]
+    return len(entries)

@@ -1,0 +1,233 @@
+"""Stage one end to end in-process (hf engine on the tiny teacher): input kinds x formats, supervision,
+counts, sample mode, job split + merge, bad input, Ray on a local CPU cluster, and the vLLM engine.
+
+    /tmp/venv/bin/pytest tests/stages/test_precompute.py     # ~1.5 min on 2 CPU cores (Ray ~30 s, vLLM start-up)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from precompute_util import (EMPTY_ROWS, LONG_ROW, MAX_LENGTH, MISSING_ROWS, NOT_STRING_ROWS, NUM_ROWS,
+                             assert_same_cache, mixed_rows, text_rows, write_jsonl)
+
+from logitcache.pipeline.cli import main as cli_main
+from logitcache.stages.precompute.engines import build_engine
+from logitcache.stages.precompute.plan import finalize_cache, read_job_record, writer_from_record
+from logitcache.stages.precompute.run import precompute
+from logitcache.storage import open_cache
+from logitcache.storage.errors import CacheIndexError, ConfigError, InvalidDataError
+
+K = 8
+FIELDS = {"text": dict(text_field="text"), "prompt_response": dict(prompt_field="prompt", response_field="response"),
+          "chat": dict(messages_field="messages")}
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    return str(tiny_teacher[0])
+
+
+@pytest.fixture(scope="module")
+def hf_engine(teacher):
+    """One hf engine (top-8) for the module; `precompute` uses an injected engine and leaves it open."""
+    engine = build_engine("hf", teacher, k=K)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "mixed.jsonl", mixed_rows())
+
+
+def run(teacher, data, out, engine, **kw):
+    kw = {"top_k": K, "rows_per_shard": 4, "progress": False, **kw}
+    return precompute(teacher=teacher, data=str(data), out=str(out), engine=engine, **kw)
+
+
+def expected_chat_positions(tokenizer, messages, max_length):
+    """Assistant-turn positions by a second method: token-level prefix rendering."""
+    def ids(m, gen):
+        return tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=gen)["input_ids"]
+
+    positions = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and i > 0:
+            lo, hi = len(ids(messages[:i], True)), len(ids(messages[: i + 1], False))
+            positions += [j - 1 for j in range(lo, hi) if j < max_length]
+    return np.array(positions)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+@pytest.mark.parametrize("kind", ["text", "prompt_response", "chat"])
+def test_input_kinds(kind, fmt, tiny_teacher, teacher, hf_engine, mixed_data, tmp_path):
+    tok = tiny_teacher[1]
+    result = run(teacher, mixed_data, tmp_path / "cache", hf_engine, fmt=fmt, max_length=MAX_LENGTH, **FIELDS[kind])
+    assert result.finished
+    cache = open_cache(str(tmp_path / "cache"))
+    assert cache.validate() == []
+    assert cache.backend == fmt and cache.k == K
+
+    rows = mixed_rows()
+    bad = set(MISSING_ROWS) | set(NOT_STRING_ROWS) | set(EMPTY_ROWS)
+    good = [i for i in range(NUM_ROWS) if i not in bad]
+    counts = cache.index["counts"]
+    assert counts["rows"] == NUM_ROWS and counts["sequences"] == len(good)
+    assert counts["skipped_missing"] == len(MISSING_ROWS)
+    assert counts["skipped_not_string"] == len(NOT_STRING_ROWS)
+    assert counts["skipped_empty"] == len(EMPTY_ROWS)
+    assert counts["skipped"] == len(bad) and counts["truncated"] == 1
+    assert [e["sequences"] for e in cache.shards] == [3, 3, 0, 2]  # shard 2: every row skipped
+    assert cache.index["inputs"]["kind"] == kind and cache.index["text_fields"] == list(
+        {"text": ["text"], "prompt_response": ["prompt", "response"], "chat": ["messages"]}[kind])
+
+    for seq in cache:
+        r, ids, pos = rows[seq["row_index"]], list(seq["input_ids"]), seq["positions"]
+        assert len(ids) <= MAX_LENGTH
+        if kind == "text":
+            full = tok(r["text"])["input_ids"]
+            assert ids == full[:MAX_LENGTH]
+            np.testing.assert_array_equal(pos, np.arange(len(ids) - 1))
+            assert tok.decode(ids) == seq["text"]  # stored text = what the kept tokens cover
+        elif kind == "prompt_response":
+            p = tok(r["prompt"])["input_ids"]
+            assert ids[: len(p)] == p
+            np.testing.assert_array_equal(pos, np.arange(len(p) - 1, len(ids) - 1))  # response-only
+            assert seq["prompt"] == r["prompt"]
+            assert tok.decode(ids[len(p):]).removesuffix(tok.eos_token) == seq["response"]
+            if seq["row_index"] != LONG_ROW:
+                assert ids[-1] == tok.eos_token_id and seq["response"] == r["response"]
+        else:
+            full = tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"]
+            assert ids == full[:MAX_LENGTH]
+            np.testing.assert_array_equal(pos, expected_chat_positions(tok, r["messages"], MAX_LENGTH))
+            assert json.loads(seq["messages"]) == r["messages"]
+            # Only assistant text (and its end-of-turn) is supervised.
+            supervised = tok.decode(np.asarray(ids)[pos + 1])
+            assert r["messages"][2]["content"] in supervised and "be brief" not in supervised
+        if seq["row_index"] == LONG_ROW:
+            assert len(ids) == MAX_LENGTH
+
+
+def test_sample_mode_independent_of_batching(teacher, mixed_data, tmp_path):
+    engine = build_engine("hf", teacher, mode="sample", num_samples=16, temperature=0.7)
+    try:
+        common = dict(mode="sample", top_k=None, samples=16, temperature=0.7, seed=5, text_field="text",
+                      max_length=MAX_LENGTH)
+        run(teacher, mixed_data, tmp_path / "a", engine, batch_size=1, **common)
+        run(teacher, mixed_data, tmp_path / "b", engine, batch_size=5, **common)
+        run(teacher, mixed_data, tmp_path / "c", engine, batch_size=5, rows_per_shard=7, **common)
+        run(teacher, mixed_data, tmp_path / "d", engine, batch_size=5, **{**common, "seed": 6})
+    finally:
+        engine.close()
+    a, b, c, d = (open_cache(str(tmp_path / x)) for x in "abcd")
+    assert a.validate() == [] and a.mode == "sample" and a.k == 16
+    assert_same_cache(tmp_path / "a", tmp_path / "b")  # batching changes nothing
+    # Another shard layout is another cache, but each sequence's draws are the same.
+    assert c.fingerprint != a.fingerprint
+    for x, y in zip(a, c):
+        assert x["row_index"] == y["row_index"]
+        np.testing.assert_array_equal(x["topk_ids"], y["topk_ids"])
+        np.testing.assert_array_equal(x["sample_counts"], y["sample_counts"])
+        assert np.all(x["sample_counts"].sum(axis=1) == 16)
+        assert np.all((x["topk_ids"] == -1) == (x["sample_counts"] == 0))
+    assert any(not np.array_equal(x["sample_counts"], y["sample_counts"]) for x, y in zip(a, d))  # the seed matters
+
+
+def test_job_split_and_merge(teacher, hf_engine, tmp_path):
+    data = write_jsonl(tmp_path / "rows.jsonl", text_rows(20))
+    single = tmp_path / "single"
+    run(teacher, data, single, hf_engine, text_field="text", rows_per_shard=3, fmt="arrow")
+    split = tmp_path / "split"
+    first = run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, fmt="arrow",
+                num_jobs=2, job_index=1)
+    assert first.owned == [1, 3, 5] and not first.finished and not (split / "index.json").exists()
+
+    assert cli_main(["merge", str(split)]) == 2  # job 0 has not run: the error names its shards
+    record = read_job_record(str(split))
+    with pytest.raises(CacheIndexError, match=r"4 of 7 shard\(s\) not written yet: 0, 2, 4, 6"):
+        finalize_cache(writer_from_record(str(split), record), record)
+
+    second = run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, fmt="arrow",
+                 num_jobs=2, job_index=0)
+    assert second.finished  # the last job to finish finalizes by itself
+    (split / "index.json").unlink()
+    assert cli_main(["merge", str(split)]) == 0
+    assert_same_cache(single, split)
+    again = run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, fmt="arrow")
+    assert again.finished and again.written == []  # a finished cache is left alone
+
+    # A job with other settings is refused, naming what differs.
+    with pytest.raises(ConfigError, match="sparsification"):
+        run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, fmt="arrow", top_k=4)
+
+
+def test_bad_input(teacher, hf_engine, mixed_data, tmp_path):
+    with pytest.raises(InvalidDataError, match=r"row 3: field 'text'.*missing"):
+        run(teacher, mixed_data, tmp_path / "a", hf_engine, text_field="text", strict=True, max_length=MAX_LENGTH)
+    with pytest.raises(InvalidDataError, match=r"row 5: field 'prompt'.*expected a string, got int"):
+        run(teacher, mixed_data, tmp_path / "b", hf_engine, prompt_field="prompt", response_field="response",
+            strict=True, max_length=MAX_LENGTH, rows_per_shard=4, num_jobs=2, job_index=1)
+    with pytest.raises(ConfigError, match="no such file"):
+        run(teacher, tmp_path / "nope.jsonl", tmp_path / "c", hf_engine, text_field="text")
+    with pytest.raises(ConfigError, match=r"column\(s\) \['body'\] not found"):
+        run(teacher, mixed_data, tmp_path / "d", hf_engine, text_field="body")
+    with pytest.raises(ConfigError, match="choose one input kind"):
+        run(teacher, mixed_data, tmp_path / "e", hf_engine, text_field="text", messages_field="messages")
+    with pytest.raises(ConfigError, match="go together"):
+        run(teacher, mixed_data, tmp_path / "f", hf_engine, prompt_field="prompt")
+    with pytest.raises(ConfigError, match="--samples and --temperature belong to --mode sample"):
+        run(teacher, mixed_data, tmp_path / "g", hf_engine, text_field="text", temperature=0.5)
+    with pytest.raises(ConfigError, match="engine returns 8 ids per position"):
+        run(teacher, mixed_data, tmp_path / "h", hf_engine, text_field="text", top_k=4)
+    # trust_remote_code stays off unless asked for, and the index says so.
+    result = run(teacher, mixed_data, tmp_path / "ok", hf_engine, text_field="text", max_length=MAX_LENGTH)
+    assert result.index["teacher"]["trust_remote_code"] is False
+
+
+def test_ray_local_cluster_equals_single_process(teacher, hf_engine, mixed_data, tmp_path):
+    ray = pytest.importorskip("ray")
+    data = write_jsonl(tmp_path / "rows.jsonl", text_rows(16))
+    common = dict(text_field="text", rows_per_shard=3, batch_size=4)
+    # Ray gives a 1-CPU actor OMP_NUM_THREADS=1 (unless set); CPU GEMM kernels, and so the last
+    # float bit, depend on the thread count, so the reference runs with the actors' count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run(teacher, data, tmp_path / "local", hf_engine, **common)
+        # Resume semantics hold on Ray too: two shards are already there.
+        run(teacher, data, tmp_path / "ray", hf_engine, num_jobs=3, job_index=0, **common)
+        result = run(teacher, data, tmp_path / "ray", "hf", ray=True, ray_actors=2, **common)
+        # An actor's error reaches the driver as our own error type, not wrapped by Ray.
+        with pytest.raises(InvalidDataError, match=r"row 3: field 'text'"):
+            run(teacher, mixed_data, tmp_path / "strict", "hf", ray=True, ray_actors=1, text_field="text",
+                strict=True, max_length=MAX_LENGTH)
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(threads)
+    assert result.finished and sorted(result.written) == [1, 2, 4, 5]
+    assert open_cache(str(tmp_path / "ray")).validate() == []
+    assert_same_cache(tmp_path / "local", tmp_path / "ray")
+
+
+def test_vllm_engine_writes_valid_cache(teacher, hf_engine, mixed_data, tmp_path, vllm_pooling_engine):
+    """The session's vLLM engine (top-8, pooling path) through the whole job: a valid cache whose tokens and
+    positions equal the hf engine's, and whose top-1 mostly agrees (bf16 vs fp32)."""
+    common = dict(messages_field="messages", max_length=MAX_LENGTH)
+    result = run(teacher, mixed_data, tmp_path / "vllm", vllm_pooling_engine, **common)
+    run(teacher, mixed_data, tmp_path / "hf", hf_engine, **common)
+    v, h = open_cache(str(tmp_path / "vllm")), open_cache(str(tmp_path / "hf"))
+    assert result.finished and v.validate() == []
+    assert v.index["engine"]["name"] == "vllm" and v.fingerprint != h.fingerprint
+    top1 = []
+    for x, y in zip(v, h):
+        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+        np.testing.assert_array_equal(x["positions"], y["positions"])
+        top1.append(x["topk_ids"][:, 0] == y["topk_ids"][:, 0])
+    assert np.concatenate(top1).mean() > 0.9
