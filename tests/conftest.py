@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny teacher built from nothing, and the engines that serve it.
+"""Shared fixtures: a tiny teacher built from nothing, the engines that serve it, an S3 server.
 
 Everything expensive is session-scoped and built on first use, so a test run that does not
 touch vLLM never starts it.
@@ -24,6 +24,16 @@ def tiny_teacher(tmp_path_factory):
     tokenizer = train_tokenizer(toy_corpus(), vocab_size=600, out_dir=out)
     make_tiny_llama(out, tokenizer, hidden_size=256, num_layers=2, num_heads=4, seed=0)
     return out, tokenizer
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """(endpoint, env) of a moto S3 server process on loopback (tests/s3server.py), started on first
+    use and shared by the session; env holds the AWS_* variables a CLI subprocess reads."""
+    from s3server import moto_server
+
+    with moto_server() as server:
+        yield server
 
 
 def _vllm_engine(model, **kwargs):

@@ -1,0 +1,39 @@
+"""The distribution: a real (non-editable) wheel holds every package, under the logitcache namespace only.
+
+    pytest tests/test_packaging.py
+"""
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAPPED = {"pipeline": "logitcache.pipeline", "stages": "logitcache.stages", "storage": "logitcache.storage"}
+
+
+def _source_packages() -> set[str]:
+    found = set()
+    for folder, prefix in MAPPED.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([prefix, *rel.parts]))
+    return found
+
+
+def test_every_source_package_is_listed():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert _source_packages() == listed
+
+
+def test_wheel_contains_every_module_and_nothing_top_level(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
+    wheel = next(tmp_path.glob("logitcache-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"logitcache"}
+    for folder, prefix in MAPPED.items():
+        for py in (ROOT / folder).rglob("*.py"):
+            assert "/".join([*prefix.split("."), *py.relative_to(ROOT / folder).parts]) in names, py
