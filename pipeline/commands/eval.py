@@ -1,0 +1,53 @@
+"""`logitcache eval`: held-out perplexity, next-token accuracy, calibration, and agreement with a teacher."""
+
+import argparse
+import json
+
+HELP = "evaluate a model: perplexity and next-token accuracy on supervised tokens; with a cache, teacher agreement"
+
+EPILOG = """\
+examples:
+  logitcache eval --model ./student --data heldout.jsonl
+  logitcache eval --model ./student --data heldout.jsonl --cache ./heldout_cache --json
+
+Metrics are pooled over supervised tokens (responses of prompt/response rows, every token after the first
+of text rows, the cache's positions for a cache): nll, perplexity = exp(nll), accuracy (top-1 == next token),
+ece (expected calibration error of the top-1 probability, 15 equal-width bins). With --cache also
+teacher_agreement (student top-1 == teacher top-1) and teacher_accuracy (teacher top-1 == next token);
+the cache must use the model's tokenizer."""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help=HELP, description=HELP + ".", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="M", help="model directory or hub id")
+    p.add_argument("--data", metavar="D", help="held-out jsonl ('text' or 'prompt'/'response')")
+    p.add_argument("--cache", metavar="C", help="a cache of held-out sequences (same tokenizer as the model)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--max-sequences", type=int, help="evaluate at most this many sequences of each source")
+    p.add_argument("--max-length", type=int, help="truncate sequences (default: the model's context)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modelling code")
+    return p
+
+
+def run(args) -> int:
+    from logitcache.stages.train.evaluate import evaluate
+
+    result = evaluate(args.model, data=args.data, cache=args.cache, batch_size=args.batch_size,
+                      max_sequences=args.max_sequences, max_length=args.max_length, device=args.device,
+                      trust_remote_code=args.trust_remote_code)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"model {result['model']}")
+    for part in ("data", "cache"):
+        if part in result:
+            r = result[part]
+            line = (f"  {part:5s} {r['path']}: {r['sequences']} sequences, {r['positions']} tokens, "
+                    f"perplexity {r['perplexity']:.3f}, accuracy {r['accuracy']:.4f}, ece {r['ece']:.4f}")
+            if "teacher_agreement" in r:
+                line += f", teacher agreement {r['teacher_agreement']:.4f} (teacher accuracy {r['teacher_accuracy']:.4f})"
+            print(line)
+    return 0

@@ -1,0 +1,131 @@
+"""`logitcache train`: train a student from a cache (or, with --loss sft, from text alone)."""
+
+import argparse
+
+HELP = "train a student by streaming a teacher's cache (any loss), or from a jsonl dataset (--loss sft)"
+
+EPILOG = """\
+examples:
+  # BiLD from a top-32 cache, k = 8
+  logitcache train --student Qwen/Qwen2.5-0.5B --cache s3://bucket/cache --loss bild --top-k 8 \\
+      --out ./student --max-steps 2000 --batch-size 8 --lr 1e-4
+  # forward KL at T = 2, KD only
+  logitcache train --student ./small --cache ./cache --loss kl --temperature 2 --ce-weight 0 --out ./kl --epochs 1
+  # a student with another tokenizer: ULD on the cache's stored text
+  logitcache train --student ./other --cache ./cache --loss uld --uld-lambda 1.5 --out ./uld --max-steps 500
+  # train a teacher or an SFT baseline without a cache
+  logitcache train --student ./tiny --data train.jsonl --loss sft --out ./teacher --epochs 3
+  # 2 processes (CPU: gloo; GPU: nccl); resume after preemption with the same command plus --resume
+  torchrun --nproc-per-node 2 -m logitcache.pipeline train --student ./small --cache ./cache --loss kl --out ./kl \\
+      --max-steps 1000 --resume
+  # all options from a file (flags on the command line override it)
+  logitcache train --config train.yaml
+
+Total loss = ce_weight * CE + kd_weight * KD, each a mean over supervised tokens (CE weight 1, KD weight 1,
+ULD's 1.5). The student's logits are sliced to its tokenizer's vocabulary (padded logits widths such as
+152064 vs 151665 tokens). Writes DIR/ (model, tokenizer), DIR/checkpoint-*/ and DIR/logitcache_train.json."""
+
+
+def _key_value(text: str):
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help=HELP, description=HELP + ".", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--student", required=True, metavar="MODEL", help="student model: directory or hub id")
+    g.add_argument("--cache", metavar="CACHE", help="teacher cache: directory or fsspec URL")
+    g.add_argument("--loss", default="kl", metavar="NAME",
+                   help="sft, kl, rkl, jsd, skl, srkl, topk_kl, dkd, nkd, normkd, bild, uld, rskd (default: kl)")
+    g.add_argument("--out", required=True, metavar="DIR", help="output directory (model, checkpoints, metrics)")
+    g.add_argument("--data", metavar="D", help="jsonl ('text' or 'prompt'/'response'): the training data of --loss sft "
+                   "without a cache, or the text a student with another tokenizer re-tokenizes if the cache stores none")
+    g.add_argument("--teacher", metavar="NAME", help="refuse a cache made by any other teacher")
+    g.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys are option names)")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--temperature", type=float, metavar="T",
+                   help="loss temperature (default: the loss's; bild 3.0, others 1.0)")
+    g.add_argument("--top-k", type=int, metavar="k", help="bild: its k (default 8); other losses: use the teacher's "
+                   "top-k of the K cached ids")
+    g.add_argument("--tail", choices=("bucket", "renorm"), help="kl/rkl/jsd/skl/srkl: the teacher mass outside the cache "
+                   "as one tail class (default) or renormalized away")
+    g.add_argument("--loss-option", dest="loss_options", action="append", type=_key_value, default=None,
+                   metavar="KEY=VALUE", help="any other option of the loss, e.g. beta=0.5 (jsd), alpha=0.1 (skl), "
+                   "gamma=1.5 (nkd); repeatable")
+    g.add_argument("--ce-weight", type=float, metavar="a", help="weight of cross entropy on the labels (default 1)")
+    g.add_argument("--kd-weight", type=float, metavar="b", help="weight of the distillation term (default 1; uld 1.5)")
+    g.add_argument("--uld-lambda", type=float, metavar="λ", help="ULD's weight: total = CE + λ * ULD (default 1.5)")
+
+    g = p.add_argument_group("schedule")
+    g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (or give --epochs)")
+    g.add_argument("--epochs", type=int, metavar="E", help="passes over the data (or give --max-steps)")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per device and micro-batch (default 8)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="G", help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="peak learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--warmup", type=float, default=0.0, help="linear warm-up: steps if >= 1, else a share of all "
+                   "steps (default 0)")
+    g.add_argument("--scheduler", default="cosine", help="transformers lr_scheduler_type (default cosine)")
+    g.add_argument("--seed", type=int, default=0, metavar="S", help="data order and the Trainer's random state (default 0)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out, if any")
+
+    g = p.add_argument_group("data and system")
+    g.add_argument("--max-length", type=int, metavar="L", help="truncate sequences (default: the model's context)")
+    g.add_argument("--num-workers", type=int, default=1, help="DataLoader workers per process (default 1); "
+                   "resuming needs the same number")
+    g.add_argument("--shuffle-window", type=int, default=2, metavar="SHARDS",
+                   help="shards read and shuffled together per worker (default 2)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype to load the student in (default float32)")
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    g.add_argument("--chunk-size", type=int, help="positions per loss chunk (default: automatic)")
+    g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
+    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep (default 2)")
+    g.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
+    g.add_argument("--report-to", default="none", help="tensorboard, wandb, ... (default none)")
+    g.add_argument("--eval-data", metavar="D", help="held-out jsonl evaluated after training (into logitcache_train.json)")
+    g.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (passed to transformers)")
+    g.add_argument("--fsdp", metavar="SPEC", help="FSDP setting, e.g. 'full_shard auto_wrap' (passed to transformers)")
+    g.add_argument("--hf-arg", dest="hf_args", action="append", type=_key_value, default=None, metavar="KEY=VALUE",
+                   help="any other transformers TrainingArguments field, e.g. max_grad_norm=0.5; repeatable")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the student's own modelling code")
+    return p
+
+
+def _as_dict(value) -> dict:
+    # From the command line: a list of (key, value); from --config YAML: a mapping.
+    if value is None:
+        return {}
+    return dict(value.items() if isinstance(value, dict) else value)
+
+
+def run(args) -> int:
+    from logitcache.stages.train.run import TrainSettings, train
+
+    settings = TrainSettings(
+        student=args.student, out=args.out, loss=args.loss, cache=args.cache, data=args.data, teacher=args.teacher,
+        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, scheduler=args.scheduler,
+        seed=args.seed, temperature=args.temperature, top_k=args.top_k, tail=args.tail,
+        loss_options=_as_dict(args.loss_options), ce_weight=args.ce_weight, kd_weight=args.kd_weight,
+        uld_lambda=args.uld_lambda, max_length=args.max_length, num_workers=args.num_workers,
+        shuffle_window=args.shuffle_window, chunk_size=args.chunk_size, dtype=args.dtype, bf16=args.bf16,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
+        report_to=args.report_to, resume=args.resume, eval_data=args.eval_data, deepspeed=args.deepspeed,
+        fsdp=args.fsdp, hf_args=_as_dict(args.hf_args), trust_remote_code=args.trust_remote_code)
+    result = train(settings)
+    final = [h for h in result["log_history"] if "loss" in h]
+    summary = f"train: {result['global_step']} steps -> {args.out}"
+    if final:
+        summary += f"; last logged loss {final[-1]['loss']:.4f}"
+    if "eval" in result:
+        summary += f"; held-out accuracy {result['eval']['accuracy']:.4f}, perplexity {result['eval']['perplexity']:.2f}"
+    print(summary)
+    return 0

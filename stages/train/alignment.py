@@ -1,0 +1,210 @@
+"""Training items from cache sequences and text rows: student tokens, labels, and aligned teacher targets.
+
+Alignment convention (the one rule everything here follows): the teacher row stored for position t
+predicts token t + 1, and so does a Hugging Face causal LM's `logits[:, t]`. Same-tokenizer targets
+therefore sit at the student's logit position t, and `labels` use the HF convention: `labels[t + 1]`
+is the token that `logits[:, t]` is trained to predict (-100 where unsupervised; `labels[0]` is never
+a target).
+
+An item is a dict of numpy arrays:
+    input_ids: (T,) int64 student tokens.
+    labels: (T,) int64, -100 where unsupervised.
+    kd_positions: (n,) int64 student logit positions t with a teacher row (every one has labels[t + 1] != -100).
+    teacher_ids: (n, K) int64 teacher ids, -1 at padding (valid ids first in each row).
+    teacher_logprobs: (n, K) float32 teacher log-probs at temperature 1 (0.0 at padding).
+    tail_mass: (n,) float32 teacher probability outside the valid ids.
+    sample_counts: (n, K) int64, sample-mode caches only.
+    row_index: int, the source row.
+Items from text alone (no cache) carry only input_ids, labels and row_index.
+"""
+
+import numpy as np
+
+from logitcache.storage.errors import ConfigError, InvalidDataError
+
+__all__ = ["IGNORE", "SameTokenizerTargets", "keep_first_k", "fold_out_of_vocab", "CrossTokenizerTargets",
+           "TextExample", "encode_example", "align_answers", "supervised_positions"]
+
+IGNORE = -100
+
+
+def supervised_positions(labels: np.ndarray) -> np.ndarray:
+    """(n,) int64 logit positions t whose next token is supervised: labels[t + 1] != -100."""
+    return np.flatnonzero(labels[1:] != IGNORE).astype(np.int64)
+
+
+def _teacher_rows(seq: dict, keep) -> dict:
+    out = {"teacher_ids": np.asarray(seq["topk_ids"])[keep].astype(np.int64),
+           "teacher_logprobs": np.asarray(seq["topk_logprobs"])[keep].astype(np.float32),
+           "tail_mass": np.asarray(seq["tail_mass"])[keep].astype(np.float32)}
+    if "sample_counts" in seq:
+        out["sample_counts"] = np.asarray(seq["sample_counts"])[keep].astype(np.int64)
+    return out
+
+
+def fold_out_of_vocab(rows: dict, vocab_size: int) -> np.ndarray:
+    """Move teacher entries at ids >= vocab_size into the tail, in place; returns (n,) bool rows kept.
+
+    Ids at or above the tokenizer's vocabulary are padding columns of a padded logits width: no
+    token maps to them, and the student's logits are sliced to the vocabulary (see `checks`). Their
+    probability joins `tail_mass`; their slots become -1 padding, moved after the valid ids. A row
+    left with no valid id (only a teacher with padded columns on top can produce one) is dropped
+    from distillation; its token keeps its cross-entropy label.
+    """
+    ids, lp = rows["teacher_ids"], rows["teacher_logprobs"]
+    bad = ids >= vocab_size
+    if not bad.any():
+        return np.ones(len(ids), dtype=bool)
+    rows["tail_mass"] = np.minimum(rows["tail_mass"] + np.where(bad, np.exp(lp), 0.0).sum(1), 1.0).astype(np.float32)
+    ids[bad], lp[bad] = -1, 0.0
+    if "sample_counts" in rows:
+        rows["sample_counts"][bad] = 0
+    order = np.argsort(ids < 0, axis=1, kind="stable")
+    for name in ("teacher_ids", "teacher_logprobs", "sample_counts"):
+        if name in rows:
+            rows[name] = np.take_along_axis(rows[name], order, 1)
+    return rows["teacher_ids"][:, 0] >= 0
+
+
+def keep_first_k(rows: dict, k: int) -> None:
+    """Keep the first k cached ids of each row (the teacher's top-k), in place; the rest joins the tail."""
+    dropped = rows["teacher_logprobs"][:, k:]
+    valid = rows["teacher_ids"][:, k:] >= 0
+    rows["tail_mass"] = np.minimum(rows["tail_mass"] + np.where(valid, np.exp(dropped), 0.0).sum(1), 1.0).astype(np.float32)
+    for name in ("teacher_ids", "teacher_logprobs", "sample_counts"):
+        if name in rows:
+            rows[name] = np.ascontiguousarray(rows[name][:, :k])
+
+
+class SameTokenizerTargets:
+    """Cache sequence -> item for a student with the teacher's tokenizer: targets at t, labels at t + 1.
+
+    Args:
+        vocab_size: ids the tokenizer can produce (the cache's `tokenizer.vocab_size`); the student's
+            logits are sliced to it and teacher ids at or above it are folded into the tail.
+        max_length: truncate longer sequences (positions past the end are dropped).
+        keep_k: use only the teacher's top-k of the K cached ids (the rest joins the tail mass).
+    """
+
+    def __init__(self, vocab_size: int, *, max_length: int | None = None, keep_k: int | None = None):
+        self.vocab_size, self.max_length, self.keep_k = vocab_size, max_length, keep_k
+
+    def __call__(self, seq: dict) -> dict:
+        ids = np.asarray(seq["input_ids"], dtype=np.int64)
+        pos = np.asarray(seq["positions"], dtype=np.int64)
+        keep = np.argsort(pos, kind="stable")  # the format does not promise ascending positions
+        if self.max_length is not None and len(ids) > self.max_length:
+            ids = ids[:self.max_length]
+            keep = keep[pos[keep] < self.max_length - 1]
+        pos = pos[keep]
+        labels = np.full(len(ids), IGNORE, dtype=np.int64)
+        labels[pos + 1] = ids[pos + 1]
+        rows = _teacher_rows(seq, keep)
+        if self.keep_k is not None:
+            keep_first_k(rows, self.keep_k)
+        kd = fold_out_of_vocab(rows, self.vocab_size)
+        if not kd.all():
+            rows = {k: v[kd] for k, v in rows.items()}
+        return {"input_ids": ids, "labels": labels, "kd_positions": pos[kd], **rows, "row_index": int(seq["row_index"])}
+
+
+def encode_example(tokenizer, row: dict, *, max_length: int | None = None,
+                   where: str = "row") -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize a text row for training: returns (input_ids (T,) int64, labels (T,) int64).
+
+    The same rules as stage one's encoder, so a student re-tokenizing cached text sees what the
+    teacher saw: `prompt` + `response` fields: the prompt encoded with the tokenizer's special tokens
+    (a BOS if it adds one), the response without them, then EOS; only response tokens and EOS are
+    supervised. `text` field: the text as the tokenizer encodes it by default (special tokens
+    included); every token after the first is supervised. Truncated to the first `max_length` tokens.
+
+    Raises:
+        InvalidDataError: the row has neither a string `text` nor string `prompt` and `response`.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+        prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + eos
+        ids = np.asarray(prompt + response, dtype=np.int64)
+        labels = np.concatenate([np.full(len(prompt), IGNORE), ids[len(prompt):]]).astype(np.int64)
+    elif isinstance(row.get("text"), str):
+        ids = np.asarray(tokenizer(row["text"], add_special_tokens=True)["input_ids"], dtype=np.int64)
+        labels = ids.copy()
+    else:
+        raise InvalidDataError(f"{where}: needs a string 'text' field or string 'prompt' and 'response' fields; "
+                               f"got keys {sorted(row)}")
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return ids, labels
+
+
+class TextExample:
+    """Text row -> item without teacher targets (`--loss sft` straight from a dataset)."""
+
+    def __init__(self, tokenizer, *, max_length: int | None = None, where: str = "data"):
+        self.tokenizer, self.max_length, self.where = tokenizer, max_length, where
+
+    def __call__(self, row: dict) -> dict:
+        ids, labels = encode_example(self.tokenizer, row, max_length=self.max_length,
+                                     where=f"{self.where} row {row.get('row_index')}")
+        return {"input_ids": ids, "labels": labels, "row_index": int(row["row_index"])}
+
+
+def align_answers(n_teacher: int, student_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pair teacher answer rows with student answer positions (Boizard et al. 2024, ULD).
+
+    Both sides are aligned from their first supervised answer token and truncated to the shorter
+    answer: teacher row i (its i-th supervised position, in order) pairs with student logit
+    position `student_positions[i]`, for i < min(n_teacher, len(student_positions)). The two
+    tokenizations split the text differently, so pair i is "the i-th answer token on each side",
+    not the same characters; ULD compares sorted probabilities, which needs no id mapping.
+
+    Args:
+        n_teacher: P, the teacher's supervised rows for the sequence.
+        student_positions: (m,) int64 student logit positions of the answer, ascending.
+
+    Returns:
+        teacher_rows: (n,) int64 row numbers into the teacher's P rows; student_positions: (n,) int64.
+    """
+    n = min(int(n_teacher), len(student_positions))
+    return np.arange(n, dtype=np.int64), np.asarray(student_positions[:n], dtype=np.int64)
+
+
+class CrossTokenizerTargets:
+    """Cache sequence -> item for a student with another tokenizer (ULD).
+
+    The student re-tokenizes the sequence's stored text (`encode_example`); teacher rows and student
+    answer positions are paired by `align_answers`.
+
+    Args:
+        tokenizer: the student's tokenizer.
+        fields: text fields to encode: ("prompt", "response") or ("text",).
+        max_length: truncate the student sequence.
+        texts: optional {row_index: row dict} source of the text when the cache stores none.
+        keep_k: use only the teacher's top-k of the K cached ids (the rest joins the tail mass).
+    """
+
+    def __init__(self, tokenizer, *, fields: tuple[str, ...], max_length: int | None = None, texts: dict | None = None,
+                 keep_k: int | None = None):
+        if set(fields) not in ({"prompt", "response"}, {"text"}):
+            raise ConfigError(f"cross-tokenizer training re-tokenizes 'prompt'+'response' or 'text'; "
+                              f"the cache's text fields are {list(fields)}")
+        self.tokenizer, self.fields, self.max_length, self.texts = tokenizer, tuple(fields), max_length, texts
+        self.keep_k = keep_k
+
+    def __call__(self, seq: dict) -> dict:
+        row_index = int(seq["row_index"])
+        if self.texts is not None:
+            if row_index not in self.texts:
+                raise InvalidDataError(f"--data has no row {row_index}, which the cache holds")
+            row = self.texts[row_index]
+        else:
+            row = {f: seq[f] for f in self.fields}
+        ids, labels = encode_example(self.tokenizer, row, max_length=self.max_length, where=f"cache row {row_index}")
+        student = supervised_positions(labels)
+        order = np.argsort(np.asarray(seq["positions"]), kind="stable")
+        t_rows, s_pos = align_answers(len(order), student)
+        rows = _teacher_rows(seq, order[t_rows])
+        if self.keep_k is not None:
+            keep_first_k(rows, self.keep_k)
+        return {"input_ids": ids, "labels": labels, "kd_positions": s_pos, **rows, "row_index": row_index}

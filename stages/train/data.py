@@ -1,0 +1,327 @@
+"""`ShardedStream`: a torch IterableDataset over a cache (or a jsonl file), one item per sequence.
+
+    stream = ShardedStream(CacheSource("s3://bucket/cache", to_item=SameTokenizerTargets(vocab_size=32000)),
+                           seed=0, rank=0, world_size=1)
+    loader = DataLoader(stream, batch_size=8, collate_fn=Collator(pad_id=0), num_workers=2)
+    for batch in loader:
+        stream.record(batch["stream"])          # what the training loop consumed: the resume position
+    torch.save(stream.state_dict(), ...)        # a position, never buffered data
+
+Order, a pure function of (seed, epoch, world size, number of DataLoader workers):
+
+1. Shard order: the source's shards permuted by (seed, epoch).
+2. The epoch's stream is those shards' sequences, shard after shard. DDP rank r takes the contiguous
+   span [r * n, (r + 1) * n) of it, n = N // world_size, so every rank runs the same number of
+   steps (DDP deadlocks otherwise). The last N mod world_size sequences of each epoch's stream (fewer
+   than world_size, different ones every epoch) are left out. Worker w takes a contiguous part of its
+   rank's span, so it reads whole shards except at its two ends.
+3. Shuffle buffer: a worker reads its part `window` shards at a time and yields their sequences in a
+   permutation drawn from (seed, epoch, rank, worker, window number). At most `window` shards are
+   resident per worker, so memory is flat as the cache grows.
+
+Epochs run back to back inside each worker; with `epochs=None` the stream never ends (the Trainer
+stops at `max_steps`). A worker's position is the number of sequences of its stream consumed since
+the start of training, across epochs. Every batch carries `stream` = [worker, num_workers, position]
+(all items of a batch come from one worker); the training loop hands it to `record`, so the position
+counts what was trained on, not what was prefetched. Resuming re-derives the order and starts each
+worker at its position, skipping whole windows without reading them: no sequence is duplicated or
+missed. Resuming needs the same world size and number of workers (checked).
+"""
+
+import json
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from logitcache.storage.errors import ConfigError, InvalidDataError
+
+__all__ = ["ShardedStream", "CacheSource", "JsonlSource", "distributed_layout"]
+
+STATE_VERSION = 1
+
+
+def distributed_layout() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed if initialized, else torchrun's env."""
+    import os
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class CacheSource:
+    """A cache's shards, each sequence turned into a training item by `to_item`.
+
+    Args:
+        url: cache directory or fsspec URL.
+        to_item: picklable callable, cache sequence dict -> training item (see `alignment`).
+        storage_options: passed to fsspec.
+        verify: check shard checksums on read.
+
+    The cache is opened lazily in each process (DataLoader workers get their own handle).
+    """
+
+    def __init__(self, url: str, *, to_item: Callable[[dict], dict], storage_options: dict | None = None,
+                 verify: bool = True):
+        from logitcache.storage import open_cache
+
+        self.url, self.to_item, self.storage_options, self.verify = str(url), to_item, storage_options, verify
+        self._cache = open_cache(self.url, storage_options=storage_options, verify=verify)
+        self.shard_sizes = [e["sequences"] for e in self._cache.shards]
+        self.identity = {"cache": self._cache.fingerprint, "sequences": len(self._cache)}
+
+    @property
+    def cache(self):
+        if self._cache is None:
+            from logitcache.storage import open_cache
+
+            self._cache = open_cache(self.url, storage_options=self.storage_options, verify=self.verify)
+        return self._cache
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": None}
+
+    def load(self, j: int):
+        return self.cache.read_shard(j)
+
+    def item(self, shard, s: int) -> dict:
+        return self.to_item(shard.sequence(s))
+
+
+class JsonlSource:
+    """Rows of a JSON-lines file in pseudo-shards of `rows_per_shard` lines, for training without a cache.
+
+    Args:
+        path: local path or fsspec URL of a .jsonl file (one JSON object per line).
+        to_item: picklable callable, row dict (with "row_index" added) -> training item.
+        rows_per_shard: lines per pseudo-shard (the unit of shuffling and of work splitting).
+
+    Only the byte offset of each pseudo-shard is kept in memory; a shard's lines are read when needed.
+    """
+
+    def __init__(self, path: str, *, to_item: Callable[[dict], dict], rows_per_shard: int = 1024):
+        import fsspec
+
+        if rows_per_shard < 1:
+            raise ConfigError(f"rows_per_shard={rows_per_shard} must be >= 1")
+        self.path, self.to_item = str(path), to_item
+        offsets, sizes, rows, pos = [], [], 0, 0
+        try:
+            with fsspec.open(self.path, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        if rows % rows_per_shard == 0:
+                            offsets.append(pos)
+                            sizes.append(0)
+                        sizes[-1] += 1
+                        rows += 1
+                    pos += len(line)
+        except FileNotFoundError:
+            raise ConfigError(f"{self.path}: no such file") from None
+        if rows == 0:
+            raise ConfigError(f"{self.path}: no JSON lines in the file")
+        self.offsets, self.shard_sizes, self.rows_per_shard = offsets, sizes, rows_per_shard
+        self.identity = {"data": self.path, "rows": rows}
+
+    def load(self, j: int) -> list[dict]:
+        import fsspec
+
+        rows = []
+        with fsspec.open(self.path, "rb") as f:
+            f.seek(self.offsets[j])
+            while len(rows) < self.shard_sizes[j]:
+                line = f.readline()
+                if not line.strip():
+                    continue
+                number = j * self.rows_per_shard + len(rows)
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise InvalidDataError(f"{self.path}: row {number} is not valid JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise InvalidDataError(f"{self.path}: row {number} is not a JSON object")
+                rows.append({**row, "row_index": number})
+        return rows
+
+    def item(self, rows: list[dict], s: int) -> dict:
+        return self.to_item(rows[s])
+
+
+class ShardedStream(IterableDataset):
+    """Sequences of a sharded source, split across DDP ranks and DataLoader workers, resumable.
+
+    Args:
+        source: `CacheSource`, `JsonlSource`, or any object with `shard_sizes`, `identity`,
+            `load(j)` and `item(loaded_shard, s)`.
+        seed: decides the shard order and the shuffles, with the epoch.
+        shuffle: False keeps index order (for evaluation).
+        window: shards per shuffle window (resident per worker).
+        epochs: number of passes; None for an endless stream.
+        rank, world_size: this process's DDP rank; default from `distributed_layout()`.
+
+    Raises:
+        ConfigError: bad settings, or a source with fewer sequences than ranks.
+    """
+
+    def __init__(self, source, *, seed: int = 0, shuffle: bool = True, window: int = 2, epochs: int | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if rank is None or world_size is None:
+            rank, world_size = distributed_layout()
+        if window < 1:
+            raise ConfigError(f"shuffle window={window} must be >= 1 shard")
+        if epochs is not None and epochs < 1:
+            raise ConfigError(f"epochs={epochs} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside world size {world_size}")
+        self.source, self.seed, self.shuffle, self.window, self.epochs = source, int(seed), shuffle, window, epochs
+        self.rank, self.world_size = rank, world_size
+        self.sizes = np.asarray(source.shard_sizes, dtype=np.int64)
+        self.per_rank = int(self.sizes.sum()) // world_size
+        if self.per_rank == 0:
+            raise ConfigError(f"{source.identity}: {int(self.sizes.sum())} sequence(s) cannot be split across "
+                              f"{world_size} ranks; every rank needs at least one")
+        self._num_workers: int | None = None
+        self._consumed: list[int] = []
+
+    # ---- the order ------------------------------------------------------------------------------
+
+    def part_length(self, worker: int, num_workers: int) -> int:
+        """Sequences per epoch in worker `worker`'s part of this rank's span."""
+        base, extra = divmod(self.per_rank, num_workers)
+        return base + (1 if worker < extra else 0)
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """(num_shards,) shard ids in the epoch's order."""
+        if not self.shuffle:
+            return np.arange(len(self.sizes))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.sizes))
+
+    def segments(self, epoch: int, worker: int, num_workers: int) -> list[tuple[int, int, int]]:
+        """The worker's part of `epoch` as (shard id, first, end) sequence ranges within shards, in order."""
+        start = self.rank * self.per_rank + sum(self.part_length(w, num_workers) for w in range(worker))
+        end = start + self.part_length(worker, num_workers)
+        order = self.shard_order(epoch)
+        bounds = np.concatenate([[0], np.cumsum(self.sizes[order])])
+        out = []
+        first = int(np.searchsorted(bounds, start, side="right")) - 1
+        for i in range(max(first, 0), len(order)):
+            lo, hi = max(start, bounds[i]), min(end, bounds[i + 1])
+            if lo >= end:
+                break
+            if hi > lo:
+                out.append((int(order[i]), int(lo - bounds[i]), int(hi - bounds[i])))
+        return out
+
+    def windows(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple[list, np.ndarray]]:
+        """(segments, order) per shuffle window: `order` (n,) int64 indexes the window's sequences,
+        numbered segment after segment."""
+        segs = self.segments(epoch, worker, num_workers)
+        for number, i in enumerate(range(0, len(segs), self.window)):
+            group = segs[i:i + self.window]
+            n = sum(hi - lo for _, lo, hi in group)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch, self.rank, worker, number]).permutation(n)
+            else:
+                order = np.arange(n)
+            yield group, order
+
+    def keys(self, worker: int, num_workers: int, *, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
+        """(shard id, sequence within shard) of the worker's stream from position `start` to `stop`,
+        without reading any shard. The reference for tests and for checking a run's coverage."""
+        for _, group, order, skip in self._plan(worker, num_workers, start):
+            ranges = _window_keys(group)
+            for k in order[skip:]:
+                if stop is not None and start >= stop:
+                    return
+                yield ranges[k]
+                start += 1
+
+    def _plan(self, worker: int, num_workers: int, position: int):
+        """Windows from `position` on: (epoch, segments, order, items to skip in this window)."""
+        n = self.part_length(worker, num_workers)
+        if n == 0:
+            return
+        epoch, offset = divmod(position, n)
+        while self.epochs is None or epoch < self.epochs:
+            for group, order in self.windows(epoch, worker, num_workers):
+                if offset >= len(order):
+                    offset -= len(order)
+                    continue
+                yield epoch, group, order, offset
+                offset = 0
+            epoch, offset = epoch + 1, 0
+
+    # ---- iteration ------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self._num_workers is not None and self._num_workers != num_workers:
+            raise ConfigError(f"the data position was saved with {self._num_workers} DataLoader worker(s) per rank "
+                              f"and this run has {num_workers}; resume with --num-workers {self._num_workers}")
+        position = self._consumed[worker] if self._consumed else 0
+        for _, group, order, skip in self._plan(worker, num_workers, position):
+            loaded = {j: self.source.load(j) for j, _, _ in group}
+            ranges = _window_keys(group)
+            for k in order[skip:]:  # `position` already counts the skipped part
+                j, s = ranges[k]
+                item = self.source.item(loaded[j], s)
+                position += 1
+                item["stream"] = np.array([worker, num_workers, position], dtype=np.int64)
+                yield item
+            del loaded
+
+    # ---- position ------------------------------------------------------------------------------
+
+    def record(self, stream) -> None:
+        """Note that the training loop consumed a batch. `stream`: (3,) or (B, 3) [worker, workers, position]."""
+        values = torch.as_tensor(stream).reshape(-1, 3).max(dim=0).values.tolist()
+        worker, num_workers, position = (int(v) for v in values)
+        if self._num_workers is None:
+            self._num_workers, self._consumed = num_workers, [0] * num_workers
+        assert num_workers == self._num_workers, (num_workers, self._num_workers)
+        self._consumed[worker] = max(self._consumed[worker], position)
+
+    def consumed(self) -> int:
+        """Sequences this rank has consumed since the start of training."""
+        return sum(self._consumed)
+
+    def epoch_progress(self) -> float:
+        """Epochs this rank has consumed, as a fraction (consumed / sequences per rank and epoch)."""
+        return self.consumed() / self.per_rank
+
+    def state_dict(self) -> dict:
+        """This rank's position: JSON-able, no data."""
+        return {"version": STATE_VERSION, "source": self.source.identity, "seed": self.seed, "shuffle": self.shuffle,
+                "window": self.window, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self._num_workers, "consumed": list(self._consumed),
+                "epoch": min(self._consumed) // self.part_length(0, self._num_workers) if self._consumed else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a position saved by `state_dict` (before iterating).
+
+        Raises:
+            ConfigError: the position belongs to another source, seed, shuffle, rank or world size.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"data position version {state.get('version')!r}; this logitcache writes {STATE_VERSION}")
+        for key, mine in (("source", self.source.identity), ("seed", self.seed), ("shuffle", self.shuffle),
+                          ("window", self.window), ("rank", self.rank), ("world_size", self.world_size)):
+            if state.get(key) != mine:
+                raise ConfigError(f"cannot resume: the saved data position has {key}={state.get(key)!r}, "
+                                  f"this run has {key}={mine!r}")
+        self._num_workers = state["num_workers"]
+        self._consumed = [int(c) for c in state["consumed"]]
+
+    def batches_per_rank(self, batch_size: int, num_workers: int, epochs: int) -> int:
+        """Batches each rank's DataLoader yields in `epochs` epochs from the start (workers batch alone)."""
+        workers = max(num_workers, 1)
+        return sum(math.ceil(epochs * self.part_length(w, workers) / batch_size) for w in range(workers))
+
+
+def _window_keys(group: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    return [(j, s) for j, lo, hi in group for s in range(lo, hi)]

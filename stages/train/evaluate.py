@@ -1,0 +1,155 @@
+"""Held-out evaluation: perplexity and next-token accuracy on supervised positions; with teacher
+targets, top-1 agreement with the teacher; calibration (ECE, 15 equal-width confidence bins).
+
+    python -m logitcache.pipeline eval --model out/ --data heldout.jsonl --cache heldout_cache/ --json
+
+Every metric is over supervised positions (response tokens for prompt/response rows; the cache's
+positions for a cache), pooled over all sequences (not averaged per sequence). The student's
+logits are sliced to its tokenizer's vocabulary, as in training (see `checks`).
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from logitcache.stages.train.collate import Collator
+from logitcache.stages.train.data import ShardedStream
+
+__all__ = ["ECE_BINS", "expected_calibration_error", "evaluate_batches", "evaluate_source"]
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE (Guo et al. 2017): sum over equal-width bins of |accuracy - mean confidence| * share of rows.
+
+    Args:
+        confidence: (n,) float, the top-1 probability. correct: (n,) bool, top-1 equals the target.
+    """
+    if len(confidence) == 0:
+        return float("nan")
+    # Bin b holds (b/B, (b+1)/B]; confidence 0 goes to the first bin.
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total)
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu") -> dict:
+    """Metrics of `model` over collated batches (see `collate`).
+
+    Returns:
+        sequences, positions, nll (mean), perplexity, accuracy, ece; with teacher targets also
+        teacher_positions, teacher_agreement (student top-1 == teacher top-1) and teacher_accuracy
+        (teacher top-1 == the actual next token, the ceiling of agreement-driven accuracy).
+    """
+    model.eval()
+    nll, n, seqs = 0.0, 0, 0
+    conf, correct, agree, teacher_right = [], [], [], []
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        flat = logits.reshape(-1, logits.shape[-1])
+        if vocab_size is not None:
+            flat = flat[:, :vocab_size]
+        rows, targets = batch["rows"].to(device), batch["targets"].to(device)
+        seqs += batch["input_ids"].shape[0]
+        if rows.numel() == 0:
+            continue
+        logp = torch.log_softmax(flat.index_select(0, rows).float(), dim=-1)
+        nll += -logp.gather(1, targets[:, None]).sum().item()
+        n += rows.numel()
+        top_lp, top = logp.max(-1)
+        conf.append(top_lp.exp().cpu().numpy())
+        correct.append((top == targets).cpu().numpy())
+        if "teacher_ids" in batch:
+            ids, t_lp = batch["teacher_ids"].to(device), batch["teacher_logprobs"].to(device)
+            t_top = ids.gather(1, torch.where(ids >= 0, t_lp, -math.inf).argmax(-1, keepdim=True))[:, 0]
+            sel = batch["kd_select"].to(device)
+            agree.append((top[sel] == t_top).cpu().numpy())
+            teacher_right.append((targets[sel] == t_top).cpu().numpy())
+    conf_all = np.concatenate(conf) if conf else np.zeros(0)
+    correct_all = np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
+    mean_nll = nll / n if n else float("nan")
+    out = {"sequences": seqs, "positions": n, "nll": mean_nll,
+           "perplexity": math.exp(mean_nll) if n else float("nan"),
+           "accuracy": float(correct_all.mean()) if n else float("nan"),
+           "ece": expected_calibration_error(conf_all, correct_all)}
+    if agree:
+        agree_all, right_all = np.concatenate(agree), np.concatenate(teacher_right)
+        out.update(teacher_positions=int(len(agree_all)), teacher_agreement=float(agree_all.mean()),
+                   teacher_accuracy=float(right_all.mean()))
+    return out
+
+
+def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch_size: int = 8,
+                    max_sequences: int | None = None, device="cpu") -> dict:
+    """`evaluate_batches` over a `CacheSource` or `JsonlSource`, in order, in this process."""
+    stream = ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1)
+    collate = Collator(pad_id=pad_id)
+
+    def batches():
+        taken, chunk = 0, []
+        for item in stream:
+            if max_sequences is not None and taken >= max_sequences:
+                break
+            chunk.append(item)
+            taken += 1
+            if len(chunk) == batch_size:
+                yield collate(chunk)
+                chunk = []
+        if chunk:
+            yield collate(chunk)
+
+    return evaluate_batches(model, batches(), vocab_size=vocab_size, device=device)
+
+
+def evaluate(model: str, *, data: str | None = None, cache: str | None = None, batch_size: int = 8,
+             max_sequences: int | None = None, max_length: int | None = None, device: str | None = None,
+             trust_remote_code: bool = False) -> dict:
+    """Load `model` and evaluate it on a jsonl (`data`) and/or a cache's sequences (`cache`).
+
+    Returns:
+        {"model": str, "data": {path, metrics...}, "cache": {path, teacher, metrics...}}, each of the
+        last two present when given.
+
+    Raises:
+        ConfigError: neither data nor cache, an unloadable model, or a cache with another tokenizer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitcache.stages.train.alignment import SameTokenizerTargets, TextExample
+    from logitcache.stages.train.checks import check_tokenizer, student_vocab_size
+    from logitcache.stages.train.data import CacheSource, JsonlSource
+    from logitcache.storage import open_cache, tokenizer_fingerprint
+    from logitcache.storage.errors import ConfigError
+
+    if data is None and cache is None:
+        raise ConfigError("eval needs --data, --cache or both")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        net = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code).to(device)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {model}: cannot load ({e})") from None
+    vocab = student_vocab_size(tokenizer, net.get_output_embeddings().weight.shape[0], student=model)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    max_length = max_length or getattr(net.config, "max_position_embeddings", None)
+    kwargs = dict(pad_id=pad_id, vocab_size=vocab, batch_size=batch_size, max_sequences=max_sequences, device=device)
+    out = {"model": model}
+    if data is not None:
+        source = JsonlSource(data, to_item=TextExample(tokenizer, max_length=max_length, where=data))
+        out["data"] = {"path": data, **evaluate_source(net, source, **kwargs)}
+    if cache is not None:
+        index = open_cache(cache).index
+        if not check_tokenizer(index, tokenizer, tokenizer_fingerprint(tokenizer), loss="eval", student=model, cache=cache):
+            raise ConfigError(f"--cache {cache} was made with another tokenizer than {model}'s; teacher agreement "
+                              f"compares token ids, so it needs the same tokenizer")
+        source = CacheSource(cache, to_item=SameTokenizerTargets(vocab, max_length=max_length))
+        out["cache"] = {"path": cache, "teacher": index["teacher"].get("name_or_path"),
+                        **evaluate_source(net, source, **kwargs)}
+    return out

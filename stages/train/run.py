@@ -1,0 +1,287 @@
+"""Stage two: train a student by streaming a teacher's cache (or, for `--loss sft`, straight from text).
+
+    logitcache train --student Qwen/Qwen2.5-0.5B --cache s3://bucket/cache --loss bild --top-k 8 \\
+        --out ./student --max-steps 2000 --batch-size 8 --lr 1e-4
+    torchrun --nproc-per-node 8 -m logitcache.pipeline train --student ... --cache ... --loss kl --out ./student
+    # CPU, tiny models (see logitcache.pipeline.scratch):
+    logitcache train --student /tmp/tiny --data /tmp/train.jsonl --loss sft --out /tmp/teacher --max-steps 50
+
+The recipe, top to bottom (`train`):
+  1. settings: the loss, its options and the CE/KD weights.
+  2. student: model and tokenizer; the logits columns training uses (`checks.student_vocab_size`).
+  3. cache and refusals: the teacher named by --teacher, the loss against the cache's mode and K,
+     the student tokenizer against the cache's (same tokenizer, or ULD's re-tokenization).
+  4. dataset: a `ShardedStream` over the cache (or the jsonl), split by DDP rank and worker;
+     the number of optimizer steps.
+  5. trainer: `KDTrainer`, a transformers Trainer (accelerate, DeepSpeed/FSDP, checkpoints, loggers).
+  6. train, resuming from the last checkpoint in --out with --resume.
+  7. save: model + tokenizer, each rank's data position, and `logitcache_train.json` (settings,
+     cache identity, metrics, log history, optional held-out evaluation).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+from logitcache.storage.errors import ConfigError
+
+__all__ = ["TrainSettings", "train", "loss_settings", "RESULT_NAME"]
+
+RESULT_NAME = "logitcache_train.json"
+# Loss arguments the trainer supplies itself; not settable as options.
+_RESERVED = {"student_logits", "teacher_ids", "teacher_logprobs", "labels", "counts", "tail_mass", "metrics",
+             "chunk_size"}
+
+
+@dataclass
+class TrainSettings:
+    """Every setting of a training run; the CLI's options (`logitcache train --help`)."""
+
+    student: str
+    out: str
+    loss: str = "kl"
+    cache: str | None = None
+    data: str | None = None
+    teacher: str | None = None
+    max_steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.0
+    scheduler: str = "cosine"
+    seed: int = 0
+    temperature: float | None = None
+    top_k: int | None = None
+    tail: str | None = None
+    loss_options: dict = field(default_factory=dict)
+    ce_weight: float | None = None
+    kd_weight: float | None = None
+    uld_lambda: float | None = None
+    max_length: int | None = None
+    num_workers: int = 1
+    shuffle_window: int = 2
+    chunk_size: int | None = None
+    dtype: str = "float32"
+    bf16: bool = False
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    report_to: str = "none"
+    resume: bool = False
+    eval_data: str | None = None
+    deepspeed: str | None = None
+    fsdp: str | None = None
+    hf_args: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+
+def loss_settings(loss: str, *, temperature: float | None, top_k: int | None, tail: str | None, options: dict,
+                  ce_weight: float | None, kd_weight: float | None, uld_lambda: float | None) -> dict:
+    """The loss's keyword options, the cached columns to keep, and the CE/KD weights.
+
+    `--top-k` is BiLD's k where the loss takes `top_k`; for the other losses it keeps the teacher's
+    top-k of the K cached ids (the rest joins the tail mass), which sweeps K without a new cache.
+
+    Returns:
+        {"options": dict, "keep_k": int | None, "ce_weight": float, "kd_weight": float}
+
+    Raises:
+        ConfigError: an option the loss does not take, or conflicting weights.
+    """
+    from logitcache.stages.train.losses import ULD_KD_WEIGHT, get_loss
+
+    params = set(inspect.signature(get_loss(loss)).parameters)
+    given = dict(options)
+    for flag, name, value in (("--temperature", "temperature", temperature), ("--tail", "tail", tail)):
+        if value is not None:
+            given[name] = value
+    opts = {}
+    for name, value in given.items():
+        if name in _RESERVED or name not in params:
+            takes = sorted(params - _RESERVED - {"top_k"})
+            raise ConfigError(f"--loss {loss} has no option {name!r}; it takes {', '.join(takes) or 'none'}")
+        opts[name] = value
+    keep_k = None
+    if top_k is not None:
+        if "top_k" in params:
+            opts["top_k"] = top_k
+        elif loss == "sft":
+            raise ConfigError("--top-k does not apply to --loss sft")
+        else:
+            keep_k = top_k
+    if uld_lambda is not None:
+        if loss != "uld":
+            raise ConfigError(f"--uld-lambda applies to --loss uld, not --loss {loss}")
+        if kd_weight is not None:
+            raise ConfigError("--uld-lambda is ULD's KD weight; give it or --kd-weight, not both")
+        kd_weight = uld_lambda
+    if loss == "sft":
+        if kd_weight:
+            raise ConfigError("--kd-weight does not apply to --loss sft (no teacher term)")
+        return {"options": opts, "keep_k": None, "ce_weight": 1.0, "kd_weight": 0.0}
+    default_kd = ULD_KD_WEIGHT if loss == "uld" else 1.0
+    weights = {"ce_weight": 1.0 if ce_weight is None else float(ce_weight),
+               "kd_weight": default_kd if kd_weight is None else float(kd_weight)}
+    if weights["ce_weight"] < 0 or weights["kd_weight"] < 0 or not (weights["ce_weight"] or weights["kd_weight"]):
+        raise ConfigError(f"--ce-weight {weights['ce_weight']} and --kd-weight {weights['kd_weight']}: both must be "
+                          f">= 0 and one > 0")
+    return {"options": opts, "keep_k": keep_k, **weights}
+
+
+def train(s: TrainSettings) -> dict:
+    """Run the recipe (module docstring). Returns the contents of `logitcache_train.json`.
+
+    Raises:
+        ConfigError: bad or conflicting settings, or a cache and student that do not fit together.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from logitcache.stages.train.alignment import CrossTokenizerTargets, SameTokenizerTargets, TextExample
+    from logitcache.stages.train.checks import (check_loss_fits_cache, check_teacher, check_tokenizer,
+                                                student_vocab_size)
+    from logitcache.stages.train.collate import Collator
+    from logitcache.stages.train.data import CacheSource, JsonlSource, ShardedStream
+    from logitcache.stages.train.trainer import KDTrainer, data_state_name, training_arguments
+    from logitcache.storage import open_cache, tokenizer_fingerprint
+
+    # 1. Settings.
+    if s.cache is None and s.loss != "sft":
+        raise ConfigError(f"--loss {s.loss} distills from a cache: give --cache (only --loss sft trains from --data alone)")
+    if s.cache is None and s.data is None:
+        raise ConfigError("--loss sft without --cache needs --data (a .jsonl with 'text' or 'prompt'/'response')")
+    if (s.max_steps is None) == (s.epochs is None):
+        raise ConfigError("give exactly one of --max-steps and --epochs")
+    for name in ("max_steps", "epochs", "batch_size", "grad_accum"):
+        value = getattr(s, name)
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if s.num_workers < 0:
+        raise ConfigError(f"--num-workers {s.num_workers} must be >= 0")
+    ls = loss_settings(s.loss, temperature=s.temperature, top_k=s.top_k, tail=s.tail, options=s.loss_options,
+                       ce_weight=s.ce_weight, kd_weight=s.kd_weight, uld_lambda=s.uld_lambda)
+    last = get_last_checkpoint(s.out) if os.path.isdir(s.out) else None
+    if last and not s.resume:
+        raise ConfigError(f"--out {s.out} already holds checkpoints ({os.path.basename(last)}); pass --resume to "
+                          f"continue that run, or choose another --out")
+
+    # 2. Student and tokenizer.
+    tokenizer = AutoTokenizer.from_pretrained(s.student, trust_remote_code=s.trust_remote_code)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(s.dtype)
+    if dtype is None:
+        raise ConfigError(f"--dtype {s.dtype!r}: expected float32, bfloat16 or float16")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(s.student, dtype=dtype, trust_remote_code=s.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--student {s.student}: cannot load the model ({e})") from None
+    vocab = student_vocab_size(tokenizer, model.get_output_embeddings().weight.shape[0], student=s.student)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    max_length = s.max_length or getattr(model.config, "max_position_embeddings", None)
+
+    # 3. Cache and refusals.
+    cache_info, same_tokenizer = None, True
+    if s.cache is not None:
+        cache = open_cache(s.cache)
+        index = cache.index
+        check_teacher(index, s.teacher, cache=s.cache)
+        check_loss_fits_cache(index, s.loss, top_k=s.top_k, cache=s.cache)
+        same_tokenizer = check_tokenizer(index, tokenizer, tokenizer_fingerprint(tokenizer), loss=s.loss,
+                                         student=s.student, cache=s.cache)
+        if same_tokenizer and s.data is not None:
+            raise ConfigError("--data is read for --loss sft without a cache, or as the text a student with another "
+                              "tokenizer re-tokenizes; this student shares the cache's tokenizer, so drop --data")
+        cache_info = {"url": s.cache, "fingerprint": cache.fingerprint, "teacher": index["teacher"],
+                      "mode": cache.mode, "k": cache.k, "sequences": len(cache), "same_tokenizer": same_tokenizer}
+
+    # 4. Dataset.
+    args = training_arguments(
+        s.out, max_steps=s.max_steps or 1, per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum, learning_rate=s.lr, weight_decay=s.weight_decay,
+        warmup_steps=s.warmup, lr_scheduler_type=s.scheduler, seed=s.seed, bf16=s.bf16,
+        logging_steps=s.logging_steps, save_steps=s.save_steps, save_total_limit=s.save_total_limit,
+        report_to=s.report_to, dataloader_num_workers=s.num_workers, deepspeed=s.deepspeed, fsdp=s.fsdp,
+        **s.hf_args)
+    if s.cache is not None and same_tokenizer:
+        to_item = SameTokenizerTargets(vocab, max_length=max_length, keep_k=ls["keep_k"])
+    elif s.cache is not None:
+        fields = _text_fields(index, s.data)
+        # The cache's own text is what the teacher saw (cut where stage one truncated); --data is the fallback.
+        cached_text = set(fields) <= set(index.get("text_fields", []))
+        if cached_text and s.data:
+            _say(f"the cache stores the {'/'.join(fields)} text; re-tokenizing that, not --data {s.data}")
+        to_item = CrossTokenizerTargets(tokenizer, fields=fields, max_length=max_length, keep_k=ls["keep_k"],
+                                        texts=None if cached_text else _rows_by_index(s.data, index))
+    if s.cache is not None:
+        source = CacheSource(s.cache, to_item=to_item)
+    else:
+        source = JsonlSource(s.data, to_item=TextExample(tokenizer, max_length=max_length, where=s.data))
+    stream = ShardedStream(source, seed=s.seed, window=s.shuffle_window, epochs=s.epochs,
+                           rank=args.process_index, world_size=args.world_size)
+    if s.epochs is not None:
+        batches = stream.batches_per_rank(s.batch_size, s.num_workers, s.epochs)
+        args.max_steps = -(-batches // s.grad_accum)
+
+    # 5. Trainer.
+    trainer = KDTrainer(model=model, args=args, train_dataset=stream, data_collator=Collator(pad_id=pad_id),
+                        processing_class=tokenizer, loss=s.loss, loss_options=ls["options"],
+                        ce_weight=ls["ce_weight"], kd_weight=ls["kd_weight"], vocab_size=vocab,
+                        chunk_size=s.chunk_size)
+
+    # 6. Train.
+    if s.resume and last is None:
+        _say(f"--resume: no checkpoint in {s.out} yet; starting from step 0")
+    output = trainer.train(resume_from_checkpoint=last if s.resume else None)
+
+    # 7. Save.
+    trainer.save_model(s.out)
+    with open(os.path.join(s.out, data_state_name(args.process_index)), "w") as f:
+        json.dump(stream.state_dict(), f)
+    result = {"settings": asdict(s), "loss": {"name": s.loss, **ls}, "student_vocab_size": vocab,
+              "cache": cache_info, "data": s.data, "world_size": args.world_size, "max_steps": args.max_steps,
+              "global_step": trainer.state.global_step, "sequences_per_rank": stream.consumed(),
+              "train_metrics": output.metrics, "log_history": trainer.state.log_history}
+    if s.eval_data and trainer.is_world_process_zero():
+        from logitcache.stages.train.evaluate import evaluate_source
+
+        eval_source = JsonlSource(s.eval_data, to_item=TextExample(tokenizer, max_length=max_length, where=s.eval_data))
+        result["eval"] = {"data": s.eval_data, **evaluate_source(model, eval_source, pad_id=pad_id, vocab_size=vocab,
+                                                                 batch_size=s.batch_size, device=args.device)}
+    if trainer.is_world_process_zero():
+        with open(os.path.join(s.out, RESULT_NAME), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    return result
+
+
+def _text_fields(index: dict, data: str | None) -> tuple[str, ...]:
+    kind = index["inputs"].get("kind")
+    if kind not in ("prompt_response", "text"):
+        raise ConfigError(f"a student with another tokenizer re-tokenizes text or prompt/response data; this cache's "
+                          f"inputs are {kind!r}")
+    fields = ("prompt", "response") if kind == "prompt_response" else ("text",)
+    if data is None and not set(fields) <= set(index.get("text_fields", [])):
+        raise ConfigError(f"the cache stores no {'/'.join(fields)} text for a student with another tokenizer to "
+                          f"re-tokenize; give the source data as --data")
+    return fields
+
+
+def _rows_by_index(path: str, index: dict) -> dict[int, dict]:
+    """Rows of the jsonl the cache was made from, by row number, under the cache's stored field names."""
+    columns = index["inputs"].get("columns") or {}
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows[len(rows)] = {name: row.get(columns.get(name, name)) for name in ("prompt", "response", "text")}
+    return rows
+
+
+def _say(message: str) -> None:
+    print(f"train: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,243 @@
+"""`KDTrainer`: a `transformers.Trainer` whose loss reads the cached teacher targets.
+
+    args = training_arguments("out/", max_steps=1000, per_device_train_batch_size=8)
+    trainer = KDTrainer(model=student, args=args, train_dataset=stream, data_collator=Collator(pad_id),
+                        processing_class=tokenizer, loss="bild", loss_options={"top_k": 8}, vocab_size=len(tokenizer))
+    trainer.train(resume_from_checkpoint=True)
+
+Everything else is the stock Trainer (accelerate, DeepSpeed/FSDP, checkpoints, loggers). The
+loss per micro-batch is ce_weight * CE + kd_weight * KD, each a mean over the batch's supervised
+rows, then weighted by the rows' share of the optimizer step's rows on all ranks
+(`num_items_in_batch`), the way HF's own causal-LM loss is, so gradient accumulation and DDP give
+the token-weighted mean.
+
+Data and DDP. `ShardedStream` splits the data across ranks itself (each rank reads only its own
+shards). Accelerate's `prepare` would split an IterableDataset again: with `dispatch_batches`
+(its default for IterableDatasets) rank 0 reads every batch and sends slices to the others; without
+it, `IterableDatasetShard` makes every rank read everything and keep one batch in world_size. So
+`training_arguments` sets `dispatch_batches=False`, and `get_train_dataloader` turns the
+`IterableDatasetShard` wrapper into a pass-through (num_processes=1), the way the Trainer itself
+neutralises the wrapper around its own rank-aware `BatchRebalanceSampler`.
+
+Resume. The stream's position (not buffered data) goes into every checkpoint as
+`logitcache_data_rank{r}.json`; `train(resume_from_checkpoint=...)` loads it, and
+`ignore_data_skip=True` stops the Trainer from skipping batches on top of it.
+"""
+
+import json
+import os
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from logitcache.stages.train.data import ShardedStream
+from logitcache.stages.train.losses import get_loss, sft
+from logitcache.storage.errors import ConfigError
+
+__all__ = ["KDTrainer", "training_arguments", "data_state_name", "loss_parts", "supervised_logits"]
+
+
+def data_state_name(rank: int) -> str:
+    return f"logitcache_data_rank{rank}.json"
+
+
+def training_arguments(output_dir: str, **kwargs) -> TrainingArguments:
+    """TrainingArguments with the settings `KDTrainer` needs; `kwargs` are any other TrainingArguments."""
+    accel = dict(kwargs.pop("accelerator_config", None) or {})
+    accel.update(dispatch_batches=False, split_batches=False)
+    kwargs.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available():
+        # accelerate picks multi-CPU DDP (gloo) only when told to use the CPU.
+        kwargs.setdefault("use_cpu", True)
+    return TrainingArguments(output_dir=output_dir, remove_unused_columns=False, ignore_data_skip=True,
+                             accelerator_config=accel, **kwargs)
+
+
+def supervised_logits(logits: torch.Tensor, rows: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """(N, V) student logits at the supervised rows, sliced to `vocab_size` columns (see `checks`).
+
+    Args:
+        logits: (B, T, W) model output. rows: (N,) int64 indices into the flattened (B*T) rows.
+    """
+    b, t, width = logits.shape
+    flat = logits.reshape(b * t, width)
+    if vocab_size is not None and vocab_size < width:
+        flat = flat[:, :vocab_size]
+    return flat.index_select(0, rows)
+
+
+def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None = None, ce_weight: float = 1.0,
+               kd_weight: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ce_weight * CE + kd_weight * KD over a batch's supervised rows, and the metrics to log.
+
+    Args:
+        s: (N, V) student logits at the batch's supervised rows (`supervised_logits`).
+        batch: the collated batch (see `collate`): targets (N,), and for KD teacher_ids (N_kd, K),
+            teacher_logprobs (N_kd, K), tail_mass (N_kd,), kd_select (N_kd,), [sample_counts].
+        loss: a name from `losses.LOSSES` ("sft": CE alone).
+        options: the loss's keyword options.
+
+    Returns:
+        0-dim float32 total, and {name: 0-dim detached mean over rows}: ce, accuracy, kd, and the
+        loss's own metrics (top1_agreement, bild_coverage).
+    """
+    metrics: dict[str, torch.Tensor] = {}
+    total = s.new_zeros((), dtype=torch.float32)
+    if loss == "sft":
+        ce_weight, kd_weight = 1.0, 0.0
+    if ce_weight:
+        ce_metrics: dict = {}
+        ce = sft(s, labels=batch["targets"], chunk_size=chunk_size, metrics=ce_metrics)
+        total = total + ce_weight * ce
+        metrics["ce"] = ce.detach()
+        metrics.update(ce_metrics)
+    if kd_weight:
+        teacher_ids = batch["teacher_ids"]
+        # Same tokenizer: a teacher row for every supervised row, in order (kd_select is 0..N-1).
+        s_kd = s if teacher_ids.shape[0] == s.shape[0] else s.index_select(0, batch["kd_select"])
+        if s_kd.shape[0] > 0:
+            kd_metrics: dict = {}
+            extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
+            kd = get_loss(loss)(s_kd, teacher_ids, batch["teacher_logprobs"], tail_mass=batch["tail_mass"],
+                                chunk_size=chunk_size, metrics=kd_metrics, **extra, **(options or {}))
+            total = total + kd_weight * kd
+            metrics["kd"] = kd.detach()
+            metrics.update(kd_metrics)  # top1_agreement (every loss that reads teacher ids), bild_coverage
+    return total, metrics
+
+
+class _SaveDataPosition(TrainerCallback):
+    """Writes each rank's stream position into every checkpoint folder."""
+
+    def __init__(self, stream: ShardedStream):
+        self.stream = stream
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, data_state_name(args.process_index)), "w") as f:
+            json.dump(self.stream.state_dict(), f)
+
+
+class KDTrainer(Trainer):
+    """Trainer for cached distillation (and plain SFT on the same batches).
+
+    Args:
+        loss: a name from `losses.LOSSES`; "sft" trains on the labels alone.
+        loss_options: keyword arguments of the loss (temperature, top_k, tail, ...).
+        ce_weight, kd_weight: total = ce_weight * CE + kd_weight * KD (CE is skipped at weight 0).
+        vocab_size: the logits columns to use (see `checks`); None uses all.
+        chunk_size: rows per loss chunk (None: automatic).
+        *args, **kwargs: `transformers.Trainer`'s; `args` should come from `training_arguments`.
+
+    Raises:
+        ConfigError: TrainingArguments that would split or skip the stream a second time.
+    """
+
+    def __init__(self, *args, loss: str, loss_options: dict | None = None, ce_weight: float = 1.0,
+                 kd_weight: float = 1.0, vocab_size: int | None = None, chunk_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        get_loss(loss)  # an unknown name fails here, not at step one
+        self.loss_name = loss
+        self.loss_options, self.chunk_size = dict(loss_options or {}), chunk_size
+        self.ce_weight, self.kd_weight = (1.0, 0.0) if loss == "sft" else (float(ce_weight), float(kd_weight))
+        self.vocab_size = vocab_size
+        # compute_loss normalizes by `num_items_in_batch` itself; this makes the Trainer count and pass it.
+        self.model_accepts_loss_kwargs = True
+        self._sums: dict[str, torch.Tensor] = {}
+        self._weights: dict[str, torch.Tensor] = {}
+        if isinstance(self.train_dataset, ShardedStream):
+            a = self.args
+            problems = [name for name, bad in (
+                ("remove_unused_columns=False", a.remove_unused_columns),
+                ("ignore_data_skip=True", not a.ignore_data_skip),
+                ("accelerator_config.dispatch_batches=False", a.accelerator_config.dispatch_batches is not False),
+                ("accelerator_config.split_batches=False", a.accelerator_config.split_batches)) if bad]
+            if problems:
+                raise ConfigError(f"KDTrainer streams its own data; its TrainingArguments need {', '.join(problems)} "
+                                  "(use stages.train.trainer.training_arguments)")
+            self.add_callback(_SaveDataPosition(self.train_dataset))
+
+    # ---- data -----------------------------------------------------------------------------------
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        shard = getattr(loader, "dataset", None)
+        if isinstance(self.train_dataset, ShardedStream) and shard is not self.train_dataset:
+            # accelerate's IterableDatasetShard around a stream that is already split by rank.
+            assert getattr(shard, "dataset", None) is self.train_dataset, type(shard)
+            shard.num_processes, shard.process_index = 1, 0
+        return loader
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, plus the stream's position from the checkpoint when resuming."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ConfigError(f"no checkpoint to resume from in {self.args.output_dir}")
+        if resume_from_checkpoint and isinstance(self.train_dataset, ShardedStream):
+            path = os.path.join(resume_from_checkpoint, data_state_name(self.args.process_index))
+            if not os.path.isfile(path):
+                raise ConfigError(f"{path}: no data position for rank {self.args.process_index}; the checkpoint "
+                                  f"was not written by logitcache or with another number of ranks")
+            with open(path) as f:
+                self.train_dataset.load_state_dict(json.load(f))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        stream = inputs.pop("stream", None)
+        if stream is not None and isinstance(self.train_dataset, ShardedStream):
+            self.train_dataset.record(stream)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    # ---- loss -----------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        logits = outputs.logits
+        rows = inputs["rows"]
+        n = rows.shape[0]
+        if n == 0:  # nothing supervised: a zero that still touches every parameter (DDP needs that)
+            loss = logits.sum() * 0.0
+            return (loss, outputs) if return_outputs else loss
+        total, metrics = self.loss_parts(supervised_logits(logits, rows, self.vocab_size), inputs)
+        if num_items_in_batch is not None:
+            scale = n / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                scale = scale * self.accelerator.num_processes
+            loss = total * scale
+        else:
+            loss = total
+        for name, value in metrics.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value.detach().float() * n
+            self._weights[name] = self._weights.get(name, 0.0) + n
+        return (loss, outputs) if return_outputs else loss
+
+    def loss_parts(self, s: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`loss_parts` with this trainer's loss and weights."""
+        return loss_parts(s, batch, loss=self.loss_name, options=self.loss_options, ce_weight=self.ce_weight,
+                          kd_weight=self.kd_weight, chunk_size=self.chunk_size)
+
+    # ---- logging --------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        distributed = self.accelerator.num_processes > 1
+        # Every rank logs at the same steps; under DDP all of them join the reduction, even a rank
+        # whose batches since the last log had no supervised row (and so no metrics).
+        if "loss" in logs and (self._sums or distributed):
+            names = sorted(self._sums)
+            if distributed:
+                from accelerate.utils import gather_object
+
+                names = sorted(set().union(*gather_object([names])))
+            sums = torch.tensor([float(self._sums.get(k, 0.0)) for k in names], device=self.args.device)
+            weights = torch.tensor([float(self._weights.get(k, 0.0)) for k in names], device=self.args.device)
+            if distributed and names:
+                sums, weights = self.accelerator.reduce(sums, "sum"), self.accelerator.reduce(weights, "sum")
+            for name, value in zip(names, (sums / weights.clamp_min(1)).tolist()):
+                logs[name] = round(value, 6)
+            self._sums, self._weights = {}, {}
+            if isinstance(self.train_dataset, ShardedStream):
+                logs["data_epoch"] = round(self.train_dataset.epoch_progress(), 4)
+        super().log(logs, start_time)

@@ -1,0 +1,84 @@
+"""`logitcache train` and `logitcache eval` from the command line.
+
+    /tmp/venv/bin/pytest tests/pipeline/test_train_cli.py
+"""
+
+import json
+
+import pytest
+import yaml
+from trainkit import world
+
+from logitcache.pipeline.cli import main
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"logitcache {command} --" in out
+
+
+def test_sft_without_cache_then_eval_json(tmp_path, capsys):
+    w = world()
+    out = tmp_path / "teacher"
+    rc = main(["train", "--student", str(w.student), "--data", str(w.train), "--loss", "sft", "--out", str(out),
+               "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--num-workers", "0", "--logging-steps", "1"])
+    assert rc == 0
+    assert "train: 3 steps" in capsys.readouterr().out
+    result = json.loads((out / "logitcache_train.json").read_text())
+    assert result["loss"]["name"] == "sft" and result["cache"] is None and result["global_step"] == 3
+    assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+
+    rc = main(["eval", "--model", str(out), "--data", str(w.heldout), "--cache", str(w.cache), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"model", "data", "cache"}
+    assert set(report["data"]) == {"path", "sequences", "positions", "nll", "perplexity", "accuracy", "ece"}
+    assert set(report["cache"]) == {"path", "teacher", "sequences", "positions", "nll", "perplexity", "accuracy", "ece",
+                                    "teacher_positions", "teacher_agreement", "teacher_accuracy"}
+    assert report["data"]["sequences"] == 8 and report["cache"]["sequences"] == 24
+    assert 0.0 <= report["cache"]["teacher_agreement"] <= 1.0 and 0.0 <= report["data"]["ece"] <= 1.0
+
+
+def test_yaml_config_with_loss_and_trainer_options(tmp_path):
+    w = world()
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "student": str(w.student), "cache": str(w.cache), "out": str(tmp_path / "jsd"), "loss": "jsd",
+        "loss_options": {"beta": 0.3}, "tail": "renorm", "max_steps": 2, "batch_size": 4, "num_workers": 0,
+        "hf_args": {"max_grad_norm": 0.5}}))
+    assert main(["train", "--config", str(config), "--kd-weight", "2"]) == 0
+    result = json.loads((tmp_path / "jsd" / "logitcache_train.json").read_text())
+    assert result["loss"]["options"] == {"beta": 0.3, "tail": "renorm"}
+    assert result["loss"]["kd_weight"] == 2.0  # the command line overrides the file
+    assert result["settings"]["hf_args"] == {"max_grad_norm": 0.5}
+
+
+def test_refusal_exits_2_with_the_reason(tmp_path, capsys):
+    w = world()
+    rc = main(["train", "--student", str(w.other_student), "--cache", str(w.cache), "--loss", "bild",
+               "--out", str(tmp_path / "x"), "--max-steps", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "logitcache train: error:" in err and "fingerprint" in err and "--loss uld" in err
+
+
+def test_end_to_end_precompute_hf_then_train_and_eval(tmp_path, capsys):
+    """A cache written by stage one's own command trains a student; the student trains to agree with it."""
+    w = world()
+    cache = tmp_path / "cache"
+    assert main(["precompute", "--teacher", str(w.teacher), "--data", str(w.train), "--prompt-field", "prompt",
+                 "--response-field", "response", "--out", str(cache), "--engine", "hf", "--top-k", "8",
+                 "--format", "arrow", "--rows-per-shard", "8", "--no-progress"]) == 0
+    out = tmp_path / "student"
+    assert main(["train", "--student", str(w.student), "--cache", str(cache), "--teacher", str(w.teacher),
+                 "--loss", "bild", "--top-k", "4", "--out", str(out), "--max-steps", "2", "--batch-size", "4",
+                 "--num-workers", "0"]) == 0
+    result = json.loads((out / "logitcache_train.json").read_text())
+    assert result["cache"]["k"] == 8 and result["cache"]["same_tokenizer"]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--cache", str(cache), "--json", "--max-sequences", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache"]["sequences"] == 4

@@ -1,0 +1,230 @@
+"""Stage two's training: refusals, every loss trains, padded logits, resume mid-epoch, DDP on CPU.
+
+    /tmp/venv/bin/pytest tests/stages/test_trainer.py
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from trainkit import build_cache, world
+
+from logitcache.stages.train.run import TrainSettings, train
+from logitcache.stages.train.trainer import KDTrainer
+from logitcache.storage.errors import ConfigError
+
+ENTRY = Path(__file__).with_name("ddp_entry.py")
+
+
+def settings(tmp_path, **kw):
+    w = world()
+    base = dict(student=str(w.student), cache=str(w.cache), out=str(tmp_path / "out"), max_steps=2, batch_size=4,
+                lr=1e-2, logging_steps=1, num_workers=0, save_steps=1000)
+    return TrainSettings(**{**base, **kw})
+
+
+def logged(result, key):
+    return [h[key] for h in result["log_history"] if key in h and "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def sample_cache():
+    w = world()
+    return build_cache(w.root / "sample_cache", w.teacher, w.tokenizer, w.rows, samples=16)
+
+
+@pytest.fixture(scope="module")
+def padded_teacher_cache():
+    """A cache from a teacher whose logits are 13 columns wider than its tokenizer: ids >= vocab get cached."""
+    from logitcache.pipeline.scratch import make_tiny_llama
+
+    w = world()
+    teacher = make_tiny_llama(w.root / "padded_teacher", w.tokenizer, hidden_size=64, num_heads=2, num_layers=1,
+                              seed=5, pad_vocab_to=len(w.tokenizer) + 13, head_std=1.0, dtype=torch.float32)
+    return build_cache(w.root / "padded_cache", teacher, w.tokenizer, w.rows[:12], k=16)
+
+
+# ---- refusals ---------------------------------------------------------------------------------------
+
+def test_refuses_a_student_with_another_tokenizer(tmp_path):
+    w = world()
+    from transformers import AutoTokenizer
+
+    from logitcache.storage import open_cache, tokenizer_fingerprint
+
+    mine = tokenizer_fingerprint(AutoTokenizer.from_pretrained(w.other_student))
+    cached = open_cache(str(w.cache)).index["tokenizer"]["fingerprint"]
+    with pytest.raises(ConfigError) as e:
+        train(settings(tmp_path, student=str(w.other_student), loss="kl"))
+    msg = str(e.value)
+    assert mine[:16] in msg and cached[:16] in msg
+    assert str(w.other_student) in msg and str(w.teacher) in msg and "uld" in msg
+
+
+def test_refuses_a_cache_of_another_teacher(tmp_path):
+    w = world()
+    with pytest.raises(ConfigError, match="was made by teacher"):
+        train(settings(tmp_path, teacher="Qwen/Qwen2.5-7B"))
+    train(settings(tmp_path, teacher=str(w.teacher) + "/", max_steps=1))  # the same teacher, spelled differently
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(loss="rskd"), "sample-mode cache"),
+    (dict(loss="kl", top_k=9), "K = 8"),
+    (dict(loss="uld", uld_lambda=1.0, kd_weight=2.0), "not both"),
+    (dict(loss="kl", loss_options={"beta": 0.5}), "no option 'beta'"),
+    (dict(loss="normkd", temperature=2.0), "no option 'temperature'"),
+    (dict(loss="kl", cache=None, data="x.jsonl"), "give --cache"),
+    (dict(max_steps=None), "exactly one of"),
+])
+def test_refuses_bad_settings(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        train(settings(tmp_path, **kw))
+
+
+def test_refuses_to_overwrite_checkpoints_without_resume(tmp_path):
+    train(settings(tmp_path, max_steps=1, save_steps=1))
+    with pytest.raises(ConfigError, match="--resume"):
+        train(settings(tmp_path, max_steps=1))
+
+
+# ---- padded logits width ------------------------------------------------------------------------------
+
+def test_padded_logits_are_sliced_to_the_tokenizer(tmp_path, padded_teacher_cache):
+    """Student logits wider than the tokenizer are cut to it; cached ids in the padding go to the tail."""
+    from logitcache.storage import open_cache
+
+    w = world()
+    cache = open_cache(str(padded_teacher_cache))
+    assert max(int(s.topk_ids.max()) for _, s in cache.iter_shards()) >= len(w.tokenizer)  # padding ids are cached
+    for student in (w.padded_student, w.student):
+        result = train(settings(tmp_path / student.name, student=str(student), cache=str(padded_teacher_cache),
+                                loss="kl", max_steps=2))
+        assert result["student_vocab_size"] == len(w.tokenizer)
+        assert all(torch.isfinite(torch.tensor(logged(result, "kd"))))
+
+
+def test_compute_loss_slices_padded_columns():
+    """Padded columns with huge logits change nothing: compute_loss uses the first vocab_size columns."""
+    from types import SimpleNamespace
+
+    from logitcache.stages.train.alignment import SameTokenizerTargets
+    from logitcache.stages.train.collate import Collator
+    from logitcache.stages.train.losses import kl, sft
+    from logitcache.storage import open_cache
+
+    w = world()
+    v = len(w.tokenizer)
+    batch = Collator(pad_id=0)([SameTokenizerTargets(v)(open_cache(str(w.cache))[i]) for i in range(2)])
+    logits = torch.randn(*batch["input_ids"].shape, v + 13)
+    logits[..., v:] = 50.0
+    model = lambda **kw: SimpleNamespace(logits=logits)  # noqa: E731
+    trainer = KDTrainer.__new__(KDTrainer)  # the loss only: no model, no data
+    trainer.loss_name, trainer.loss_options, trainer.chunk_size = "kl", {}, None
+    trainer.ce_weight, trainer.kd_weight, trainer._sums, trainer._weights = 1.0, 1.0, {}, {}
+    trainer.vocab_size = v
+    got = trainer.compute_loss(model, batch)
+    s = logits.reshape(-1, v + 13)[batch["rows"], :v]
+    want = sft(s, labels=batch["targets"]) + kl(s, batch["teacher_ids"], batch["teacher_logprobs"],
+                                                tail_mass=batch["tail_mass"])
+    assert torch.allclose(got, want, atol=1e-5)
+    trainer.vocab_size = None
+    assert trainer.compute_loss(model, batch) > want + 10
+
+
+# ---- every loss trains ------------------------------------------------------------------------------
+
+FAMILIES = [
+    ("kl", {}), ("rkl", {}), ("jsd", {}), ("skl", {}), ("srkl", {}), ("topk_kl", {}),
+    ("dkd", {}), ("nkd", {}), ("normkd", {}), ("bild", {"top_k": 4}), ("uld", {}), ("rskd", {}),
+]
+
+
+@pytest.mark.parametrize("loss, kw", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_each_loss_trains_and_its_kd_term_decreases(tmp_path, loss, kw, sample_cache):
+    w = world()
+    extra = dict(cache=str(sample_cache)) if loss == "rskd" else {}
+    if loss == "uld":
+        extra = dict(student=str(w.other_student))  # another tokenizer: re-tokenizes the cached text
+    result = train(settings(tmp_path, loss=loss, ce_weight=0.0, max_steps=8, lr=2e-2, **kw, **extra))
+    kd = logged(result, "kd")
+    assert len(kd) == 8 and all(map(lambda x: x == x, kd))
+    assert sum(kd[-3:]) / 3 < kd[0], kd
+    if loss == "bild":
+        assert 0.0 <= logged(result, "bild_coverage")[0] <= 1.0
+    if loss != "uld":
+        assert "top1_agreement" in result["log_history"][0]
+
+
+def test_sft_without_a_cache(tmp_path):
+    w = world()
+    result = train(settings(tmp_path, loss="sft", cache=None, data=str(w.train), max_steps=None, epochs=2,
+                            eval_data=str(w.heldout)))
+    ce = logged(result, "ce")
+    assert result["global_step"] == 12 and result["sequences_per_rank"] == 48  # 24 rows x 2 epochs, batch 4
+    assert ce[-1] < ce[0]
+    assert set(result["eval"]) >= {"perplexity", "accuracy", "ece", "nll", "positions"}
+    assert (Path(result["settings"]["out"]) / "model.safetensors").exists()
+
+
+def test_uld_reads_the_text_from_data_when_the_cache_stores_none(tmp_path):
+    w = world()
+    cache = build_cache(tmp_path / "no_text", w.teacher, w.tokenizer, w.rows[:8], store_text=False)
+    with pytest.raises(ConfigError, match="give the source data as --data"):
+        train(settings(tmp_path, student=str(w.other_student), cache=str(cache), loss="uld"))
+    result = train(settings(tmp_path, student=str(w.other_student), cache=str(cache), loss="uld", data=str(w.train)))
+    assert result["global_step"] == 2 and not result["cache"]["same_tokenizer"]
+
+
+# ---- resume -----------------------------------------------------------------------------------------
+
+def test_resume_mid_epoch_trains_on_exactly_the_remaining_sequences(tmp_path, monkeypatch):
+    seen = []
+    step = KDTrainer.training_step
+
+    def recording(self, model, inputs, num_items_in_batch=None):
+        seen.append(inputs["row_index"].tolist())
+        return step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(KDTrainer, "training_step", recording)
+    # 24 sequences, batch 3: 8 steps an epoch; checkpoint at step 2; 2 workers.
+    common = dict(max_steps=5, batch_size=3, num_workers=2, save_steps=2, save_total_limit=None)
+    train(settings(tmp_path, **common))
+    uninterrupted = seen[:]
+    out = tmp_path / "out"
+    for later in ("checkpoint-4", "checkpoint-5"):
+        shutil.rmtree(out / later)
+    seen.clear()
+    result = train(settings(tmp_path, resume=True, **common))
+    assert result["global_step"] == 5
+    assert sorted(sum(seen, [])) == sorted(sum(uninterrupted[2:], []))
+    assert not set(sum(seen, [])) & set(sum(uninterrupted[:2], []))
+    state = json.loads((out / "logitcache_data_rank0.json").read_text())
+    assert sum(state["consumed"]) == 15 and state["num_workers"] == 2
+
+
+# ---- DDP ----------------------------------------------------------------------------------------------
+
+def test_ddp_two_processes_on_cpu_see_disjoint_data(tmp_path):
+    w = world()
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "2", str(ENTRY), "train", "--student", str(w.student), "--cache",
+           str(w.cache), "--loss", "kl", "--out", str(out), "--max-steps", "3", "--batch-size", "2",
+           "--num-workers", "1", "--logging-steps", "1", "--save-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads((out / f"rows_rank{r}.json").read_text()) for r in range(2)]
+    assert len(rows[0]) == len(rows[1]) == 6
+    assert not set(rows[0]) & set(rows[1])
+    result = json.loads((out / "logitcache_train.json").read_text())
+    assert result["world_size"] == 2 and result["global_step"] == 3
+    for r in range(2):
+        state = json.loads((out / "checkpoint-2" / f"logitcache_data_rank{r}.json").read_text())
+        assert state["rank"] == r and state["world_size"] == 2 and state["consumed"] == [4]
