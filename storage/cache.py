@@ -7,6 +7,7 @@
 """
 
 import bisect
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -34,14 +35,16 @@ def open_cache(path_or_url: str, *, storage_options: dict | None = None, verify:
         FormatVersionError: written by a format version this library cannot read.
     """
     fs, root = resolve(path_or_url, storage_options)
-    return Cache(fs, root, read_index(fs, root), url=str(path_or_url), verify=verify)
+    return Cache(fs, root, read_index(fs, root), url=str(path_or_url), verify=verify, storage_options=storage_options)
 
 
 class Cache:
     """A finished cache: random access by sequence, iteration in order or by shard."""
 
-    def __init__(self, fs, root: str, index: dict, *, url: str, verify: bool = True, keep_shards: int = 2):
-        self.fs, self.root, self.index, self.url, self.verify = fs, root, index, url, verify
+    def __init__(self, fs, root: str, index: dict, *, url: str, verify: bool = True, keep_shards: int = 2,
+                 storage_options: dict | None = None):
+        self._fs, self._pid, self.storage_options = fs, os.getpid(), storage_options
+        self.root, self.index, self.url, self.verify = root, index, url, verify
         self.shards = index["shards"]
         # starts[j] is the global number of the first sequence in shard j.
         self._starts = np.concatenate([[0], np.cumsum([e["sequences"] for e in self.shards])]).tolist()
@@ -51,6 +54,14 @@ class Cache:
     def __repr__(self) -> str:
         return (f"Cache({self.url!r}, sequences={len(self)}, shards={len(self.shards)}, "
                 f"backend={self.backend!r}, mode={self.mode!r}, k={self.k})")
+
+    @property
+    def fs(self):
+        """The filesystem, re-resolved after a fork: async ones (s3fs, gcsfs) refuse to run in a child
+        process, and DataLoader workers are forked children."""
+        if os.getpid() != self._pid:
+            self._fs, self._pid = resolve(self.url, self.storage_options)[0], os.getpid()
+        return self._fs
 
     @property
     def backend(self) -> str:

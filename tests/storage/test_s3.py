@@ -76,3 +76,31 @@ def test_cli_validate_reads_s3_with_env_credentials(s3):
                          capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "OK" in res.stdout and "1 shard" in res.stdout
+
+
+def _read_in_child(cache, queue):
+    queue.put(int(cache[0]["topk_ids"].sum()))
+
+
+def test_cache_opened_in_parent_reads_in_forked_child(s3):
+    """DataLoader workers are forked: the reader must not carry the parent's s3fs instance into them."""
+    import multiprocessing as mp
+
+    endpoint, _ = s3
+    make_bucket(endpoint, "lc-fork")
+    opts = s3_options(endpoint)
+    rng = np.random.default_rng(3)
+    w = CacheWriter("s3://lc-fork/c", backend="arrow", encoding="lossless", vocab_size=VOCAB, fingerprint="k",
+                    text_fields=TEXT_FIELDS, storage_options=opts)
+    seq = make_sequence(rng, 0, 12, 4)
+    w.write_shard(0, ShardData.from_sequences([seq], text_fields=TEXT_FIELDS))
+    w.finalize(metadata(4))
+    cache = open_cache("s3://lc-fork/c", storage_options=opts)
+    assert len(cache) == 1  # the parent has used its filesystem
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(cache, queue))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == int(seq["topk_ids"].sum())
