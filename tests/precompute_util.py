@@ -57,9 +57,12 @@ def text_rows(n: int, seed: int = 3) -> list[dict]:
     return [{"text": line} for line in toy_corpus(n, seed=seed)]
 
 
-def assert_same_cache(a: str, b: str) -> None:
-    """Same fingerprint, counts and shard list, and every shard decodes to the same arrays."""
-    ca, cb = open_cache(str(a)), open_cache(str(b))
+def assert_same_cache(a: str, b: str, *, storage_options: dict | None = None) -> None:
+    """Same fingerprint, counts and shard list, and every shard decodes to the same arrays.
+
+    `storage_options` are fsspec's options for opening `b` (e.g. an s3:// cache's endpoint).
+    """
+    ca, cb = open_cache(str(a)), open_cache(str(b), storage_options=storage_options)
     assert ca.fingerprint == cb.fingerprint
     assert ca.index["counts"] == cb.index["counts"]
     strip = lambda e: {k: v for k, v in e.items() if k not in ("bytes", "sha256")}  # noqa: E731

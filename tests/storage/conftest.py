@@ -28,12 +28,3 @@ def build_cache(tmp_path):
         return root, written
 
     return build
-
-
-@pytest.fixture(scope="session")
-def s3():
-    """(endpoint, env) of a moto S3 server process on loopback, shared by the session."""
-    from s3server import moto_server
-
-    with moto_server() as server:
-        yield server

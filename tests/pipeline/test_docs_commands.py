@@ -1,0 +1,119 @@
+"""docs/SCALING.md cannot drift from the tools it quotes: every `logitcache` command parses with the
+real CLI parser, every `torchrun` / `accelerate launch` line with theirs, the YAML files load the way
+their tools load them, and the dataset card makes `datasets` read a cache's Parquet shards.
+
+    /tmp/venv/bin/pytest tests/pipeline/test_docs_commands.py     # ~10 s
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from doc_commands import commands_in, fenced_blocks, parse_logitcache, parse_with, shell_commands
+
+ROOT = Path(__file__).resolve().parents[2]
+SCALING = ROOT / "docs" / "SCALING.md"
+COMMANDS = commands_in(SCALING)
+
+
+def named_block(language: str, name: str) -> str:
+    """The doc's `language` block whose first line is the comment `# NAME...`."""
+    found = [text for _, _, text in fenced_blocks(SCALING, (language,)) if text.startswith(f"# {name}")]
+    assert len(found) == 1, f"{SCALING}: expected one {language} block starting with '# {name}'"
+    return found[0]
+
+
+def test_scaling_doc_covers_both_stages_and_every_launcher():
+    assert {"precompute", "merge", "train", "convert", "validate"} <= {c.argv[0] for c in COMMANDS}
+    launched = {c.words[0] for c in COMMANDS}
+    assert {"logitcache", "srun", "torchrun", "accelerate", "ray"} <= launched, launched
+    assert any("--ray-address" in c.argv for c in COMMANDS)
+    assert any("--num-shards" in c.argv and "--shard-index" in c.argv for c in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: f"{c.where.rsplit(':', 1)[1]}-{c.argv[0]}")
+def test_logitcache_command_parses(command):
+    assert parse_logitcache(command.argv, command.where) is not None, f"{command}: only --help"
+
+
+def test_commands_with_the_documented_config_file_parse_with_it(tmp_path):
+    """`--config precompute.yaml` read for real: keys are option names, required options present."""
+    from logitcache.pipeline.cli import _apply_config, build_parser
+
+    config = tmp_path / "precompute.yaml"
+    config.write_text(named_block("yaml", "precompute.yaml"))
+    uses = [c for c in COMMANDS if "precompute.yaml" in c.argv]
+    assert len(uses) >= 3  # the Slurm task, the Ray driver, the Ray job
+    for command in uses:
+        argv = [str(config) if a == "precompute.yaml" else a for a in command.argv]
+        args = _apply_config(build_parser(), argv)
+        assert args.teacher and args.data and args.out.startswith("s3://"), command
+
+
+def test_launcher_flags_parse():
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    torchruns = accelerates = 0
+    for where, words in shell_commands(SCALING):
+        names = [Path(w).name for w in words]
+        if "torchrun" in names:
+            args = parse_with(get_args_parser(), words[names.index("torchrun") + 1:], where)
+            assert (args.module and args.training_script == "logitcache.pipeline.cli") or \
+                (args.no_python and args.training_script == "logitcache"), where
+            torchruns += 1
+        if "accelerate" in names and words[names.index("accelerate") + 1] == "launch":
+            args = parse_with(launch_command_parser(), words[names.index("accelerate") + 2:], where)
+            assert args.module and args.training_script == "logitcache.pipeline.cli", where
+            accelerates += 1
+    assert torchruns >= 3 and accelerates >= 1
+
+
+def test_accelerate_config_loads(tmp_path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = tmp_path / "multinode.yaml"
+    path.write_text(named_block("yaml", "multinode.yaml"))
+    config = ClusterConfig.from_yaml_file(str(path))  # refuses unknown keys
+    assert config.num_machines == 2 and config.num_processes == 16 and config.distributed_type == "MULTI_GPU"
+
+
+def test_python_snippets_compile():
+    blocks = fenced_blocks(SCALING, ("python",))
+    assert blocks
+    for line, _, text in blocks:
+        compile(text, f"{SCALING}:{line}", "exec")
+
+
+def test_dataset_card_makes_datasets_read_the_parquet_shards(tmp_path):
+    """The card from the doc beside a Parquet cache (index, entries, job record): `load_dataset(folder)`
+    yields one row per sequence, equal to what `open_cache` decodes, and nothing else."""
+    import datasets
+    from synthetic import TEXT_FIELDS, make_sequence, metadata
+
+    from logitcache.storage import CacheWriter, ShardData, open_cache
+
+    card = [text for _, _, text in fenced_blocks(SCALING, ("markdown",)) if text.startswith("---\nconfigs:")]
+    assert len(card) == 1
+    root = tmp_path / "cache"
+    rng = np.random.default_rng(0)
+    writer = CacheWriter(str(root), backend="arrow", encoding="lossless", vocab_size=600, fingerprint="card",
+                         text_fields=TEXT_FIELDS)
+    for j in range(2):
+        seqs = [make_sequence(rng, 3 * j + i, 12, 4) for i in range(3)]
+        writer.write_shard(j, ShardData.from_sequences(seqs, text_fields=TEXT_FIELDS),
+                           extra={"rows": [3 * j, 3 * j + 3]})
+    writer.finalize(metadata(4))
+    (root / "job.json").write_text("{}")  # a writer's file, as a real cache has
+    (root / "README.md").write_text(card[0] + "\n")
+
+    rows = datasets.load_dataset(str(root), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    cache = open_cache(str(root))
+    assert cache.validate() == [] and len(rows) == len(cache) == 6
+    for row in rows:
+        seq = cache[row["row_index"]]
+        np.testing.assert_array_equal(np.array(row["topk_ids"]), seq["topk_ids"])
+        np.testing.assert_array_equal(np.array(row["topk_logprobs"], dtype=np.float32), seq["topk_logprobs"])
+        assert row["prompt"] == seq["prompt"]
