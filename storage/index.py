@@ -95,6 +95,8 @@ def read_index(fs, root: str) -> dict:
     except FileNotFoundError:
         raise CacheIndexError(f"{path}: no index; the cache is unfinished (stage one has not completed) "
                               f"or this is not a logitcache cache") from None
+    except Exception as e:  # unreachable endpoint, bad credentials, ...: say where, not a library traceback
+        raise CacheIndexError(f"{path}: cannot read the index ({e.__class__.__name__}: {e})") from None
     try:
         index = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
