@@ -1,0 +1,33 @@
+"""The README's commands are real: every `logitcache ...` line parses with the CLI, and the files and
+make targets it names exist.
+
+    pytest tests/pipeline/test_readme.py
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+from doc_commands import commands_in, parse_logitcache
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+COMMANDS = commands_in(README)
+
+
+def test_readme_shows_both_stages_and_the_format_commands():
+    assert {"precompute", "train", "eval", "validate", "inspect", "convert"} <= {c.argv[0] for c in COMMANDS}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: f"{c.where.rsplit(':', 1)[1]}-{c.argv[0]}")
+def test_readme_command_parses(command):
+    parse_logitcache(command.argv, command.where)
+
+
+def test_readme_links_and_make_targets_exist():
+    text = README.read_text()
+    for link in re.findall(r"\]\(((?!https?:)[^)#]+)\)", text):
+        assert (ROOT / link).exists(), f"README links to {link}, which does not exist"
+    makefile = (ROOT / "Makefile").read_text()
+    for target in set(re.findall(r"\bmake (\w+)", text)):
+        assert re.search(rf"^{target}:", makefile, re.M), f"README uses `make {target}`, not in the Makefile"
