@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["main", "PRESETS"]
@@ -48,7 +48,7 @@ PRESETS = {
     "quick": Preset(max_train=600, max_heldout=100, teacher_vocab=768, student_vocab=512, teacher_width=128,
                     teacher_layers=2, teacher_steps=60, student_width=64, student_layers=1, student_steps=40),
     "full": Preset(max_train=6000, max_heldout=600, teacher_vocab=2048, student_vocab=1536, teacher_width=256,
-                   teacher_layers=2, teacher_steps=500, student_width=128, student_layers=2, student_steps=300),
+                   teacher_layers=2, teacher_steps=800, student_width=64, student_layers=1, student_steps=300),
 }
 STUDENT_LOSSES = ("sft", "kl", "bild", "rskd")  # same tokenizer as the teacher; plus "uld" cross-tokenizer
 
@@ -114,6 +114,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     out = Path(args.out) / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
+    stamp = out / "preset.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != asdict(p):
+        sys.exit(f"demo: {out} was built with other settings; delete it to rebuild")
+    stamp.write_text(json.dumps(asdict(p), indent=1))
     log = out / "demo.log"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -26,13 +26,14 @@ def write_report(out: Path, models: dict[str, str], preset) -> str:
         curves[label] = {"objective": [(h["step"], h["loss"]) for h in history if "loss" in h],
                          "ce": [(h["step"], h["ce"]) for h in history if "ce" in h]}
         params = _param_count(out / folder)
-        rows.append({"model": label, "params": params, "perplexity": data.get("perplexity"),
-                     "accuracy": data.get("accuracy"), "agreement": cache.get("teacher_agreement"),
+        n, acc = data.get("positions") or 0, data.get("accuracy")
+        rows.append({"model": label, "params": params, "perplexity": data.get("perplexity"), "positions": n,
+                     "accuracy": acc, "accuracy_se": (acc * (1 - acc) / n) ** 0.5 if n and acc is not None else None, "agreement": cache.get("teacher_agreement"),
                      "ece": data.get("ece"), "train_s": timings.get("teacher (sft)" if label == "teacher" else label)})
-    lines = ["| model | params | held-out ppl | next-token acc | top-1 agreement w/ teacher | ECE | train wall s |",
+    lines = ["| model | params | held-out ppl | next-token acc (± s.e.) | top-1 agreement w/ teacher | ECE | train wall s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {_fmt(r['perplexity'], '.2f')} | {_fmt(r['accuracy'])} | "
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {_fmt(r['perplexity'], '.2f')} | {_fmt(r['accuracy'])} ± {_fmt(r['accuracy_se'])} | "
                      f"{_fmt(r['agreement'])} | {_fmt(r['ece'])} | {_fmt(r['train_s'], '.0f')} |")
     table = "\n".join(lines)
     caches = []
@@ -51,7 +52,8 @@ def write_report(out: Path, models: dict[str, str], preset) -> str:
     note = ("Perplexity and accuracy are per token of each model's own tokenizer over the held-out responses; "
             "the uld student tokenizes differently, so its numbers compare with the others only loosely, and "
             "top-1 agreement needs the teacher's tokenizer (–). Every other student starts from the same weights "
-            "and sees the same batches; only the loss differs.")
+            "and sees the same batches; only the loss differs. s.e. is the binomial standard error over the held-out "
+            "positions, so differences smaller than about twice it are noise.")
     md = (f"# logitcache demo report ({'quick' if preset.max_train < 5000 else 'full'})\n\n"
           f"Corpus: Python standard library, function signature -> docstring, split by file.\n\n"
           f"## Models (held-out)\n\n{table}\n\n{note}\n\n## Caches\n\n{cache_table}\n\n"
