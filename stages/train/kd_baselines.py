@@ -7,23 +7,24 @@ with a cache of the whole vocabulary they are the published losses over the voca
 "target class" is the teacher's top-1 cached id, not the label: the label is often outside the
 cached ids while the teacher's top-1 never is (BiLD's LLM version of NKD makes the same choice).
 
-Call convention and return value: see `losses`.
+Call convention and return value: see `losses`. Each loss `x` is `kd_rows.kd_mean` of `x_rows`,
+its per-chunk form (options without defaults: the public function holds them), which
+`losses.kd_with_ce` also runs fused with the label cross entropy.
 """
 
 import math
 
 import torch
 
-from logitcache.stages.train.chunking import chunk_rows, chunked_mean
 from logitcache.stages.train.kd_math import (compute_dtype, forward_kl, masked_log_softmax, masked_logsumexp,
                                              split_padding, teacher_tail_mass, teacher_top1, top1_agreement,
                                              uncovered_logprob)
-from logitcache.stages.train.loss_inputs import (check_chunk_size, check_logits, check_range, check_rows,
-                                                 check_teacher)
+from logitcache.stages.train.kd_rows import KDRows, kd_mean
+from logitcache.stages.train.loss_inputs import check_logits, check_range, check_rows, check_teacher
 from logitcache.stages.train.student_stats import student_stats
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["dkd", "nkd", "normkd", "bild", "uld"]
+__all__ = ["dkd", "nkd", "normkd", "bild", "uld", "dkd_rows", "nkd_rows", "normkd_rows", "bild_rows", "uld_rows"]
 
 _POSITIVE = (0.0, math.inf)
 
@@ -42,14 +43,23 @@ def dkd(student_logits, teacher_ids, teacher_logprobs, *, alpha: float = 1.0, be
         alpha, beta: TCKD and NCKD weights (the paper's CIFAR defaults 1 and 8).
         temperature: T > 0.
     """
-    n, vocab, _ = _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, chunk_size, min_k=2)
+    rows = dkd_rows(student_logits, teacher_ids, teacher_logprobs, alpha=alpha, beta=beta, temperature=temperature,
+                    tail_mass=tail_mass, want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
+
+
+def dkd_rows(student_logits, teacher_ids, teacher_logprobs, *, alpha, beta, temperature, tail_mass, want_metrics,
+             n_rows=None) -> KDRows:
+    """`dkd` per chunk, for N_kd = `n_rows` teacher rows (default: the logits' N)."""
+    _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, n_rows, min_k=2)
     check_range("temperature", temperature, *_POSITIVE)
 
-    def row_fn(s, ids, t_lp):
+    def row_fn(s, labels, ids, t_lp):
         dtype = compute_dtype(s.dtype)
         _, valid = split_padding(ids)
         lt = masked_log_softmax(t_lp.to(dtype) / temperature, valid)
-        ls = masked_log_softmax(student_stats(s, ids, temperature, normalizers=False)[0], valid)
+        st = student_stats(s, ids, temperature, normalizers=False, labels=labels)
+        ls = masked_log_softmax(st.x_k, valid)
         target = teacher_top1(ids, t_lp)[:, None]
         other = valid.scatter(1, target, False)
         # log(1 - p_target) as the log of the other classes' mass: no cancellation near p = 1.
@@ -59,10 +69,9 @@ def dkd(student_logits, teacher_ids, teacher_logprobs, *, alpha: float = 1.0, be
         tckd = forward_kl(torch.stack([lt.gather(1, target)[:, 0], lt_rest], 1),
                           torch.stack([ls.gather(1, target)[:, 0], ls_rest], 1), binary_mask)
         nckd = forward_kl(lt - lt_rest[:, None], ls - ls_rest[:, None], other)
-        return (alpha * tckd + beta * nckd) * temperature**2, _agreement(metrics, s, ids, t_lp)
+        return (alpha * tckd + beta * nckd) * temperature**2, st, _agreement(want_metrics, s, ids, t_lp, st)
 
-    return chunked_mean(row_fn, student_logits, teacher_ids, teacher_logprobs, rows=chunk_rows(chunk_size, vocab),
-                        metrics=metrics)
+    return KDRows(row_fn, (teacher_ids, teacher_logprobs))
 
 
 def nkd(student_logits, teacher_ids, teacher_logprobs, *, gamma: float = 1.5, temperature: float = 1.0,
@@ -80,13 +89,22 @@ def nkd(student_logits, teacher_ids, teacher_logprobs, *, gamma: float = 1.5, te
         gamma: weight of the non-target term (the paper's 1.5).
         temperature: lambda > 0 (the paper's 1.0).
     """
-    n, vocab, _ = _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, chunk_size, min_k=2)
+    rows = nkd_rows(student_logits, teacher_ids, teacher_logprobs, gamma=gamma, temperature=temperature,
+                    tail_mass=tail_mass, want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
+
+
+def nkd_rows(student_logits, teacher_ids, teacher_logprobs, *, gamma, temperature, tail_mass, want_metrics,
+             n_rows=None) -> KDRows:
+    """`nkd` per chunk, for N_kd = `n_rows` teacher rows (default: the logits' N)."""
+    _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, n_rows, min_k=2)
     check_range("temperature", temperature, *_POSITIVE)
 
-    def row_fn(s, ids, t_lp):
+    def row_fn(s, labels, ids, t_lp):
         dtype = compute_dtype(s.dtype)
         _, valid = split_padding(ids)
-        t_lp, s_k = t_lp.to(dtype), student_stats(s, ids, normalizers=False)[0]
+        st = student_stats(s, ids, normalizers=False, labels=labels)
+        t_lp, s_k = t_lp.to(dtype), st.x_k
         target = teacher_top1(ids, t_lp)[:, None]
         other = valid.scatter(1, target, False)
         lt = masked_log_softmax(t_lp, valid).gather(1, target)[:, 0]
@@ -94,10 +112,9 @@ def nkd(student_logits, teacher_ids, teacher_logprobs, *, gamma: float = 1.5, te
         lt_n = masked_log_softmax(t_lp / temperature, other)
         ls_n = masked_log_softmax(s_k / temperature, other)
         non_target = torch.where(other, lt_n.exp() * ls_n, 0.0).sum(-1)
-        return -lt.exp() * ls - gamma * temperature**2 * non_target, _agreement(metrics, s, ids, t_lp)
+        return -lt.exp() * ls - gamma * temperature**2 * non_target, st, _agreement(want_metrics, s, ids, t_lp, st)
 
-    return chunked_mean(row_fn, student_logits, teacher_ids, teacher_logprobs, rows=chunk_rows(chunk_size, vocab),
-                        metrics=metrics)
+    return KDRows(row_fn, (teacher_ids, teacher_logprobs))
 
 
 def normkd(student_logits, teacher_ids, teacher_logprobs, *, t_norm: float = 1.5,
@@ -114,21 +131,29 @@ def normkd(student_logits, teacher_ids, teacher_logprobs, *, t_norm: float = 1.5
     Args:
         t_norm: T_norm > 0 (1.5, BiLD's setting for LLMs).
     """
-    n, vocab, _ = _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, chunk_size, min_k=2)
+    rows = normkd_rows(student_logits, teacher_ids, teacher_logprobs, t_norm=t_norm, tail_mass=tail_mass,
+                       want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
+
+
+def normkd_rows(student_logits, teacher_ids, teacher_logprobs, *, t_norm, tail_mass, want_metrics,
+                n_rows=None) -> KDRows:
+    """`normkd` per chunk, for N_kd = `n_rows` teacher rows (default: the logits' N)."""
+    _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, n_rows, min_k=2)
     check_range("t_norm", t_norm, *_POSITIVE)
 
-    def row_fn(s, ids, t_lp):
+    def row_fn(s, labels, ids, t_lp):
         dtype = compute_dtype(s.dtype)
         _, valid = split_padding(ids)
-        z_t, z_s = t_lp.to(dtype), student_stats(s, ids, normalizers=False)[0]
+        st = student_stats(s, ids, normalizers=False, labels=labels)
+        z_t, z_s = t_lp.to(dtype), st.x_k
         t_t = t_norm * _masked_std(z_t, valid)
         t_s = t_norm * _masked_std(z_s, valid)
         lt = masked_log_softmax(z_t / t_t[:, None], valid)
         ls = masked_log_softmax(z_s / t_s[:, None], valid)
-        return forward_kl(lt, ls, valid) * t_t**2, _agreement(metrics, s, ids, t_lp)
+        return forward_kl(lt, ls, valid) * t_t**2, st, _agreement(want_metrics, s, ids, t_lp, st)
 
-    return chunked_mean(row_fn, student_logits, teacher_ids, teacher_logprobs, rows=chunk_rows(chunk_size, vocab),
-                        metrics=metrics)
+    return KDRows(row_fn, (teacher_ids, teacher_logprobs))
 
 
 def bild(student_logits, teacher_ids, teacher_logprobs, *, top_k: int = 8, temperature: float = 3.0,
@@ -140,7 +165,8 @@ def bild(student_logits, teacher_ids, teacher_logprobs, *, top_k: int = 8, tempe
     each model, and take KL(teacher || student). Cached log-probs are logits minus a row constant,
     so the teacher's differences are exact.
 
-    - Teacher-led: the first k cached ids (the cache is sorted by teacher log-prob).
+    - Teacher-led: the first k cached ids (the cache is sorted by teacher log-prob). Where they
+      include -1 padding, only the pairs of the valid ones (a row with one valid id adds 0).
     - Student-led: the student's top-k, taken on the raw logits (no fp32 copy). The teacher's value
       at an id in the cache is the cached one; at an id outside it, the estimate
       log(tail_mass / (V - K)), i.e. the tail spread evenly over the uncovered vocabulary, clamped
@@ -155,14 +181,22 @@ def bild(student_logits, teacher_ids, teacher_logprobs, *, top_k: int = 8, tempe
     Returns:
         0-dim: mean teacher-led KL + mean student-led KL.
     """
-    n, vocab, k_cached = _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, chunk_size)
+    rows = bild_rows(student_logits, teacher_ids, teacher_logprobs, top_k=top_k, temperature=temperature,
+                     tail_mass=tail_mass, want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
+
+
+def bild_rows(student_logits, teacher_ids, teacher_logprobs, *, top_k, temperature, tail_mass, want_metrics,
+              n_rows=None) -> KDRows:
+    """`bild` per chunk, for N_kd = `n_rows` teacher rows (default: the logits' N)."""
+    vocab, k_cached = _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, n_rows)
     check_range("temperature", temperature, *_POSITIVE)
     if not isinstance(top_k, int) or top_k < 2:
         raise ConfigError(f"bild: top_k={top_k!r} must be an integer >= 2 (it compares pairs of logits)")
     if k_cached < top_k:
         raise ConfigError(f"bild: the cache holds K = {k_cached} ids per position, fewer than top_k = {top_k}; "
                           f"use top_k <= {k_cached} or a cache written with K >= {top_k}")
-    pairs = torch.triu_indices(top_k, top_k, offset=1, device=student_logits.device)
+    pairs = torch.triu_indices(top_k, top_k, offset=1, device=teacher_ids.device)
 
     def pair_kl(t_vals, s_vals):
         dt = (t_vals[:, pairs[0]] - t_vals[:, pairs[1]]) / temperature
@@ -172,18 +206,28 @@ def bild(student_logits, teacher_ids, teacher_logprobs, *, top_k: int = 8, tempe
         lt, ls = dt - dt.logsumexp(-1, keepdim=True), ds - ds.logsumexp(-1, keepdim=True)
         return (lt.exp() * (lt - ls)).sum(-1)
 
-    def row_fn(s, ids, t_lp, tau):
+    def masked_pair_kl(t_vals, s_vals, valid):
+        """pair_kl over the pairs of valid entries only; 0 for a row with fewer than two."""
+        pair_valid = valid[:, pairs[0]] & valid[:, pairs[1]]
+        dt = (t_vals[:, pairs[0]] - t_vals[:, pairs[1]]) / temperature
+        ds = (s_vals[:, pairs[0]] - s_vals[:, pairs[1]]) / temperature
+        return forward_kl(masked_log_softmax(dt, pair_valid), masked_log_softmax(ds, pair_valid), pair_valid)
+
+    def row_fn(s, labels, ids, t_lp, tau):
         dtype = compute_dtype(s.dtype)
         ids = ids.long()
         _, valid = split_padding(ids)
         t_lp = t_lp.to(dtype)
         # Selection happens on the raw logits; both halves' values come from one gather.
         s_ids = s.detach().topk(top_k, dim=-1).indices
-        both, _, _ = student_stats(s, torch.cat([ids[:, :top_k], s_ids], dim=1), normalizers=False)
-        teacher_led = pair_kl(t_lp[:, :top_k], both[:, :top_k])
+        st = student_stats(s, torch.cat([ids[:, :top_k], s_ids], dim=1), normalizers=False, labels=labels)
+        both = st.x_k
+        # A row with fewer than k valid ids (-1 padding from folding padded-vocabulary ids into the
+        # tail) compares only the pairs of its valid ones.
+        teacher_led = masked_pair_kl(t_lp[:, :top_k], both[:, :top_k], valid[:, :top_k])
         s_vals = both[:, top_k:]
 
-        hit = s_ids[:, :, None] == ids[:, None, :]  # (n, k, K); at most one hit per student id
+        hit = s_ids[:, :, None] == ids[:, None, :]  # (n, k, K); at most one hit per student id, none at -1
         found = hit.any(-1)
         column = (hit * torch.arange(ids.shape[1], device=ids.device)).sum(-1)
         estimate = uncovered_logprob(t_lp, valid, teacher_tail_mass(t_lp, valid, tau), vocab)
@@ -191,12 +235,11 @@ def bild(student_logits, teacher_ids, teacher_logprobs, *, top_k: int = 8, tempe
         student_led = pair_kl(t_vals, s_vals)
 
         stats = {}
-        if metrics is not None:
-            stats = {"bild_coverage": found.to(dtype).mean(-1), **_agreement(metrics, s, ids, t_lp)}
-        return teacher_led + student_led, stats
+        if want_metrics:
+            stats = {"bild_coverage": found.to(dtype).mean(-1), **_agreement(want_metrics, s, ids, t_lp, st)}
+        return teacher_led + student_led, st, stats
 
-    return chunked_mean(row_fn, student_logits, teacher_ids, teacher_logprobs, tail_mass,
-                        rows=chunk_rows(chunk_size, vocab), metrics=metrics)
+    return KDRows(row_fn, (teacher_ids, teacher_logprobs, tail_mass))
 
 
 def uld(student_logits, teacher_ids, teacher_logprobs, *, tail_mass: torch.Tensor | None = None,
@@ -217,32 +260,37 @@ def uld(student_logits, teacher_ids, teacher_logprobs, *, tail_mass: torch.Tenso
     top-min(K, V) on its raw logits. Consequence: the student is pushed to put no mass beyond its
     K-th most likely token. `tail_mass` is accepted for a uniform call and unused.
     """
-    n, vocab, k_cached = _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, chunk_size,
-                                same_vocab=False)
+    rows = uld_rows(student_logits, teacher_ids, teacher_logprobs, tail_mass=tail_mass,
+                    want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
+
+
+def uld_rows(student_logits, teacher_ids, teacher_logprobs, *, tail_mass, want_metrics, n_rows=None) -> KDRows:
+    """`uld` per chunk, for N_kd = `n_rows` teacher rows (default: the logits' N). No metric of its own."""
+    vocab, k_cached = _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, n_rows, same_vocab=False)
     m = min(k_cached, vocab)
 
-    def row_fn(s, ids, t_lp):
+    def row_fn(s, labels, ids, t_lp):
         dtype = compute_dtype(s.dtype)
         p_t = torch.where(ids >= 0, t_lp.to(dtype).exp(), 0.0).sort(-1, descending=True).values
         top_ids = s.detach().topk(m, dim=-1).indices
-        top, lse, _ = student_stats(s, top_ids)
-        p_s = (top - lse[:, None]).exp()
+        st = student_stats(s, top_ids, labels=labels)
+        p_s = (st.x_k - st.lse[:, None]).exp()
         l1 = (p_t[:, :m] - p_s).abs().sum(-1) + p_t[:, m:].sum(-1) + (1.0 - p_s.sum(-1))
-        return l1, {}
+        return l1, st, {}
 
-    return chunked_mean(row_fn, student_logits, teacher_ids, teacher_logprobs, rows=chunk_rows(chunk_size, vocab),
-                        metrics=metrics)
+    return KDRows(row_fn, (teacher_ids, teacher_logprobs))
 
 
-def _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, chunk_size, *, min_k=1, same_vocab=True):
+def _check(student_logits, teacher_ids, teacher_logprobs, tail_mass, n_rows, *, min_k=1, same_vocab=True):
+    """Checks the inputs for N_kd = `n_rows` teacher rows (None: the logits' N); returns (V, K)."""
     n, vocab = check_logits(student_logits)
-    k = check_teacher(student_logits, teacher_ids, teacher_logprobs, same_vocab=same_vocab)
-    check_rows("tail_mass", tail_mass, (n,))
-    check_chunk_size(chunk_size)
+    k = check_teacher(student_logits, teacher_ids, teacher_logprobs, same_vocab=same_vocab, rows=n_rows)
+    check_rows("tail_mass", tail_mass, (n if n_rows is None else n_rows,))
     if k < min_k:
         raise ConfigError(f"this loss splits target from non-target classes and needs K >= {min_k} cached ids, "
                           f"got K = {k}")
-    return n, vocab, k
+    return vocab, k
 
 
 def _masked_std(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -254,5 +302,5 @@ def _masked_std(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var.clamp_min(1e-12).sqrt()
 
 
-def _agreement(metrics, s, ids, t_lp) -> dict:
-    return {"top1_agreement": top1_agreement(s, ids, t_lp)} if metrics is not None else {}
+def _agreement(want_metrics, s, ids, t_lp, st) -> dict:
+    return {"top1_agreement": top1_agreement(s, ids, t_lp, st.row_max)} if want_metrics else {}

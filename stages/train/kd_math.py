@@ -20,7 +20,7 @@ import torch
 __all__ = [
     "TAIL_FLOOR", "compute_dtype", "split_padding", "masked_logsumexp", "masked_log_softmax",
     "teacher_tail_mass", "uncovered_logprob", "teacher_top1",
-    "top1_agreement", "forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl",
+    "top1_agreement", "is_row_max", "forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl",
 ]
 
 # Smallest teacher tail mass used when the cache does not cover the vocabulary. The stored mass is
@@ -115,10 +115,29 @@ def teacher_top1(ids: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
     return torch.where(ids >= 0, t_lp, float("-inf")).argmax(-1)
 
 
-def top1_agreement(s: torch.Tensor, ids: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
-    """(n,) 1.0 where the student's argmax (on the raw logits) is the teacher's top-1 id."""
-    top1 = ids.long().gather(1, teacher_top1(ids, t_lp)[:, None]).squeeze(1)
-    return (s.argmax(-1) == top1).float()
+def top1_agreement(s: torch.Tensor, ids: torch.Tensor, t_lp: torch.Tensor,
+                   row_max: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) 1.0 where the student's largest logit is at the teacher's top-1 id (see `is_row_max`)."""
+    top1 = ids.long().gather(1, teacher_top1(ids, t_lp)[:, None])[:, 0]
+    return is_row_max(s, top1, row_max)
+
+
+def is_row_max(s: torch.Tensor, ids: torch.Tensor, row_max: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) 1.0 where s[row, ids[row]] is the row's largest logit (a tie for the largest counts), else 0.0.
+
+    The argmax metrics (accuracy, top1_agreement) compare with the row max rather than call
+    argmax: an amax pass costs a fraction of an argmax pass on CPU, and the losses' own passes
+    already yield it (`student_stats`'s row_max), so the metrics then read only the gathered logits.
+
+    Args:
+        s: (n, V) logits, any float dtype. ids: (n,) integer ids into V.
+        row_max: (n,) s.amax(-1) in the compute dtype if already known, else None.
+    """
+    dtype = compute_dtype(s.dtype)
+    if row_max is None:
+        row_max = s.detach().amax(-1).to(dtype)
+    value = s.detach().gather(1, ids.long()[:, None])[:, 0].to(dtype)
+    return (value >= row_max).to(dtype)
 
 
 def _expect(lp: torch.Tensor, mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

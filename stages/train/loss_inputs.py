@@ -8,7 +8,8 @@ import torch
 
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
-__all__ = ["check_logits", "check_teacher", "check_rows", "check_choice", "check_range", "check_chunk_size"]
+__all__ = ["check_logits", "check_teacher", "check_rows", "check_index", "check_choice", "check_range",
+           "check_chunk_size"]
 
 
 def check_logits(student_logits: torch.Tensor) -> tuple[int, int]:
@@ -29,16 +30,20 @@ def check_teacher(
     teacher_logprobs: torch.Tensor,
     *,
     same_vocab: bool = True,
+    rows: int | None = None,
 ) -> int:
     """Checks the (N, K) cache rows against the (N, V) logits and returns K.
 
     Args:
         same_vocab: the ids index the student's vocabulary, so K <= V is required.
+        rows: the number of cache rows expected when it is not the logits' N (`kd_select`'s N_kd).
     """
     n, vocab = check_logits(student_logits)
+    want = f"student_logits' {n} rows" if rows is None else f"kd_select's {rows} rows"
+    n = n if rows is None else rows
     for name, t in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
         if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] != n:
-            raise InvalidDataError(f"{name}: expected ({n}, K) to match student_logits' {n} rows, got {_shape(t)}")
+            raise InvalidDataError(f"{name}: expected ({n}, K) to match {want}, got {_shape(t)}")
     if teacher_logprobs.shape != teacher_ids.shape:
         raise InvalidDataError(
             f"teacher_logprobs: expected the shape of teacher_ids {tuple(teacher_ids.shape)}, "
@@ -62,6 +67,17 @@ def check_rows(name: str, t: torch.Tensor | None, shape: tuple[int, ...], *, int
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
         raise InvalidDataError(f"{name}: expected shape {shape}, got {_shape(t)}")
     if integer and (t.dtype.is_floating_point or t.dtype == torch.bool):
+        raise InvalidDataError(f"{name}: expected an integer dtype, got {t.dtype}")
+
+
+def check_index(name: str, t: torch.Tensor | None, n: int) -> None:
+    """Checks an optional (M,) integer index into n rows, M <= n (`kd_select`). Values are not read."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] > n:
+        raise InvalidDataError(f"{name}: expected a (M,) index into the {n} rows of student_logits, M <= {n}; "
+                               f"got {_shape(t)}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
         raise InvalidDataError(f"{name}: expected an integer dtype, got {t.dtype}")
 
 

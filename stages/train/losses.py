@@ -16,32 +16,39 @@ It returns a 0-dim float32 tensor (float64 for float64 logits): the mean over th
 Divergences are returned as they are, without Hinton's T^2 factor (fold it into `kd_weight`),
 except in dkd and normkd whose published losses include it. `metrics`, when given a dict, receives
 detached 0-dim tensors: "top1_agreement" for every loss that reads teacher ids, plus
-"bild_coverage" (bild) and "accuracy" (sft).
+"bild_coverage" (bild) and "accuracy" (sft, kd_with_ce). The argmax metrics count a tie for the
+largest logit as a hit (see `kd_math.is_row_max`).
 
 Memory: positions are processed `chunk_size` rows at a time (default: about 128 MiB of fp32 per
 chunk, see `chunking.CHUNK_ELEMENTS`), and the gradient is formed chunk by chunk into a buffer of
 the logits' dtype; no (N, V) fp32 copy of the logits is ever made.
 
-Combining: a training step adds the supervised loss itself, e.g.
-``kd_total(sft(s, labels=y), uld(s, ids, lp), kd_weight=ULD_KD_WEIGHT)``.
+Combining with the label cross entropy: ``total, parts = kd_with_ce("kl", s, ids, lp, y, ...)``
+computes ce_weight * CE + kd_weight * KD in one pass over the vocabulary per row (the CE comes
+from the KD loss's own normalizer pass) into one gradient buffer, at about the cost of the KD
+loss alone; ``kd_total(sft(s, labels=y), kl(s, ids, lp))`` gives the same value and gradient at
+the price of a second pass and a second (N, V) gradient.
 """
 
+import inspect
 from collections.abc import Callable
 
 import torch
 
 from logitcache.stages.train.chunking import chunk_rows, chunked_mean
-from logitcache.stages.train.kd_baselines import bild, dkd, nkd, normkd, uld
+from logitcache.stages.train.kd_baselines import (bild, bild_rows, dkd, dkd_rows, nkd, nkd_rows, normkd,
+                                                  normkd_rows, uld, uld_rows)
 from logitcache.stages.train.kd_math import (compute_dtype, forward_kl, generalized_jsd, reverse_kl, skew_kl,
                                              skew_reverse_kl, split_padding, top1_agreement)
-from logitcache.stages.train.loss_inputs import (check_choice, check_chunk_size, check_logits, check_range,
-                                                 check_rows, check_teacher)
+from logitcache.stages.train.kd_rows import KDRows, kd_and_ce, kd_mean, label_cross_entropy
+from logitcache.stages.train.loss_inputs import (check_choice, check_chunk_size, check_index, check_logits,
+                                                 check_range, check_rows, check_teacher)
 from logitcache.stages.train.student_stats import student_stats
 from logitcache.stages.train.tails import TAILS, kd_classes
 from logitcache.storage.errors import ConfigError
 
 __all__ = [
-    "LOSSES", "TAILS", "ULD_KD_WEIGHT", "get_loss", "kd_total",
+    "LOSSES", "TAILS", "ULD_KD_WEIGHT", "get_loss", "kd_total", "kd_with_ce",
     "sft", "kl", "rkl", "jsd", "skl", "srkl", "topk_kl", "dkd", "nkd", "normkd", "bild", "uld", "rskd",
 ]
 
@@ -69,7 +76,8 @@ def sft(
         labels: (N,) integer ids in [0, V), the next token at each position.
 
     Returns:
-        0-dim: mean over positions of -log softmax(student_logits)[label]. Metric "accuracy".
+        0-dim: mean over positions of -log softmax(student_logits)[label]. Metric "accuracy": the
+        share of positions whose largest logit is at the label (a tie for the largest counts).
     """
     n, vocab = check_logits(student_logits)
     if labels is None:
@@ -79,9 +87,7 @@ def sft(
     want_metrics = metrics is not None
 
     def row_fn(s, y):
-        x_y, lse, _ = student_stats(s, y[:, None])
-        stats = {"accuracy": (s.argmax(-1) == y).float()} if want_metrics else {}
-        return lse - x_y[:, 0], stats
+        return label_cross_entropy(s, y, want_metrics=want_metrics)
 
     return chunked_mean(row_fn, student_logits, labels, rows=chunk_rows(chunk_size, vocab), metrics=metrics)
 
@@ -101,8 +107,9 @@ def kl(student_logits, teacher_ids, teacher_logprobs, *, temperature: float = 1.
     Returns:
         0-dim: mean over positions of sum_c p_c (log p_c - log q_c).
     """
-    return _divergence(forward_kl, student_logits, teacher_ids, teacher_logprobs, temperature, tail, tail_mass,
-                       chunk_size, metrics)
+    rows = kl_rows(student_logits, teacher_ids, teacher_logprobs, temperature=temperature, tail=tail,
+                   tail_mass=tail_mass, want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
 
 
 def rkl(student_logits, teacher_ids, teacher_logprobs, *, temperature: float = 1.0, tail: str = "bucket",
@@ -112,8 +119,9 @@ def rkl(student_logits, teacher_ids, teacher_logprobs, *, temperature: float = 1
     Returns:
         0-dim: mean over positions of sum_c q_c (log q_c - log p_c).
     """
-    return _divergence(reverse_kl, student_logits, teacher_ids, teacher_logprobs, temperature, tail, tail_mass,
-                       chunk_size, metrics)
+    rows = rkl_rows(student_logits, teacher_ids, teacher_logprobs, temperature=temperature, tail=tail,
+                   tail_mass=tail_mass, want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
 
 
 def jsd(student_logits, teacher_ids, teacher_logprobs, *, beta: float = 0.5, temperature: float = 1.0,
@@ -131,9 +139,9 @@ def jsd(student_logits, teacher_ids, teacher_logprobs, *, beta: float = 0.5, tem
     Returns:
         0-dim: mean over positions.
     """
-    check_range("beta", beta, 0.0, 1.0)
-    return _divergence(lambda lt, ls, m: generalized_jsd(lt, ls, m, beta), student_logits, teacher_ids,
-                       teacher_logprobs, temperature, tail, tail_mass, chunk_size, metrics)
+    rows = jsd_rows(student_logits, teacher_ids, teacher_logprobs, beta=beta, temperature=temperature, tail=tail,
+                    tail_mass=tail_mass, want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
 
 
 def skl(student_logits, teacher_ids, teacher_logprobs, *, alpha: float = 0.1, temperature: float = 1.0,
@@ -148,9 +156,9 @@ def skl(student_logits, teacher_ids, teacher_logprobs, *, alpha: float = 0.1, te
     Args:
         alpha: skew, 0 <= alpha < 1 (0 is forward KL).
     """
-    check_range("alpha", alpha, 0.0, 1.0, low_open=False)
-    return _divergence(lambda lt, ls, m: skew_kl(lt, ls, m, alpha), student_logits, teacher_ids,
-                       teacher_logprobs, temperature, tail, tail_mass, chunk_size, metrics)
+    rows = skl_rows(student_logits, teacher_ids, teacher_logprobs, alpha=alpha, temperature=temperature, tail=tail,
+                    tail_mass=tail_mass, want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
 
 
 def srkl(student_logits, teacher_ids, teacher_logprobs, *, alpha: float = 0.1, temperature: float = 1.0,
@@ -161,9 +169,9 @@ def srkl(student_logits, teacher_ids, teacher_logprobs, *, alpha: float = 0.1, t
     Args:
         alpha: skew, 0 <= alpha < 1 (0 is reverse KL). Classes as in `kl`.
     """
-    check_range("alpha", alpha, 0.0, 1.0, low_open=False)
-    return _divergence(lambda lt, ls, m: skew_reverse_kl(lt, ls, m, alpha), student_logits, teacher_ids,
-                       teacher_logprobs, temperature, tail, tail_mass, chunk_size, metrics)
+    rows = srkl_rows(student_logits, teacher_ids, teacher_logprobs, alpha=alpha, temperature=temperature, tail=tail,
+                     tail_mass=tail_mass, want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
 
 
 def topk_kl(student_logits, teacher_ids, teacher_logprobs, *, temperature: float = 1.0,
@@ -173,8 +181,9 @@ def topk_kl(student_logits, teacher_ids, teacher_logprobs, *, temperature: float
     The same as `kl(..., tail="renorm")`; kept under its own name because it is the usual baseline.
     `tail_mass` is accepted for a uniform call and unused.
     """
-    return _divergence(forward_kl, student_logits, teacher_ids, teacher_logprobs, temperature, "renorm",
-                       tail_mass, chunk_size, metrics)
+    rows = topk_kl_rows(student_logits, teacher_ids, teacher_logprobs, temperature=temperature, tail_mass=tail_mass,
+                        want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
 
 
 def rskd(student_logits, teacher_ids, teacher_logprobs, *, counts: torch.Tensor, temperature: float = 1.0,
@@ -196,47 +205,92 @@ def rskd(student_logits, teacher_ids, teacher_logprobs, *, counts: torch.Tensor,
         counts: (N, K) draws per id (integer or float), 0 at padding.
         temperature: T > 0 applied to the student.
     """
-    n, vocab = check_logits(student_logits)
-    k = check_teacher(student_logits, teacher_ids, teacher_logprobs)
+    rows = rskd_rows(student_logits, teacher_ids, teacher_logprobs, counts=counts, temperature=temperature,
+                     tail_mass=tail_mass, want_metrics=metrics is not None)
+    return kd_mean(rows, student_logits, chunk_size=chunk_size, metrics=metrics)
+
+
+# ---- per-chunk forms (see `kd_rows.KDRows`), run by the public functions above and by `kd_with_ce`.
+# Options have no defaults here: the public functions hold them. n_rows: the number of teacher rows
+# when it is not the logits' N (kd_with_ce's N_kd).
+
+def kl_rows(student_logits, teacher_ids, teacher_logprobs, *, temperature, tail, tail_mass, want_metrics,
+            n_rows=None) -> KDRows:
+    return _divergence_rows(forward_kl, student_logits, teacher_ids, teacher_logprobs, temperature, tail, tail_mass,
+                            want_metrics, n_rows)
+
+
+def rkl_rows(student_logits, teacher_ids, teacher_logprobs, *, temperature, tail, tail_mass, want_metrics,
+             n_rows=None) -> KDRows:
+    return _divergence_rows(reverse_kl, student_logits, teacher_ids, teacher_logprobs, temperature, tail, tail_mass,
+                            want_metrics, n_rows)
+
+
+def jsd_rows(student_logits, teacher_ids, teacher_logprobs, *, beta, temperature, tail, tail_mass, want_metrics,
+             n_rows=None) -> KDRows:
+    check_range("beta", beta, 0.0, 1.0)
+    return _divergence_rows(lambda lt, ls, m: generalized_jsd(lt, ls, m, beta), student_logits, teacher_ids,
+                            teacher_logprobs, temperature, tail, tail_mass, want_metrics, n_rows)
+
+
+def skl_rows(student_logits, teacher_ids, teacher_logprobs, *, alpha, temperature, tail, tail_mass, want_metrics,
+             n_rows=None) -> KDRows:
+    check_range("alpha", alpha, 0.0, 1.0, low_open=False)
+    return _divergence_rows(lambda lt, ls, m: skew_kl(lt, ls, m, alpha), student_logits, teacher_ids,
+                            teacher_logprobs, temperature, tail, tail_mass, want_metrics, n_rows)
+
+
+def srkl_rows(student_logits, teacher_ids, teacher_logprobs, *, alpha, temperature, tail, tail_mass, want_metrics,
+              n_rows=None) -> KDRows:
+    check_range("alpha", alpha, 0.0, 1.0, low_open=False)
+    return _divergence_rows(lambda lt, ls, m: skew_reverse_kl(lt, ls, m, alpha), student_logits, teacher_ids,
+                            teacher_logprobs, temperature, tail, tail_mass, want_metrics, n_rows)
+
+
+def topk_kl_rows(student_logits, teacher_ids, teacher_logprobs, *, temperature, tail_mass, want_metrics,
+                 n_rows=None) -> KDRows:
+    return _divergence_rows(forward_kl, student_logits, teacher_ids, teacher_logprobs, temperature, "renorm",
+                            tail_mass, want_metrics, n_rows)
+
+
+def rskd_rows(student_logits, teacher_ids, teacher_logprobs, *, counts, temperature, tail_mass, want_metrics,
+              n_rows=None) -> KDRows:
+    n, _ = check_logits(student_logits)
+    n = n if n_rows is None else n_rows
+    k = check_teacher(student_logits, teacher_ids, teacher_logprobs, rows=n_rows)
     if counts is None:
         raise ConfigError("rskd needs counts=(N, K) sample counts from a sample-mode cache")
     check_rows("counts", counts, (n, k))
     check_rows("tail_mass", tail_mass, (n,))
     check_range("temperature", temperature, 0.0, float("inf"))
-    check_chunk_size(chunk_size)
-    want_metrics = metrics is not None
 
-    def row_fn(s, ids, t_lp, c):
+    def row_fn(s, labels, ids, t_lp, c):
         dtype = compute_dtype(s.dtype)
         _, valid = split_padding(ids)
-        x_k, lse, _ = student_stats(s, ids, temperature)
+        st = student_stats(s, ids, temperature, labels=labels)
         weights = torch.where(valid, c.to(dtype), 0.0)
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-        stats = {"top1_agreement": top1_agreement(s, ids, t_lp)} if want_metrics else {}
-        return -(weights * (x_k - lse[:, None])).sum(-1), stats
+        stats = {"top1_agreement": top1_agreement(s, ids, t_lp, st.row_max)} if want_metrics else {}
+        return -(weights * (st.x_k - st.lse[:, None])).sum(-1), st, stats
 
-    return chunked_mean(row_fn, student_logits, teacher_ids, teacher_logprobs, counts,
-                        rows=chunk_rows(chunk_size, vocab), metrics=metrics)
+    return KDRows(row_fn, (teacher_ids, teacher_logprobs, counts))
 
 
-def _divergence(divergence, student_logits, teacher_ids, teacher_logprobs, temperature, tail, tail_mass,
-                chunk_size, metrics):
-    """Shared body of the divergences over `kd_math.kd_classes`."""
-    n, vocab = check_logits(student_logits)
-    check_teacher(student_logits, teacher_ids, teacher_logprobs)
-    check_rows("tail_mass", tail_mass, (n,))
+def _divergence_rows(divergence, student_logits, teacher_ids, teacher_logprobs, temperature, tail, tail_mass,
+                     want_metrics, n_rows) -> KDRows:
+    """Shared body of the divergences over `tails.kd_classes`."""
+    n, _ = check_logits(student_logits)
+    check_teacher(student_logits, teacher_ids, teacher_logprobs, rows=n_rows)
+    check_rows("tail_mass", tail_mass, (n if n_rows is None else n_rows,))
     check_range("temperature", temperature, 0.0, float("inf"))
     check_choice("tail", tail, TAILS)
-    check_chunk_size(chunk_size)
-    want_metrics = metrics is not None
 
-    def row_fn(s, ids, t_lp, tau):
-        lt, ls, mask = kd_classes(s, ids, t_lp, tau, temperature=temperature, tail=tail)
-        stats = {"top1_agreement": top1_agreement(s, ids, t_lp)} if want_metrics else {}
-        return divergence(lt, ls, mask), stats
+    def row_fn(s, labels, ids, t_lp, tau):
+        lt, ls, mask, st = kd_classes(s, ids, t_lp, tau, temperature=temperature, tail=tail, labels=labels)
+        stats = {"top1_agreement": top1_agreement(s, ids, t_lp, st.row_max)} if want_metrics else {}
+        return divergence(lt, ls, mask), st, stats
 
-    return chunked_mean(row_fn, student_logits, teacher_ids, teacher_logprobs, tail_mass,
-                        rows=chunk_rows(chunk_size, vocab), metrics=metrics)
+    return KDRows(row_fn, (teacher_ids, teacher_logprobs, tail_mass))
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -254,6 +308,99 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "uld": uld,
     "rskd": rskd,
 }
+
+
+# The per-chunk form of every loss but sft, for `kd_with_ce`.
+_ROWS: dict[str, Callable[..., KDRows]] = {
+    "kl": kl_rows,
+    "rkl": rkl_rows,
+    "jsd": jsd_rows,
+    "skl": skl_rows,
+    "srkl": srkl_rows,
+    "topk_kl": topk_kl_rows,
+    "dkd": dkd_rows,
+    "nkd": nkd_rows,
+    "normkd": normkd_rows,
+    "bild": bild_rows,
+    "uld": uld_rows,
+    "rskd": rskd_rows,
+}
+
+# Arguments of every KD loss that `kd_with_ce` takes itself rather than as the loss's options.
+_RUN_ARGUMENTS = frozenset({"tail_mass", "chunk_size", "metrics"})
+
+
+def kd_with_ce(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    kd_select: torch.Tensor | None = None,
+    tail_mass: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    metrics: dict | None = None,
+    **options,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ce_weight * CE(labels) + kd_weight * KD loss `name`, both from one pass over each row's vocabulary.
+
+    The same value and gradient as ``ce_weight * sft(s, labels=y) + kd_weight * loss(s[kd_select], ...)``
+    for the rows, at about the cost of the KD loss alone: the cross entropy reuses the KD loss's
+    logsumexp (at its temperature T = 1; at T != 1, or for the losses that only gather logits, it
+    adds one exp pass per chunk instead of a separate loss), and the gradient of both terms is
+    written chunk by chunk into one (N, V) buffer.
+
+    Args:
+        name: a KD loss from `LOSSES` (not "sft").
+        student_logits: (N, V) student logits at every supervised row.
+        teacher_ids, teacher_logprobs: (N_kd, K) the cache rows, as for the loss `name`.
+        labels: (N,) integer next-token ids, one per row of `student_logits`.
+        ce_weight: >= 0; at 0 the cross entropy is not computed (and not in the parts).
+        kd_weight: > 0.
+        kd_select: (N_kd,) integer index of each teacher row's row in `student_logits`, unique
+            (the collated batch's `kd_select`); None when the teacher rows are the N rows in order.
+        tail_mass: (N_kd,) as for the loss `name`.
+        chunk_size: rows per chunk, as for every loss.
+        metrics: if given, receives the detached means "accuracy" (over the N rows, when
+            ce_weight > 0) and the loss's own metrics (over the N_kd rows): top1_agreement,
+            bild_coverage.
+        **options: the loss's keyword options (temperature, tail, top_k, counts for rskd, ...),
+            with the loss's defaults for the ones not given.
+
+    Returns:
+        total: 0-dim float32 (float64 for float64 logits): ce_weight * mean CE over the N rows +
+            kd_weight * mean KD over the N_kd rows.
+        parts: {"kd": mean KD, "ce": mean CE (when ce_weight > 0)}, detached 0-dim.
+
+    Raises:
+        ConfigError: "sft" or an unknown loss or option; negative weights.
+        InvalidDataError: shapes that do not match.
+    """
+    loss = get_loss(name)
+    if name == "sft":
+        raise ConfigError("kd_with_ce: 'sft' has no KD term; use sft(student_logits, labels=labels)")
+    if not ce_weight >= 0 or not kd_weight > 0:
+        raise ConfigError(f"kd_with_ce: ce_weight={ce_weight} must be >= 0 and kd_weight={kd_weight} > 0")
+    n, _ = check_logits(student_logits)
+    if labels is None:
+        raise ConfigError("kd_with_ce needs labels=(N,) next-token ids")
+    check_rows("labels", labels, (n,), integer=True)
+    check_index("kd_select", kd_select, n)
+    n_kd = None if kd_select is None else kd_select.shape[0]
+    params = inspect.signature(loss).parameters
+    takes = {p.name for p in params.values() if p.kind is p.KEYWORD_ONLY} - _RUN_ARGUMENTS
+    unknown = set(options) - takes
+    if unknown:
+        raise ConfigError(f"loss {name!r} has no option {', '.join(map(repr, sorted(unknown)))}; "
+                          f"it takes {', '.join(sorted(takes)) or 'none'}")
+    defaults = {p: None if params[p].default is params[p].empty else params[p].default for p in takes}
+    rows = _ROWS[name](student_logits, teacher_ids, teacher_logprobs, tail_mass=tail_mass,
+                       want_metrics=metrics is not None, n_rows=n_kd, **{**defaults, **options})
+    return kd_and_ce(rows, student_logits, labels, kd_select=kd_select, ce_weight=ce_weight, kd_weight=kd_weight,
+                     chunk_size=chunk_size, metrics=metrics)
 
 
 def get_loss(name: str) -> Callable[..., torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 from logitcache.stages.train.kd_math import (compute_dtype, masked_log_softmax, split_padding, teacher_tail_mass,
                                              uncovered_logprob)
-from logitcache.stages.train.student_stats import student_stats
+from logitcache.stages.train.student_stats import StudentStats, student_stats
 
 __all__ = ["TAILS", "kd_classes"]
 
@@ -23,7 +23,8 @@ def kd_classes(
     *,
     temperature: float,
     tail: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StudentStats]:
     """Teacher and student over the cached ids (+ a tail bucket), both at temperature T.
 
     tail="renorm": C = K classes, both sides renormalized over the valid cached ids. Exact for the
@@ -42,20 +43,23 @@ def kd_classes(
         s: (n, V) student logits chunk. ids: (n, K) cached ids, -1 padding.
         t_lp: (n, K) teacher log-probs at T = 1. tail_mass: (n,) or None (derived from t_lp).
         temperature: T > 0. tail: "bucket" or "renorm".
+        labels: (n,) label ids: the student's statistics also carry their cross entropy.
 
     Returns:
         lt: (n, C) teacher log-probs, ls: (n, C) student log-probs in the compute dtype, with 0
-        placeholders at masked classes; mask: (n, C) bool.
+        placeholders at masked classes; mask: (n, C) bool; the `StudentStats` they came from
+        (its `ce` and `row_max` serve the caller).
     """
     dtype = compute_dtype(s.dtype)
     _, valid = split_padding(ids)
     t_lp = t_lp.to(dtype)
     t_scaled = t_lp if temperature == 1.0 else t_lp / temperature
     if tail == "renorm":
-        x_k, _, _ = student_stats(s, ids, temperature, normalizers=False)
-        return masked_log_softmax(t_scaled, valid), masked_log_softmax(x_k, valid), valid
+        st = student_stats(s, ids, temperature, normalizers=False, labels=labels)
+        return masked_log_softmax(t_scaled, valid), masked_log_softmax(st.x_k, valid), valid, st
 
-    x_k, lse, s_tail = student_stats(s, ids, temperature)
+    st = student_stats(s, ids, temperature, labels=labels)
+    x_k, lse, s_tail = st.x_k, st.lse, st.tail_lse
     has_tail = torch.isfinite(s_tail)
     mask = torch.cat([valid, has_tail[:, None]], dim=1)
     ls = torch.cat([x_k, s_tail[:, None]], dim=1) - lse[:, None]
@@ -65,4 +69,4 @@ def kd_classes(
     if temperature != 1.0:
         t_tail = t_tail + (1.0 / temperature - 1.0) * uncovered_logprob(t_lp, valid, tau, s.shape[1])
     lt = masked_log_softmax(torch.cat([t_scaled, t_tail[:, None]], dim=1), mask)
-    return lt, ls.masked_fill(~mask, 0.0), mask
+    return lt, ls.masked_fill(~mask, 0.0), mask, st

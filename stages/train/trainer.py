@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from logitcache.stages.train.data import ShardedStream
-from logitcache.stages.train.losses import get_loss, sft
+from logitcache.stages.train.losses import get_loss, kd_with_ce, sft
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["KDTrainer", "training_arguments", "data_state_name", "loss_parts", "supervised_logits"]
@@ -80,30 +80,30 @@ def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None 
 
     Returns:
         0-dim float32 total, and {name: 0-dim detached mean over rows}: ce, accuracy, kd, and the
-        loss's own metrics (top1_agreement, bild_coverage).
+        loss's own metrics (top1_agreement, bild_coverage). A term at weight 0 is not computed and
+        not logged; neither is kd for a batch without teacher rows.
     """
     metrics: dict[str, torch.Tensor] = {}
-    total = s.new_zeros((), dtype=torch.float32)
     if loss == "sft":
         ce_weight, kd_weight = 1.0, 0.0
+    if kd_weight and batch["teacher_ids"].shape[0] > 0:
+        teacher_ids = batch["teacher_ids"]
+        # One pass over the vocabulary per row for both terms (see `losses.kd_with_ce`). Same
+        # tokenizer: a teacher row for every supervised row, in order (kd_select is 0..N-1).
+        kd_select = None if teacher_ids.shape[0] == s.shape[0] else batch["kd_select"]
+        extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
+        total, parts = kd_with_ce(loss, s, teacher_ids, batch["teacher_logprobs"], batch["targets"],
+                                  ce_weight=ce_weight, kd_weight=kd_weight, kd_select=kd_select,
+                                  tail_mass=batch["tail_mass"], chunk_size=chunk_size, metrics=metrics,
+                                  **extra, **(options or {}))
+        # ce, kd; accuracy, and the loss's own: top1_agreement (every loss that reads teacher ids), bild_coverage
+        metrics.update(parts)
+        return total, metrics
+    total = s.new_zeros((), dtype=torch.float32)
     if ce_weight:
-        ce_metrics: dict = {}
-        ce = sft(s, labels=batch["targets"], chunk_size=chunk_size, metrics=ce_metrics)
+        ce = sft(s, labels=batch["targets"], chunk_size=chunk_size, metrics=metrics)
         total = total + ce_weight * ce
         metrics["ce"] = ce.detach()
-        metrics.update(ce_metrics)
-    if kd_weight:
-        teacher_ids = batch["teacher_ids"]
-        # Same tokenizer: a teacher row for every supervised row, in order (kd_select is 0..N-1).
-        s_kd = s if teacher_ids.shape[0] == s.shape[0] else s.index_select(0, batch["kd_select"])
-        if s_kd.shape[0] > 0:
-            kd_metrics: dict = {}
-            extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
-            kd = get_loss(loss)(s_kd, teacher_ids, batch["teacher_logprobs"], tail_mass=batch["tail_mass"],
-                                chunk_size=chunk_size, metrics=kd_metrics, **extra, **(options or {}))
-            total = total + kd_weight * kd
-            metrics["kd"] = kd.detach()
-            metrics.update(kd_metrics)  # top1_agreement (every loss that reads teacher ids), bild_coverage
     return total, metrics
 
 

@@ -191,6 +191,49 @@ def test_bild_estimate_is_clamped_to_the_smallest_cached_logprob():
     assert torch.isfinite(losses.bild(s, ids, lp, top_k=4, tail_mass=huge_tail))
 
 
+def _bild_padded_cache(heads, v, width, *, seed):
+    """Rows whose cache holds only the teacher's `h` head ids, -1 padding to `width` after them.
+
+    Each row's teacher is flat outside its h head ids (so BiLD's tail estimate is exact); what the
+    trainer makes when it folds padded-vocabulary ids into the tail looks the same.
+    Returns (student, teacher, ids, logprobs, tail_mass), with 123.0 in the padded log-prob slots.
+    """
+    teachers = torch.cat([flat_tail_teacher(1, v, h, seed=seed + i) for i, h in enumerate(heads)])
+    s, _ = make_logits(len(heads), v, seed=seed, dtype=F64)
+    ids = torch.full((len(heads), width), -1)
+    lp = torch.full((len(heads), width), 123.0, dtype=F64)
+    for row, h in enumerate(heads):
+        ids[row, :h], lp[row, :h] = [x[0, :h] for x in top_k_cache(teachers[row:row + 1], h)]
+    tail = 1 - torch.where(ids >= 0, lp.exp(), 0.0).sum(-1)
+    return s, teachers, ids, lp, tail
+
+
+def test_bild_with_padding_among_the_first_k_ids_uses_the_valid_ones():
+    """A row with fewer than k valid cached ids: the teacher-led half compares the pairs of its valid
+    ids only (none for a row with one), and the padding's placeholder values change nothing."""
+    heads, k, temperature = [1, 2, 3, 5, 8], 4, 3.0
+    s, t, ids, lp, tail = _bild_padded_cache(heads, 40, 8, seed=30)
+    metrics = {}
+    got = losses.bild(s, ids, lp, top_k=k, temperature=temperature, tail_mass=tail, metrics=metrics)
+    want = []
+    for row, h in enumerate(heads):
+        s_row, t_row = s[row:row + 1], t[row:row + 1]
+        teacher_led = ref._bild_half(s_row, t_row, min(h, k), temperature, False) if h >= 2 else 0.0
+        want.append(teacher_led + ref._bild_half(s_row, t_row, k, temperature, True))
+    torch.testing.assert_close(got, torch.stack([torch.as_tensor(w, dtype=F64) for w in want]).mean(),
+                               atol=1e-10, rtol=1e-10)
+    other_placeholder = torch.where(ids >= 0, lp, -7.0)
+    torch.testing.assert_close(losses.bild(s, ids, other_placeholder, top_k=k, temperature=temperature,
+                                           tail_mass=tail), got, atol=1e-12, rtol=1e-12)
+    assert 0.0 <= metrics["bild_coverage"].item() < 1.0
+
+
+def test_bild_with_padding_gradcheck():
+    s, _, ids, lp, tail = _bild_padded_cache([1, 2, 4], 9, 5, seed=31)
+    assert torch.autograd.gradcheck(
+        lambda x: losses.bild(x, ids, lp, top_k=3, tail_mass=tail, chunk_size=2), (s.requires_grad_(),))
+
+
 def test_uld_drops_the_tail_and_avoids_sorting_the_vocabulary():
     """Teacher = its K probabilities then zeros; the loss equals plain ULD on that vector."""
     s, t = make_logits(5, 70, seed=10, dtype=F64)
@@ -254,33 +297,48 @@ def test_gradcheck(name, options, k):
                                     (s.requires_grad_(),))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+@pytest.mark.parametrize("with_labels", [False, True], ids=["", "ce"])
 @pytest.mark.parametrize("normalizers", [True, False])
 @pytest.mark.parametrize("k", [3, 7], ids=["partial", "full"])
-def test_student_stats_gradcheck(normalizers, k):
-    """The hand-written backward, for every output at once, with padding and a temperature."""
+def test_student_stats_gradcheck(normalizers, k, with_labels, temperature):
+    """The hand-written backward, for every output at once, with padding, a temperature and labels.
+
+    The cross entropy shares the normalizer's pass at T = 1 and takes its own at T != 1, or
+    without the normalizers: every branch of the backward is covered.
+    """
     g = torch.Generator().manual_seed(14)
     s = torch.randn(4, 7, generator=g, dtype=F64, requires_grad=True)
     ids = torch.rand(4, 7, generator=g).argsort(-1)[:, :k]
     ids[0, -1] = -1  # one padded slot
+    labels = torch.tensor([0, 6, 3, 3]) if with_labels else None
     weights = [torch.randn(4, k, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64),
-               torch.randn(4, generator=g, dtype=F64)]
+               torch.randn(4, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)]
     valid = ids >= 0
 
     def objective(x):
-        x_k, lse, tail = student_stats(x, ids, 1.3, normalizers=normalizers)
-        out = (torch.where(valid, x_k, 0.0) * weights[0]).sum()
+        st = student_stats(x, ids, temperature, normalizers=normalizers, labels=labels)
+        out = (torch.where(valid, st.x_k, 0.0) * weights[0]).sum()
         if normalizers:
-            out = out + (lse * weights[1]).sum()
+            out = out + (st.lse * weights[1]).sum()
             if k < 7:  # with the full vocabulary cached, the tail is -inf and not an input to anything
-                out = out + (tail * weights[2]).sum()
+                out = out + (st.tail_lse * weights[2]).sum()
+        if with_labels:
+            out = out + (st.ce * weights[3]).sum()
         return out
 
     assert torch.autograd.gradcheck(objective, (s,))
+    st = student_stats(s, ids, temperature, normalizers=normalizers, labels=labels)
     if normalizers:
-        x_k, lse, tail = student_stats(s, ids, 1.3)
-        torch.testing.assert_close(lse, torch.logsumexp(s / 1.3, -1))
+        torch.testing.assert_close(st.lse, torch.logsumexp(s / temperature, -1))
         if k == 7:
-            assert torch.isneginf(tail[1:]).all()
+            assert torch.isneginf(st.tail_lse[1:]).all()
+    if with_labels:
+        torch.testing.assert_close(st.ce, F.cross_entropy(s, labels, reduction="none"))
+    if normalizers or with_labels:
+        assert torch.equal(st.row_max, s.detach().amax(-1)) and not st.row_max.requires_grad
+    else:
+        assert st.row_max is None and st.ce is None
 
 
 def test_bf16_logits_give_fp32_loss_and_bf16_gradient():
@@ -399,7 +457,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, re
     import torch
     import torch.nn.functional as F
-    from logitcache.stages.train.losses import bild, kl
+    from logitcache.stages.train.losses import bild, kd_with_ce, kl, sft
 
     def peak():
         return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
@@ -411,7 +469,13 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     labels = torch.randint(0, v, (n,), generator=g)
     runs = {"ce": lambda x, rows: F.cross_entropy(x, labels[:rows]),
             "kl": lambda x, rows: kl(x, ids[:rows], lp[:rows], temperature=2.0, chunk_size=64),
-            "bild": lambda x, rows: bild(x, ids[:rows], lp[:rows], chunk_size=64)}
+            "bild": lambda x, rows: bild(x, ids[:rows], lp[:rows], chunk_size=64),
+            "sft": lambda x, rows: sft(x, labels=labels[:rows], chunk_size=64),
+            "sft+kl": lambda x, rows: (sft(x, labels=labels[:rows], chunk_size=64)
+                                       + kl(x, ids[:rows], lp[:rows], temperature=2.0, chunk_size=64)),
+            "kl+ce": lambda x, rows: kd_with_ce("kl", x, ids[:rows], lp[:rows], labels[:rows], temperature=2.0,
+                                                chunk_size=64)[0],
+            "bild+ce": lambda x, rows: kd_with_ce("bild", x, ids[:rows], lp[:rows], labels[:rows], chunk_size=64)[0]}
     out = {}
     for dtype in ("float32", "bfloat16"):
         for method, run in runs.items():
@@ -458,7 +522,153 @@ def test_peak_memory_stays_well_below_cross_entropy(peak_memory, dtype):
         assert peak_memory[f"{method}-{dtype}"] < 0.6 * ce, (method, peak_memory)
 
 
-# ---------------------------------------------------------------- 5. bad input
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_peak_memory_of_kd_with_ce_stays_at_cross_entropy_alone(peak_memory, dtype):
+    """CE fused into kl (T = 2: the CE takes its own exp pass) and into bild, in chunks of 64 rows.
+
+    sft then kl, summed by autograd, hold two (N, V) gradients: measured 2.12 (fp32) / 2.37 (bf16)
+    units. Fused, the peak is the chunked CE's own (1.12 / 1.37): bild+ce equal to it, kl+ce at
+    T != 1 one 64-row fp32 temporary above it (1.25 / 1.62; 0.125 / 0.25 units).
+    """
+    sft, separate = peak_memory[f"sft-{dtype}"], peak_memory[f"sft+kl-{dtype}"]
+    assert separate > sft + 0.8  # the yardstick: a second gradient
+    for method in ("kl+ce", "bild+ce"):
+        assert peak_memory[f"{method}-{dtype}"] < sft + 0.3, (method, peak_memory)
+        assert peak_memory[f"{method}-{dtype}"] < 0.6 * peak_memory[f"ce-{dtype}"], (method, peak_memory)
+
+
+# ---------------------------------------------------------------- 5. cross entropy fused into the KD pass
+
+# Every KD loss; T = 1 (the CE shares the KD normalizer), T != 1 and the gather-only losses (the CE
+# takes its own pass).
+FUSED_CASES = [(name, options) for name, options in GRAD_CASES if name != "sft"] + [
+    ("kl", dict(tail="bucket")), ("uld", {}), ("rskd", {}), ("bild", dict(top_k=4, temperature=2.0))]
+
+
+def _separate(name, s, ids, lp, labels, kd_select, *, ce_weight, kd_weight, **kw):
+    """ce_weight * sft + kd_weight * the KD loss on the selected rows, and both losses' metrics."""
+    metrics = {}
+    ce = losses.sft(s, labels=labels, metrics=metrics)
+    s_kd = s if kd_select is None else s.index_select(0, kd_select)
+    kd = get_loss(name)(s_kd, ids, lp, metrics=metrics, **kw)
+    return ce_weight * ce + kd_weight * kd, {"ce": ce.detach(), "kd": kd.detach()}, metrics
+
+
+@pytest.mark.parametrize("name,options", FUSED_CASES,
+                         ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o in FUSED_CASES])
+@pytest.mark.parametrize("chunk_size", [None, 3], ids=["unchunked", "chunked"])
+@pytest.mark.parametrize("select", ["all", "subset"])
+def test_kd_with_ce_equals_separate_ce_plus_kd(name, options, chunk_size, select):
+    """Total, gradient, parts and metrics of the fused pass equal sft + the KD loss (float64).
+
+    "subset": only some rows have teacher targets, in an order of their own (`kd_select`); the
+    cross entropy is still over every row.
+    """
+    s, t = make_logits(10, 24, seed=40, dtype=F64)
+    ids, lp = top_k_cache(t, 6)
+    tail = 1 - lp.exp().sum(-1)
+    labels = torch.randint(0, 24, (10,), generator=torch.Generator().manual_seed(40))
+    kd_select = None if select == "all" else torch.tensor([7, 0, 2, 3, 9])
+    if kd_select is not None:
+        ids, lp, tail = ids[kd_select], lp[kd_select], tail[kd_select]
+    kw = dict(tail_mass=tail, **options)
+    if name == "rskd":
+        kw["counts"] = torch.randint(1, 7, ids.shape, generator=torch.Generator().manual_seed(41))
+    fused_s, separate_s = s.clone().requires_grad_(), s.clone().requires_grad_()
+    metrics = {}
+    total, parts = losses.kd_with_ce(name, fused_s, ids, lp, labels, ce_weight=0.7, kd_weight=1.3,
+                                     kd_select=kd_select, chunk_size=chunk_size, metrics=metrics, **kw)
+    want, want_parts, want_metrics = _separate(name, separate_s, ids, lp, labels, kd_select, ce_weight=0.7,
+                                               kd_weight=1.3, **kw)
+    total.backward()
+    want.backward()
+    torch.testing.assert_close(total, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(fused_s.grad, separate_s.grad, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(parts, want_parts, atol=1e-10, rtol=1e-10)
+    assert not any(p.requires_grad for p in parts.values())
+    assert set(metrics) == set(want_metrics) and "accuracy" in metrics
+    torch.testing.assert_close(metrics, want_metrics)
+
+
+@pytest.mark.parametrize("name,options", [("kl", dict(temperature=2.0)), ("kl", {}), ("dkd", {}),
+                                          ("bild", dict(top_k=3))], ids=["kl-T2", "kl", "dkd", "bild"])
+def test_kd_with_ce_gradcheck(name, options):
+    s, t = make_logits(5, 9, seed=42, dtype=F64)
+    ids, lp = top_k_cache(t, 5)
+    labels = torch.tensor([0, 8, 3, 3, 5])
+    kd_select = torch.tensor([4, 1, 2])
+    fn = lambda x: losses.kd_with_ce(name, x, ids[kd_select], lp[kd_select], labels, ce_weight=0.6,  # noqa: E731
+                                     kd_weight=1.4, kd_select=kd_select, chunk_size=2, **options)[0]
+    assert torch.autograd.gradcheck(fn, (s.requires_grad_(),))
+
+
+def test_kd_with_ce_without_one_of_the_terms():
+    """ce_weight 0: KD alone, zero gradient on rows without a teacher. No teacher rows: CE alone."""
+    s, t = make_logits(6, 20, seed=43, dtype=F64)
+    ids, lp = top_k_cache(t, 5)
+    labels = torch.randint(0, 20, (6,), generator=torch.Generator().manual_seed(43))
+    kd_select = torch.tensor([1, 4])
+    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
+    total, parts = losses.kd_with_ce("kl", x, ids[kd_select], lp[kd_select], labels, ce_weight=0.0,
+                                     kd_select=kd_select, chunk_size=4)
+    want = losses.kl(y[kd_select], ids[kd_select], lp[kd_select])
+    total.backward()
+    want.backward()
+    assert set(parts) == {"kd"}
+    torch.testing.assert_close(total, want)
+    torch.testing.assert_close(x.grad, y.grad)
+    assert (x.grad[[0, 2, 3, 5]] == 0).all()
+
+    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
+    none = torch.zeros(0, dtype=torch.long)
+    total, parts = losses.kd_with_ce("bild", x, ids[none], lp[none], labels, ce_weight=0.5, kd_select=none, top_k=2)
+    want = 0.5 * losses.sft(y, labels=labels)
+    total.backward()
+    want.backward()
+    assert set(parts) == {"ce"}
+    torch.testing.assert_close(total, want)
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_kd_with_ce_bf16_logits_give_fp32_loss_and_bf16_gradient():
+    s, t = make_logits(6, 64, seed=44)
+    ids, lp = top_k_cache(t, 16)
+    labels = torch.randint(0, 64, (6,), generator=torch.Generator().manual_seed(44))
+    for name, options in (("kl", {}), ("kl", dict(temperature=2.0)), ("bild", {})):
+        s16 = s.bfloat16().requires_grad_()
+        total, _ = losses.kd_with_ce(name, s16, ids, lp, labels, **options)
+        total.backward()
+        assert total.dtype == torch.float32 and s16.grad.dtype == torch.bfloat16
+        s32 = s16.detach().float().requires_grad_()
+        want, _, _ = _separate(name, s32, ids, lp, labels, None, ce_weight=1.0, kd_weight=1.0, **options)
+        want.backward()
+        torch.testing.assert_close(total, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s16.grad, s32.grad.bfloat16())
+
+
+def test_kd_with_ce_bad_input():
+    s, t = make_logits(4, 20, seed=45)
+    ids, lp = top_k_cache(t, 5)
+    labels = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ConfigError, match="sft"):
+        losses.kd_with_ce("sft", s, ids, lp, labels)
+    with pytest.raises(ConfigError, match=r"no option 'top_k'.*tail, temperature"):
+        losses.kd_with_ce("kl", s, ids, lp, labels, top_k=3)
+    with pytest.raises(ConfigError, match="kd_weight"):
+        losses.kd_with_ce("kl", s, ids, lp, labels, kd_weight=0.0)
+    with pytest.raises(ConfigError, match="ce_weight"):
+        losses.kd_with_ce("kl", s, ids, lp, labels, ce_weight=-1.0)
+    with pytest.raises(ConfigError, match="counts"):
+        losses.kd_with_ce("rskd", s, ids, lp, labels)
+    with pytest.raises(InvalidDataError, match="labels"):
+        losses.kd_with_ce("kl", s, ids, lp, labels[:3])
+    with pytest.raises(InvalidDataError, match="kd_select"):
+        losses.kd_with_ce("kl", s, ids, lp, labels, kd_select=torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(InvalidDataError, match="teacher_ids: expected \\(2, K\\) to match kd_select's 2 rows"):
+        losses.kd_with_ce("kl", s, ids, lp, labels, kd_select=torch.tensor([0, 3]))
+
+
+# ---------------------------------------------------------------- 6. bad input
 
 def test_unknown_loss_name():
     with pytest.raises(ConfigError, match=r"unknown loss 'klx'.*bild.*kl.*uld"):

@@ -137,6 +137,41 @@ def test_compute_loss_slices_padded_columns():
     assert trainer.compute_loss(model, batch) > want + 10
 
 
+@pytest.mark.parametrize("loss, kw", [("kl", {"temperature": 2.0}), ("kl", {}), ("bild", {"top_k": 4}), ("uld", {}),
+                                      ("rskd", {})], ids=["kl-T2", "kl", "bild", "uld", "rskd"])
+def test_loss_parts_fuses_ce_into_the_kd_pass(loss, kw):
+    """loss_parts (one pass: `losses.kd_with_ce`) = ce_weight * sft + kd_weight * KD on the teacher rows.
+
+    Some supervised rows have no teacher row (kd_select picks the others), as after a row is dropped
+    from distillation or with another tokenizer; the logged parts are the separate losses' own.
+    """
+    from logitcache.stages.train.losses import get_loss, sft
+    from logitcache.stages.train.trainer import loss_parts
+
+    g = torch.Generator().manual_seed(0)
+    n, v, k = 9, 50, 6
+    s = torch.randn(n, v, generator=g, dtype=torch.float64)
+    lp, ids = torch.randn(n, v, generator=g, dtype=torch.float64).mul(3).log_softmax(-1).topk(k, -1)
+    kd_select = torch.tensor([0, 2, 3, 6, 8])
+    batch = {"targets": torch.randint(0, v, (n,), generator=g), "kd_select": kd_select,
+             "teacher_ids": ids[kd_select], "teacher_logprobs": lp[kd_select],
+             "tail_mass": (1 - lp.exp().sum(-1))[kd_select], "sample_counts": torch.randint(1, 5, (5, k), generator=g)}
+    fused, separate = s.clone().requires_grad_(), s.clone().requires_grad_()
+    total, logged = loss_parts(fused, batch, loss=loss, options=kw, ce_weight=0.5, kd_weight=2.0, chunk_size=4)
+    want_logged = {}
+    ce = sft(separate, labels=batch["targets"], metrics=want_logged)
+    extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
+    kd = get_loss(loss)(separate[kd_select], batch["teacher_ids"], batch["teacher_logprobs"],
+                        tail_mass=batch["tail_mass"], metrics=want_logged, **extra, **kw)
+    want_logged.update(ce=ce.detach(), kd=kd.detach())
+    total.backward()
+    (0.5 * ce + 2.0 * kd).backward()
+    torch.testing.assert_close(total, 0.5 * ce.detach() + 2.0 * kd.detach())
+    torch.testing.assert_close(fused.grad, separate.grad)
+    assert {"ce", "kd", "accuracy"} <= set(logged) and ("top1_agreement" in logged) == (loss != "uld")
+    torch.testing.assert_close(logged, want_logged)
+
+
 # ---- every loss trains ------------------------------------------------------------------------------
 
 FAMILIES = [
