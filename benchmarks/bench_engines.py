@@ -1,6 +1,6 @@
 """Positions per second of each teacher-engine path against its own limit, on the same tokens.
 
-    VLLM_CPU_KVCACHE_SPACE=1 /tmp/venv/bin/python benchmarks/bench_engines.py            # CPU, ~3 min
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python benchmarks/bench_engines.py            # CPU, ~3 min
     python benchmarks/bench_engines.py --layers 4 --hidden 256 --vocab 4096 --seqs 64 --seq-len 512 --k 32
 
 Every position of every sequence is supervised. The limits are what a path cannot beat:

@@ -1,8 +1,8 @@
 """Training-step benchmark: cached KD (BiLD k=8 from a K=32 cache; forward KL) vs plain SFT vs online KD.
 
-    /tmp/venv/bin/python benchmarks/bench_train.py                 # ~10 min on one busy CPU core
-    /tmp/venv/bin/python benchmarks/bench_train.py --quick         # smaller vocabulary and batch, a smoke run
-    /tmp/venv/bin/python benchmarks/bench_train.py --device cuda --vocab 151936 --hidden 896 --layers 24 \\
+    .venv/bin/python benchmarks/bench_train.py                 # ~10 min on one busy CPU core
+    .venv/bin/python benchmarks/bench_train.py --quick         # smaller vocabulary and batch, a smoke run
+    .venv/bin/python benchmarks/bench_train.py --device cuda --vocab 151936 --hidden 896 --layers 24 \\
         --teacher-hidden 1536 --teacher-layers 28 --batch 4 --seq 1024 --dtype bfloat16   # Qwen2-0.5B / 1.5B shapes
 
 One optimizer step = forward, loss, backward, AdamW step, on the same student and the same batches

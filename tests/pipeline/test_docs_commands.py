@@ -2,7 +2,7 @@
 real CLI parser, every `torchrun` / `accelerate launch` line with theirs, the YAML files load the way
 their tools load them, and the dataset card makes `datasets` read a cache's Parquet shards.
 
-    /tmp/venv/bin/pytest tests/pipeline/test_docs_commands.py     # ~10 s
+    .venv/bin/pytest tests/pipeline/test_docs_commands.py     # ~10 s
 """
 
 from __future__ import annotations

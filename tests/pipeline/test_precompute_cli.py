@@ -1,7 +1,7 @@
 """`logitcache precompute` as a real process: kill -9 / SIGTERM at a random moment, then rerun;
 the YAML form of the options; the help text.
 
-    /tmp/venv/bin/pytest tests/pipeline/test_precompute_cli.py     # ~1 min on 2 CPU cores (4 subprocesses)
+    .venv/bin/pytest tests/pipeline/test_precompute_cli.py     # ~1 min on 2 CPU cores (4 subprocesses)
 """
 
 from __future__ import annotations

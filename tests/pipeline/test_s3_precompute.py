@@ -5,7 +5,7 @@ cache equals an uninterrupted local run, and `logitcache train --cache s3://...`
 The CLI gets plain s3:// URLs; the endpoint and credentials come from the usual AWS variables
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), which botocore, and so s3fs, reads by itself.
 
-    /tmp/venv/bin/pytest tests/pipeline/test_s3_precompute.py     # ~50 s on 2 CPU cores (5 subprocesses)
+    .venv/bin/pytest tests/pipeline/test_s3_precompute.py     # ~50 s on 2 CPU cores (5 subprocesses)
 """
 
 from __future__ import annotations

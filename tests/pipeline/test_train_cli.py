@@ -1,6 +1,6 @@
 """`logitcache train` and `logitcache eval` from the command line.
 
-    /tmp/venv/bin/pytest tests/pipeline/test_train_cli.py
+    .venv/bin/pytest tests/pipeline/test_train_cli.py
 """
 
 import json

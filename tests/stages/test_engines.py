@@ -1,6 +1,6 @@
 """Teacher engines on the tiny model: hf vs vLLM (both paths), batching, request checks.
 
-    /tmp/venv/bin/pytest tests/stages/test_engines.py        # ~1 min on 2 CPU cores (two vLLM start-ups)
+    .venv/bin/pytest tests/stages/test_engines.py        # ~1 min on 2 CPU cores (two vLLM start-ups)
 
 Tolerances. The hf engine runs fp32 on CPU; vLLM runs the bf16 checkpoint in bf16. The
 pooling path's hidden states are bf16 and its head fp32; the logprobs path's logits are bf16

@@ -1,6 +1,6 @@
 """The standalone LM head against each model's own forward logits.
 
-    /tmp/venv/bin/pytest tests/stages/test_head.py        # ~10 s
+    .venv/bin/pytest tests/stages/test_head.py        # ~10 s
 
 Families whose logits are scaled or capped (Gemma 2 softcapping, Cohere `logit_scale`, Granite
 `logits_scaling`, MiniCPM3's hidden-side scaling) are built tiny from their transformers

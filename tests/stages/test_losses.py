@@ -1,6 +1,6 @@
 """Stage two's losses against plain full-vocabulary references (tests/stages/loss_reference.py).
 
-Run: /tmp/venv/bin/pytest tests/stages/test_losses.py
+Run: .venv/bin/pytest tests/stages/test_losses.py
 """
 
 import importlib.util

@@ -1,7 +1,7 @@
 """Stage one end to end in-process (hf engine on the tiny teacher): input kinds x formats, supervision,
 counts, sample mode, job split + merge, bad input, Ray on a local CPU cluster, and the vLLM engine.
 
-    /tmp/venv/bin/pytest tests/stages/test_precompute.py     # ~1.5 min on 2 CPU cores (Ray ~30 s, vLLM start-up)
+    .venv/bin/pytest tests/stages/test_precompute.py     # ~1.5 min on 2 CPU cores (Ray ~30 s, vLLM start-up)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Stage one's inputs without a model: loading DATA in its forms, fingerprints, and row encoding rules.
 
-    /tmp/venv/bin/pytest tests/stages/test_precompute_data.py     # ~10 s
+    .venv/bin/pytest tests/stages/test_precompute_data.py     # ~10 s
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Top-K and RS-KD sampling targets against a plain full-vocabulary reference.
 
-    /tmp/venv/bin/pytest tests/stages/test_sparsify.py        # ~5 s
+    .venv/bin/pytest tests/stages/test_sparsify.py        # ~5 s
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Stage two's data: alignment, splitting across ranks and workers, resume, collation, ULD alignment.
 
-    /tmp/venv/bin/pytest tests/stages/test_train_data.py
+    .venv/bin/pytest tests/stages/test_train_data.py
 """
 
 import json

@@ -1,6 +1,6 @@
 """Stage two's training: refusals, every loss trains, padded logits, resume mid-epoch, DDP on CPU.
 
-    /tmp/venv/bin/pytest tests/stages/test_trainer.py
+    .venv/bin/pytest tests/stages/test_trainer.py
 """
 
 import json
