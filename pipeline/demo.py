@@ -48,7 +48,7 @@ PRESETS = {
     "quick": Preset(max_train=600, max_heldout=100, teacher_vocab=768, student_vocab=512, teacher_width=128,
                     teacher_layers=2, teacher_steps=60, student_width=64, student_layers=1, student_steps=40),
     "full": Preset(max_train=6000, max_heldout=600, teacher_vocab=2048, student_vocab=1536, teacher_width=256,
-                   teacher_layers=2, teacher_steps=800, student_width=64, student_layers=1, student_steps=300),
+                   teacher_layers=2, teacher_steps=1200, student_width=64, student_layers=1, student_steps=300),
 }
 STUDENT_LOSSES = ("sft", "kl", "bild", "rskd")  # same tokenizer as the teacher; plus "uld" cross-tokenizer
 
