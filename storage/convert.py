@@ -8,7 +8,7 @@ from logitcache.storage.writer import CacheWriter
 
 __all__ = ["convert_cache"]
 
-_DERIVED = ("format", "format_version", "backend", "encoding", "fingerprint", "text_fields", "shards")
+_DERIVED = ("format", "format_version", "backend", "encoding", "fingerprint", "text_fields", "shards", "counts")
 
 
 def convert_cache(src: str, dst: str, *, backend: str, encoding: str | None = None,
@@ -30,6 +30,6 @@ def convert_cache(src: str, dst: str, *, backend: str, encoding: str | None = No
     for j, shard in tqdm(cache.iter_shards(todo), total=len(todo), desc="convert", unit="shard", disable=not progress):
         extra = {k: v for k, v in cache.shards[j].items() if k not in ("name", "sequences", "tokens", "positions", "bytes", "sha256")}
         writer.write_shard(j, shard, extra=extra)
-    metadata = {k: v for k, v in cache.index.items() if k not in _DERIVED and k != "counts"}
+    metadata = {k: v for k, v in cache.index.items() if k not in _DERIVED}
     counts = {k: v for k, v in cache.index["counts"].items() if k not in ("sequences", "tokens", "positions")}
     return writer.finalize(metadata, num_shards=len(cache.shards), counts=counts)

@@ -44,6 +44,7 @@ def summarize(cache, max_shards: int | None = None):
 
 def plot_mass(mass, k: int, path: str) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -52,7 +53,11 @@ def plot_mass(mass, k: int, path: str) -> None:
     ax.hist(mass, bins=50, range=(0, 1), color="#3b6ea8")
     ax.set_xlabel(f"probability mass in the top-{k} ids")
     ax.set_ylabel("positions")
-    ax.set_title(f"Teacher top-{k} mass per position (median {float(sorted(mass)[len(mass) // 2]):.3f})" if len(mass) else "no positions")
+    if len(mass):  # the same middle element sorted() would give, in linear time over millions of positions
+        median = float(np.partition(mass, len(mass) // 2)[len(mass) // 2])
+        ax.set_title(f"Teacher top-{k} mass per position (median {median:.3f})")
+    else:
+        ax.set_title("no positions")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
