@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
-import re
 
 from logitcache.stages.precompute.data import SKIP_REASONS
-from logitcache.storage import CacheWriter
-from logitcache.storage.errors import CacheIndexError, ConfigError
-from logitcache.storage.paths import atomic_write_bytes, resolve, safe_join
+from logitcache.storage import CacheIndexError, CacheWriter, ConfigError, atomic_write_bytes, resolve, safe_join
 
 __all__ = ["JOB_RECORD", "num_shards", "shard_rows", "owned_shards", "sequence_seed", "write_job_record",
-           "read_job_record", "writer_from_record", "finalize_cache", "remove_stale_temporaries"]
+           "read_job_record", "writer_from_record", "finalize_cache"]
 
 JOB_RECORD = "job.json"
 # Keys of a job record; `fingerprint_parts` lets a mismatch name what changed.
@@ -130,25 +126,6 @@ def finalize_cache(writer: CacheWriter, record: dict) -> dict:
     versions = sorted({e["engine_version"] for e in entries})
     metadata["engine"]["version"] = versions[0] if len(versions) == 1 else versions
     return writer.finalize(metadata, num_shards=record["num_shards"], counts=counts)
-
-
-def remove_stale_temporaries(writer: CacheWriter, shard_ids: list[int]) -> int:
-    """Delete temporary files a killed run left for these shards. Returns how many.
-
-    Only the given (this job's own) shards: another job may be writing its own right now.
-    """
-    ids = {f"{s:05d}" for s in shard_ids}
-    pattern = re.compile(r"^shard-(\d{5})\.(parquet|zarr)(\.json)?\.tmp-[0-9a-f]+$")
-    removed = 0
-    for folder in (writer.root, safe_join(writer.root, "entries")):
-        if not writer.fs.exists(folder):
-            continue
-        for path in writer.fs.ls(folder, detail=False):
-            match = pattern.match(posixpath.basename(path.rstrip("/")))
-            if match and match.group(1) in ids:
-                writer.fs.rm(path, recursive=True)
-                removed += 1
-    return removed
 
 
 def _differences(old: dict, new: dict) -> str:
