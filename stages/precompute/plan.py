@@ -1,8 +1,8 @@
 """Stage one's bookkeeping: which rows go to which shard and job, the job record, and finalizing.
 
 Shards are fixed row ranges: shard s holds source rows [s*R, min((s+1)*R, num_rows)), R =
-`rows_per_shard`, whatever rows are skipped inside it. Job j of N (`--num-shards N
---shard-index j`) owns the shards with s % N == j. Both are functions of the settings alone,
+`rows_per_shard`, whatever rows are skipped inside it. Job j of N (`--num-jobs N
+--job-index j`) owns the shards with s % N == j. Both are functions of the settings alone,
 so a rerun, another job or a Ray actor computes the same shard from the same rows.
 
 Each job writes `job.json` into the cache: everything `finalize_cache` needs besides the shard
@@ -45,7 +45,7 @@ def owned_shards(total: int, num_jobs: int, job_index: int) -> list[int]:
     row lengths drift through the dataset.
     """
     if num_jobs < 1 or not 0 <= job_index < num_jobs:
-        raise ConfigError(f"--shard-index {job_index} must lie in [0, --num-shards {num_jobs})")
+        raise ConfigError(f"--job-index {job_index} must lie in [0, --num-jobs {num_jobs})")
     return [s for s in range(total) if s % num_jobs == job_index]
 
 
@@ -115,7 +115,7 @@ def finalize_cache(writer: CacheWriter, record: dict) -> dict:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise CacheIndexError(f"{writer.url}: cannot finalize, {len(missing)} of {record['num_shards']} shard(s) "
                               f"not written yet: {shown}. Run the jobs that own them (shard s belongs to "
-                              f"--shard-index s % N) until they finish, then merge again.")
+                              f"--job-index s % N) until they finish, then merge again.")
     entries = [done[s] for s in range(record["num_shards"])]
     counts = {"rows": sum(e["rows"][1] - e["rows"][0] for e in entries),
               "truncated": sum(e["truncated"] for e in entries),

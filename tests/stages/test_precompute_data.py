@@ -135,7 +135,7 @@ def test_chat_template_that_rewrites_history_is_skipped(tiny_teacher):
 def test_shard_plan():
     assert shard_rows(2, 4, 14) == (8, 12) and shard_rows(3, 4, 14) == (12, 14)
     assert owned_shards(7, 3, 1) == [1, 4]
-    with pytest.raises(ConfigError, match="--shard-index 2"):
+    with pytest.raises(ConfigError, match="--job-index 2"):
         owned_shards(7, 2, 2)
     assert sequence_seed(0, 5) == sequence_seed(0, 5) != sequence_seed(0, 6) != sequence_seed(1, 5)
 
