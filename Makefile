@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-fast test-slow demo bench clean
 
 install: $(STAMP)
 
@@ -17,11 +17,22 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# Test runs write nothing into the checkout: byte-code, Hypothesis' example database and pytest's
+# cache go to a folder under the system temp dir (setuptools' build/ of the wheel test goes to pytest's
+# tmp_path). `test` is CI's run: everything but GPU tests, slow ones included (< 15 min on 2 cores).
+# `test-fast` is the run between edits: the default selection, slow tests skipped (< 3 min on 2 cores).
+TEST_TMP ?= $(or $(TMPDIR),/tmp)/logitcache-test-$(shell id -u)
+PYTEST   := PYTHONPYCACHEPREFIX=$(TEST_TMP)/pycache HYPOTHESIS_STORAGE_DIRECTORY=$(TEST_TMP)/hypothesis \
+            $(PY) -m pytest -o cache_dir=$(TEST_TMP)/pytest-cache
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST) -m "not gpu"
+
+test-fast: $(STAMP)
+	$(PYTEST)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow
+	$(PYTEST) -m slow
 
 demo: $(STAMP)
 	$(PY) -m logitcache.pipeline.demo $(if $(QUICK),--quick) --out demo_out

@@ -15,6 +15,7 @@ import sys
 
 import yaml
 
+from logitcache.pipeline.options import DeprecatedAlias, warn_deprecated
 from logitcache.storage.errors import ConfigError, LogitCacheError
 
 __all__ = ["main", "build_parser"]
@@ -62,7 +63,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     known = {a.dest for a in sub_parser._actions}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values = {_config_key(sub_parser, k.replace("-", "_")): v for k, v in values.items()}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)} for `logitcache {argv[0]}`")
@@ -72,6 +73,15 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
         if action.dest in values:
             action.required = False
     return parser.parse_args(argv)
+
+
+def _config_key(sub_parser: argparse.ArgumentParser, key: str) -> str:
+    """A config file's key as the option's destination: an old (deprecated) name maps to the new one."""
+    for action in sub_parser._actions:
+        if isinstance(action, DeprecatedAlias) and key in (s.lstrip("-").replace("-", "_") for s in action.option_strings):
+            warn_deprecated(f"config key {key!r}", f"{action.replacement.lstrip('-').replace('-', '_')!r}")
+            return action.dest
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:

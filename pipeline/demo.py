@@ -142,7 +142,7 @@ def main(argv=None) -> int:
 
     # 3. caches
     pre = ["--teacher", str(out / "teacher"), "--prompt-field", "prompt", "--response-field", "response",
-           "--format", "zarr", "--encoding", "compact", "--no-progress"]
+           "--backend", "zarr", "--encoding", "compact", "--no-progress"]
     step(out, "cache top-K (vllm)", "cache_topk/index.json", lambda: cli(
         "precompute", *pre, "--data", train, "--out", str(out / "cache_topk"), "--engine", "vllm",
         "--top-k", str(p.top_k), log=log))

@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from logitcache.storage.backend_base import SingleFileBackend
 from logitcache.storage.encoding import decode_logprobs, encode_logprobs, scalar_dtype
 from logitcache.storage.shard import ShardData
 
-__all__ = ["SUFFIX", "encode_shard", "decode_shard"]
+__all__ = ["ArrowBackend", "encode_shard", "decode_shard"]
 
-SUFFIX = ".parquet"
 _META_KEY = b"logitcache"
 
 
@@ -33,8 +33,8 @@ def _list(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
 
 
-def encode_shard(shard: ShardData, *, encoding: str, attrs: dict) -> dict[str, bytes]:
-    """Serialize a shard to Parquet bytes. Returns {"": file bytes}."""
+def encode_shard(shard: ShardData, *, encoding: str, attrs: dict) -> bytes:
+    """Serialize a shard to the bytes of one Parquet file."""
     scalar = scalar_dtype(encoding)
     tok, pos = shard.token_offsets, shard.position_offsets
     columns = {
@@ -58,7 +58,7 @@ def encode_shard(shard: ShardData, *, encoding: str, attrs: dict) -> dict[str, b
     pq.write_table(table, buf, compression="zstd", compression_level=3, use_dictionary=False,
                    column_encoding={leaf: "BYTE_STREAM_SPLIT" for leaf in _numeric_leaves(table.schema)},
                    row_group_size=1 << 20, write_statistics=False)
-    return {"": buf.getvalue()}
+    return buf.getvalue()
 
 
 def _numeric_leaves(schema: pa.Schema) -> list[str]:
@@ -87,12 +87,12 @@ def _flat(table: pa.Table, name: str, offsets: np.ndarray | None) -> tuple[np.nd
     return values.to_numpy(zero_copy_only=False), own
 
 
-def decode_shard(files: dict[str, bytes]) -> tuple[ShardData, dict]:
+def decode_shard(payload: bytes) -> tuple[ShardData, dict]:
     """Parse Parquet bytes back into a ShardData and the shard's attributes.
 
     Raises any pyarrow/ValueError on malformed input; the caller wraps it into a ShardError.
     """
-    table = pq.read_table(io.BytesIO(files[""]))
+    table = pq.read_table(io.BytesIO(payload))
     attrs = json.loads((table.schema.metadata or {})[_META_KEY])
     input_ids, tok = _flat(table, "input_ids", None)
     positions, pos = _flat(table, "positions", None)
@@ -114,3 +114,16 @@ def decode_shard(files: dict[str, bytes]) -> tuple[ShardData, dict]:
         texts=texts,
     )
     return shard, attrs
+
+
+class ArrowBackend(SingleFileBackend):
+    """One Parquet file per shard (see the module docstring for its columns)."""
+
+    name = "arrow"
+    suffix = ".parquet"
+
+    def encode(self, shard: ShardData, *, encoding: str, attrs: dict) -> bytes:
+        return encode_shard(shard, encoding=encoding, attrs=attrs)
+
+    def decode(self, payload: bytes) -> tuple[ShardData, dict]:
+        return decode_shard(payload)

@@ -1,33 +1,45 @@
-"""Backend registry and shard I/O: every shard is {relative path: bytes} moved through fsspec.
+"""The backend registry, and shard I/O through it: atomic writes, reads that say what is missing.
 
-A Parquet shard is one file (key ""); a Zarr shard is a folder of files. Both backends are pure
-codecs between `ShardData` and those bytes, so any fsspec filesystem works and one read serves
-both the checksum and the parse.
+    backend = get_backend("zarr")                  # a ZarrBackend (a FolderBackend)
+    name = shard_name("zarr", 42)                  # "shard-00042.zarr"
+    sha, nbytes = write_shard_files(fs, path, "zarr", backend.encode(shard, encoding=..., attrs=...))
+
+`BACKENDS` is the one list of backends: the index check, the CLI's choices and the docs read it.
+See `backend_base` for the interface a backend implements.
 """
 
-import posixpath
-import uuid
+from __future__ import annotations
 
-from logitcache.storage import arrow_backend, zarr_backend
+from logitcache.storage import layout
+from logitcache.storage.arrow_backend import ArrowBackend
+from logitcache.storage.backend_base import Backend
 from logitcache.storage.errors import ConfigError, ShardError
-from logitcache.storage.paths import atomic_rename, checksum, is_local
+from logitcache.storage.paths import atomic_rename, is_local
+from logitcache.storage.zarr_backend import ZarrBackend
 
-__all__ = ["BACKENDS", "get_backend", "shard_name", "write_shard_files", "read_shard_files"]
-
-BACKENDS = {"arrow": arrow_backend, "zarr": zarr_backend}
+__all__ = ["BACKENDS", "get_backend", "shard_name", "write_shard_files", "read_shard_files", "shard_checksum"]
 
 
-def get_backend(name: str):
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ZarrBackend(), ArrowBackend())}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`.
+
+    Raises:
+        ConfigError: no backend has that name.
+    """
     if name not in BACKENDS:
-        raise ConfigError(f"unknown cache format {name!r}; expected one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown cache backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return BACKENDS[name]
 
 
 def shard_name(backend: str, shard_id: int) -> str:
-    return f"shard-{shard_id:05d}{get_backend(backend).SUFFIX}"
+    """Name of shard `shard_id` of a cache with this backend, e.g. ``"shard-00042.parquet"``."""
+    return layout.shard_name(get_backend(backend).suffix, shard_id)
 
 
-def write_shard_files(fs, path: str, files: dict[str, bytes]) -> tuple[str, int]:
+def write_shard_files(fs, path: str, backend: str, payload) -> tuple[str, int]:
     """Write a shard so that no reader ever sees it partial. Returns (sha256, total bytes).
 
     Local disk: write under a temporary name, then rename into place. Object stores have no atomic
@@ -35,39 +47,34 @@ def write_shard_files(fs, path: str, files: dict[str, bytes]) -> tuple[str, int]
     upload of an interrupted run; it becomes visible only when its entry, written after the upload,
     and then the index name it. Readers never list a cache: they open what the index names.
     """
+    impl = get_backend(backend)
     local = is_local(fs)
-    target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local else path
-    if local:
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    elif fs.exists(path):
+    target = layout.temporary_path(path) if local else path
+    if not local and fs.exists(path):
         fs.rm(path, recursive=True)
     try:
-        if list(files) == [""]:
-            fs.pipe_file(target, files[""])
-        else:
-            if local:
-                for folder in {posixpath.dirname(posixpath.join(target, rel)) for rel in files}:
-                    fs.makedirs(folder, exist_ok=True)
-            fs.pipe({posixpath.join(target, rel): data for rel, data in files.items()})
+        impl.put(fs, target, payload)
         if local:
             atomic_rename(fs, target, path)
     except BaseException:
         if local and fs.exists(target):
             fs.rm(target, recursive=True)
         raise
-    return checksum(files), sum(len(b) for b in files.values())
+    return impl.checksum(payload), impl.nbytes(payload)
 
 
-def read_shard_files(fs, path: str, backend: str) -> dict[str, bytes]:
-    """Read a shard's bytes. Raises ShardError if it is missing."""
+def read_shard_files(fs, path: str, backend: str):
+    """Read a shard's payload (bytes for a single-file backend, {path: bytes} for a folder one).
+
+    Raises:
+        ShardError: the shard is missing (or is a folder where a file belongs, or the reverse).
+    """
     try:
-        if get_backend(backend).SUFFIX == ".parquet":
-            return {"": fs.cat_file(path)}
-        paths = fs.find(path)
-        if not paths:
-            raise FileNotFoundError(path)
-        root = path.rstrip("/") + "/"
-        data = fs.cat(paths)
-        return {p[len(root):] if p.startswith(root) else posixpath.relpath(p, path): data[p] for p in paths}
+        return get_backend(backend).get(fs, path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise ShardError(f"{path}: shard is missing ({e.__class__.__name__})") from None
+
+
+def shard_checksum(backend: str, payload) -> str:
+    """The sha256 an index entry records for this payload."""
+    return get_backend(backend).checksum(payload)

@@ -16,7 +16,7 @@ import numpy as np
 from logitcache.storage.backends import get_backend, read_shard_files
 from logitcache.storage.errors import LogitCacheError, ShardError
 from logitcache.storage.index import read_index
-from logitcache.storage.paths import checksum, resolve, safe_join
+from logitcache.storage.paths import resolve, safe_join
 from logitcache.storage.shard import ShardData
 
 __all__ = ["Cache", "open_cache"]
@@ -121,11 +121,12 @@ class Cache:
         """
         entry = self.shards[j]
         path = safe_join(self.root, entry["name"])
-        files = read_shard_files(self.fs, path, self.backend)
-        if (self.verify if verify is None else verify) and checksum(files) != entry["sha256"]:
+        backend = get_backend(self.backend)
+        payload = read_shard_files(self.fs, path, self.backend)
+        if (self.verify if verify is None else verify) and backend.checksum(payload) != entry["sha256"]:
             raise ShardError(f"{path}: checksum mismatch (truncated or corrupted; expected sha256 {entry['sha256'][:16]}...)")
         try:
-            data, attrs = get_backend(self.backend).decode_shard(files)
+            data, attrs = backend.decode(payload)
         except LogitCacheError:
             raise
         except Exception as e:  # any parse failure of untrusted bytes becomes our error

@@ -6,7 +6,9 @@
 import hashlib
 import json
 
+from logitcache.storage.backends import BACKENDS
 from logitcache.storage.errors import CacheIndexError, FormatVersionError
+from logitcache.storage.layout import INDEX_NAME
 from logitcache.storage.paths import atomic_write_bytes, safe_join
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "INDEX_NAME", "read_index", "write_index", "validate_index",
@@ -14,8 +16,6 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "INDEX_NAME", "read_index", "write_i
 
 FORMAT_NAME = "logitcache"
 FORMAT_VERSION = 1
-INDEX_NAME = "index.json"
-BACKENDS = ("zarr", "arrow")
 
 # Sections every index carries; the descriptive ones (teacher, dataset, inputs, engine) are free-form dicts.
 _SECTIONS = ("teacher", "tokenizer", "dataset", "inputs", "sparsification", "encoding", "engine", "counts")
@@ -54,7 +54,7 @@ def validate_index(index, where: str = INDEX_NAME) -> dict:
     if version != FORMAT_VERSION:
         raise FormatVersionError(f"{where}: format_version {version!r} is not supported "
                                  f"(this logitcache reads version {FORMAT_VERSION})")
-    _require(index.get("backend") in BACKENDS, where, f"backend must be one of {BACKENDS}, got {index.get('backend')!r}")
+    _require(index.get("backend") in BACKENDS, where, f"backend must be one of {tuple(BACKENDS)}, got {index.get('backend')!r}")
     _require(isinstance(index.get("fingerprint"), str), where, "fingerprint must be a string")
     for section in _SECTIONS:
         _require(isinstance(index.get(section), dict), where, f"section {section!r} is missing or not an object")

@@ -1,16 +1,15 @@
-"""Filesystem helpers: fsspec resolution, safe joins, atomic writes, checksums."""
+"""Filesystem helpers: fsspec resolution, safe joins, atomic writes."""
 
-import hashlib
 import posixpath
 import re
-import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from logitcache.storage.errors import UnsafePathError
+from logitcache.storage.layout import temporary_path
 
-__all__ = ["resolve", "safe_join", "atomic_write_bytes", "atomic_rename", "checksum", "is_local"]
+__all__ = ["resolve", "safe_join", "atomic_write_bytes", "atomic_rename", "is_local"]
 
 # One path component: no separators, no leading dot (rules out "." and ".."), nothing exotic.
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -50,7 +49,7 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         fs.pipe_file(path, data)
         return
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_path(path)
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
 
@@ -61,16 +60,3 @@ def atomic_rename(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
         fs.rm(dst, recursive=True)
     fs.mv(src, dst, recursive=True)
 
-
-def checksum(files: dict[str, bytes]) -> str:
-    """sha256 of a shard given as {relative path: bytes}.
-
-    A single-file shard (key "") hashes to the plain file hash, so `sha256sum shard.parquet` checks it.
-    A folder shard hashes the sorted list of "path\\0sha256(bytes)\\n" lines.
-    """
-    if list(files) == [""]:
-        return hashlib.sha256(files[""]).hexdigest()
-    h = hashlib.sha256()
-    for rel in sorted(files):
-        h.update(f"{rel}\0{hashlib.sha256(files[rel]).hexdigest()}\n".encode())
-    return h.hexdigest()

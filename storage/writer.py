@@ -1,28 +1,24 @@
 """`CacheWriter`: writes shards atomically, records each as an entry, and finalizes the index.
 
-Layout of a cache (see docs/FORMAT.md):
-    index.json                    written last; its presence means "finished"
-    shard-00000.parquet | .zarr/  the shards
-    entries/shard-00000.json      one entry per finished shard: the job's resume and merge record
-
-Stage one resumes by skipping shards whose entry exists; independent jobs (`--num-shards N
---shard-index I`) each write their own shards and entries, and `finalize` (a.k.a. merge) turns the
-entries into one index, refusing gaps, duplicates or entries from a run with other settings.
+Layout of a cache: see `layout.py` and docs/FORMAT.md. Stage one resumes by skipping shards whose
+entry exists; independent jobs (`precompute --num-jobs N --job-index I`) each write their own shards
+and entries, and `finalize` (a.k.a. merge) turns the entries into one index, refusing gaps,
+duplicates or entries from a run with other settings. A killed job leaves temporary files, which
+`remove_stale_temporaries` deletes when that job's shards are written again.
 """
 
 import json
-import re
+import posixpath
 
+from logitcache.storage import layout
 from logitcache.storage.backends import get_backend, shard_name, write_shard_files
 from logitcache.storage.encoding import COMPACT_STEP, check_encoding
 from logitcache.storage.errors import CacheIndexError, ConfigError, ShardError
-from logitcache.storage.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, write_index
+from logitcache.storage.index import FORMAT_NAME, FORMAT_VERSION, write_index
 from logitcache.storage.paths import atomic_write_bytes, resolve, safe_join
 from logitcache.storage.shard import ShardData
 
 __all__ = ["CacheWriter"]
-
-_ENTRY = re.compile(r"^shard-(\d{5})\.(parquet|zarr)\.json$")
 
 
 class CacheWriter:
@@ -47,10 +43,10 @@ class CacheWriter:
         self.url = str(root)
 
     def _entry_path(self, name: str) -> str:
-        return safe_join(self.root, f"entries/{name}.json")
+        return safe_join(self.root, layout.entry_name(name))
 
     def is_finished(self) -> bool:
-        return self.fs.exists(safe_join(self.root, INDEX_NAME))
+        return self.fs.exists(safe_join(self.root, layout.INDEX_NAME))
 
     def finished_shards(self) -> dict[int, dict]:
         """Entries of shards already written by this or a compatible earlier run, by shard id.
@@ -58,13 +54,13 @@ class CacheWriter:
         Raises:
             ConfigError: an entry was written with another fingerprint, backend or encoding.
         """
-        entry_dir = safe_join(self.root, "entries")
+        entry_dir = safe_join(self.root, layout.ENTRIES_DIR)
         if not self.fs.exists(entry_dir):
             return {}
         done = {}
         for path in self.fs.ls(entry_dir, detail=False):
-            match = _ENTRY.match(path.rsplit("/", 1)[-1])
-            if not match:
+            shard_id = layout.entry_shard_id(posixpath.basename(path))
+            if shard_id is None:
                 continue  # temporary files of an interrupted write
             try:
                 entry = json.loads(self.fs.cat_file(path))
@@ -76,14 +72,34 @@ class CacheWriter:
                         f"{self.url} holds shards written with {key}={entry.get(key)!r}, but this run has "
                         f"{key}={mine!r}. Use another output location, or delete that cache to start over.")
             if self.fs.exists(safe_join(self.root, entry["name"])):
-                done[int(match.group(1))] = entry
+                done[shard_id] = entry
         return done
+
+    def remove_stale_temporaries(self, shard_ids) -> int:
+        """Delete the temporary files (shards and entries) a killed run left for these shards.
+
+        Only the given shards (a job's own): another job may be writing its shards right now.
+        Object stores hold no temporaries (shards are uploaded in place), so there this finds none.
+
+        Returns:
+            How many files or folders were removed.
+        """
+        ids = set(shard_ids)
+        removed = 0
+        for folder in (self.root, safe_join(self.root, layout.ENTRIES_DIR)):
+            if not self.fs.exists(folder):
+                continue
+            for path in self.fs.ls(folder, detail=False):
+                if layout.temporary_shard_id(posixpath.basename(path.rstrip("/"))) in ids:
+                    self.fs.rm(path, recursive=True)
+                    removed += 1
+        return removed
 
     def write_shard(self, shard_id: int, shard: ShardData, *, extra: dict | None = None) -> dict:
         """Validate and write one shard, then record its entry. Returns the entry.
 
         Args:
-            shard_id: 0-based; names the shard ``shard-{id:05d}``.
+            shard_id: 0-based; names the shard (`layout.shard_name`).
             shard: the contents; validated before a byte is written.
             extra: JSON-able facts kept in the entry and the index (e.g. the source rows it covers).
         """
@@ -94,8 +110,8 @@ class CacheWriter:
         attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "encoding": self.encoding,
                  "compact_step": COMPACT_STEP, "fingerprint": self.fingerprint, "shard": name,
                  "text_fields": list(self.text_fields)}
-        files = get_backend(self.backend).encode_shard(shard, encoding=self.encoding, attrs=attrs)
-        sha, nbytes = write_shard_files(self.fs, safe_join(self.root, name), files)
+        payload = get_backend(self.backend).encode(shard, encoding=self.encoding, attrs=attrs)
+        sha, nbytes = write_shard_files(self.fs, safe_join(self.root, name), self.backend, payload)
         entry = {"name": name, "sequences": shard.num_sequences, "tokens": shard.num_tokens,
                  "positions": shard.num_positions, "bytes": nbytes, "sha256": sha, **(extra or {})}
         record = {**entry, "fingerprint": self.fingerprint, "backend": self.backend, "encoding": self.encoding}

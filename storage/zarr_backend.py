@@ -18,12 +18,12 @@ from zarr.codecs import BloscCodec
 from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
+from logitcache.storage.backend_base import FolderBackend
 from logitcache.storage.encoding import decode_logprobs, encode_logprobs, scalar_dtype
 from logitcache.storage.shard import ShardData
 
-__all__ = ["SUFFIX", "encode_shard", "decode_shard"]
+__all__ = ["ZarrBackend", "encode_shard", "decode_shard"]
 
-SUFFIX = ".zarr"
 _CHUNK_ROWS = 8192
 
 
@@ -85,3 +85,16 @@ def decode_shard(files: dict[str, bytes]) -> tuple[ShardData, dict]:
         texts={name: [str(v) for v in get(f"text/{name}")] for name in attrs.get("text_fields", [])},
     )
     return shard, attrs
+
+
+class ZarrBackend(FolderBackend):
+    """One Zarr v3 group (a folder) per shard (see the module docstring for its arrays)."""
+
+    name = "zarr"
+    suffix = ".zarr"
+
+    def encode(self, shard: ShardData, *, encoding: str, attrs: dict) -> dict[str, bytes]:
+        return encode_shard(shard, encoding=encoding, attrs=attrs)
+
+    def decode(self, payload: dict[str, bytes]) -> tuple[ShardData, dict]:
+        return decode_shard(payload)

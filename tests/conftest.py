@@ -7,11 +7,14 @@ touch vLLM never starts it.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 # No model hub from tests: everything is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Hypothesis keeps its example database outside the checkout (it reads this on first use).
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "logitcache-hypothesis"))
 
 
 @pytest.fixture(scope="session")

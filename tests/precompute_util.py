@@ -9,8 +9,8 @@ import numpy as np
 
 from logitcache.pipeline.scratch import toy_corpus
 from logitcache.storage import open_cache
-from logitcache.storage.backends import read_shard_files
-from logitcache.storage.paths import checksum, resolve
+from logitcache.storage import resolve
+from logitcache.storage.backends import read_shard_files, shard_checksum
 
 # Row layout of `mixed_rows` (rows_per_shard=4 -> shards [0,4) [4,8) [8,12) [12,14)):
 # shard 2 holds only bad rows, so it is written empty.
@@ -83,6 +83,6 @@ def assert_entries_complete(cache: str) -> int:
     entries = sorted(Path(cache, "entries").glob("*.json")) if Path(cache, "entries").exists() else []
     for path in entries:
         entry = json.loads(path.read_text())
-        files = read_shard_files(fs, f"{root}/{entry['name']}", entry["backend"])
-        assert checksum(files) == entry["sha256"], entry["name"]
+        payload = read_shard_files(fs, f"{root}/{entry['name']}", entry["backend"])
+        assert shard_checksum(entry["backend"], payload) == entry["sha256"], entry["name"]
     return len(entries)

@@ -1,8 +1,12 @@
 """The distribution: a real (non-editable) wheel holds every package, under the logitcache namespace only.
 
-    pytest tests/test_packaging.py
+    .venv/bin/python -m pytest tests/test_packaging.py
+
+The wheel is built from a copy of the sources in a temporary folder, so setuptools' `build/` and
+`*.egg-info` never land in the checkout.
 """
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -28,9 +32,17 @@ def test_every_source_package_is_listed():
 
 
 def test_wheel_contains_every_module_and_nothing_top_level(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for folder in MAPPED:
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    before = sorted(p.name for p in ROOT.iterdir())
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
-    wheel = next(tmp_path.glob("logitcache-*.whl"))
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, timeout=300, cwd=tmp_path)
+    assert sorted(p.name for p in ROOT.iterdir()) == before  # nothing written into the checkout
+    wheel = next((tmp_path / "dist").glob("logitcache-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"logitcache"}

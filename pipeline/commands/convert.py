@@ -1,6 +1,9 @@
-"""`logitcache convert SRC DST --format zarr|arrow`: rewrite a cache in the other backend."""
+"""`logitcache convert SRC DST --backend zarr|arrow`: rewrite a cache in the other backend."""
 
 import argparse
+
+from logitcache.pipeline.options import add_deprecated_alias
+from logitcache.storage.backends import BACKENDS
 
 HELP = "rewrite a cache with another backend (zarr <-> arrow) and optionally another encoding"
 
@@ -8,19 +11,22 @@ HELP = "rewrite a cache with another backend (zarr <-> arrow) and optionally ano
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help=HELP, description=HELP + ". Lossless when the encoding is unchanged; "
                        "rerunning resumes an interrupted conversion.",
-                       epilog="example: logitcache convert ./cache-zarr ./cache-arrow --format arrow")
+                       epilog="example: logitcache convert ./cache-zarr ./cache-arrow --backend arrow")
     p.add_argument("src", help="the finished cache to read (path or fsspec URL)")
     p.add_argument("dst", help="where to write the converted cache")
-    p.add_argument("--format", required=True, choices=["zarr", "arrow"], help="backend of the new cache")
+    p.add_argument("--backend", choices=list(BACKENDS), help="storage backend of the new cache (required)")
+    add_deprecated_alias(p, "--format", "--backend", dest="backend", choices=list(BACKENDS))
     p.add_argument("--encoding", choices=["lossless", "float16", "compact"], default=None,
                    help="value encoding of the new cache (default: keep the source's)")
     return p
 
 
 def run(args) -> int:
-    from logitcache.storage import convert_cache
+    from logitcache.storage import ConfigError, convert_cache
 
-    index = convert_cache(args.src, args.dst, backend=args.format, encoding=args.encoding)
+    if args.backend is None:
+        raise ConfigError(f"convert: --backend is required ({' or '.join(BACKENDS)})")
+    index = convert_cache(args.src, args.dst, backend=args.backend, encoding=args.encoding)
     print(f"wrote {args.dst}: {len(index['shards'])} shard(s), {sum(e['bytes'] for e in index['shards'])} bytes, "
-          f"format={index['backend']} encoding={index['encoding']['name']}")
+          f"backend={index['backend']} encoding={index['encoding']['name']}")
     return 0

@@ -2,7 +2,7 @@
 
 import argparse
 
-HELP = "finalize a cache filled by several `precompute --num-shards N --shard-index I` jobs"
+HELP = "finalize a cache filled by several `precompute --num-jobs N --job-index I` jobs"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -3,6 +3,9 @@
 import argparse
 import signal
 
+from logitcache.pipeline.options import add_deprecated_alias
+from logitcache.storage.backends import BACKENDS
+
 HELP = "run a teacher over a dataset once and cache its top-K (or sampled) log-probs"
 
 DESCRIPTION = """\
@@ -33,7 +36,7 @@ examples:
   logitcache precompute --teacher ./teacher --data HuggingFaceFW/fineweb-edu --split "train[:10000]" \\
       --text-field text --out s3://bucket/cache --encoding compact --max-length 2048
   # four independent jobs (e.g. a Slurm array) fill one cache, then one merge:
-  logitcache precompute --config job.yaml --num-shards 4 --shard-index $SLURM_ARRAY_TASK_ID
+  logitcache precompute --config job.yaml --num-jobs 4 --job-index $SLURM_ARRAY_TASK_ID
   logitcache merge ./cache
   # every option can come from YAML (keys are the option names, e.g. `top_k: 32`);
   # options given on the command line override the file:
@@ -72,15 +75,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("targets")
     g.add_argument("--mode", choices=["topk", "sample"], default="topk",
                    help="topk: the K most likely ids (default); sample: RS-KD sampled ids with counts")
-    g.add_argument("--top-k", type=int, metavar="K", help="ids kept per position in topk mode (default 32)")
+    g.add_argument("--top-k", type=int, metavar="K",
+                   help="ids STORED per position in topk mode (default 32); fixed for the cache. "
+                        "(`train --top-k` is another thing: how many of the stored ids a loss uses)")
     g.add_argument("--samples", type=int, metavar="N", help="draws per position in sample mode (default 64)")
     g.add_argument("--temperature", type=float, metavar="T",
-                   help="sampling temperature in sample mode (default 1.0); stored log-probs are at temperature 1")
+                   help="the teacher's SAMPLING temperature in sample mode (default 1.0); stored log-probs are "
+                        "always at temperature 1. (`train --temperature` is the loss's softening temperature)")
     g.add_argument("--seed", type=int, default=0, help="sample-mode seed (default 0)")
 
-    g = p.add_argument_group("cache format")
-    g.add_argument("--format", choices=["zarr", "arrow"], default="zarr",
-                   help="zarr: Zarr v3 groups (default); arrow: Parquet files")
+    g = p.add_argument_group("cache storage")
+    g.add_argument("--backend", choices=list(BACKENDS), default="zarr",
+                   help="storage backend: zarr: a Zarr v3 group per shard (default); arrow: a Parquet file per shard")
+    add_deprecated_alias(g, "--format", "--backend", dest="backend", choices=list(BACKENDS))
     g.add_argument("--encoding", choices=["lossless", "float16", "compact"], default="lossless",
                    help="lossless: float32, exactly what the teacher computed (default; `logitcache convert` can "
                         "compact it later, not the reverse); compact: log-probs on a 1/32-nat grid, "
@@ -95,19 +102,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="teacher compute dtype (default auto: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--batch-size", type=int, default=64, metavar="B",
-                   help="sequences handed to the engine per call (default 64); the engine packs them into "
-                        "forward passes under --max-batch-tokens")
+                   help="TEACHER INFERENCE: sequences handed to the engine per call (default 64); the engine packs "
+                        "them into forward passes under --max-batch-tokens. (`train --batch-size` is the "
+                        "student's micro-batch)")
     g.add_argument("--max-batch-tokens", type=int, metavar="N", help="engine token budget per forward pass")
     g.add_argument("--engine-arg", dest="engine_args", action="append", metavar="KEY=VALUE",
                    help="extra engine option, repeatable (e.g. vllm_path=logprobs); in YAML a mapping `engine_args:`")
 
     g = p.add_argument_group("several jobs or machines")
-    g.add_argument("--num-shards", type=int, default=1, metavar="N",
-                   help="JOB split, not storage shards: the number of independent jobs that fill this cache "
-                        "together (default 1). Job I writes the storage shards s with s %% N == I. Run all N "
-                        "(any order, any machines), then `logitcache merge CACHE` (the last job to finish "
-                        "also finalizes by itself)")
-    g.add_argument("--shard-index", type=int, default=0, metavar="I", help="this job's number, 0 <= I < N (default 0)")
+    g.add_argument("--num-jobs", type=int, default=1, metavar="N",
+                   help="the number of independent jobs that fill this cache together (default 1). Job I writes "
+                        "the storage shards s with s %% N == I. Run all N (any order, any machines), then "
+                        "`logitcache merge CACHE` (the last job to finish also finalizes by itself)")
+    g.add_argument("--job-index", type=int, default=0, metavar="I", help="this job's number, 0 <= I < N (default 0)")
+    # The old names counted jobs while saying shards; kept so existing scripts run.
+    add_deprecated_alias(g, "--num-shards", "--num-jobs", dest="num_jobs", type=int)
+    add_deprecated_alias(g, "--shard-index", "--job-index", dest="job_index", type=int)
     g.add_argument("--ray", action="store_true",
                    help="run on Ray Data: one engine per actor (one per GPU, or one CPU actor without GPUs); "
                         "starts a local Ray cluster unless --ray-address is given")
@@ -140,13 +150,13 @@ def run(args) -> int:
     from logitcache.stages.precompute.run import precompute
 
     result = precompute(
-        teacher=args.teacher, data=args.data, out=args.out, engine=args.engine, fmt=args.format,
+        teacher=args.teacher, data=args.data, out=args.out, engine=args.engine, fmt=args.backend,
         encoding=args.encoding, mode=args.mode, top_k=args.top_k, samples=args.samples,
         temperature=args.temperature, seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
         response_field=args.response_field, messages_field=args.messages_field, split=args.split,
         data_config=args.data_config, max_length=args.max_length, batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens, rows_per_shard=args.rows_per_shard, num_jobs=args.num_shards,
-        job_index=args.shard_index, strict=args.strict, dtype=args.dtype,
+        max_batch_tokens=args.max_batch_tokens, rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs,
+        job_index=args.job_index, strict=args.strict, dtype=args.dtype,
         engine_args=parse_engine_args(args.engine_args), trust_remote_code=args.trust_remote_code,
         revision=args.revision, ray=args.ray, ray_address=args.ray_address, ray_actors=args.ray_actors,
         progress=args.progress)

@@ -51,9 +51,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("loss")
     g.add_argument("--temperature", type=float, metavar="T",
-                   help="loss temperature (default: the loss's; bild 3.0, others 1.0)")
-    g.add_argument("--top-k", type=int, metavar="k", help="bild: its k (default 8); other losses: use the teacher's "
-                   "top-k of the K cached ids")
+                   help="the LOSS's softening temperature (default: the loss's; bild 3.0, others 1.0). "
+                        "(`precompute --temperature` was the teacher's sampling temperature)")
+    g.add_argument("--top-k", type=int, metavar="k",
+                   help="how many of the K ids stored in the cache the LOSS uses: bild: its k (default 8); other "
+                        "losses: the teacher's top-k of them (default all K). (`precompute --top-k` set K)")
     g.add_argument("--tail", choices=("bucket", "renorm"), help="kl/rkl/jsd/skl/srkl: the teacher mass outside the cache "
                    "as one tail class (default) or renormalized away")
     g.add_argument("--loss-option", dest="loss_options", action="append", type=_key_value, default=None,
@@ -66,7 +68,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule")
     g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (or give --epochs)")
     g.add_argument("--epochs", type=int, metavar="E", help="passes over the data (or give --max-steps)")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per device and micro-batch (default 8)")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="STUDENT TRAINING: sequences per device and micro-batch "
+                   "(default 8). (`precompute --batch-size` is the teacher's inference batch)")
     g.add_argument("--grad-accum", type=int, default=1, metavar="G", help="micro-batches per optimizer step (default 1)")
     g.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="peak learning rate (default 1e-4)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")

@@ -1,8 +1,8 @@
 """Stage one's bookkeeping: which rows go to which shard and job, the job record, and finalizing.
 
 Shards are fixed row ranges: shard s holds source rows [s*R, min((s+1)*R, num_rows)), R =
-`rows_per_shard`, whatever rows are skipped inside it. Job j of N (`--num-shards N
---shard-index j`) owns the shards with s % N == j. Both are functions of the settings alone,
+`rows_per_shard`, whatever rows are skipped inside it. Job j of N (`--num-jobs N
+--job-index j`) owns the shards with s % N == j. Both are functions of the settings alone,
 so a rerun, another job or a Ray actor computes the same shard from the same rows.
 
 Each job writes `job.json` into the cache: everything `finalize_cache` needs besides the shard
@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
-import re
 
 from logitcache.stages.precompute.data import SKIP_REASONS
-from logitcache.storage import CacheWriter
-from logitcache.storage.errors import CacheIndexError, ConfigError
-from logitcache.storage.paths import atomic_write_bytes, resolve, safe_join
+from logitcache.storage import CacheIndexError, CacheWriter, ConfigError, atomic_write_bytes, resolve, safe_join
 
 __all__ = ["JOB_RECORD", "num_shards", "shard_rows", "owned_shards", "sequence_seed", "write_job_record",
-           "read_job_record", "writer_from_record", "finalize_cache", "remove_stale_temporaries"]
+           "read_job_record", "writer_from_record", "finalize_cache"]
 
 JOB_RECORD = "job.json"
 # Keys of a job record; `fingerprint_parts` lets a mismatch name what changed.
@@ -49,7 +45,7 @@ def owned_shards(total: int, num_jobs: int, job_index: int) -> list[int]:
     row lengths drift through the dataset.
     """
     if num_jobs < 1 or not 0 <= job_index < num_jobs:
-        raise ConfigError(f"--shard-index {job_index} must lie in [0, --num-shards {num_jobs})")
+        raise ConfigError(f"--job-index {job_index} must lie in [0, --num-jobs {num_jobs})")
     return [s for s in range(total) if s % num_jobs == job_index]
 
 
@@ -119,7 +115,7 @@ def finalize_cache(writer: CacheWriter, record: dict) -> dict:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise CacheIndexError(f"{writer.url}: cannot finalize, {len(missing)} of {record['num_shards']} shard(s) "
                               f"not written yet: {shown}. Run the jobs that own them (shard s belongs to "
-                              f"--shard-index s % N) until they finish, then merge again.")
+                              f"--job-index s % N) until they finish, then merge again.")
     entries = [done[s] for s in range(record["num_shards"])]
     counts = {"rows": sum(e["rows"][1] - e["rows"][0] for e in entries),
               "truncated": sum(e["truncated"] for e in entries),
@@ -130,25 +126,6 @@ def finalize_cache(writer: CacheWriter, record: dict) -> dict:
     versions = sorted({e["engine_version"] for e in entries})
     metadata["engine"]["version"] = versions[0] if len(versions) == 1 else versions
     return writer.finalize(metadata, num_shards=record["num_shards"], counts=counts)
-
-
-def remove_stale_temporaries(writer: CacheWriter, shard_ids: list[int]) -> int:
-    """Delete temporary files a killed run left for these shards. Returns how many.
-
-    Only the given (this job's own) shards: another job may be writing its own right now.
-    """
-    ids = {f"{s:05d}" for s in shard_ids}
-    pattern = re.compile(r"^shard-(\d{5})\.(parquet|zarr)(\.json)?\.tmp-[0-9a-f]+$")
-    removed = 0
-    for folder in (writer.root, safe_join(writer.root, "entries")):
-        if not writer.fs.exists(folder):
-            continue
-        for path in writer.fs.ls(folder, detail=False):
-            match = pattern.match(posixpath.basename(path.rstrip("/")))
-            if match and match.group(1) in ids:
-                writer.fs.rm(path, recursive=True)
-                removed += 1
-    return removed
 
 
 def _differences(old: dict, new: dict) -> str:

@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass, field
 
 from logitcache.stages.precompute.data import InputSpec, RowEncoder, load_rows
-from logitcache.stages.precompute.plan import (finalize_cache, num_shards, owned_shards, remove_stale_temporaries,
+from logitcache.stages.precompute.plan import (finalize_cache, num_shards, owned_shards,
                                                write_job_record)
 from logitcache.stages.precompute.shard_work import process_shard
 from logitcache.storage import FORMAT_VERSION, CacheWriter, chain_fingerprint, read_index, tokenizer_fingerprint
@@ -175,7 +175,7 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
     # 6. Plan: this job's shards that are not written yet.
     done = writer.finished_shards()
     todo = [s for s in owned if s not in done]
-    remove_stale_temporaries(writer, todo)
+    writer.remove_stale_temporaries(todo)
     _say(f"{out}: {total} shard(s) of {rows_per_shard} rows; this job owns {len(owned)}, "
          f"{len(owned) - len(todo)} already written, {len(todo)} to do")
 

@@ -67,4 +67,4 @@ def test_kubernetes_job_parses():
     container = job["spec"]["template"]["spec"]["containers"][0]
     args = [a.replace("$(JOB_COMPLETION_INDEX)", "3") for a in container["args"]]
     _parses(args)
-    assert args[args.index("--num-shards") + 1] == str(job["spec"]["completions"])
+    assert args[args.index("--num-jobs") + 1] == str(job["spec"]["completions"])

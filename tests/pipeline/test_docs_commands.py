@@ -30,7 +30,7 @@ def test_scaling_doc_covers_both_stages_and_every_launcher():
     launched = {c.words[0] for c in COMMANDS}
     assert {"logitcache", "srun", "torchrun", "accelerate", "ray"} <= launched, launched
     assert any("--ray-address" in c.argv for c in COMMANDS)
-    assert any("--num-shards" in c.argv and "--shard-index" in c.argv for c in COMMANDS)
+    assert any("--num-jobs" in c.argv and "--job-index" in c.argv for c in COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: f"{c.where.rsplit(':', 1)[1]}-{c.argv[0]}")

@@ -120,12 +120,12 @@ def test_sigterm_stops_cleanly_then_rerun_completes(setup, tmp_path):
 def test_yaml_config_equals_flags(tmp_path):
     argv = ["precompute", "--teacher", "t", "--data", "d.jsonl", "--out", "c", "--prompt-field", "q",
             "--response-field", "a", "--mode", "sample", "--samples", "16", "--temperature", "0.7", "--seed", "3",
-            "--format", "arrow", "--encoding", "compact", "--max-length", "512", "--rows-per-shard", "50",
-            "--num-shards", "4", "--shard-index", "2", "--engine-arg", "vllm_path=logprobs", "--strict",
+            "--backend", "arrow", "--encoding", "compact", "--max-length", "512", "--rows-per-shard", "50",
+            "--num-jobs", "4", "--job-index", "2", "--engine-arg", "vllm_path=logprobs", "--strict",
             "--no-progress"]
     config = {"teacher": "t", "data": "d.jsonl", "out": "c", "prompt_field": "q", "response-field": "a",
-              "mode": "sample", "samples": 16, "temperature": 0.7, "seed": 3, "format": "arrow",
-              "encoding": "compact", "max_length": 512, "rows_per_shard": 50, "num_shards": 4, "shard_index": 2,
+              "mode": "sample", "samples": 16, "temperature": 0.7, "seed": 3, "backend": "arrow",
+              "encoding": "compact", "max_length": 512, "rows_per_shard": 50, "num_jobs": 4, "job_index": 2,
               "engine_args": ["vllm_path=logprobs"], "strict": True, "progress": False}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -138,13 +138,36 @@ def test_yaml_config_equals_flags(tmp_path):
     assert overridden["seed"] == 9
 
 
+def test_old_flag_names_still_work_and_say_what_to_type(tmp_path, capsys):
+    base = ["precompute", "--teacher", "t", "--data", "d", "--out", "o", "--text-field", "x"]
+    new = vars(_apply_config(build_parser(), [*base, "--num-jobs", "4", "--job-index", "2", "--backend", "arrow"]))
+    assert capsys.readouterr().err == ""
+    old = vars(_apply_config(build_parser(), [*base, "--num-shards", "4", "--shard-index", "2", "--format", "arrow"]))
+    err = capsys.readouterr().err
+    for was, now in (("--num-shards", "--num-jobs"), ("--shard-index", "--job-index"), ("--format", "--backend")):
+        assert f"{was} is deprecated; use {now}" in err
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"num_shards": 4, "shard_index": 2, "format": "arrow"}))
+    from_yaml = vars(_apply_config(build_parser(), [*base, "--config", str(path)]))
+    assert "'num_shards' is deprecated; use 'num_jobs'" in capsys.readouterr().err
+    for ns in (old, from_yaml):
+        assert (ns["num_jobs"], ns["job_index"], ns["backend"]) == (4, 2, "arrow")
+        assert not {"num_shards", "shard_index", "format"} & set(ns)
+    assert {k: v for k, v in old.items() if k != "_run"} == {k: v for k, v in new.items() if k != "_run"}
+
+
 def test_help_and_defaults(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["precompute", "--help"])
-    text = capsys.readouterr().out
-    for needle in ("JOB split, not storage shards", "--rows-per-shard", "logitcache merge", "examples:",
-                   "--messages-field", "--strict"):
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("independent jobs that fill this cache", "--rows-per-shard", "logitcache merge", "examples:",
+                   "--messages-field", "--strict", "--num-jobs", "--job-index", "--backend",
+                   # flags that mean something else in `train` say which meaning applies here
+                   "`train --top-k` is another thing", "`train --temperature` is the loss's",
+                   "`train --batch-size` is the student's"):
         assert needle in text
+    for hidden in ("--num-shards", "--shard-index", "--format"):
+        assert hidden not in text
     args = build_parser().parse_args(["precompute", "--teacher", "t", "--data", "d", "--out", "o", "--text-field", "x"])
-    assert args.trust_remote_code is False and args.format == "zarr" and args.encoding == "lossless"
-    assert args.top_k is None and args.mode == "topk" and args.num_shards == 1 and args.shard_index == 0
+    assert args.trust_remote_code is False and args.backend == "zarr" and args.encoding == "lossless"
+    assert args.top_k is None and args.mode == "topk" and args.num_jobs == 1 and args.job_index == 0

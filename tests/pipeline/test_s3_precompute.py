@@ -25,9 +25,9 @@ from precompute_util import assert_same_cache, text_rows, write_jsonl
 from s3server import make_bucket, s3_options
 
 from logitcache.storage import open_cache
-from logitcache.storage.backends import read_shard_files
+from logitcache.storage.backends import read_shard_files, shard_checksum
 from logitcache.storage.errors import CacheIndexError
-from logitcache.storage.paths import checksum, resolve
+from logitcache.storage.paths import resolve
 
 ROWS, ROWS_PER_SHARD = 24, 2  # 12 zarr shards (folders of many objects), so a kill lands mid-upload
 BUCKET, PREFIX = "lc-precompute", "cache"
@@ -89,7 +89,8 @@ def assert_entries_complete(url: str, storage_options: dict) -> int:
     entries = [p for p in fs.ls(f"{root}/entries", detail=False) if p.endswith(".json")]
     for path in entries:
         entry = json.loads(fs.cat_file(path))
-        assert checksum(read_shard_files(fs, f"{root}/{entry['name']}", entry["backend"])) == entry["sha256"], path
+        payload = read_shard_files(fs, f"{root}/{entry['name']}", entry["backend"])
+        assert shard_checksum(entry["backend"], payload) == entry["sha256"], path
     return len(entries)
 
 

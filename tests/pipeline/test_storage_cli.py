@@ -75,13 +75,16 @@ def test_inspect_json_and_plot(cache_dir, tmp_path, capsys):
 
 def test_convert_both_ways(cache_dir, tmp_path, capsys):
     arrow, back = str(tmp_path / "arrow"), str(tmp_path / "back")
-    assert main(["convert", cache_dir, arrow, "--format", "arrow"]) == 0
-    assert main(["convert", arrow, back, "--format", "zarr"]) == 0
+    assert main(["convert", cache_dir, arrow, "--backend", "arrow"]) == 0
+    assert main(["convert", arrow, back, "--format", "zarr"]) == 0  # the old flag name still works
     a, c = open_cache(cache_dir), open_cache(back)
     for i in range(len(a)):
         np.testing.assert_array_equal(a[i]["topk_logprobs"], c[i]["topk_logprobs"])
 
 
-def test_convert_rejects_unknown_format(cache_dir, tmp_path):
+def test_convert_rejects_unknown_or_missing_backend(cache_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["convert", cache_dir, str(tmp_path / "x"), "--format", "hdf5"])
+        main(["convert", cache_dir, str(tmp_path / "x"), "--backend", "hdf5"])
+    assert main(["convert", cache_dir, str(tmp_path / "x")]) == 2
+    assert "--backend is required" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

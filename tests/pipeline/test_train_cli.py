@@ -72,7 +72,7 @@ def test_end_to_end_precompute_hf_then_train_and_eval(tmp_path, capsys):
     cache = tmp_path / "cache"
     assert main(["precompute", "--teacher", str(w.teacher), "--data", str(w.train), "--prompt-field", "prompt",
                  "--response-field", "response", "--out", str(cache), "--engine", "hf", "--top-k", "8",
-                 "--format", "arrow", "--rows-per-shard", "8", "--no-progress"]) == 0
+                 "--backend", "arrow", "--rows-per-shard", "8", "--no-progress"]) == 0
     out = tmp_path / "student"
     assert main(["train", "--student", str(w.student), "--cache", str(cache), "--teacher", str(w.teacher),
                  "--loss", "bild", "--top-k", "4", "--out", str(out), "--max-steps", "2", "--batch-size", "4",

@@ -147,7 +147,19 @@ def test_build_engine_rejects_bad_settings(tiny_teacher):
         build_engine("hf", model, vllm_path="pooling")
     with pytest.raises(ConfigError, match="exceeds the logits width"):
         build_engine("hf", model, k=10**6)
-    assert default_engine_name() in ("hf", "vllm")
+
+
+@pytest.mark.parametrize("cuda, vllm_installed, want", [(False, True, "hf"), (True, False, "hf"), (True, True, "vllm")])
+def test_default_engine_is_vllm_only_with_a_gpu_and_vllm(monkeypatch, cuda, vllm_installed, want):
+    import importlib.util
+
+    import torch
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (find_spec(name, *a) or object()) if vllm_installed or name != "vllm" else None)
+    assert default_engine_name() == want
 
 
 def test_hf_sample_mode_is_per_request(hf_engine, tiny_teacher, requests_):

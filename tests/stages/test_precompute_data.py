@@ -135,7 +135,7 @@ def test_chat_template_that_rewrites_history_is_skipped(tiny_teacher):
 def test_shard_plan():
     assert shard_rows(2, 4, 14) == (8, 12) and shard_rows(3, 4, 14) == (12, 14)
     assert owned_shards(7, 3, 1) == [1, 4]
-    with pytest.raises(ConfigError, match="--shard-index 2"):
+    with pytest.raises(ConfigError, match="--job-index 2"):
         owned_shards(7, 2, 2)
     assert sequence_seed(0, 5) == sequence_seed(0, 5) != sequence_seed(0, 6) != sequence_seed(1, 5)
 
@@ -151,20 +151,3 @@ def test_folder_splits_follow_file_names(tmp_path):
     assert train_info["fingerprint"] != test_info["fingerprint"]
     with pytest.raises(ConfigError, match="split 'validation' not found"):
         load_rows(str(tmp_path / "repo"), split="validation")
-
-
-def test_remove_stale_temporaries_only_touches_own_shards(tmp_path):
-    from logitcache.stages.precompute.plan import remove_stale_temporaries
-    from logitcache.storage import CacheWriter
-
-    writer = CacheWriter(str(tmp_path), backend="zarr", encoding="lossless", vocab_size=10, fingerprint="f")
-    (tmp_path / "entries").mkdir()
-    stale = [tmp_path / "shard-00001.zarr.tmp-0a1b2c3d", tmp_path / "entries" / "shard-00001.zarr.json.tmp-00ff00ff"]
-    kept = [tmp_path / "shard-00002.zarr.tmp-0a1b2c3d", tmp_path / "shard-00001.zarr",
-            tmp_path / "entries" / "shard-00001.zarr.json"]
-    stale[0].mkdir()
-    (stale[0] / "zarr.json").write_text("{}")
-    for p in [stale[1], *kept]:
-        p.write_text("{}")
-    assert remove_stale_temporaries(writer, [0, 1]) == 2  # shard 2 may be another job's write in flight
-    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
