@@ -335,6 +335,8 @@ def load_rows(data: str, *, split: str | None = None, config_name: str | None = 
         try:
             ds = datasets.load_dataset(source, data_files=None if path.is_dir() else [str(path)],
                                        split=split or "train")
+        except (datasets.exceptions.DatasetGenerationError, StopIteration) as e:
+            raise unreadable_files(data, files, e) from None
         except ValueError as e:
             raise ConfigError(f"--data {data}: {e}") from None
         info = {"loader": f"files:{_FILE_BUILDERS[files[0].suffix]}", "fingerprint": _hash_files(files, path)}
@@ -347,8 +349,36 @@ def load_rows(data: str, *, split: str | None = None, config_name: str | None = 
             raise ConfigError(f"--data {data}: not a local path, and loading it as a hub dataset failed "
                               f"({e.__class__.__name__}: {e})") from None
         info = {"loader": "hub", "fingerprint": ds._fingerprint}
+    if len(ds) == 0:
+        raise InvalidDataError(f"--data {data}{f' --split {split}' if split else ''}: no rows")
     info = {"source": str(data), "split": split, "config_name": config_name, "num_rows": len(ds), **info}
     return ds, info
+
+
+def unreadable_files(data: str, files: list[Path], error: BaseException) -> InvalidDataError:
+    """Say which file (and for JSON lines, which line) `datasets` failed on, and why.
+
+    `datasets` reports "An error occurred while generating the dataset" (or a bare StopIteration
+    for an empty JSON file); the cause is found again here, cheaply, by reading the files."""
+    for f in files:
+        if f.stat().st_size == 0:
+            return InvalidDataError(f"--data {data}: {f} is empty (no rows)")
+        if f.suffix == ".jsonl":
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for number, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return InvalidDataError(f"--data {data}: {f} line {number}: not valid JSON ({e.msg}, "
+                                                f"column {e.colno}); each line must be one JSON object")
+                    if not isinstance(row, dict):
+                        return InvalidDataError(f"--data {data}: {f} line {number}: a JSON {type(row).__name__}; "
+                                                f"each line must be one JSON object")
+    cause = error.__cause__ or error.__context__ or error
+    return InvalidDataError(f"--data {data}: cannot read the rows ({type(cause).__name__}: {cause}); check that each "
+                            f"field has one type in every row")
 
 
 def _data_files(path: Path, data: str) -> list[Path]:

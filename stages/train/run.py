@@ -173,14 +173,14 @@ def train(s: TrainSettings) -> dict:
                           f"continue that run, or choose another --out")
 
     # 2. Student and tokenizer.
-    tokenizer = AutoTokenizer.from_pretrained(s.student, trust_remote_code=s.trust_remote_code)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(s.dtype)
     if dtype is None:
         raise ConfigError(f"--dtype {s.dtype!r}: expected float32, bfloat16 or float16")
     try:
+        tokenizer = AutoTokenizer.from_pretrained(s.student, trust_remote_code=s.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(s.student, dtype=dtype, trust_remote_code=s.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--student {s.student}: cannot load the model ({e})") from None
+    except (OSError, ValueError, KeyError) as e:  # no such model, no weights, a config of an unknown kind
+        raise ConfigError(f"--student {s.student}: cannot load the model or its tokenizer ({e})") from None
     vocab = student_vocab_size(tokenizer, model.get_output_embeddings().weight.shape[0], student=s.student)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     max_length = s.max_length or getattr(model.config, "max_position_embeddings", None)
