@@ -17,6 +17,7 @@ shows the traceback of every error.
 import argparse
 import importlib
 import os
+import re
 import sys
 
 import yaml
@@ -132,12 +133,25 @@ def user_error(e: BaseException) -> LogitCacheError | None:
         return e
     if isinstance(e, OSError):
         return StorageIOError.wrap(e)
+    # Network clients' own errors (an endpoint that does not answer) are the environment's, not bugs.
+    if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests"):
+        return StorageIOError(f"{type(e).__name__}: {e}")
     return None
 
 
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+_QUALIFIED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
+
+
 def one_line(message: str) -> str:
-    """Messages that quote other tools may span lines; a user's terminal and log get one."""
-    return " ".join(part.strip() for part in message.splitlines() if part.strip()) or "(no message)"
+    """Messages that quote other tools may span lines; a user's terminal and log get one.
+
+    An error re-raised from a DataLoader worker carries the worker's traceback in its message;
+    the line that matters is its last (`module.Error: what went wrong`)."""
+    lines = [part.strip() for part in message.splitlines() if part.strip()]
+    if any(_WORKER_TRACEBACK in line for line in lines):
+        return _QUALIFIED.sub("", lines[-1]) + " (in a data-loading worker)"
+    return " ".join(lines) or "(no message)"
 
 
 def _close_progress_bars() -> None:

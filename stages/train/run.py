@@ -135,7 +135,9 @@ def loss_settings(loss: str, *, temperature: float | None, top_k: int | None, ta
 
 
 def train(s: TrainSettings) -> dict:
-    """Run the recipe (module docstring). Returns the contents of `logitcache_train.json`.
+    """Run the recipe (module docstring). Returns the contents of `logitcache_train.json`; after a
+    SIGTERM/SIGINT, {"stopped_by": signal name, "global_step", "log_history"} (a checkpoint of that
+    step is in `s.out`; nothing else is written).
 
     Raises:
         ConfigError: bad or conflicting settings, or a cache and student that do not fit together.
@@ -238,6 +240,11 @@ def train(s: TrainSettings) -> dict:
     if s.resume and last is None:
         _say(f"--resume: no checkpoint in {s.out} yet; starting from step 0")
     output = trainer.train(resume_from_checkpoint=last if s.resume else None)
+    if trainer.stop.name is not None:  # preempted: the checkpoint of this step is the result
+        step = trainer.state.global_step
+        _say(f"stopped by {trainer.stop.name} at step {step}; {s.out}/checkpoint-{step} holds the model, optimizer "
+             f"and data position. Rerun the same command with --resume to continue.")
+        return {"stopped_by": trainer.stop.name, "global_step": step, "log_history": trainer.state.log_history}
 
     # 7. Save.
     trainer.save_model(s.out)

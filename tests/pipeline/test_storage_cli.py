@@ -82,6 +82,7 @@ def test_convert_both_ways(cache_dir, tmp_path, capsys):
         np.testing.assert_array_equal(a[i]["topk_logprobs"], c[i]["topk_logprobs"])
 
 
-def test_convert_rejects_unknown_format(cache_dir, tmp_path):
-    with pytest.raises(SystemExit):
-        main(["convert", cache_dir, str(tmp_path / "x"), "--format", "hdf5"])
+def test_convert_rejects_unknown_format(cache_dir, tmp_path, capsys):
+    # argparse's usage errors take the one error path too (tests/pipeline/test_bad_inputs.py).
+    assert main(["convert", cache_dir, str(tmp_path / "x"), "--format", "hdf5"]) == 2
+    assert "logitcache convert: error: argument --format: invalid choice: 'hdf5'" in capsys.readouterr().err
