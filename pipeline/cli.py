@@ -7,28 +7,45 @@ Every command lives in `logitcache.pipeline.commands.<name>` with `add_parser(su
 `run(args) -> int`, and imports its heavy dependencies inside `run`, so `--help` stays fast.
 Commands that take many settings also accept `--config FILE.yaml`; flags given on the command line
 override the file.
+
+Errors (docs/ERRORS.md): every failure a user can cause or fix is a `LogitCacheError`, printed as one
+line `logitcache <command>: error: ...` after any progress bar is closed, with exit status 2. Other
+exceptions are bugs and keep their traceback. `--debug` (anywhere on the line) or LOGITCACHE_DEBUG=1
+shows the traceback of every error.
 """
 
 import argparse
 import importlib
+import os
+import re
 import sys
 
 import yaml
 
-from logitcache.pipeline.options import DeprecatedAlias, warn_deprecated
-from logitcache.storage.errors import ConfigError, LogitCacheError
+from logitcache.pipeline.options import DeprecatedAlias, check_options, warn_deprecated
+from logitcache.storage.errors import ConfigError, LogitCacheError, StorageIOError
 
 __all__ = ["main", "build_parser"]
 
 COMMANDS = ("precompute", "merge", "train", "eval", "validate", "inspect", "convert")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors become `ConfigError`s, so they take the one error path (subparsers
+    are built with the parent's class, so every command's parser is one of these)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="logitcache",
         description="Cache a teacher's top-K (or sampled) log-probs once, then train students from the cache.",
-        epilog="Run `logitcache <command> --help` for the options of each command.",
+        epilog="Run `logitcache <command> --help` for the options of each command. Errors are one line; "
+               "--debug (anywhere on the command line) or LOGITCACHE_DEBUG=1 adds the traceback.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name in COMMANDS:
         try:
@@ -44,15 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse argv; if it names --config, use the YAML's keys as defaults and parse again."""
+    args, _ = _parse_with_config(parser, argv)
+    return args
+
+
+def _parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    """(`_apply_config`'s namespace, the {dest: value} the --config file gave, for error messages)."""
     sub_parser = parser._subparsers._group_actions[0].choices.get(argv[0] if argv else None)
     if sub_parser is None or not any(a.dest == "config" for a in sub_parser._actions):
-        return parser.parse_args(argv)
+        return parser.parse_args(argv), {}
     # Find --config before the real parse: options the file provides may be required ones.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     path = pre.parse_known_args(argv[1:])[0].config
     if not path:
-        return parser.parse_args(argv)
+        return parser.parse_args(argv), {}
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
@@ -72,7 +95,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
     for action in sub_parser._actions:
         if action.dest in values:
             action.required = False
-    return parser.parse_args(argv)
+    return parser.parse_args(argv), values
 
 
 def _config_key(sub_parser: argparse.ArgumentParser, key: str) -> str:
@@ -85,17 +108,72 @@ def _config_key(sub_parser: argparse.ArgumentParser, key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command; return its exit status (0 ok, 2 error, 1 `validate` found bad shards)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LOGITCACHE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
-        args = _apply_config(parser, argv)
+        parser = build_parser()
+        args, from_config = _parse_with_config(parser, argv)
+        sub_parser = parser._subparsers._group_actions[0].choices[args.command]
+        check_options(args.command, sub_parser, args, from_config)
         return int(args._run(args) or 0)
-    except LogitCacheError as e:
-        print(f"logitcache {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _close_progress_bars()
+        print(f"logitcache {command or ''}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        error = user_error(e)
+        _close_progress_bars()
+        if error is None or debug:
+            raise  # a bug (or --debug): the traceback is the useful output
+        print(f"logitcache{' ' + command if command else ''}: error: {one_line(str(error))}", file=sys.stderr,
+              flush=True)
+        return 2
+
+
+def user_error(e: BaseException) -> LogitCacheError | None:
+    """The library error `e` is, or stands for; None for a bug.
+
+    `OSError`s that reach the CLI are the environment's (a disk full, a permission, an object store
+    that went away): the library wraps them where it knows more, and this is the net for the rest."""
+    if isinstance(e, LogitCacheError):
+        return e
+    if isinstance(e, OSError):
+        return StorageIOError.wrap(e)
+    # Network clients' own errors (an endpoint that does not answer) are the environment's, not bugs.
+    if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests"):
+        return StorageIOError(f"{type(e).__name__}: {e}")
+    return None
+
+
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+_QUALIFIED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
+
+
+def one_line(message: str) -> str:
+    """Messages that quote other tools may span lines; a user's terminal and log get one.
+
+    An error re-raised from a DataLoader worker carries the worker's traceback in its message;
+    the line that matters is its last (`module.Error: what went wrong`)."""
+    lines = [part.strip() for part in message.splitlines() if part.strip()]
+    if any(_WORKER_TRACEBACK in line for line in lines):
+        return _QUALIFIED.sub("", lines[-1]) + " (in a data-loading worker)"
+    return " ".join(lines) or "(no message)"
+
+
+def _close_progress_bars() -> None:
+    """Close every live tqdm bar, ending its line, so an error never prints glued to a bar."""
+    tqdm_std = sys.modules.get("tqdm.std")
+    if tqdm_std is None:
+        return
+    for bar in list(getattr(tqdm_std.tqdm, "_instances", ())):
+        try:
+            bar.leave = True  # a kept bar ends with a newline; a cleared one leaves the cursor mid-line
+            bar.close()
+        except Exception:  # a half-built bar: nothing more to tidy
+            pass
 
 
 if __name__ == "__main__":

@@ -1,17 +1,202 @@
-"""Command-line helpers shared by the commands: old flag names kept as deprecated aliases.
+"""Checks on option values, declared once per option, run on the parsed options of every command.
 
-    add_deprecated_alias(group, "--num-shards", "--num-jobs", dest="num_jobs", type=int)
+Flags and `--config FILE.yaml` values meet in one `argparse.Namespace`, and `check_options` runs
+after both are merged and before a command's `run` (so before any model loads). A YAML file
+therefore gets exactly the checks a flag gets, and the same message.
 
-The alias sets the new option's value and prints one line on stderr saying what to type instead.
-`--config` files accept the old key (`num_shards:`) as well, with the same warning.
+Two kinds of checks:
+- generic, read from each option's argparse declaration: its `type` (int, float, str), its
+  `choices`, and `store_true` flags being booleans. These matter for YAML values, which argparse
+  does not convert or check.
+- declared here in `RULES`: ranges of numbers (`Number`) and what a path must be (`PATH_RULES`).
+  An option name that a command does not have is ignored, so one table serves every command.
+
+    .venv/bin/python -m pytest tests/pipeline/test_bad_inputs.py -q
+
+Old flag names are kept as deprecated aliases (`add_deprecated_alias`): the alias sets the new
+option's value and prints one line on stderr saying what to type instead; `--config` files accept
+the old key as well, with the same warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from dataclasses import dataclass
 
-__all__ = ["DeprecatedAlias", "add_deprecated_alias", "warn_deprecated"]
+from logitcache.storage.errors import ConfigError
+
+__all__ = ["Number", "RULES", "PATH_RULES", "check_options", "flag_name", "DeprecatedAlias", "add_deprecated_alias",
+           "warn_deprecated"]
+
+
+@dataclass(frozen=True)
+class Number:
+    """A finite number in [low, high] (`above`: strictly greater than `low`)."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value`, or None."""
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if self.low is not None and (value <= self.low if self.above else value < self.low):
+            return f"must be {'>' if self.above else '>='} {_fmt(self.low)}"
+        if self.high is not None and value > self.high:
+            return f"must be <= {_fmt(self.high)}"
+        return None
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+POSITIVE, NON_NEGATIVE, ABOVE_ZERO = Number(1), Number(0), Number(0, above=True)
+SEED = Number(0, 2**32 - 1)  # numpy's and torch's seed range
+
+# Option dest -> range, for every command at once; a per-command entry wins over "*".
+RULES: dict[str, dict[str, Number]] = {
+    "*": {
+        "batch_size": POSITIVE, "max_length": Number(2), "top_k": POSITIVE, "temperature": ABOVE_ZERO,
+        "seed": SEED, "max_steps": POSITIVE, "epochs": POSITIVE,
+    },
+    "precompute": {
+        "samples": POSITIVE, "max_batch_tokens": POSITIVE, "rows_per_shard": POSITIVE,
+        "num_shards": POSITIVE, "shard_index": NON_NEGATIVE, "num_jobs": POSITIVE, "job_index": NON_NEGATIVE,
+        "ray_actors": POSITIVE,
+    },
+    "train": {
+        "lr": ABOVE_ZERO, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "grad_accum": POSITIVE,
+        "ce_weight": NON_NEGATIVE, "kd_weight": NON_NEGATIVE, "uld_lambda": NON_NEGATIVE,
+        "num_workers": NON_NEGATIVE, "shuffle_window": POSITIVE, "chunk_size": POSITIVE, "save_steps": POSITIVE,
+        "save_total_limit": POSITIVE, "logging_steps": POSITIVE,
+    },
+    "eval": {"max_sequences": POSITIVE},
+    "inspect": {"max_shards": POSITIVE},
+}
+
+# Option dest -> what the path must be, per command:
+#   "model": a local model folder, or (when no such path exists) a hub id;
+#   "out_dir": a folder to create or reuse, never an existing file;
+#   "in_dir": a cache folder to read (an existing file is refused; a missing one is the reader's to report);
+#   "out_file": a file to write, whose folder exists.
+# fsspec URLs (s3://, memory://, ...) are left to the storage layer.
+PATH_RULES: dict[str, dict[str, str]] = {
+    "precompute": {"teacher": "model", "out": "out_dir"},
+    "merge": {"cache": "in_dir"},
+    "train": {"student": "model", "out": "out_dir", "cache": "in_dir"},
+    "eval": {"model": "model", "cache": "in_dir"},
+    "validate": {"cache": "in_dir"},
+    "inspect": {"cache": "in_dir", "plot": "out_file"},
+    "convert": {"src": "in_dir", "dst": "out_dir"},
+    "push": {"cache": "in_dir"},
+}
+
+
+def flag_name(action: argparse.Action) -> str:
+    """How the user writes an option: `--lr`, or a positional's metavar/name (`CACHE`)."""
+    if action.option_strings:
+        return max(action.option_strings, key=len)
+    return action.metavar if isinstance(action.metavar, str) else action.dest.upper()
+
+
+def check_options(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  from_config: dict | None = None) -> None:
+    """Refuse any option value that is of the wrong type, out of range, or a path of the wrong kind.
+
+    Args:
+        command: the subcommand's name (`train`, ...), which selects its rules.
+        parser: that subcommand's parser (its actions declare types and choices).
+        args: the parsed options, flags and `--config` values merged.
+        from_config: {dest: value} read from `--config`, to say where a bad value came from.
+
+    Raises:
+        ConfigError: naming the option, its value, and what was expected.
+    """
+    ranges = {**RULES["*"], **RULES.get(command, {})}
+    paths = PATH_RULES.get(command, {})
+    for action in parser._actions:
+        dest = action.dest
+        if dest in ("help", "config") or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if value is None or value is argparse.SUPPRESS:
+            continue
+        where = ""
+        if from_config and dest in from_config and from_config[dest] is value:
+            where = " (from --config)"
+        name = f"{flag_name(action)} {value if isinstance(value, str) else repr(value)}{where}"
+        problem = _type_problem(action, value)
+        if problem is None and dest in ranges and isinstance(value, (int, float)) and not isinstance(value, bool):
+            problem = ranges[dest].problem(value)
+        if problem is None and dest in paths and isinstance(value, str):
+            problem = _path_problem(paths[dest], value)
+        if problem:
+            raise ConfigError(f"{name}: {problem}")
+
+
+def _type_problem(action: argparse.Action, value) -> str | None:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return None if isinstance(value, bool) else "expected true or false"
+    if isinstance(action, argparse._AppendAction):
+        return None  # lists from flags, or mappings from YAML: the command reads both
+    if action.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return "expected a whole number"
+    if action.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "expected a number"
+    if action.type in (None, str) and action.nargs is None and not isinstance(value, str):
+        return f"expected text, got {type(value).__name__}"
+    if action.choices is not None and value not in action.choices:
+        return f"expected one of {', '.join(map(str, action.choices))}"
+    return None
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
+def _path_problem(kind: str, value: str) -> str | None:
+    if _is_url(value):
+        return None
+    path = os.path.expanduser(value)
+    if kind == "model":
+        if os.path.isfile(path):
+            return "is a file; expected a model folder (config.json, weights, tokenizer) or a hub id"
+        if not os.path.exists(path) and not _is_hub_id(value):
+            return "no such folder, and not a hub model id (owner/name); check the path"
+    elif kind == "out_dir":
+        if os.path.exists(path) and not os.path.isdir(path):
+            return "is an existing file; expected a folder to write into (choose another path)"
+    elif kind == "in_dir":
+        if os.path.isfile(path):
+            return "is a file; expected a cache folder (or fsspec URL)"
+    elif kind == "out_file":
+        if os.path.isdir(path):
+            return "is a folder; expected a file name to write"
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            return f"its folder {parent} does not exist"
+    return None
+
+
+def _is_hub_id(value: str) -> bool:
+    """`name` or `owner/name` as the hub accepts it (huggingface_hub's own rule when installed)."""
+    if value.startswith((".", "/", "~")) or value.count("/") > 1:
+        return False
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
+        return True
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
 
 
 class DeprecatedAlias(argparse.Action):

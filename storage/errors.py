@@ -12,6 +12,7 @@ __all__ = [
     "UnsafePathError",
     "InvalidDataError",
     "ConfigError",
+    "StorageIOError",
 ]
 
 
@@ -41,3 +42,23 @@ class InvalidDataError(LogitCacheError, ValueError):
 
 class ConfigError(LogitCacheError, ValueError):
     """A command-line or YAML setting is invalid, or inputs do not fit together."""
+
+
+class StorageIOError(LogitCacheError, OSError):
+    """Reading or writing failed outside the data: a disk full, a permission denied, an object store
+    that does not answer. Also an `OSError`, so code that catches those keeps working."""
+
+    @classmethod
+    def wrap(cls, error: OSError, doing: str = "") -> "StorageIOError":
+        """A one-line `StorageIOError` for `error`, naming the path(s) it names and what was being done."""
+        reason = error.strerror or str(error) or type(error).__name__
+        paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+        message = f"{doing + ': ' if doing else ''}{paths + ': ' if paths else ''}{reason}"
+        out = cls(error.errno, message) if error.errno is not None else cls(message)
+        if error.filename is not None:
+            out.filename = error.filename
+        return out
+
+    def __str__(self) -> str:
+        # OSError's own str() is "[Errno N] strerror"; the message alone reads better on one line.
+        return self.strerror if self.strerror is not None else super().__str__()

@@ -13,7 +13,7 @@ import posixpath
 from logitcache.storage import layout
 from logitcache.storage.backends import get_backend, shard_name, write_shard_files
 from logitcache.storage.encoding import COMPACT_STEP, check_encoding
-from logitcache.storage.errors import CacheIndexError, ConfigError, ShardError
+from logitcache.storage.errors import CacheIndexError, ConfigError, ShardError, StorageIOError
 from logitcache.storage.index import FORMAT_NAME, FORMAT_VERSION, write_index
 from logitcache.storage.paths import atomic_write_bytes, resolve, safe_join
 from logitcache.storage.shard import ShardData
@@ -111,11 +111,16 @@ class CacheWriter:
                  "compact_step": COMPACT_STEP, "fingerprint": self.fingerprint, "shard": name,
                  "text_fields": list(self.text_fields)}
         payload = get_backend(self.backend).encode(shard, encoding=self.encoding, attrs=attrs)
-        sha, nbytes = write_shard_files(self.fs, safe_join(self.root, name), self.backend, payload)
-        entry = {"name": name, "sequences": shard.num_sequences, "tokens": shard.num_tokens,
-                 "positions": shard.num_positions, "bytes": nbytes, "sha256": sha, **(extra or {})}
-        record = {**entry, "fingerprint": self.fingerprint, "backend": self.backend, "encoding": self.encoding}
-        atomic_write_bytes(self.fs, self._entry_path(name), json.dumps(record, sort_keys=True).encode())
+        try:
+            sha, nbytes = write_shard_files(self.fs, safe_join(self.root, name), self.backend, payload)
+            entry = {"name": name, "sequences": shard.num_sequences, "tokens": shard.num_tokens,
+                     "positions": shard.num_positions, "bytes": nbytes, "sha256": sha, **(extra or {})}
+            record = {**entry, "fingerprint": self.fingerprint, "backend": self.backend, "encoding": self.encoding}
+            atomic_write_bytes(self.fs, self._entry_path(name), json.dumps(record, sort_keys=True).encode())
+        except OSError as e:  # a disk full, a store gone: the shard has no entry, so it does not exist
+            if isinstance(e, StorageIOError):
+                raise
+            raise StorageIOError.wrap(e, f"writing {name} of {self.url} (not recorded; a rerun rewrites it)") from e
         return entry
 
     def finalize(self, metadata: dict, *, num_shards: int | None = None, counts: dict | None = None) -> dict:

@@ -24,6 +24,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+from logitcache.storage.errors import LogitCacheError
+
 __all__ = ["DocCommand", "fenced_blocks", "shell_commands", "commands_in", "parse_logitcache", "parse_with"]
 
 SHELL_LANGUAGES = ("bash", "sh", "shell", "zsh")
@@ -163,6 +165,8 @@ def parse_with(parser, argv: list[str], where: str = ""):
         if e.code == 0:
             return None
         raise AssertionError(f"{where}: {shlex.join(argv)}\n{err.getvalue().strip()}") from None
+    except LogitCacheError as e:  # the CLI's parser reports usage errors as ConfigError
+        raise AssertionError(f"{where}: {shlex.join(argv)}\n{e}") from None
 
 
 def parse_logitcache(argv: list[str], where: str = ""):

@@ -49,3 +49,68 @@ def make_bucket(endpoint: str, name: str) -> None:
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
     client.create_bucket(Bucket=name)
+
+
+class _Proxy:
+    """A TCP proxy process on loopback in front of `endpoint`. `stop()` kills it with SIGKILL (open
+    connections drop, new ones are refused: the store is unreachable, though its data is kept);
+    `start()` brings it back on the same port."""
+
+    _CODE = r"""
+import asyncio, sys
+host, port, target_port = "127.0.0.1", int(sys.argv[1]), int(sys.argv[2])
+async def pipe(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def handle(cr, cw):
+    try:
+        sr, sw = await asyncio.open_connection(host, target_port)
+    except OSError:
+        cw.close()
+        return
+    await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
+async def main():
+    server = await asyncio.start_server(handle, host, port, reuse_address=True)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
+
+    def __init__(self, endpoint: str):
+        self.target_port = int(endpoint.rsplit(":", 1)[1])
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        for _ in range(50):  # the port may linger a moment after a kill
+            self.proc = subprocess.Popen([sys.executable, "-c", self._CODE, str(self.port), str(self.target_port)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            if self.proc.stdout.readline().strip() == "ready":
+                return
+            self.proc.wait()
+            time.sleep(0.1)
+        raise RuntimeError(f"proxy could not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextmanager
+def tcp_proxy(endpoint: str):
+    """Yield a started `_Proxy` to `endpoint`; stopped on exit."""
+    proxy = _Proxy(endpoint)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

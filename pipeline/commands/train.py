@@ -124,6 +124,10 @@ def run(args) -> int:
         report_to=args.report_to, resume=args.resume, eval_data=args.eval_data, deepspeed=args.deepspeed,
         fsdp=args.fsdp, hf_args=_as_dict(args.hf_args), trust_remote_code=args.trust_remote_code)
     result = train(settings)
+    if result.get("stopped_by"):  # SIGTERM/SIGINT: a checkpoint was saved; exit as the signal would
+        import signal
+
+        return 128 + signal.Signals[result["stopped_by"]].value
     final = [h for h in result["log_history"] if "loss" in h]
     summary = f"train: {result['global_step']} steps -> {args.out}"
     if final:

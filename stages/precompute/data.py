@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache.storage.errors import ConfigError, InvalidDataError
+from logitcache.storage.errors import ConfigError, InvalidDataError, LogitCacheError
 
 __all__ = ["InputSpec", "RowEncoder", "Encoded", "Skipped", "SKIP_REASONS", "load_rows", "KINDS"]
 
@@ -335,8 +335,8 @@ def load_rows(data: str, *, split: str | None = None, config_name: str | None = 
         try:
             ds = datasets.load_dataset(source, data_files=None if path.is_dir() else [str(path)],
                                        split=split or "train")
-        except ValueError as e:
-            raise ConfigError(f"--data {data}: {e}") from None
+        except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as e:
+            raise unreadable_files(data, files, e) from None
         info = {"loader": f"files:{_FILE_BUILDERS[files[0].suffix]}", "fingerprint": _hash_files(files, path)}
     elif _looks_like_path(data):
         raise ConfigError(f"--data {data}: no such file or folder")
@@ -347,8 +347,48 @@ def load_rows(data: str, *, split: str | None = None, config_name: str | None = 
             raise ConfigError(f"--data {data}: not a local path, and loading it as a hub dataset failed "
                               f"({e.__class__.__name__}: {e})") from None
         info = {"loader": "hub", "fingerprint": ds._fingerprint}
+    if len(ds) == 0:
+        raise InvalidDataError(f"--data {data}{f' --split {split}' if split else ''}: no rows")
     info = {"source": str(data), "split": split, "config_name": config_name, "num_rows": len(ds), **info}
     return ds, info
+
+
+def unreadable_files(data: str, files: list[Path], error: BaseException) -> LogitCacheError:
+    """Say which file (and for JSON lines, which line) `datasets` failed on, and why.
+
+    `datasets` reports "An error occurred while generating the dataset" (or a bare StopIteration
+    for an empty JSON file, or "Value is too big!"); the cause is found again here, cheaply, by
+    reading the files. A ValueError with no such cause (an unknown split) stays a ConfigError."""
+    for f in files:
+        problem = _file_problem(f)
+        if problem:
+            return InvalidDataError(f"--data {data}: {f} {problem}")
+    if isinstance(error, ValueError):
+        return ConfigError(f"--data {data}: {error}")
+    cause = error.__cause__ or error.__context__ or error
+    return InvalidDataError(f"--data {data}: cannot read the rows ({type(cause).__name__}: {cause}); check that each "
+                            f"field has one type in every row")
+
+
+def _file_problem(f: Path) -> str | None:
+    if f.stat().st_size == 0:
+        return "is empty (no rows)"
+    if f.suffix != ".jsonl":
+        return None
+    with open(f, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {number}: not valid JSON ({e.msg}, column {e.colno}); each line must be one JSON object"
+            if not isinstance(row, dict):
+                return f"line {number}: a JSON {type(row).__name__}; each line must be one JSON object"
+            for key, value in row.items():
+                if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                    return f"line {number}: field {key!r}: the number {value} does not fit in 64 bits"
+    return None
 
 
 def _data_files(path: Path, data: str) -> list[Path]:

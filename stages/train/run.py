@@ -135,7 +135,9 @@ def loss_settings(loss: str, *, temperature: float | None, top_k: int | None, ta
 
 
 def train(s: TrainSettings) -> dict:
-    """Run the recipe (module docstring). Returns the contents of `logitcache_train.json`.
+    """Run the recipe (module docstring). Returns the contents of `logitcache_train.json`; after a
+    SIGTERM/SIGINT, {"stopped_by": signal name, "global_step", "log_history"} (a checkpoint of that
+    step is in `s.out`; nothing else is written).
 
     Raises:
         ConfigError: bad or conflicting settings, or a cache and student that do not fit together.
@@ -173,14 +175,14 @@ def train(s: TrainSettings) -> dict:
                           f"continue that run, or choose another --out")
 
     # 2. Student and tokenizer.
-    tokenizer = AutoTokenizer.from_pretrained(s.student, trust_remote_code=s.trust_remote_code)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(s.dtype)
     if dtype is None:
         raise ConfigError(f"--dtype {s.dtype!r}: expected float32, bfloat16 or float16")
     try:
+        tokenizer = AutoTokenizer.from_pretrained(s.student, trust_remote_code=s.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(s.student, dtype=dtype, trust_remote_code=s.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--student {s.student}: cannot load the model ({e})") from None
+    except (OSError, ValueError, KeyError) as e:  # no such model, no weights, a config of an unknown kind
+        raise ConfigError(f"--student {s.student}: cannot load the model or its tokenizer ({e})") from None
     vocab = student_vocab_size(tokenizer, model.get_output_embeddings().weight.shape[0], student=s.student)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     max_length = s.max_length or getattr(model.config, "max_position_embeddings", None)
@@ -238,6 +240,11 @@ def train(s: TrainSettings) -> dict:
     if s.resume and last is None:
         _say(f"--resume: no checkpoint in {s.out} yet; starting from step 0")
     output = trainer.train(resume_from_checkpoint=last if s.resume else None)
+    if trainer.stop.name is not None:  # preempted: the checkpoint of this step is the result
+        step = trainer.state.global_step
+        _say(f"stopped by {trainer.stop.name} at step {step}; {s.out}/checkpoint-{step} holds the model, optimizer "
+             f"and data position. Rerun the same command with --resume to continue.")
+        return {"stopped_by": trainer.stop.name, "global_step": step, "log_history": trainer.state.log_history}
 
     # 7. Save.
     trainer.save_model(s.out)

@@ -21,7 +21,9 @@ neutralises the wrapper around its own rank-aware `BatchRebalanceSampler`.
 
 Resume. The stream's position (not buffered data) goes into every checkpoint as
 `logitcache_data_rank{r}.json`; `train(resume_from_checkpoint=...)` loads it, and
-`ignore_data_skip=True` stops the Trainer from skipping batches on top of it.
+`ignore_data_skip=True` stops the Trainer from skipping batches on top of it. SIGTERM or SIGINT
+during `train` saves such a checkpoint at the end of the step and returns (`stop.py`);
+`trainer.stop.name` then names the signal.
 """
 
 import json
@@ -33,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from logitcache.stages.train.data import ShardedStream
 from logitcache.stages.train.losses import get_loss, kd_with_ce, sft
+from logitcache.stages.train.stop import StopOnSignal
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["KDTrainer", "training_arguments", "data_state_name", "loss_parts", "supervised_logits"]
@@ -158,6 +161,9 @@ class KDTrainer(Trainer):
                 raise ConfigError(f"KDTrainer streams its own data; its TrainingArguments need {', '.join(problems)} "
                                   "(use stages.train.trainer.training_arguments)")
             self.add_callback(_SaveDataPosition(self.train_dataset))
+        # SIGTERM/SIGINT during `train`: checkpoint at the end of the step, then return (see stop.py).
+        self.stop = StopOnSignal()
+        self.add_callback(self.stop)
 
     # ---- data -----------------------------------------------------------------------------------
 
@@ -183,7 +189,8 @@ class KDTrainer(Trainer):
                                   f"was not written by logitcache or with another number of ranks")
             with open(path) as f:
                 self.train_dataset.load_state_dict(json.load(f))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        with self.stop:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         stream = inputs.pop("stream", None)

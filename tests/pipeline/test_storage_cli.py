@@ -83,8 +83,9 @@ def test_convert_both_ways(cache_dir, tmp_path, capsys):
 
 
 def test_convert_rejects_unknown_or_missing_backend(cache_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["convert", cache_dir, str(tmp_path / "x"), "--backend", "hdf5"])
+    # argparse's usage errors take the one error path too (tests/pipeline/test_bad_inputs.py).
+    assert main(["convert", cache_dir, str(tmp_path / "x"), "--backend", "hdf5"]) == 2
+    assert "logitcache convert: error: argument --backend: invalid choice: 'hdf5'" in capsys.readouterr().err
     assert main(["convert", cache_dir, str(tmp_path / "x")]) == 2
     assert "--backend is required" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
