@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_train.py                 # ~10 min on one busy CPU core
     .venv/bin/python benchmarks/bench_train.py --quick         # smaller vocabulary and batch, a smoke run
+    .venv/bin/python benchmarks/bench_train.py --fused         # V = 151,936: fused head + loss vs the model's logits
+    .venv/bin/python benchmarks/bench_train.py --memory        # V = 151,936: peak memory of one step per mode
     .venv/bin/python benchmarks/bench_train.py --device cuda --vocab 151936 --hidden 896 --layers 24 \\
         --teacher-hidden 1536 --teacher-layers 28 --batch 4 --seq 1024 --dtype bfloat16   # Qwen2-0.5B / 1.5B shapes
 
@@ -14,6 +16,15 @@ for every mode (random weights; timings do not depend on them):
 - online_kl:    the teacher in the loop: its forward pass (no grad) every step + CE + full-vocabulary
                 forward KL at the supervised rows.
 - hf_sft:       the model's own loss (`model(labels=...)`), for reference.
+- ce_sft:       plain `F.cross_entropy` on the model's logits at the supervised rows, upcast to fp32.
+- *_fused:      the same loss through `batch_loss.fused_head_loss`: the student's body to its final
+                hidden states, then the LM head and the loss a chunk of supervised rows at a time
+                (what `logitcache train` runs by default); the (B, T, V) logits are never built.
+
+`--fused` times sft, ce_sft, hf_sft and kl+ce / bild+ce fused and unfused at the real vocabulary
+width; `--memory` runs each of those modes' steps in a fresh process (glibc returning freed memory at
+once) and records the peak RSS growth of one step after a warm-up step (AdamW state allocated), in
+MiB and in units of one (tokens x V) fp32 logits tensor. Writes benchmarks/out/train_memory.json.
 
 Modes are interleaved round by round and each is reported as the median over all rounds, so a load
 change on a shared machine hits every mode alike. Both wall time and this process's CPU time per step
@@ -23,24 +34,28 @@ are recorded; on a shared CPU the ratios are taken on CPU time, which other jobs
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from logitcache.stages.train.trainer import loss_parts, supervised_logits
+from logitcache.stages.train.batch_loss import fused_head_loss, loss_parts, supervised_logits
 
 OUT = Path(__file__).parent / "out"
 
 
-def llama(vocab: int, hidden: int, layers: int, seed: int, dtype, device):
+def llama(vocab: int, hidden: int, layers: int, seed: int, dtype, device, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=max(1, hidden // 64), head_dim=64, max_position_embeddings=4096)
+    config = LlamaConfig(**{**dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), head_dim=64,
+                                   max_position_embeddings=4096), **config})
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
@@ -55,6 +70,23 @@ def make_batches(n: int, batch: int, seq: int, vocab: int, prompt: int, device) 
         out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
                     "rows": rows.to(device), "targets": ids[:, pos + 1].reshape(-1).to(device)})
     return out
+
+
+@torch.no_grad()
+def add_random_cache(batches: list[dict], vocab: int, k: int, *, rows_per_chunk: int = 1024) -> None:
+    """Top-k of a random long-tailed teacher (logits 3 * N(0, 1)) at the supervised rows: no teacher model needed."""
+    g = torch.Generator(device=batches[0]["rows"].device).manual_seed(1)
+    for b in batches:
+        ids, lps = [], []
+        for lo in range(0, len(b["rows"]), rows_per_chunk):
+            n = min(rows_per_chunk, len(b["rows"]) - lo)
+            t = torch.randn(n, vocab, generator=g, device=b["rows"].device).mul_(3).log_softmax(-1)
+            lp, top = t.topk(k, dim=-1)
+            ids.append(top)
+            lps.append(lp)
+        top, top_lp = torch.cat(ids), torch.cat(lps)
+        b.update(teacher_ids=top, teacher_logprobs=top_lp, tail_mass=(1 - top_lp.exp().sum(-1)).clamp_min(0),
+                 kd_select=torch.arange(len(b["rows"]), device=top.device))
 
 
 @torch.no_grad()
@@ -75,7 +107,18 @@ def step_fn(mode: str, student, teacher, opt):
 
     def run(b):
         opt.zero_grad(set_to_none=True)
-        if mode == "hf_sft":
+        if mode.endswith("_fused"):
+            name, options, ce_w, kd_w = kinds[mode[: -len("_fused")]]
+            hidden = student.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b["rows"])
+            head = student.get_output_embeddings()
+            loss, _ = fused_head_loss(hidden, head.weight, head.bias, b, loss=name, options=options, ce_weight=ce_w,
+                                      kd_weight=kd_w)
+        elif mode == "ce_sft":
+            s = supervised_logits(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                  b["rows"], None)
+            loss = torch.nn.functional.cross_entropy(s.float(), b["targets"])
+        elif mode == "hf_sft":
             labels = torch.full_like(b["input_ids"], -100)
             labels.view(-1)[b["rows"] + 1] = b["targets"]
             loss = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
@@ -101,9 +144,58 @@ def step_fn(mode: str, student, teacher, opt):
     return run
 
 
+FUSED_MODES = ["ce_sft", "hf_sft", "sft", "sft_fused", "kl+ce", "kl+ce_fused", "bild+ce", "bild+ce_fused"]
+
+
+def memory_one(a) -> dict:
+    """One mode's peak RSS growth over one step, after a warm-up step; run in a fresh process."""
+    torch.set_num_threads(a.threads)
+    student = llama(a.vocab, a.hidden, a.layers, 1, getattr(torch, a.dtype), "cpu", tie_word_embeddings=True).train()
+    batches = make_batches(1, a.batch, a.seq, a.vocab, a.prompt, "cpu")
+    add_random_cache(batches, a.vocab, a.k)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    run = step_fn(a.memory_one, student, None, opt)
+    run(batches[0])
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    before = _status_bytes("VmRSS")
+    run(batches[0])
+    return {"mode": a.memory_one, "peak_growth": _status_bytes("VmHWM") - before}
+
+
+def _status_bytes(field: str) -> int:
+    return int(Path("/proc/self/status").read_text().split(field + ":")[1].split()[0]) * 1024
+
+
+def memory_main(a) -> None:
+    """Every mode's `memory_one` in its own process, with glibc handing freed memory back at once."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = {}
+    for mode in FUSED_MODES:
+        args = [sys.executable, __file__, "--memory-one", mode, "--vocab", str(a.vocab), "--hidden", str(a.hidden),
+                "--layers", str(a.layers), "--batch", str(a.batch), "--seq", str(a.seq), "--prompt", str(a.prompt),
+                "--k", str(a.k), "--dtype", a.dtype, "--threads", str(a.threads)]
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_growth"]
+    tokens = a.batch * a.seq
+    logits = tokens * a.vocab * 4
+    result = {"setup": {**vars(a), "torch": torch.__version__}, "logits_fp32_bytes": logits,
+              "peak_growth_mib": {m: v / 2**20 for m, v in out.items()},
+              "peak_in_logits_units": {m: v / logits for m, v in out.items()},
+              "relative_to_ce_sft": {m: v / out["ce_sft"] for m, v in out.items()}}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "train_memory.json").write_text(json.dumps(result, indent=1))
+    print(f"peak RSS growth of one step: student {a.layers}x{a.hidden}, vocab {a.vocab}, {a.batch}x{a.seq} tokens, "
+          f"{a.dtype}; one (tokens x V) fp32 logits = {logits / 2**20:.0f} MiB")
+    for m in FUSED_MODES:
+        print(f"  {m:14s} {out[m] / 2**20:8.0f} MiB  {out[m] / logits:5.2f} logits  {out[m] / out['ce_sft']:5.2f}x ce_sft")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--fused", action="store_true", help="time the fused head + loss at V = 151,936 (no online teacher)")
+    p.add_argument("--memory", action="store_true", help="peak memory of one step per mode at V = 151,936")
+    p.add_argument("--memory-one", metavar="MODE", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--vocab", type=int, default=32768)
@@ -119,17 +211,30 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode and round")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: no OpenMP spin-waits in CPU time)")
     a = p.parse_args()
+    if a.memory_one:
+        print(json.dumps(memory_one(a)))
+        return
     if a.quick:
         a.vocab, a.seq, a.rounds, a.steps = 8192, 128, 3, 2
+    if (a.fused or a.memory) and "--vocab" not in sys.argv:
+        a.vocab = 151_936
+    if a.memory:
+        memory_main(a)
+        return
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
-    student = llama(a.vocab, a.hidden, a.layers, 1, dtype, a.device).train()
-    teacher = llama(a.vocab, a.teacher_hidden, a.teacher_layers, 0, dtype, a.device).eval()
+    student = llama(a.vocab, a.hidden, a.layers, 1, dtype, a.device, tie_word_embeddings=a.fused).train()
     batches = make_batches(a.steps, a.batch, a.seq, a.vocab, a.prompt, a.device)
-    add_cache(batches, teacher, a.k)
+    if a.fused:
+        teacher = None
+        add_random_cache(batches, a.vocab, a.k)
+        modes = FUSED_MODES
+    else:
+        teacher = llama(a.vocab, a.teacher_hidden, a.teacher_layers, 0, dtype, a.device).eval()
+        add_cache(batches, teacher, a.k)
+        modes = ["sft", "hf_sft", "kl", "kl+ce", "bild", "bild+ce", "online_kl"]
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    modes = ["sft", "hf_sft", "kl", "kl+ce", "bild", "bild+ce", "online_kl"]
     wall = {m: [] for m in modes}
     cpu = {m: [] for m in modes}
     for m in modes:  # warm-up: allocator, AdamW state
@@ -152,16 +257,17 @@ def main():
               "clock": "process cpu time" if a.device == "cpu" else "wall",
               "seconds_per_step": med, "min_seconds_per_step": best, "wall_seconds_per_step": med_wall,
               "relative_to_sft_min": {m: best[m] / best["sft"] for m in modes},
-              "relative_to_sft": {m: med[m] / med["sft"] for m in modes},
-              "relative_to_online_kl": {m: med[m] / med["online_kl"] for m in modes}}
+              "relative_to_sft": {m: med[m] / med["sft"] for m in modes}}
+    base = "ce_sft" if a.fused else "online_kl"
+    result[f"relative_to_{base}"] = {m: med[m] / med[base] for m in modes}
     OUT.mkdir(exist_ok=True)
-    (OUT / "train_steps.json").write_text(json.dumps(result, indent=1))
-    print(f"student {a.layers}x{a.hidden}, teacher {a.teacher_layers}x{a.teacher_hidden}, vocab {a.vocab}, "
+    (OUT / ("train_steps_fused.json" if a.fused else "train_steps.json")).write_text(json.dumps(result, indent=1))
+    print(f"student {a.layers}x{a.hidden}, teacher {'(cache only)' if a.fused else a.teacher_layers}x{a.teacher_hidden}, vocab {a.vocab}, "
           f"{a.batch}x{a.seq} tokens ({n_rows} supervised), K={a.k}, {a.device} {a.dtype}, "
           f"{torch.get_num_threads()} threads; median of {len(wall['sft'])} steps ({result['clock']})")
     for m in modes:
-        print(f"  {m:10s} {med[m]:8.4f} s/step   {med[m] / med['sft']:5.2f}x sft   "
-              f"{med[m] / med['online_kl']:5.2f}x online   (min {best[m]:.3f} s = {best[m] / best['sft']:5.2f}x sft; "
+        print(f"  {m:14s} {med[m]:8.4f} s/step   {med[m] / med['sft']:5.2f}x sft   "
+              f"{med[m] / med[base]:5.2f}x {base}   (min {best[m]:.3f} s = {best[m] / best['sft']:5.2f}x sft; "
               f"wall {med_wall[m]:.3f} s)")
 
 

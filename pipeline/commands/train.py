@@ -89,6 +89,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="dtype to load the student in (default float32)")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     g.add_argument("--chunk-size", type=int, help="positions per loss chunk (default: automatic)")
+    g.add_argument("--fused-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the LM head inside the loss, a chunk of supervised rows at a time, so the full "
+                   "(batch, length, vocabulary) logits are never built (default: on where the model allows it; "
+                   "--no-fused-head uses the model's own logits)")
     g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep (default 2)")
     g.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
@@ -119,7 +123,8 @@ def run(args) -> int:
         seed=args.seed, temperature=args.temperature, top_k=args.top_k, tail=args.tail,
         loss_options=_as_dict(args.loss_options), ce_weight=args.ce_weight, kd_weight=args.kd_weight,
         uld_lambda=args.uld_lambda, max_length=args.max_length, num_workers=args.num_workers,
-        shuffle_window=args.shuffle_window, chunk_size=args.chunk_size, dtype=args.dtype, bf16=args.bf16,
+        shuffle_window=args.shuffle_window, chunk_size=args.chunk_size, fused_head=args.fused_head,
+        dtype=args.dtype, bf16=args.bf16,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
         report_to=args.report_to, resume=args.resume, eval_data=args.eval_data, deepspeed=args.deepspeed,
         fsdp=args.fsdp, hf_args=_as_dict(args.hf_args), trust_remote_code=args.trust_remote_code)

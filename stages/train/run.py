@@ -21,22 +21,17 @@ The recipe, top to bottom (`train`):
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
 
+from logitcache.stages.train.loss_settings import loss_settings
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["TrainSettings", "train", "loss_settings", "RESULT_NAME"]
 
 RESULT_NAME = "logitcache_train.json"
-# Loss arguments the trainer supplies itself; not settable as options.
-_RESERVED = {"student_logits", "teacher_ids", "teacher_logprobs", "labels", "counts", "tail_mass", "metrics",
-             "chunk_size"}
-
-
 @dataclass
 class TrainSettings:
     """Every setting of a training run; the CLI's options (`logitcache train --help`)."""
@@ -67,6 +62,7 @@ class TrainSettings:
     num_workers: int = 1
     shuffle_window: int = 2
     chunk_size: int | None = None
+    fused_head: bool = True
     dtype: str = "float32"
     bf16: bool = False
     save_steps: int = 500
@@ -79,59 +75,6 @@ class TrainSettings:
     fsdp: str | None = None
     hf_args: dict = field(default_factory=dict)
     trust_remote_code: bool = False
-
-
-def loss_settings(loss: str, *, temperature: float | None, top_k: int | None, tail: str | None, options: dict,
-                  ce_weight: float | None, kd_weight: float | None, uld_lambda: float | None) -> dict:
-    """The loss's keyword options, the cached columns to keep, and the CE/KD weights.
-
-    `--top-k` is BiLD's k where the loss takes `top_k`; for the other losses it keeps the teacher's
-    top-k of the K cached ids (the rest joins the tail mass), which sweeps K without a new cache.
-
-    Returns:
-        {"options": dict, "keep_k": int | None, "ce_weight": float, "kd_weight": float}
-
-    Raises:
-        ConfigError: an option the loss does not take, or conflicting weights.
-    """
-    from logitcache.stages.train.losses import ULD_KD_WEIGHT, get_loss
-
-    params = set(inspect.signature(get_loss(loss)).parameters)
-    given = dict(options)
-    for flag, name, value in (("--temperature", "temperature", temperature), ("--tail", "tail", tail)):
-        if value is not None:
-            given[name] = value
-    opts = {}
-    for name, value in given.items():
-        if name in _RESERVED or name not in params:
-            takes = sorted(params - _RESERVED - {"top_k"})
-            raise ConfigError(f"--loss {loss} has no option {name!r}; it takes {', '.join(takes) or 'none'}")
-        opts[name] = value
-    keep_k = None
-    if top_k is not None:
-        if "top_k" in params:
-            opts["top_k"] = top_k
-        elif loss == "sft":
-            raise ConfigError("--top-k does not apply to --loss sft")
-        else:
-            keep_k = top_k
-    if uld_lambda is not None:
-        if loss != "uld":
-            raise ConfigError(f"--uld-lambda applies to --loss uld, not --loss {loss}")
-        if kd_weight is not None:
-            raise ConfigError("--uld-lambda is ULD's KD weight; give it or --kd-weight, not both")
-        kd_weight = uld_lambda
-    if loss == "sft":
-        if kd_weight:
-            raise ConfigError("--kd-weight does not apply to --loss sft (no teacher term)")
-        return {"options": opts, "keep_k": None, "ce_weight": 1.0, "kd_weight": 0.0}
-    default_kd = ULD_KD_WEIGHT if loss == "uld" else 1.0
-    weights = {"ce_weight": 1.0 if ce_weight is None else float(ce_weight),
-               "kd_weight": default_kd if kd_weight is None else float(kd_weight)}
-    if weights["ce_weight"] < 0 or weights["kd_weight"] < 0 or not (weights["ce_weight"] or weights["kd_weight"]):
-        raise ConfigError(f"--ce-weight {weights['ce_weight']} and --kd-weight {weights['kd_weight']}: both must be "
-                          f">= 0 and one > 0")
-    return {"options": opts, "keep_k": keep_k, **weights}
 
 
 def train(s: TrainSettings) -> dict:
@@ -234,7 +177,7 @@ def train(s: TrainSettings) -> dict:
     trainer = KDTrainer(model=model, args=args, train_dataset=stream, data_collator=Collator(pad_id=pad_id),
                         processing_class=tokenizer, loss=s.loss, loss_options=ls["options"],
                         ce_weight=ls["ce_weight"], kd_weight=ls["kd_weight"], vocab_size=vocab,
-                        chunk_size=s.chunk_size)
+                        chunk_size=s.chunk_size, fused_head=s.fused_head)
 
     # 6. Train.
     if s.resume and last is None:

@@ -34,11 +34,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from logitcache.stages.train.data import ShardedStream
-from logitcache.stages.train.losses import get_loss, kd_with_ce, sft
+from logitcache.stages.train.batch_loss import fused_head_loss, loss_parts, supervised_logits
+from logitcache.stages.train.loss_settings import loss_weights
+from logitcache.stages.train.losses import get_loss
 from logitcache.stages.train.stop import StopOnSignal
+from logitcache.storage.head import logit_transform
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["KDTrainer", "training_arguments", "data_state_name", "loss_parts", "supervised_logits"]
+__all__ = ["KDTrainer", "training_arguments", "data_state_name", "fused_head_problem", "loss_parts",
+           "supervised_logits"]
 
 
 def data_state_name(rank: int) -> str:
@@ -57,57 +61,25 @@ def training_arguments(output_dir: str, **kwargs) -> TrainingArguments:
                              accelerator_config=accel, **kwargs)
 
 
-def supervised_logits(logits: torch.Tensor, rows: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
-    """(N, V) student logits at the supervised rows, sliced to `vocab_size` columns (see `checks`).
+def fused_head_problem(model, args: TrainingArguments | None = None) -> str | None:
+    """Why `model` cannot train with the fused head and loss, or None if it can.
 
-    Args:
-        logits: (B, T, W) model output. rows: (N,) int64 indices into the flattened (B*T) rows.
+    The fused path reads the head's weight outside the model's forward and applies it itself, so
+    it needs a plain linear head (not a PEFT-wrapped or quantized one), a decoder to hook and a
+    forward that takes `logits_to_keep`, and whole (not sharded) parameters: not FSDP or DeepSpeed.
     """
-    b, t, width = logits.shape
-    flat = logits.reshape(b * t, width)
-    if vocab_size is not None and vocab_size < width:
-        flat = flat[:, :vocab_size]
-    return flat.index_select(0, rows)
+    import inspect
 
-
-def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None = None, ce_weight: float = 1.0,
-               kd_weight: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ce_weight * CE + kd_weight * KD over a batch's supervised rows, and the metrics to log.
-
-    Args:
-        s: (N, V) student logits at the batch's supervised rows (`supervised_logits`).
-        batch: the collated batch (see `collate`): targets (N,), and for KD teacher_ids (N_kd, K),
-            teacher_logprobs (N_kd, K), tail_mass (N_kd,), kd_select (N_kd,), [sample_counts].
-        loss: a name from `losses.LOSSES` ("sft": CE alone).
-        options: the loss's keyword options.
-
-    Returns:
-        0-dim float32 total, and {name: 0-dim detached mean over rows}: ce, accuracy, kd, and the
-        loss's own metrics (top1_agreement, bild_coverage). A term at weight 0 is not computed and
-        not logged; neither is kd for a batch without teacher rows.
-    """
-    metrics: dict[str, torch.Tensor] = {}
-    if loss == "sft":
-        ce_weight, kd_weight = 1.0, 0.0
-    if kd_weight and batch["teacher_ids"].shape[0] > 0:
-        teacher_ids = batch["teacher_ids"]
-        # One pass over the vocabulary per row for both terms (see `losses.kd_with_ce`). Same
-        # tokenizer: a teacher row for every supervised row, in order (kd_select is 0..N-1).
-        kd_select = None if teacher_ids.shape[0] == s.shape[0] else batch["kd_select"]
-        extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
-        total, parts = kd_with_ce(loss, s, teacher_ids, batch["teacher_logprobs"], batch["targets"],
-                                  ce_weight=ce_weight, kd_weight=kd_weight, kd_select=kd_select,
-                                  tail_mass=batch["tail_mass"], chunk_size=chunk_size, metrics=metrics,
-                                  **extra, **(options or {}))
-        # ce, kd; accuracy, and the loss's own: top1_agreement (every loss that reads teacher ids), bild_coverage
-        metrics.update(parts)
-        return total, metrics
-    total = s.new_zeros((), dtype=torch.float32)
-    if ce_weight:
-        ce = sft(s, labels=batch["targets"], chunk_size=chunk_size, metrics=metrics)
-        total = total + ce_weight * ce
-        metrics["ce"] = ce.detach()
-    return total, metrics
+    if args is not None and (args.fsdp or args.deepspeed):
+        return "FSDP and DeepSpeed shard the head's weight outside the forward"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or type(head) is not torch.nn.Linear:
+        return f"the output embedding is {type(head).__name__}, not a plain torch.nn.Linear"
+    if not hasattr(model, "get_decoder") or model.get_decoder() is model:
+        return f"{type(model).__name__} has no decoder module to take the final hidden states from"
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return f"{type(model).__name__}.forward takes no logits_to_keep"
+    return None
 
 
 class _SaveDataPosition(TrainerCallback):
@@ -129,23 +101,30 @@ class KDTrainer(Trainer):
     Args:
         loss: a name from `losses.LOSSES`; "sft" trains on the labels alone.
         loss_options: keyword arguments of the loss (temperature, top_k, tail, ...).
-        ce_weight, kd_weight: total = ce_weight * CE + kd_weight * KD (CE is skipped at weight 0).
+        ce_weight, kd_weight: total = ce_weight * CE + kd_weight * KD (CE is skipped at weight 0);
+            None: the loss's default (`loss_settings.loss_weights`).
         vocab_size: the logits columns to use (see `checks`); None uses all.
         chunk_size: rows per loss chunk (None: automatic).
+        fused_head: apply the LM head inside the loss, a chunk of supervised rows at a time, so the
+            (B, T, V) logits are never built (`batch_loss.fused_head_loss`). Used where the model
+            allows it (`fused_head_problem`); otherwise, or with False, the model's own logits.
         *args, **kwargs: `transformers.Trainer`'s; `args` should come from `training_arguments`.
 
     Raises:
         ConfigError: TrainingArguments that would split or skip the stream a second time.
     """
 
-    def __init__(self, *args, loss: str, loss_options: dict | None = None, ce_weight: float = 1.0,
-                 kd_weight: float = 1.0, vocab_size: int | None = None, chunk_size: int | None = None, **kwargs):
+    def __init__(self, *args, loss: str, loss_options: dict | None = None, ce_weight: float | None = None,
+                 kd_weight: float | None = None, vocab_size: int | None = None, chunk_size: int | None = None,
+                 fused_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         get_loss(loss)  # an unknown name fails here, not at step one
         self.loss_name = loss
         self.loss_options, self.chunk_size = dict(loss_options or {}), chunk_size
-        self.ce_weight, self.kd_weight = (1.0, 0.0) if loss == "sft" else (float(ce_weight), float(kd_weight))
+        weights = loss_weights(loss, ce_weight, kd_weight)
+        self.ce_weight, self.kd_weight = weights["ce_weight"], weights["kd_weight"]
         self.vocab_size = vocab_size
+        self.fused_head = fused_head and fused_head_problem(self.model, self.args) is None
         # compute_loss normalizes by `num_items_in_batch` itself; this makes the Trainer count and pass it.
         self.model_accepts_loss_kwargs = True
         self._sums: dict[str, torch.Tensor] = {}
@@ -201,14 +180,20 @@ class KDTrainer(Trainer):
     # ---- loss -----------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        logits = outputs.logits
         rows = inputs["rows"]
         n = rows.shape[0]
+        if self.fused_head and not return_outputs:
+            outputs = None
+            total, metrics, zero = self._fused_loss(model, inputs)
+        else:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            logits = outputs.logits
+            if n:
+                total, metrics = self.loss_parts(supervised_logits(logits, rows, self.vocab_size), inputs)
+            else:
+                zero = logits.sum() * 0.0
         if n == 0:  # nothing supervised: a zero that still touches every parameter (DDP needs that)
-            loss = logits.sum() * 0.0
-            return (loss, outputs) if return_outputs else loss
-        total, metrics = self.loss_parts(supervised_logits(logits, rows, self.vocab_size), inputs)
+            return (zero, outputs) if return_outputs else zero
         if num_items_in_batch is not None:
             scale = n / num_items_in_batch
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -220,6 +205,36 @@ class KDTrainer(Trainer):
             self._sums[name] = self._sums.get(name, 0.0) + value.detach().float() * n
             self._weights[name] = self._weights.get(name, 0.0) + n
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_loss(self, model, inputs):
+        """(total, metrics, zero) from the final hidden states and the head (`batch_loss.fused_head_loss`).
+
+        The model's own forward still runs (DDP and PEFT wrappers see their call), with
+        `logits_to_keep=1`, so its head makes (B, 1, V) logits; the final hidden states are taken
+        from its decoder by a forward hook.
+        """
+        inner = self.accelerator.unwrap_model(model)
+        captured = []
+        hook = inner.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+        try:
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                  logits_to_keep=1)
+        finally:
+            hook.remove()
+        hidden = captured[-1]
+        head = inner.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if self.vocab_size is not None and self.vocab_size < weight.shape[0]:
+            weight, bias = weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size]
+        rows = inputs["rows"]
+        if rows.shape[0] == 0:
+            zero = hidden.sum() * 0.0 + head.weight.sum() * 0.0
+            return None, {}, zero
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        total, metrics = fused_head_loss(hidden, weight, bias, inputs, loss=self.loss_name, options=self.loss_options,
+                                         ce_weight=self.ce_weight, kd_weight=self.kd_weight,
+                                         chunk_size=self.chunk_size, transform=logit_transform(inner.config))
+        return total, metrics, None
 
     def loss_parts(self, s: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`loss_parts` with this trainer's loss and weights."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from logitcache.pipeline.scratch import make_tiny_llama, toy_corpus, train_tokenizer
-from logitcache.stages.precompute.head import (
+from logitcache.storage.head import (
     LMHead,
     head_from_checkpoint,
     head_from_model,

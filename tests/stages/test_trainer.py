@@ -127,7 +127,7 @@ def test_compute_loss_slices_padded_columns():
     trainer = KDTrainer.__new__(KDTrainer)  # the loss only: no model, no data
     trainer.loss_name, trainer.loss_options, trainer.chunk_size = "kl", {}, None
     trainer.ce_weight, trainer.kd_weight, trainer._sums, trainer._weights = 1.0, 1.0, {}, {}
-    trainer.vocab_size = v
+    trainer.vocab_size, trainer.fused_head = v, False
     got = trainer.compute_loss(model, batch)
     s = logits.reshape(-1, v + 13)[batch["rows"], :v]
     want = sft(s, labels=batch["targets"]) + kl(s, batch["teacher_ids"], batch["teacher_logprobs"],

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from logitcache.stages.precompute.head import LMHead
+from logitcache.storage.head import LMHead
 from logitcache.stages.precompute.sparsify import (
     SAMPLE_FIELDS,
     TOPK_FIELDS,

@@ -23,7 +23,7 @@ from logitcache.stages.precompute.engines.base import (
     split_rows,
     targets_from_hidden,
 )
-from logitcache.stages.precompute.head import head_from_model, verify_head
+from logitcache.storage.head import head_from_model, verify_head
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["HFEngine", "length_batches"]

@@ -48,7 +48,7 @@ from logitcache.stages.precompute.engines.base import (
     split_rows,
     targets_from_hidden,
 )
-from logitcache.stages.precompute.head import head_from_checkpoint
+from logitcache.storage.head import head_from_checkpoint
 from logitcache.stages.precompute.sparsify import tail_mass
 from logitcache.storage.errors import ConfigError, InvalidDataError
 

@@ -1,0 +1,204 @@
+"""The loss of one collated batch: ce_weight * CE + kd_weight * KD over its supervised rows.
+
+    total, metrics = loss_parts(s, batch, loss="kl", ce_weight=1.0, kd_weight=1.0)       # s: (N, V) logits
+    total, metrics = fused_head_loss(hidden, weight, None, batch, loss="kl", ...)        # hidden: (N, H)
+
+`loss_parts` takes the student's logits at the supervised rows. `fused_head_loss` takes the
+student's final hidden states there and the LM head instead, and applies the head a chunk of rows
+at a time inside the loss, so the (N, V) logits, their gradient and the model's (B, T, V) logits
+never exist: one chunk's (n, V) logits do. It is the same loss in value and gradient (tested
+against `loss_parts` on `storage.head.apply_head`'s logits for every loss, fp32 and bf16).
+
+Each chunk is one black-box call of `loss_parts` on the chunk's rows (CE on every row, KD on the
+chunk's teacher rows), with the weights scaled by the chunk's share of the rows, so the sum over
+chunks is the batch's means. The gradient with respect to the chunk's logits (formed by the losses
+in their forward, see `chunking`) goes straight into the chunk's hidden states and the head weight,
+inside the forward pass; backward only hands those buffers over, the way `chunking._WithGradient`
+does for logits.
+"""
+
+import torch
+
+from logitcache.stages.train.chunking import chunk_rows
+from logitcache.stages.train.losses import kd_with_ce, sft
+from logitcache.storage.errors import ConfigError
+from logitcache.storage.head import apply_head
+
+__all__ = ["loss_parts", "supervised_logits", "fused_head_loss", "TEACHER_FIELDS"]
+
+# Collated fields with one row per teacher row (see `collate`).
+TEACHER_FIELDS = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts")
+# Metrics that `loss_parts` averages over all N rows; every other one is over the N_kd teacher rows.
+_PER_ROW = ("ce", "accuracy")
+
+
+def supervised_logits(logits: torch.Tensor, rows: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """(N, V) student logits at the supervised rows, sliced to `vocab_size` columns (see `checks`).
+
+    Args:
+        logits: (B, T, W) model output. rows: (N,) int64 indices into the flattened (B*T) rows.
+    """
+    b, t, width = logits.shape
+    flat = logits.reshape(b * t, width)
+    if vocab_size is not None and vocab_size < width:
+        flat = flat[:, :vocab_size]
+    return flat.index_select(0, rows)
+
+
+def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None = None, ce_weight: float = 1.0,
+               kd_weight: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ce_weight * CE + kd_weight * KD over a batch's supervised rows, and the metrics to log.
+
+    Args:
+        s: (N, V) student logits at the batch's supervised rows (`supervised_logits`).
+        batch: the collated batch (see `collate`): targets (N,), and for KD teacher_ids (N_kd, K),
+            teacher_logprobs (N_kd, K), tail_mass (N_kd,), kd_select (N_kd,), [sample_counts].
+        loss: a name from `losses.LOSSES` ("sft": CE alone, and kd_weight must be 0).
+        options: the loss's keyword options.
+        ce_weight, kd_weight: as decided by `settings.loss_weights`.
+
+    Returns:
+        0-dim float32 total, and {name: 0-dim detached mean over rows}: ce, accuracy, kd, and the
+        loss's own metrics (top1_agreement, bild_coverage). A term at weight 0 is not computed and
+        not logged; neither is kd for a batch without teacher rows.
+    """
+    if loss == "sft" and kd_weight:
+        raise ConfigError(f"loss 'sft' has no KD term; kd_weight={kd_weight} must be 0")
+    metrics: dict[str, torch.Tensor] = {}
+    if kd_weight and batch["teacher_ids"].shape[0] > 0:
+        teacher_ids = batch["teacher_ids"]
+        # One pass over the vocabulary per row for both terms (see `losses.kd_with_ce`). Same
+        # tokenizer: a teacher row for every supervised row, in order (kd_select is 0..N-1).
+        kd_select = None if teacher_ids.shape[0] == s.shape[0] else batch["kd_select"]
+        extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
+        total, parts = kd_with_ce(loss, s, teacher_ids, batch["teacher_logprobs"], batch["targets"],
+                                  ce_weight=ce_weight, kd_weight=kd_weight, kd_select=kd_select,
+                                  tail_mass=batch["tail_mass"], chunk_size=chunk_size, metrics=metrics,
+                                  **extra, **(options or {}))
+        # ce, kd; accuracy, and the loss's own: top1_agreement (every loss that reads teacher ids), bild_coverage
+        metrics.update(parts)
+        return total, metrics
+    total = s.new_zeros((), dtype=torch.float32)
+    if ce_weight:
+        ce = sft(s, labels=batch["targets"], chunk_size=chunk_size, metrics=metrics)
+        total = total + ce_weight * ce
+        metrics["ce"] = ce.detach()
+    return total, metrics
+
+
+def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: dict, *,
+                    loss: str, options: dict | None = None, ce_weight: float = 1.0, kd_weight: float = 1.0,
+                    chunk_size: int | None = None, transform: dict | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`loss_parts(apply_head(hidden, weight, bias, **transform), batch, ...)` without the (N, V) logits.
+
+    Args:
+        hidden: (N, H) the student's final hidden states (after the final norm) at the supervised
+            rows, in the order of `batch["targets"]`; float32/bfloat16/float16.
+        weight: (V, H) the output embedding (tied or not), already sliced to the V columns training
+            uses. bias: (V,) or None.
+        batch: as for `loss_parts`.
+        chunk_size: rows per chunk (None: `chunking.chunk_rows`, about 128 MiB of fp32 logits).
+        transform: `storage.head.logit_transform(config)`: hidden_scale, logit_scale, softcap.
+        loss, options, ce_weight, kd_weight: as for `loss_parts`.
+
+    Returns:
+        As `loss_parts`: 0-dim float32 total (differentiable in hidden, weight and bias) and the
+        detached metrics, means over the batch's rows.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    rows = chunk_rows(chunk_size, vocab)
+    transform = dict(transform or {})
+    teacher = kd_weight and "teacher_ids" in batch and batch["teacher_ids"].shape[0] > 0
+    if teacher:
+        select, order = _teacher_order(batch, n)
+        n_kd = select.shape[0]
+        starts = torch.arange(0, n, rows, device=select.device)
+        # Teacher rows of chunk c: order[bounds[c]:bounds[c + 1]]. One device sync per batch.
+        bounds = torch.searchsorted(select[order], torch.cat([starts, starts.new_tensor([n])])).tolist()
+    want_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def run(h_all, w, b):
+        total = h_all.new_zeros((), dtype=torch.float64 if h_all.dtype == torch.float64 else torch.float32)
+        grad_h = torch.zeros_like(h_all) if want_grad else None
+        # Accumulated over chunks in fp32 (bf16 sums of many chunks would drift from autograd's one matmul).
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if want_grad else None
+        grad_b = torch.zeros(b.shape, dtype=acc, device=b.device) if want_grad and b is not None else None
+        leaf_w = w.detach().requires_grad_(want_grad)
+        leaf_b = None if b is None else b.detach().requires_grad_(want_grad)
+        for c, start in enumerate(range(0, n, rows)):
+            stop = min(start + rows, n)
+            sub = {"targets": batch["targets"][start:stop]}
+            n_kd_c = 0
+            if teacher:
+                pick = order[bounds[c]:bounds[c + 1]]
+                n_kd_c = pick.shape[0]
+                sub["kd_select"] = select[pick] - start
+                sub.update({name: batch[name][pick] for name in TEACHER_FIELDS if name in batch})
+            ce_w = ce_weight * (stop - start) / n
+            kd_w = kd_weight * n_kd_c / n_kd if n_kd_c else 0.0
+            if not (ce_w or kd_w):
+                continue  # rows no term reads: gradient 0
+            h = h_all[start:stop].detach().requires_grad_(want_grad)
+            with torch.set_grad_enabled(want_grad):
+                s = apply_head(h, leaf_w, leaf_b, **transform)
+                chunk_total, chunk_metrics = loss_parts(s, sub, loss=loss, options=options, ce_weight=ce_w,
+                                                        kd_weight=kd_w, chunk_size=rows)
+                if want_grad:
+                    wrt = [h, leaf_w] + ([leaf_b] if leaf_b is not None else [])
+                    grads = torch.autograd.grad(chunk_total, wrt)
+                    grad_h[start:stop] = grads[0]
+                    grad_w += grads[1]
+                    if leaf_b is not None:
+                        grad_b += grads[2]
+            del s
+            total = total + chunk_total.detach()
+            for name, value in chunk_metrics.items():
+                weight_c = (stop - start) if name in _PER_ROW else n_kd_c
+                sums[name] = sums.get(name, 0.0) + value.detach().to(total.dtype) * weight_c
+                counts[name] = counts.get(name, 0) + weight_c
+        if want_grad:
+            grad_w = grad_w.to(w.dtype)
+            grad_b = None if grad_b is None else grad_b.to(b.dtype)
+        return total, (grad_h, grad_w, grad_b)
+
+    if want_grad:
+        total = _HeadWithGradient.apply(hidden, weight, bias, run)
+    else:
+        total, _ = run(hidden.detach(), weight.detach(), None if bias is None else bias.detach())
+    metrics = {name: value / max(counts[name], 1) for name, value in sums.items()}
+    return total, metrics
+
+
+def _teacher_order(batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kd_select, order): each teacher row's supervised row (N_kd,), and the teacher rows sorted by it."""
+    n_kd = batch["teacher_ids"].shape[0]
+    select = batch.get("kd_select")
+    if select is None or n_kd == n:
+        # Same tokenizer: a teacher row for every supervised row, in order (as `loss_parts` assumes).
+        select = torch.arange(n, device=batch["teacher_ids"].device)
+        return select, select
+    select = select.long()
+    return select, torch.argsort(select, stable=True)
+
+
+class _HeadWithGradient(torch.autograd.Function):
+    """Returns `run(hidden, weight, bias)`'s total; its gradients were formed by `run` in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, run):
+        total, grads = run(hidden, weight, bias)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = list(ctx.saved_tensors)
+        if not bool(grad_output == 1):  # see chunking._WithGradient: the usual root loss hands buffers over
+            grads = [g * grad_output.to(g.dtype) for g in grads]
+        grad_h, grad_w = grads[0], grads[1]
+        return grad_h, grad_w, grads[2] if ctx.has_bias else None, None
