@@ -66,19 +66,28 @@ def tokenizer_identity(tokenizer) -> dict:
         chat_template_sha256: sha256 of the chat template, or None.
         bos_token_id, eos_token_id: as before, for readers of the older fields.
     """
-    id_to_token = _id_to_token(tokenizer)
     n = len(tokenizer)
     added = {str(i): str(t) for i, t in sorted(getattr(tokenizer, "added_tokens_decoder", {}).items())}
-    specials = {}
+    return {"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": n,
+            "vocab_blocks": _block_hashes(_id_to_token(tokenizer), n), "added_tokens": added,
+            "special_tokens": _special_tokens(tokenizer), "chat_template_sha256": _template_sha256(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
+def _special_tokens(tokenizer) -> dict:
+    out = {}
     for name in _SPECIALS:
         token = getattr(tokenizer, name, None)
-        specials[name] = None if token is None else [tokenizer.convert_tokens_to_ids(str(token)), str(token)]
+        out[name] = None if token is None else [tokenizer.convert_tokens_to_ids(str(token)), str(token)]
+    return out
+
+
+def _template_sha256(tokenizer) -> str | None:
     template = getattr(tokenizer, "chat_template", None)
-    template = template if isinstance(template, str) or template is None else json.dumps(template, sort_keys=True)
-    return {"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": n,
-            "vocab_blocks": _block_hashes(id_to_token, n), "added_tokens": added, "special_tokens": specials,
-            "chat_template_sha256": None if template is None else hashlib.sha256(template.encode()).hexdigest(),
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if template is None:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def compare_tokenizers(cached: dict, tokenizer, *, teacher_tokenizer=None) -> tuple[list[str], list[str]]:
@@ -128,11 +137,10 @@ def compare_tokenizers(cached: dict, tokenizer, *, teacher_tokenizer=None) -> tu
         shown = ", ".join(repr(extra[i]) for i in sorted(extra)[:4])
         differences.append(f"the student has {len(extra)} token(s) beyond the cache's {n} ids ({shown}"
                            f"{', ...' if len(extra) > 4 else ''}); the teacher never predicts them")
-    identity = tokenizer_identity(tokenizer)
-    if identity["chat_template_sha256"] != cached.get("chat_template_sha256"):
+    if _template_sha256(tokenizer) != cached.get("chat_template_sha256"):
         differences.append("the chat template differs from the teacher's (e.g. a base student and an instruct "
                            "teacher); ids are the same, so distillation reads the cache as written")
-    theirs_sp, mine_sp = cached.get("special_tokens") or {}, identity["special_tokens"]
+    theirs_sp, mine_sp = cached.get("special_tokens") or {}, _special_tokens(tokenizer)
     for name in _SPECIALS:
         if name in theirs_sp and theirs_sp.get(name) != mine_sp.get(name):
             differences.append(f"{name}: cache {theirs_sp.get(name)} vs student {mine_sp.get(name)}")
