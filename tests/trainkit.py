@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from logitcache.stages.train.alignment import encode_example, supervised_positions
-from logitcache.storage import CacheWriter, ShardData, tokenizer_fingerprint
+from logitcache.storage import CacheWriter, ShardData
+from logitcache.storage.fingerprint import tokenizer_identity
 
 
 def text_rows(n: int, seed: int) -> list[dict]:
@@ -92,8 +93,7 @@ def build_cache(root: Path, teacher_dir: Path, tokenizer, rows: list[dict], *, k
         writer.write_shard(j, ShardData.from_sequences(seqs, text_fields=fields), extra={"rows": [lo, lo + len(seqs)]})
     writer.finalize({
         "teacher": {"name_or_path": teacher_name or str(teacher_dir), "revision": None, "config_hash": "test"},
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
-                      "logits_width": width},
+        "tokenizer": {**tokenizer_identity(tokenizer), "logits_width": width},
         "dataset": {"name": "toy", "fingerprint": "toy"},
         "inputs": {"kind": "prompt_response", "columns": {"prompt": "prompt", "response": "response"},
                    "stored_fields": list(fields), "max_length": 256},

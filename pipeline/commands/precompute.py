@@ -16,10 +16,15 @@ A killed run leaves nothing partial behind (the cache is unreadable until its in
 Inputs (choose one kind):
   --text-field F                     plain text; every position is supervised
   --prompt-field P --response-field R
-                                     only response tokens (and the EOS appended after them) are
-                                     supervised; prompt positions are not stored
-  --messages-field M                 chat messages [{role, content}, ...] rendered with the
-                                     teacher tokenizer's chat template; assistant turns supervised
+                                     only response tokens are supervised. --prompt-format plain
+                                     (the default): prompt + response + EOS as raw text;
+                                     --prompt-format chat: a user turn and an assistant turn through
+                                     the teacher's chat template (what an instruct teacher expects)
+  --messages-field M                 chat messages [{role, content, ...}, ...] rendered once with
+                                     the teacher tokenizer's chat template; assistant turns (and
+                                     their end-of-turn token) supervised. Every message key reaches
+                                     the template (tool_calls, reasoning_content, ...); --tools-field
+                                     names a column of tool schemas (a list, or JSON text)
 Rows whose field is missing, not a string or empty are skipped and counted in the index
 (--strict: stop with an error naming the row). Rows longer than --max-length tokens keep their
 start; they are counted as truncated.
@@ -67,6 +72,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--prompt-field", metavar="P", help="column with the prompt (not supervised)")
     g.add_argument("--response-field", metavar="R", help="column with the response (supervised)")
     g.add_argument("--messages-field", metavar="M", help="column with chat messages")
+    g.add_argument("--tools-field", metavar="T", help="with --messages-field: column with the tool schemas "
+                                                      "passed to the chat template as `tools`")
+    g.add_argument("--prompt-format", choices=["plain", "chat"], default="plain",
+                   help="with --prompt-field/--response-field: plain (default) tokenizes prompt + response + EOS "
+                        "as raw text; chat renders them as a user and an assistant turn with the teacher's chat "
+                        "template")
     g.add_argument("--max-length", type=int, metavar="L",
                    help="tokens kept per row, from the start (default: the teacher's context length)")
     g.add_argument("--strict", action="store_true",
@@ -153,7 +164,8 @@ def run(args) -> int:
         teacher=args.teacher, data=args.data, out=args.out, engine=args.engine, fmt=args.backend,
         encoding=args.encoding, mode=args.mode, top_k=args.top_k, samples=args.samples,
         temperature=args.temperature, seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
-        response_field=args.response_field, messages_field=args.messages_field, split=args.split,
+        response_field=args.response_field, messages_field=args.messages_field,
+        tools_field=args.tools_field, prompt_format=args.prompt_format, split=args.split,
         data_config=args.data_config, max_length=args.max_length, batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens, rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs,
         job_index=args.job_index, strict=args.strict, dtype=args.dtype,

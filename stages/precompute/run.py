@@ -35,6 +35,7 @@ from logitcache.stages.precompute.plan import (finalize_cache, num_shards, owned
                                                write_job_record)
 from logitcache.stages.precompute.shard_work import process_shard
 from logitcache.storage import FORMAT_VERSION, CacheWriter, chain_fingerprint, read_index, tokenizer_fingerprint
+from logitcache.storage.fingerprint import tokenizer_identity
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["precompute", "PrecomputeResult", "FINGERPRINT_PARTS"]
@@ -72,7 +73,8 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
                mode: str = "topk", top_k: int | None = None, samples: int | None = None,
                temperature: float | None = None, seed: int = 0,
                text_field: str | None = None, prompt_field: str | None = None, response_field: str | None = None,
-               messages_field: str | None = None, split: str | None = None, data_config: str | None = None,
+               messages_field: str | None = None, tools_field: str | None = None, prompt_format: str = "plain",
+               split: str | None = None, data_config: str | None = None,
                max_length: int | None = None, batch_size: int = 64, max_batch_tokens: int | None = None,
                rows_per_shard: int = 1000, num_jobs: int = 1, job_index: int = 0, strict: bool = False,
                dtype: str = "auto", engine_args: dict | None = None, trust_remote_code: bool = False,
@@ -125,7 +127,8 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
     # 3. Dataset and input kind.
     dataset, dataset_info = load_rows(data, split=split, config_name=data_config)
     spec = InputSpec.build(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
-                           messages_field=messages_field, max_length=max_length)
+                           messages_field=messages_field, tools_field=tools_field, prompt_format=prompt_format,
+                           max_length=max_length)
     absent = [c for c in spec.columns.values() if c not in dataset.column_names]
     if absent:
         raise ConfigError(f"--data {data}: column(s) {absent} not found; it has {dataset.column_names}")
@@ -149,8 +152,7 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
     fingerprint = chain_fingerprint(*(parts[name] for name in FINGERPRINT_PARTS))
     metadata = {
         "teacher": teacher_info,
-        "tokenizer": {"fingerprint": tok_fp, "vocab_size": len(tokenizer), "logits_width": logits_width,
-                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        "tokenizer": {**tokenizer_identity(tokenizer), "logits_width": logits_width},
         "dataset": dataset_info,
         "inputs": parts["inputs"],
         "sparsification": sparsification,

@@ -21,6 +21,7 @@ Items from text alone (no cache) carry only input_ids, labels and row_index.
 import numpy as np
 
 from logitcache.storage.errors import ConfigError, InvalidDataError
+from logitcache.storage.inputs import SKIP_REASONS, STORED_FIELDS, InputSpec, Skipped, TextEncoder
 
 __all__ = ["IGNORE", "SameTokenizerTargets", "keep_first_k", "fold_out_of_vocab", "CrossTokenizerTargets",
            "TextExample", "encode_example", "align_answers", "supervised_positions"]
@@ -108,44 +109,43 @@ class SameTokenizerTargets:
         return {"input_ids": ids, "labels": labels, "kd_positions": pos[kd], **rows, "row_index": int(seq["row_index"])}
 
 
-def encode_example(tokenizer, row: dict, *, max_length: int | None = None,
+def encode_example(tokenizer, row: dict, *, max_length: int | None = None, prompt_format: str = "plain",
                    where: str = "row") -> tuple[np.ndarray, np.ndarray]:
     """Tokenize a text row for training: returns (input_ids (T,) int64, labels (T,) int64).
 
-    The same rules as stage one's encoder, so a student re-tokenizing cached text sees what the
-    teacher saw: `prompt` + `response` fields: the prompt encoded with the tokenizer's special tokens
-    (a BOS if it adds one), the response without them, then EOS; only response tokens and EOS are
-    supervised. `text` field: the text as the tokenizer encodes it by default (special tokens
-    included); every token after the first is supervised. Truncated to the first `max_length` tokens.
+    The row uses the stored field names: `messages` (a chat: a list of messages, or the JSON text a
+    cache stores; `tools` alongside), `prompt` + `response`, or `text`. Tokens and supervised
+    positions follow the format's one rule (`logitcache.storage.inputs`), the one stage one used
+    for the teacher, so a student re-tokenizing cached text is supervised where the teacher was.
+    Truncated to the first `max_length` tokens. A row left with nothing to supervise gives labels
+    that are all -100.
 
     Raises:
-        InvalidDataError: the row has neither a string `text` nor string `prompt` and `response`.
+        InvalidDataError: the row has none of those fields, or a field is not a string / a chat.
+        ConfigError: a chat (or `prompt_format="chat"`) for a tokenizer without a chat template.
     """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-        prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
-        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + eos
-        ids = np.asarray(prompt + response, dtype=np.int64)
-        labels = np.concatenate([np.full(len(prompt), IGNORE), ids[len(prompt):]]).astype(np.int64)
-    elif isinstance(row.get("text"), str):
-        ids = np.asarray(tokenizer(row["text"], add_special_tokens=True)["input_ids"], dtype=np.int64)
-        labels = ids.copy()
-    else:
-        raise InvalidDataError(f"{where}: needs a string 'text' field or string 'prompt' and 'response' fields; "
-                               f"got keys {sorted(row)}")
-    if max_length is not None:
-        ids, labels = ids[:max_length], labels[:max_length]
+    spec = InputSpec.for_row(row, max_length=max_length, prompt_format=prompt_format, where=where)
+    out = TextEncoder(tokenizer, spec)(row)
+    if isinstance(out, Skipped):
+        if out.token_ids is None:
+            raise InvalidDataError(f"{where}: field {out.field!r}: {out.detail or SKIP_REASONS[out.reason]}")
+        ids = np.asarray(out.token_ids, dtype=np.int64)
+        return ids, np.full(len(ids), IGNORE, dtype=np.int64)
+    ids = np.asarray(out.token_ids, dtype=np.int64)
+    labels = np.full(len(ids), IGNORE, dtype=np.int64)
+    labels[out.positions + 1] = ids[out.positions + 1]
     return ids, labels
 
 
 class TextExample:
     """Text row -> item without teacher targets (`--loss sft` straight from a dataset)."""
 
-    def __init__(self, tokenizer, *, max_length: int | None = None, where: str = "data"):
+    def __init__(self, tokenizer, *, max_length: int | None = None, prompt_format: str = "plain", where: str = "data"):
         self.tokenizer, self.max_length, self.where = tokenizer, max_length, where
+        self.prompt_format = prompt_format
 
     def __call__(self, row: dict) -> dict:
-        ids, labels = encode_example(self.tokenizer, row, max_length=self.max_length,
+        ids, labels = encode_example(self.tokenizer, row, max_length=self.max_length, prompt_format=self.prompt_format,
                                      where=f"{self.where} row {row.get('row_index')}")
         return {"input_ids": ids, "labels": labels, "row_index": int(row["row_index"])}
 
@@ -173,24 +173,26 @@ def align_answers(n_teacher: int, student_positions: np.ndarray) -> tuple[np.nda
 class CrossTokenizerTargets:
     """Cache sequence -> item for a student with another tokenizer (ULD).
 
-    The student re-tokenizes the sequence's stored text (`encode_example`); teacher rows and student
-    answer positions are paired by `align_answers`.
+    The student re-tokenizes the sequence's stored text (`encode_example`, by the rule the cache was
+    written with: a chat through the student's own chat template); teacher rows and student answer
+    positions are paired by `align_answers` (a chat's assistant spans, in order, on both sides).
 
     Args:
         tokenizer: the student's tokenizer.
-        fields: text fields to encode: ("prompt", "response") or ("text",).
+        fields: text fields to encode: ("prompt", "response"), ("text",) or ("messages",).
         max_length: truncate the student sequence.
         texts: optional {row_index: row dict} source of the text when the cache stores none.
         keep_k: use only the teacher's top-k of the K cached ids (the rest joins the tail mass).
+        prompt_format: how the cache rendered prompt/response ("plain" or "chat"; its index says).
     """
 
     def __init__(self, tokenizer, *, fields: tuple[str, ...], max_length: int | None = None, texts: dict | None = None,
-                 keep_k: int | None = None):
-        if set(fields) not in ({"prompt", "response"}, {"text"}):
-            raise ConfigError(f"cross-tokenizer training re-tokenizes 'prompt'+'response' or 'text'; "
+                 keep_k: int | None = None, prompt_format: str = "plain"):
+        if tuple(fields) not in STORED_FIELDS.values():
+            raise ConfigError(f"cross-tokenizer training re-tokenizes 'prompt'+'response', 'text' or 'messages'; "
                               f"the cache's text fields are {list(fields)}")
         self.tokenizer, self.fields, self.max_length, self.texts = tokenizer, tuple(fields), max_length, texts
-        self.keep_k = keep_k
+        self.keep_k, self.prompt_format = keep_k, prompt_format
 
     def __call__(self, seq: dict) -> dict:
         row_index = int(seq["row_index"])
@@ -200,7 +202,8 @@ class CrossTokenizerTargets:
             row = self.texts[row_index]
         else:
             row = {f: seq[f] for f in self.fields}
-        ids, labels = encode_example(self.tokenizer, row, max_length=self.max_length, where=f"cache row {row_index}")
+        ids, labels = encode_example(self.tokenizer, row, max_length=self.max_length, prompt_format=self.prompt_format,
+                                     where=f"cache row {row_index}")
         student = supervised_positions(labels)
         order = np.argsort(np.asarray(seq["positions"]), kind="stable")
         t_rows, s_pos = align_answers(len(order), student)

@@ -1,5 +1,8 @@
 """Refusals at the start of training: a cache and a student that do not fit together fail before step one.
 
+Tokenizer rule: same-tokenizer losses need every cached id to mean the same token to the student
+(`check_tokenizer`); a different chat template or special-tokens map is a warning.
+
 Logits width rule: a model's logits may be wider than its tokenizer (Qwen2.5-7B: 152064 columns,
 151665 tokens); the extra columns are padding that no token id maps to. Training compares
 distributions over the token ids only: the student's logits are sliced to `vocab_size`, the number
@@ -18,31 +21,54 @@ __all__ = ["SAME_TOKENIZER_LOSSES", "check_tokenizer", "check_teacher", "check_l
 SAME_TOKENIZER_LOSSES = frozenset({"kl", "rkl", "jsd", "skl", "srkl", "topk_kl", "dkd", "nkd", "normkd", "bild", "rskd"})
 
 
-def check_tokenizer(index: dict, tokenizer, fingerprint: str, *, loss: str, student: str, cache: str) -> bool:
-    """Check the student tokenizer against the cache's. Returns True when they are the same tokenizer.
+def check_tokenizer(index: dict, tokenizer, *, loss: str, student: str, cache: str, has_text: bool,
+                    teacher_tokenizer=None, warn=None) -> bool:
+    """Check the student tokenizer against the cache's. Returns True when the cached ids mean the same
+    tokens to the student (train on them directly), False when they do not (ULD re-tokenizes).
+
+    Same ids, same tokens: every id the cache can hold maps to the same token for the student
+    (`storage.fingerprint.compare_tokenizers`). A different chat template, special-tokens map or added
+    tokens beyond the cached ids are reported through `warn`, not refused: a base student trains from
+    its instruct sibling's cache.
 
     Args:
         index: the cache's index.
-        tokenizer: the student's tokenizer; fingerprint: its `tokenizer_fingerprint`.
+        tokenizer: the student's tokenizer.
         loss: the loss name; student, cache: names for messages.
+        has_text: the cache stores its text or --data gives it (what ULD re-tokenizes).
+        teacher_tokenizer: the teacher's tokenizer when it can be loaded (exact ids in errors).
+        warn: called with each difference's message (default: print to stderr).
 
     Raises:
-        ConfigError: a same-tokenizer loss with a different tokenizer, naming both fingerprints and
-            both tokenizers; or the same fingerprint with a different vocabulary size.
+        ConfigError: a same-tokenizer loss whose cached ids mean other tokens to the student, naming the
+            first differing ids; `--loss uld` is suggested where it applies.
     """
-    cached = index["tokenizer"]
-    same = fingerprint == cached["fingerprint"]
+    from logitcache.storage.fingerprint import compare_tokenizers
+
+    conflicts, differences = compare_tokenizers(index["tokenizer"], tokenizer, teacher_tokenizer=teacher_tokenizer)
+    same = not conflicts
     if not same and loss in SAME_TOKENIZER_LOSSES:
+        cached = index["tokenizer"]
+        if has_text:
+            advice = "For a student with another tokenizer use --loss uld (it re-tokenizes the cached text)."
+        else:
+            advice = ("A student with another tokenizer needs --loss uld, which re-tokenizes the text: this cache "
+                      "stores none, so give the source data as --data.")
         raise ConfigError(
-            f"--loss {loss} reads the cache's teacher token ids as student token ids, so the student needs the "
-            f"teacher's tokenizer. Student tokenizer ({student}, {len(tokenizer)} tokens): fingerprint "
-            f"{fingerprint[:16]}...; cache tokenizer (teacher {index['teacher'].get('name_or_path')}, "
-            f"{cached['vocab_size']} tokens, {cache}): fingerprint {cached['fingerprint'][:16]}.... "
-            f"Use --loss uld for a student with another tokenizer.")
-    if same and len(tokenizer) != cached["vocab_size"]:
-        raise ConfigError(f"the student tokenizer ({student}) has {len(tokenizer)} tokens but the cache {cache} "
-                          f"records {cached['vocab_size']} for the same tokenizer fingerprint")
+            f"--loss {loss} reads the cache's teacher token ids as student token ids, so every cached id must mean "
+            f"the same token to the student. Student {student} ({len(tokenizer)} tokens) vs cache {cache} (teacher "
+            f"{index['teacher'].get('name_or_path')}, {cached['vocab_size']} tokens): {'; '.join(conflicts)}. "
+            f"{advice}")
+    if same:
+        for message in differences:
+            (warn or _warn)(f"student tokenizer ({student}) vs cache {cache}: {message}")
     return same
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"train: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _normalize(name: str) -> str:

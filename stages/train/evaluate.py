@@ -125,7 +125,7 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     from logitcache.stages.train.alignment import SameTokenizerTargets, TextExample
     from logitcache.stages.train.checks import check_tokenizer, student_vocab_size
     from logitcache.stages.train.data import CacheSource, JsonlSource
-    from logitcache.storage import open_cache, tokenizer_fingerprint
+    from logitcache.storage import open_cache
     from logitcache.storage.errors import ConfigError
 
     if data is None and cache is None:
@@ -146,9 +146,9 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
         out["data"] = {"path": data, **evaluate_source(net, source, **kwargs)}
     if cache is not None:
         index = open_cache(cache).index
-        if not check_tokenizer(index, tokenizer, tokenizer_fingerprint(tokenizer), loss="eval", student=model, cache=cache):
-            raise ConfigError(f"--cache {cache} was made with another tokenizer than {model}'s; teacher agreement "
-                              f"compares token ids, so it needs the same tokenizer")
+        if not check_tokenizer(index, tokenizer, loss="eval", student=model, cache=cache, has_text=False):
+            raise ConfigError(f"--cache {cache}: its token ids mean other tokens to {model}'s tokenizer; teacher "
+                              f"agreement compares token ids, so it needs the same vocabulary")
         source = CacheSource(cache, to_item=SameTokenizerTargets(vocab, max_length=max_length))
         out["cache"] = {"path": cache, "teacher": index["teacher"].get("name_or_path"),
                         **evaluate_source(net, source, **kwargs)}

@@ -95,7 +95,7 @@ def train(s: TrainSettings) -> dict:
     from logitcache.stages.train.collate import Collator
     from logitcache.stages.train.data import CacheSource, JsonlSource, ShardedStream
     from logitcache.stages.train.trainer import KDTrainer, data_state_name, training_arguments
-    from logitcache.storage import open_cache, tokenizer_fingerprint
+    from logitcache.storage import open_cache
 
     # 1. Settings.
     if s.cache is None and s.loss != "sft":
@@ -137,8 +137,9 @@ def train(s: TrainSettings) -> dict:
         index = cache.index
         check_teacher(index, s.teacher, cache=s.cache)
         check_loss_fits_cache(index, s.loss, top_k=s.top_k, cache=s.cache)
-        same_tokenizer = check_tokenizer(index, tokenizer, tokenizer_fingerprint(tokenizer), loss=s.loss,
-                                         student=s.student, cache=s.cache)
+        has_text = s.data is not None or bool(index.get("text_fields"))
+        same_tokenizer = check_tokenizer(index, tokenizer, loss=s.loss, student=s.student, cache=s.cache,
+                                         has_text=has_text, teacher_tokenizer=_local_tokenizer(index, s))
         if same_tokenizer and s.data is not None:
             raise ConfigError("--data is read for --loss sft without a cache, or as the text a student with another "
                               "tokenizer re-tokenizes; this student shares the cache's tokenizer, so drop --data")
@@ -162,7 +163,8 @@ def train(s: TrainSettings) -> dict:
         if cached_text and s.data:
             _say(f"the cache stores the {'/'.join(fields)} text; re-tokenizing that, not --data {s.data}")
         to_item = CrossTokenizerTargets(tokenizer, fields=fields, max_length=max_length, keep_k=ls["keep_k"],
-                                        texts=None if cached_text else _rows_by_index(s.data, index))
+                                        texts=None if cached_text else _rows_by_index(s.data, index),
+                                        prompt_format=index["inputs"].get("prompt_format", "plain"))
     if s.cache is not None:
         source = CacheSource(s.cache, to_item=to_item)
     else:
@@ -210,11 +212,9 @@ def train(s: TrainSettings) -> dict:
 
 
 def _text_fields(index: dict, data: str | None) -> tuple[str, ...]:
-    kind = index["inputs"].get("kind")
-    if kind not in ("prompt_response", "text"):
-        raise ConfigError(f"a student with another tokenizer re-tokenizes text or prompt/response data; this cache's "
-                          f"inputs are {kind!r}")
-    fields = ("prompt", "response") if kind == "prompt_response" else ("text",)
+    from logitcache.storage.inputs import STORED_FIELDS
+
+    fields = STORED_FIELDS[index["inputs"]["kind"]]  # validated when the index was read
     if data is None and not set(fields) <= set(index.get("text_fields", [])):
         raise ConfigError(f"the cache stores no {'/'.join(fields)} text for a student with another tokenizer to "
                           f"re-tokenize; give the source data as --data")
@@ -229,8 +229,22 @@ def _rows_by_index(path: str, index: dict) -> dict[int, dict]:
         for line in f:
             if line.strip():
                 row = json.loads(line)
-                rows[len(rows)] = {name: row.get(columns.get(name, name)) for name in ("prompt", "response", "text")}
+                rows[len(rows)] = {name: row.get(columns.get(name, name))
+                                   for name in ("prompt", "response", "text", "messages", "tools")}
     return rows
+
+
+def _local_tokenizer(index: dict, s: TrainSettings):
+    """The teacher's tokenizer when its folder is here (exact ids in refusals); never fetched from a hub."""
+    path = index["teacher"].get("name_or_path")
+    if not path or not os.path.isdir(path):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=s.trust_remote_code)
+    except (OSError, ValueError):
+        return None
 
 
 def _say(message: str) -> None:

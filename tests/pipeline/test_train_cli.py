@@ -63,7 +63,7 @@ def test_refusal_exits_2_with_the_reason(tmp_path, capsys):
                "--out", str(tmp_path / "x"), "--max-steps", "1"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "logitcache train: error:" in err and "fingerprint" in err and "--loss uld" in err
+    assert "logitcache train: error:" in err and "mean other tokens" in err and "--loss uld" in err
 
 
 def test_end_to_end_precompute_hf_then_train_and_eval(tmp_path, capsys):

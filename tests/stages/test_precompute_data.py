@@ -120,16 +120,33 @@ def test_chat_spans(tiny_teacher):
     assert encode({"m": []}).reason == "empty"
 
 
-def test_chat_template_that_rewrites_history_is_skipped(tiny_teacher):
-    """Templates that drop earlier assistant content (e.g. reasoning) break prefix rendering: skipped, counted."""
+def test_chat_template_that_rewrites_history_keeps_the_conversation(tiny_teacher):
+    """A template that drops earlier assistant content (as reasoning templates drop earlier thinking) is
+    rendered once as a whole: its assistant spans are supervised as the model sees them, nothing skipped."""
     tok = copy.deepcopy(tiny_teacher[1])
     tok.chat_template = (
         "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' }}\n"
         "{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}{% endif %}"
         "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
     encode = RowEncoder(tok, InputSpec.build(messages_field="m", max_length=256))
+    msgs = mixed_rows()[0]["messages"]
+    out = encode({"m": msgs})
+    assert isinstance(out, Encoded)
+    assert out.token_ids == tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    supervised = tok.decode(np.asarray(out.token_ids)[out.positions + 1])
+    assert supervised == f"...<|eos|>\n{msgs[4]['content']}<|eos|>\n"
+
+
+def test_chat_template_that_rewrites_earlier_user_turns_is_skipped(tiny_teacher):
+    """A template that renders a user turn differently once the conversation goes on: skipped, counted."""
+    tok = copy.deepcopy(tiny_teacher[1])
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' }}\n"
+        "{% if m['role'] == 'user' and not loop.last %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}"
+        "{% endif %}{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    encode = RowEncoder(tok, InputSpec.build(messages_field="m", max_length=256))
     out = encode({"m": mixed_rows()[0]["messages"]})
-    assert isinstance(out, Skipped) and out.reason == "template_mismatch"
+    assert isinstance(out, Skipped) and out.reason == "template_mismatch" and "differently" in out.detail
 
 
 def test_shard_plan():

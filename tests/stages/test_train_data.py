@@ -133,9 +133,26 @@ def test_cross_tokenizer_item_reencodes_the_stored_text():
     assert len(batch["kd_select"]) == n and batch["kd_select"].tolist() == list(range(n))
 
 
-def test_cross_tokenizer_refuses_chat_caches():
+def test_cross_tokenizer_chat_pairs_assistant_spans_in_order():
+    """A chat cache re-rendered with the student's own template: its assistant tokens pair with the teacher's."""
+    from transformers import AutoTokenizer
+
+    from logitcache.storage.inputs import encode_chat
+
+    w = world()
+    other = AutoTokenizer.from_pretrained(w.other_student)
+    msgs = [{"role": "user", "content": "the teacher reads"}, {"role": "assistant", "content": "every token once"},
+            {"role": "user", "content": "and keeps"}, {"role": "assistant", "content": "the few most likely"}]
+    seq = {"row_index": 3, "messages": encode_chat(msgs), "positions": np.arange(10, 30, dtype=np.int32),
+           "topk_ids": np.arange(40).reshape(20, 2), "topk_logprobs": np.full((20, 2), -1.0, np.float32),
+           "tail_mass": np.zeros(20, np.float32)}
+    item = CrossTokenizerTargets(other, fields=("messages",))(seq)
+    supervised = other.decode(item["input_ids"][item["kd_positions"] + 1])
+    assert supervised.startswith("every token once<|eos|>")
+    n = len(item["kd_positions"])
+    assert 0 < n <= 20 and np.array_equal(item["teacher_ids"], seq["topk_ids"][:n])
     with pytest.raises(ConfigError, match="messages"):
-        CrossTokenizerTargets(None, fields=("messages",))
+        CrossTokenizerTargets(None, fields=("messages", "extra"))
 
 
 # ---- splitting, shuffling, memory -------------------------------------------------------------------
