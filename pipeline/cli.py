@@ -23,7 +23,7 @@ import sys
 import yaml
 
 from logitcache.pipeline.options import DeprecatedAlias, check_options, warn_deprecated
-from logitcache.storage.errors import ConfigError, LogitCacheError, StorageIOError
+from logitcache.storage.errors import ConfigError, LogitCacheError, io_failure
 
 __all__ = ["main", "build_parser"]
 
@@ -140,12 +140,7 @@ def user_error(e: BaseException) -> LogitCacheError | None:
     that went away): the library wraps them where it knows more, and this is the net for the rest."""
     if isinstance(e, LogitCacheError):
         return e
-    if isinstance(e, OSError):
-        return StorageIOError.wrap(e)
-    # Network clients' own errors (an endpoint that does not answer) are the environment's, not bugs.
-    if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests"):
-        return StorageIOError(f"{type(e).__name__}: {e}")
-    return None
+    return io_failure(e)  # OSErrors and network clients' errors (an endpoint that does not answer)
 
 
 _WORKER_TRACEBACK = "Original Traceback (most recent call last):"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from logitcache.storage.backends import get_backend, read_shard_files
-from logitcache.storage.errors import LogitCacheError, ShardError
+from logitcache.storage.errors import LogitCacheError, ShardError, StorageIOError, io_failure
 from logitcache.storage.index import read_index
 from logitcache.storage.paths import resolve, safe_join
 from logitcache.storage.shard import ShardData
@@ -118,11 +118,20 @@ class Cache:
 
         Raises:
             ShardError: missing, checksum mismatch, undecodable, or counts that disagree with the index.
+            StorageIOError: the disk or the object store failed while reading it.
         """
         entry = self.shards[j]
         path = safe_join(self.root, entry["name"])
         backend = get_backend(self.backend)
-        payload = read_shard_files(self.fs, path, self.backend)
+        try:
+            payload = read_shard_files(self.fs, path, self.backend)
+        except LogitCacheError:
+            raise
+        except Exception as e:  # the disk or the store failed (not the data): say which shard was being read
+            failure = io_failure(e, f"reading {entry['name']} of {self.url}")
+            if failure is None:
+                raise
+            raise failure from e
         if (self.verify if verify is None else verify) and backend.checksum(payload) != entry["sha256"]:
             raise ShardError(f"{path}: checksum mismatch (truncated or corrupted; expected sha256 {entry['sha256'][:16]}...)")
         try:
@@ -154,6 +163,8 @@ class Cache:
         for j, entry in enumerate(self.shards):
             try:
                 self.read_shard(j, verify=True)
+            except StorageIOError:
+                raise  # the store failed, not the shard: no verdict on this or any later shard
             except LogitCacheError as e:
                 problems.append(f"{entry['name']}: {e}")
         return problems

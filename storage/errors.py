@@ -13,6 +13,7 @@ __all__ = [
     "InvalidDataError",
     "ConfigError",
     "StorageIOError",
+    "io_failure",
 ]
 
 
@@ -62,3 +63,19 @@ class StorageIOError(LogitCacheError, OSError):
     def __str__(self) -> str:
         # OSError's own str() is "[Errno N] strerror"; the message alone reads better on one line.
         return self.strerror if self.strerror is not None else super().__str__()
+
+
+# Clients whose own exceptions mean "the store or network failed", not a bug in logitcache.
+_NETWORK_CLIENTS = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "azure")
+
+
+def io_failure(error: BaseException, doing: str = "") -> StorageIOError | None:
+    """`error` as a `StorageIOError` when it is an I/O failure (an `OSError`, or a network client's
+    own error, e.g. botocore's EndpointConnectionError); None for anything else."""
+    if isinstance(error, StorageIOError):
+        return error
+    if isinstance(error, OSError):
+        return StorageIOError.wrap(error, doing)
+    if type(error).__module__.split(".")[0] in _NETWORK_CLIENTS:
+        return StorageIOError(f"{doing + ': ' if doing else ''}{type(error).__name__}: {error}")
+    return None

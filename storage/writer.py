@@ -13,7 +13,7 @@ import posixpath
 from logitcache.storage import layout
 from logitcache.storage.backends import get_backend, shard_name, write_shard_files
 from logitcache.storage.encoding import COMPACT_STEP, check_encoding
-from logitcache.storage.errors import CacheIndexError, ConfigError, ShardError, StorageIOError
+from logitcache.storage.errors import CacheIndexError, ConfigError, LogitCacheError, ShardError, io_failure
 from logitcache.storage.index import FORMAT_NAME, FORMAT_VERSION, write_index
 from logitcache.storage.paths import atomic_write_bytes, resolve, safe_join
 from logitcache.storage.shard import ShardData
@@ -117,10 +117,13 @@ class CacheWriter:
                      "positions": shard.num_positions, "bytes": nbytes, "sha256": sha, **(extra or {})}
             record = {**entry, "fingerprint": self.fingerprint, "backend": self.backend, "encoding": self.encoding}
             atomic_write_bytes(self.fs, self._entry_path(name), json.dumps(record, sort_keys=True).encode())
-        except OSError as e:  # a disk full, a store gone: the shard has no entry, so it does not exist
-            if isinstance(e, StorageIOError):
+        except LogitCacheError:
+            raise
+        except Exception as e:  # a disk full, a store gone: the shard has no entry, so it does not exist
+            failure = io_failure(e, f"writing {name} of {self.url} (not recorded; a rerun rewrites it)")
+            if failure is None:
                 raise
-            raise StorageIOError.wrap(e, f"writing {name} of {self.url} (not recorded; a rerun rewrites it)") from e
+            raise failure from e
         return entry
 
     def finalize(self, metadata: dict, *, num_shards: int | None = None, counts: dict | None = None) -> dict:

@@ -195,9 +195,10 @@ def _mount_tmpfs(where: Path, size: int) -> bool:
 
 def test_disk_full_while_writing_shards_then_resume(pre_setup, tmp_path):
     teacher, data, reference = pre_setup
-    total = sum(p.stat().st_size for p in reference.rglob("*") if p.is_file())
+    # tmpfs counts whole pages: a Zarr shard is many small files.
+    total = sum(-(-p.stat().st_size // 4096) * 4096 for p in reference.rglob("*") if p.is_file())
     mnt = tmp_path / "small"
-    if not _mount_tmpfs(mnt, (total // 3) // 4096 * 4096):
+    if not _mount_tmpfs(mnt, total // 2 // 4096 * 4096):
         pytest.skip("cannot mount a tmpfs here (needs root); the disk-full case is not simulated")
     try:
         log = tmp_path / "full.log"
@@ -247,8 +248,9 @@ def test_s3_store_gone_mid_precompute_then_back_resumes_identically(pre_setup, s
         wait_until(proc, log, lambda: entries() >= 2, "two shards on S3")
         proxy.stop()  # the store is unreachable from here on
         rc, text = finish(proc, log)
-        line = assert_contract(rc, text, "precompute", ())
-        assert "shard-" in line or "s3" in line.lower() or "endpoint" in line.lower(), line
+        # The shard in flight and the cache are named (a listing or the job record may be what fails first).
+        line = assert_contract(rc, text, "precompute", (url,))
+        assert "shard-" in line or "job.json" in line, line
         written = entries()
         assert written < PRE_ROWS // PRE_PER_SHARD
 
@@ -282,7 +284,7 @@ def test_s3_store_gone_while_training_is_an_error_not_a_hang(pre_setup, s3, tmp_
         wait_until(proc, log, lambda: step.search(log.read_text()), "step 2")
         proxy.stop()
         rc, text = finish(proc, log)
-    assert_contract(rc, text, "train", ())
+    assert_contract(rc, text, "train", (url, "shard-"))
     assert not (tmp_path / "out" / "logitcache_train.json").exists()  # never a silent skip to the end
 
 
