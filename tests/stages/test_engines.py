@@ -167,11 +167,11 @@ def test_hf_sample_mode_is_per_request(hf_engine, tiny_teacher, requests_):
     out = engine.run(requests_)
     again = engine.run(requests_[::-1])[::-1]
     for req, a, b in zip(requests_, out, again):
-        np.testing.assert_array_equal(a["sample_ids"], b["sample_ids"])
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
         np.testing.assert_array_equal(a["sample_counts"], b["sample_counts"])
         assert (a["sample_counts"].sum(axis=1) == 32).all()
     reseeded = engine.run([Request(r.token_ids, r.positions, seed=r.seed + 1) for r in requests_[:1]])[0]
-    assert not np.array_equal(reseeded["sample_ids"], out[0]["sample_ids"])
+    assert not np.array_equal(reseeded["topk_ids"], out[0]["topk_ids"])
 
 
 def test_slabs_and_batches_cover_every_request():
@@ -217,7 +217,7 @@ def test_vllm_pooling_sample_mode_matches_hf(vllm_pooling_engine, tiny_teacher, 
     for a, b in zip(sampler.run(requests_), hf.run(requests_)):
         assert (a["sample_counts"].sum(axis=1) == 64).all()
         np.testing.assert_allclose(a["target_logprob"], b["target_logprob"], rtol=0, atol=ATOL_BF16)
-        rows = zip(a["sample_ids"], a["sample_counts"], b["sample_ids"], b["sample_counts"])
+        rows = zip(a["topk_ids"], a["sample_counts"], b["topk_ids"], b["sample_counts"])
         shared += [_shared_draws(*row) for row in rows]
     # Same seeds and logits within bf16 error: a draw moves only where its uniform falls within
     # that error of a CDF step, so most draws are the same, though rarely a whole row of 64
