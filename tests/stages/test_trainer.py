@@ -1,6 +1,7 @@
 """Stage two's training: refusals, every loss trains, padded logits, resume mid-epoch, DDP on CPU.
 
-    .venv/bin/pytest tests/stages/test_trainer.py
+    .venv/bin/pytest tests/stages/test_trainer.py                          # without the two-process DDP run
+    .venv/bin/pytest tests/stages/test_trainer.py -m "slow or not slow"
 """
 
 import json
@@ -245,6 +246,7 @@ def test_resume_mid_epoch_trains_on_exactly_the_remaining_sequences(tmp_path, mo
 
 # ---- DDP ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu_see_disjoint_data(tmp_path):
     w = world()
     out = tmp_path / "ddp"
