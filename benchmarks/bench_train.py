@@ -68,7 +68,7 @@ def make_batches(n: int, batch: int, seq: int, vocab: int, prompt: int, device) 
         pos = torch.arange(prompt - 1, seq - 1)
         rows = (torch.arange(batch)[:, None] * seq + pos[None]).reshape(-1)
         out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "rows": rows.to(device), "targets": ids[:, pos + 1].reshape(-1).to(device)})
+                    "rows": rows.to(device), "next_ids": ids[:, pos + 1].reshape(-1).to(device)})
     return out
 
 
@@ -117,10 +117,10 @@ def step_fn(mode: str, student, teacher, opt):
         elif mode == "ce_sft":
             s = supervised_logits(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                   b["rows"], None)
-            loss = torch.nn.functional.cross_entropy(s.float(), b["targets"])
+            loss = torch.nn.functional.cross_entropy(s.float(), b["next_ids"])
         elif mode == "hf_sft":
             labels = torch.full_like(b["input_ids"], -100)
-            labels.view(-1)[b["rows"] + 1] = b["targets"]
+            labels.view(-1)[b["rows"] + 1] = b["next_ids"]
             loss = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
         elif mode == "online_kl":
             with torch.no_grad():
@@ -130,7 +130,7 @@ def step_fn(mode: str, student, teacher, opt):
                                   b["rows"], None)
             s_lp = torch.log_softmax(s.float(), -1)
             kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
-            loss = torch.nn.functional.cross_entropy(s.float(), b["targets"]) + kl
+            loss = torch.nn.functional.cross_entropy(s.float(), b["next_ids"]) + kl
         else:
             name, options, ce_w, kd_w = kinds[mode]
             s = supervised_logits(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,

@@ -111,11 +111,9 @@ def process_shard(shard_id: int, *, dataset, encoder: RowEncoder, engine: Engine
 def _sequence(row: int, e: Encoded, out: dict, mode: str) -> dict:
     seq = {"row_index": row, "input_ids": np.asarray(e.token_ids, dtype=np.int32), "positions": e.positions,
            "target_logprob": out["target_logprob"], "tail_mass": out["tail_mass"], **e.texts}
+    seq.update(topk_ids=out["topk_ids"], topk_logprobs=out["topk_logprobs"])
     if mode == "sample":
-        seq.update(topk_ids=out["sample_ids"], topk_logprobs=out["sample_logprobs"],
-                   sample_counts=out["sample_counts"])
-    else:
-        seq.update(topk_ids=out["topk_ids"], topk_logprobs=out["topk_logprobs"])
+        seq["sample_counts"] = out["sample_counts"]
     return seq
 
 

@@ -20,8 +20,10 @@ from logitcache.storage.errors import ConfigError, InvalidDataError
 
 __all__ = ["topk_targets", "sample_targets", "position_seeds", "tail_mass", "TOPK_FIELDS", "SAMPLE_FIELDS"]
 
+# Both modes fill the cache's slot arrays, under the names the cache stores them by (docs/FORMAT.md):
+# `topk_ids` / `topk_logprobs` are the K most likely ids, or in sample mode the distinct drawn ids.
 TOPK_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_mass")
-SAMPLE_FIELDS = ("sample_ids", "sample_counts", "sample_logprobs", "target_logprob", "tail_mass")
+SAMPLE_FIELDS = ("topk_ids", "sample_counts", "topk_logprobs", "target_logprob", "tail_mass")
 
 # fp32 elements per working chunk (128 MiB, two such buffers live at once); sampling's fp64 CDF
 # takes half as many rows.
@@ -85,10 +87,10 @@ def sample_targets(
         chunk_rows: Rows worked on at a time; defaults to 16M logits a chunk.
 
     Returns:
-        `sample_ids`: (n, N) int32, the distinct drawn ids, by log-prob descending (ties by
+        `topk_ids`: (n, N) int32, the distinct drawn ids, by log-prob descending (ties by
             id ascending), then -1 padding.
         `sample_counts`: (n, N) uint16, how often each id was drawn; sums to N; 0 at padding.
-        `sample_logprobs`: (n, N) float32, temperature-1 log-prob of each id; 0.0 at padding.
+        `topk_logprobs`: (n, N) float32, temperature-1 log-prob of each id; 0.0 at padding.
         `target_logprob`: (n,) float32, the log-prob of `next_ids`.
         `tail_mass`: (n,) float32, 1 - sum of the probabilities of the distinct drawn ids.
     """
@@ -113,9 +115,9 @@ def sample_targets(
         # is stable, so equal log-probs stay in id order and the result is deterministic.
         order = torch.sort(lp.masked_fill(padding, -torch.inf), dim=-1, descending=True, stable=True).indices
         ids, counts, lp = ids.gather(1, order), counts.gather(1, order), lp.gather(1, order)
-        out["sample_ids"].append(ids.to(torch.int32))
+        out["topk_ids"].append(ids.to(torch.int32))
         out["sample_counts"].append(counts.to(torch.int32))
-        out["sample_logprobs"].append(lp)
+        out["topk_logprobs"].append(lp)
         out["target_logprob"].append((x.gather(1, next_ids[lo:hi, None].to(x.device)) - lse)[:, 0])
         out["tail_mass"].append(tail)
     result = _to_numpy(out, n, num_samples)

@@ -51,7 +51,7 @@ def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None 
 
     Args:
         s: (N, V) student logits at the batch's supervised rows (`supervised_logits`).
-        batch: the collated batch (see `collate`): targets (N,), and for KD teacher_ids (N_kd, K),
+        batch: the collated batch (see `collate`): next_ids (N,), and for KD teacher_ids (N_kd, K),
             teacher_logprobs (N_kd, K), tail_mass (N_kd,), kd_select (N_kd,), [sample_counts].
         loss: a name from `losses.LOSSES` ("sft": CE alone, and kd_weight must be 0).
         options: the loss's keyword options.
@@ -71,7 +71,7 @@ def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None 
         # tokenizer: a teacher row for every supervised row, in order (kd_select is 0..N-1).
         kd_select = None if teacher_ids.shape[0] == s.shape[0] else batch["kd_select"]
         extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
-        total, parts = kd_with_ce(loss, s, teacher_ids, batch["teacher_logprobs"], batch["targets"],
+        total, parts = kd_with_ce(loss, s, teacher_ids, batch["teacher_logprobs"], batch["next_ids"],
                                   ce_weight=ce_weight, kd_weight=kd_weight, kd_select=kd_select,
                                   tail_mass=batch["tail_mass"], chunk_size=chunk_size, metrics=metrics,
                                   **extra, **(options or {}))
@@ -80,7 +80,7 @@ def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None 
         return total, metrics
     total = s.new_zeros((), dtype=torch.float32)
     if ce_weight:
-        ce = sft(s, labels=batch["targets"], chunk_size=chunk_size, metrics=metrics)
+        ce = sft(s, labels=batch["next_ids"], chunk_size=chunk_size, metrics=metrics)
         total = total + ce_weight * ce
         metrics["ce"] = ce.detach()
     return total, metrics
@@ -94,7 +94,7 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
     Args:
         hidden: (N, H) the student's final hidden states (after the final norm) at the supervised
-            rows, in the order of `batch["targets"]`; float32/bfloat16/float16.
+            rows, in the order of `batch["next_ids"]`; float32/bfloat16/float16.
         weight: (V, H) the output embedding (tied or not), already sliced to the V columns training
             uses. bias: (V,) or None.
         batch: as for `loss_parts`.
@@ -131,7 +131,7 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         leaf_b = None if b is None else b.detach().requires_grad_(want_grad)
         for c, start in enumerate(range(0, n, rows)):
             stop = min(start + rows, n)
-            sub = {"targets": batch["targets"][start:stop]}
+            sub = {"next_ids": batch["next_ids"][start:stop]}
             n_kd_c = 0
             if teacher:
                 pick = order[bounds[c]:bounds[c + 1]]

@@ -15,7 +15,7 @@ import os
 
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["SAME_TOKENIZER_LOSSES", "check_tokenizer", "check_teacher", "check_loss_fits_cache", "student_vocab_size"]
+__all__ = ["SAME_TOKENIZER_LOSSES", "check_tokenizer", "check_cache_teacher", "check_loss_fits_cache", "student_vocab_size"]
 
 # Every cached loss except ULD reads teacher ids as student ids.
 SAME_TOKENIZER_LOSSES = frozenset({"kl", "rkl", "jsd", "skl", "srkl", "topk_kl", "dkd", "nkd", "normkd", "bild", "rskd"})
@@ -77,7 +77,7 @@ def _normalize(name: str) -> str:
     return name.rstrip("/")
 
 
-def check_teacher(index: dict, teacher: str | None, *, cache: str) -> None:
+def check_cache_teacher(index: dict, teacher: str | None, *, cache: str) -> None:
     """Refuse a cache made by another teacher than `teacher` (no check when None).
 
     A local path is compared by its real path, a hub id as written.

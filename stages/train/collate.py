@@ -4,7 +4,7 @@ Batch, for B items padded to length T (right padding):
     input_ids: (B, T) int64, attention_mask: (B, T) int64, labels: (B, T) int64 (-100 at padding).
     rows: (N,) int64 index of each supervised row in the flattened (B*T, V) logits: b * T + t for
         every t with labels[b, t + 1] != -100, item after item, t ascending.
-    targets: (N,) int64 the token each row predicts, labels[b, t + 1].
+    next_ids: (N,) int64 the token each row predicts, labels[b, t + 1] ("targets" is kept for the teacher's).
     With teacher targets (n_b rows per item, N_kd = sum n_b):
     kd_select: (N_kd,) int64 index into `rows` of each teacher row's student row.
     teacher_ids: (N_kd, K) int64, teacher_logprobs: (N_kd, K) float32, tail_mass: (N_kd,) float32,
@@ -57,7 +57,7 @@ class Collator:
         flat = labels.reshape(-1)
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
                  "labels": torch.from_numpy(labels), "rows": torch.from_numpy(rows),
-                 "targets": torch.from_numpy(flat[rows + 1]),
+                 "next_ids": torch.from_numpy(flat[rows + 1]),
                  "row_index": torch.tensor([int(it["row_index"]) for it in items], dtype=torch.int64)}
         if "kd_positions" in items[0]:
             batch["kd_select"] = torch.from_numpy(np.concatenate(select).astype(np.int64))

@@ -56,22 +56,22 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu") ->
         flat = logits.reshape(-1, logits.shape[-1])
         if vocab_size is not None:
             flat = flat[:, :vocab_size]
-        rows, targets = batch["rows"].to(device), batch["targets"].to(device)
+        rows, next_ids = batch["rows"].to(device), batch["next_ids"].to(device)
         seqs += batch["input_ids"].shape[0]
         if rows.numel() == 0:
             continue
         logp = torch.log_softmax(flat.index_select(0, rows).float(), dim=-1)
-        nll += -logp.gather(1, targets[:, None]).sum().item()
+        nll += -logp.gather(1, next_ids[:, None]).sum().item()
         n += rows.numel()
         top_lp, top = logp.max(-1)
         conf.append(top_lp.exp().cpu().numpy())
-        correct.append((top == targets).cpu().numpy())
+        correct.append((top == next_ids).cpu().numpy())
         if "teacher_ids" in batch:
             ids, t_lp = batch["teacher_ids"].to(device), batch["teacher_logprobs"].to(device)
             t_top = ids.gather(1, torch.where(ids >= 0, t_lp, -math.inf).argmax(-1, keepdim=True))[:, 0]
             sel = batch["kd_select"].to(device)
             agree.append((top[sel] == t_top).cpu().numpy())
-            teacher_right.append((targets[sel] == t_top).cpu().numpy())
+            teacher_right.append((next_ids[sel] == t_top).cpu().numpy())
     conf_all = np.concatenate(conf) if conf else np.zeros(0)
     correct_all = np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
     mean_nll = nll / n if n else float("nan")

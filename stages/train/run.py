@@ -90,7 +90,7 @@ def train(s: TrainSettings) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
     from logitcache.stages.train.alignment import CrossTokenizerTargets, SameTokenizerTargets, TextExample
-    from logitcache.stages.train.checks import (check_loss_fits_cache, check_teacher, check_tokenizer,
+    from logitcache.stages.train.checks import (check_cache_teacher, check_loss_fits_cache, check_tokenizer,
                                                 student_vocab_size)
     from logitcache.stages.train.collate import Collator
     from logitcache.stages.train.data import CacheSource, JsonlSource, ShardedStream
@@ -135,7 +135,7 @@ def train(s: TrainSettings) -> dict:
     if s.cache is not None:
         cache = open_cache(s.cache)
         index = cache.index
-        check_teacher(index, s.teacher, cache=s.cache)
+        check_cache_teacher(index, s.teacher, cache=s.cache)
         check_loss_fits_cache(index, s.loss, top_k=s.top_k, cache=s.cache)
         has_text = s.data is not None or bool(index.get("text_fields"))
         same_tokenizer = check_tokenizer(index, tokenizer, loss=s.loss, student=s.student, cache=s.cache,

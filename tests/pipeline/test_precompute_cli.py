@@ -1,7 +1,8 @@
 """`logitcache precompute` as a real process: kill -9 / SIGTERM at a random moment, then rerun;
 the YAML form of the options; the help text.
 
-    .venv/bin/pytest tests/pipeline/test_precompute_cli.py     # ~1 min on 2 CPU cores (4 subprocesses)
+    .venv/bin/pytest tests/pipeline/test_precompute_cli.py                   # the fast ones
+    .venv/bin/pytest tests/pipeline/test_precompute_cli.py -m "slow or not slow"   # all: ~1 min on 2 CPU cores (4 subprocesses)
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def assert_no_temporaries(out: Path) -> None:
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_uninterrupted(setup, tmp_path):
     teacher, data, reference = setup
     seed = int.from_bytes(os.urandom(4), "little")
@@ -100,6 +102,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(setup, tmp_path):
     assert_no_temporaries(out)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_then_rerun_completes(setup, tmp_path):
     teacher, data, reference = setup
     out, log = tmp_path / "cache", tmp_path / "log"

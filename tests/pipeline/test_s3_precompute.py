@@ -5,7 +5,8 @@ cache equals an uninterrupted local run, and `logitcache train --cache s3://...`
 The CLI gets plain s3:// URLs; the endpoint and credentials come from the usual AWS variables
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), which botocore, and so s3fs, reads by itself.
 
-    .venv/bin/pytest tests/pipeline/test_s3_precompute.py     # ~50 s on 2 CPU cores (5 subprocesses)
+    .venv/bin/pytest tests/pipeline/test_s3_precompute.py                   # the fast ones
+    .venv/bin/pytest tests/pipeline/test_s3_precompute.py -m "slow or not slow"   # all: ~50 s on 2 CPU cores (5 subprocesses)
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def assert_entries_complete(url: str, storage_options: dict) -> int:
     return len(entries)
 
 
+@pytest.mark.slow
 def test_s3_kill_9_then_rerun_equals_local_and_trains(setup, s3, tmp_path):
     import boto3
 

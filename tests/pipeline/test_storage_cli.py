@@ -1,6 +1,7 @@
 """`logitcache validate | inspect | convert` on small finished caches.
 
-    pytest tests/pipeline/test_storage_cli.py
+    .venv/bin/pytest tests/pipeline/test_storage_cli.py                     # without `--help` of every command (slow)
+    .venv/bin/pytest tests/pipeline/test_storage_cli.py -m "slow or not slow"
 """
 
 import json
@@ -29,6 +30,7 @@ def cache_dir(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_help_for_every_command():
     out = subprocess.run([sys.executable, "-m", "logitcache.pipeline.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0

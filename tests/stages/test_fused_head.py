@@ -35,7 +35,7 @@ def make_batch(n=13, v=300, h=16, k=6, *, subset: bool, dtype=torch.float32, see
     t = torch.randn(n, v, generator=g, dtype=torch.float64).mul(3)
     lp, ids = t.log_softmax(-1).float().topk(k, -1)
     select = torch.tensor([8, 0, 2, 3, 6, 12]) if subset else torch.arange(n)  # unsorted on purpose
-    batch = {"targets": torch.randint(0, v, (n,), generator=g), "kd_select": select,
+    batch = {"next_ids": torch.randint(0, v, (n,), generator=g), "kd_select": select,
              "teacher_ids": ids[select], "teacher_logprobs": lp[select],
              "tail_mass": (1 - lp.exp().sum(-1))[select],
              "sample_counts": torch.randint(1, 5, (len(select), k), generator=g)}

@@ -1,7 +1,8 @@
 """Stage one end to end in-process (hf engine on the tiny teacher): input kinds x formats, supervision,
 counts, sample mode, job split + merge, bad input, Ray on a local CPU cluster, and the vLLM engine.
 
-    .venv/bin/pytest tests/stages/test_precompute.py     # ~1.5 min on 2 CPU cores (Ray ~30 s, vLLM start-up)
+    .venv/bin/pytest tests/stages/test_precompute.py                       # hf engine, one process
+    .venv/bin/pytest tests/stages/test_precompute.py -m "slow or not slow"  # with Ray (~30 s) and vLLM: ~1.5 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ def test_bad_input(teacher, hf_engine, mixed_data, tmp_path):
     assert result.index["teacher"]["trust_remote_code"] is False
 
 
+@pytest.mark.slow
 def test_ray_local_cluster_equals_single_process(teacher, hf_engine, mixed_data, tmp_path):
     ray = pytest.importorskip("ray")
     data = write_jsonl(tmp_path / "rows.jsonl", text_rows(16))
@@ -216,6 +218,7 @@ def test_ray_local_cluster_equals_single_process(teacher, hf_engine, mixed_data,
     assert_same_cache(tmp_path / "local", tmp_path / "ray")
 
 
+@pytest.mark.slow
 def test_vllm_engine_writes_valid_cache(teacher, hf_engine, mixed_data, tmp_path, vllm_pooling_engine):
     """The session's vLLM engine (top-8, pooling path) through the whole job: a valid cache whose tokens and
     positions equal the hf engine's, and whose top-1 mostly agrees (bf16 vs fp32)."""

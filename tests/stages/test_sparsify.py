@@ -77,7 +77,7 @@ def test_sample_fields_and_padding():
     logits, next_ids = _logits()
     n_draws = 24
     out = sample_targets(logits, next_ids, num_samples=n_draws, temperature=1.3, seeds=position_seeds(7, np.arange(37)))
-    ids, counts, lps = out["sample_ids"], out["sample_counts"], out["sample_logprobs"]
+    ids, counts, lps = out["topk_ids"], out["sample_counts"], out["topk_logprobs"]
     assert ids.shape == counts.shape == lps.shape == (37, n_draws)
     assert ids.dtype == np.int32 and counts.dtype == np.uint16 and lps.dtype == np.float32
     assert (counts.sum(axis=1) == n_draws).all()
@@ -107,9 +107,9 @@ def test_sample_deterministic_and_independent_of_batching():
     for name in whole:
         np.testing.assert_array_equal(whole[name], again[name])
         np.testing.assert_array_equal(whole[name][perm], subset[name])
-    assert bf16_batch["sample_ids"].shape == whole["sample_ids"].shape
+    assert bf16_batch["topk_ids"].shape == whole["topk_ids"].shape
     reseeded = sample_targets(logits, next_ids, seeds=position_seeds(124, np.arange(40)), **kw)
-    assert not np.array_equal(reseeded["sample_ids"], whole["sample_ids"])
+    assert not np.array_equal(reseeded["topk_ids"], whole["topk_ids"])
 
 
 def test_position_seeds():
@@ -133,7 +133,7 @@ def test_sampling_is_unbiased(temperature):
         seeds=position_seeds(99, np.arange(rows)),
     )
     freq = np.zeros(vocab)
-    for ids, counts in zip(out["sample_ids"], out["sample_counts"]):
+    for ids, counts in zip(out["topk_ids"], out["sample_counts"]):
         np.add.at(freq, ids[counts > 0], counts[counts > 0])
     freq /= rows * n_draws
     p = torch.softmax(logits.double() / temperature, dim=-1).numpy()

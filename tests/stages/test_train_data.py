@@ -69,8 +69,8 @@ def test_alignment_toy_labels_and_targets():
     assert item["teacher_ids"].tolist() == [[12, 3], [14, 2]]
     batch = Collator(pad_id=0)([item])
     assert batch["rows"].tolist() == [1, 3]
-    assert batch["targets"].tolist() == [12, 14]
-    assert batch["teacher_ids"][:, 0].tolist() == batch["targets"].tolist()  # the toy teacher is right
+    assert batch["next_ids"].tolist() == [12, 14]
+    assert batch["teacher_ids"][:, 0].tolist() == batch["next_ids"].tolist()  # the toy teacher is right
 
 
 def test_alignment_teacher_as_student_reproduces_the_cache():
@@ -287,7 +287,7 @@ def test_collator_pads_and_packs_rows():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 2, 3], [IGNORE, 6, IGNORE]]
     assert batch["rows"].tolist() == [0, 1, 3]            # b * T + t
-    assert batch["targets"].tolist() == [2, 3, 6]
+    assert batch["next_ids"].tolist() == [2, 3, 6]
     assert batch["kd_select"].tolist() == [1, 2]
     assert batch["teacher_ids"].tolist() == [[3, 4], [6, 7]]
 

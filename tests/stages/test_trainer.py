@@ -1,6 +1,7 @@
 """Stage two's training: refusals, every loss trains, padded logits, resume mid-epoch, DDP on CPU.
 
-    .venv/bin/pytest tests/stages/test_trainer.py
+    .venv/bin/pytest tests/stages/test_trainer.py                          # without the two-process DDP run
+    .venv/bin/pytest tests/stages/test_trainer.py -m "slow or not slow"
 """
 
 import json
@@ -129,7 +130,7 @@ def test_compute_loss_slices_padded_columns():
     trainer.vocab_size, trainer.fused_head = v, False
     got = trainer.compute_loss(model, batch)
     s = logits.reshape(-1, v + 13)[batch["rows"], :v]
-    want = sft(s, labels=batch["targets"]) + kl(s, batch["teacher_ids"], batch["teacher_logprobs"],
+    want = sft(s, labels=batch["next_ids"]) + kl(s, batch["teacher_ids"], batch["teacher_logprobs"],
                                                 tail_mass=batch["tail_mass"])
     assert torch.allclose(got, want, atol=1e-5)
     trainer.vocab_size = None
@@ -152,13 +153,13 @@ def test_loss_parts_fuses_ce_into_the_kd_pass(loss, kw):
     s = torch.randn(n, v, generator=g, dtype=torch.float64)
     lp, ids = torch.randn(n, v, generator=g, dtype=torch.float64).mul(3).log_softmax(-1).topk(k, -1)
     kd_select = torch.tensor([0, 2, 3, 6, 8])
-    batch = {"targets": torch.randint(0, v, (n,), generator=g), "kd_select": kd_select,
+    batch = {"next_ids": torch.randint(0, v, (n,), generator=g), "kd_select": kd_select,
              "teacher_ids": ids[kd_select], "teacher_logprobs": lp[kd_select],
              "tail_mass": (1 - lp.exp().sum(-1))[kd_select], "sample_counts": torch.randint(1, 5, (5, k), generator=g)}
     fused, separate = s.clone().requires_grad_(), s.clone().requires_grad_()
     total, logged = loss_parts(fused, batch, loss=loss, options=kw, ce_weight=0.5, kd_weight=2.0, chunk_size=4)
     want_logged = {}
-    ce = sft(separate, labels=batch["targets"], metrics=want_logged)
+    ce = sft(separate, labels=batch["next_ids"], metrics=want_logged)
     extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
     kd = get_loss(loss)(separate[kd_select], batch["teacher_ids"], batch["teacher_logprobs"],
                         tail_mass=batch["tail_mass"], metrics=want_logged, **extra, **kw)
@@ -244,6 +245,7 @@ def test_resume_mid_epoch_trains_on_exactly_the_remaining_sequences(tmp_path, mo
 
 # ---- DDP ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu_see_disjoint_data(tmp_path):
     w = world()
     out = tmp_path / "ddp"
