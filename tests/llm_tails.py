@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from logitcache.stages.precompute.sparsify import sample_targets, topk_targets
-from logitcache.storage.encoding import decode_logprobs, encode_logprobs, scalar_dtype
+from logitcache.storage.encoding import TAIL_MASS_DTYPE, decode_logprobs, encode_logprobs
 
 __all__ = ["VOCAB", "REGIMES", "NOISE", "teacher_logits", "student_logits", "topk_cache", "sample_cache",
            "full_logprobs", "topk_mass"]
@@ -130,6 +130,6 @@ def sample_cache(logits: torch.Tensor, num_samples: int, *, temperature: float =
 
 def _stored(ids, logprobs, tail_mass, encoding) -> dict[str, torch.Tensor]:
     lp = decode_logprobs(encode_logprobs(logprobs, encoding), encoding)
-    tail = np.asarray(tail_mass).astype(scalar_dtype(encoding)).astype(np.float32)
+    tail = np.asarray(tail_mass).astype(TAIL_MASS_DTYPE).astype(np.float32)
     return {"ids": torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int32)), "logprobs": torch.from_numpy(lp),
             "tail_mass": torch.from_numpy(tail)}
