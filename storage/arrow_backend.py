@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitcache.storage.backend_base import SingleFileBackend
-from logitcache.storage.encoding import decode_logprobs, encode_logprobs, scalar_dtype
+from logitcache.storage.encoding import TAIL_MASS_DTYPE, decode_logprobs, encode_logprobs, scalar_dtype
 from logitcache.storage.shard import ShardData
 
 __all__ = ["ArrowBackend", "encode_shard", "decode_shard"]
@@ -44,7 +44,7 @@ def encode_shard(shard: ShardData, *, encoding: str, attrs: dict) -> bytes:
         "topk_ids": _list(pos, shard.topk_ids),
         "topk_logprobs": _list(pos, encode_logprobs(shard.topk_logprobs, encoding)),
         "target_logprob": _list(pos, shard.target_logprob.astype(scalar)),
-        "tail_mass": _list(pos, shard.tail_mass.astype(scalar)),
+        "tail_mass": _list(pos, shard.tail_mass.astype(TAIL_MASS_DTYPE)),
     }
     if shard.sample_counts is not None:
         columns["sample_counts"] = _list(pos, shard.sample_counts)

@@ -8,14 +8,18 @@
   so deltas are small non-negative integers that byte-shuffle + zstd squeeze to well under a byte.
   Decoding is ``-cumsum(stored, axis=1) * step`` and needs nothing but numpy.
 
-Per-position scalars (``target_logprob``, ``tail_mass``) are float32 in ``lossless`` and float16 otherwise.
+Per-position scalars: ``target_logprob`` is float32 in ``lossless`` and float16 otherwise; ``tail_mass``
+is float32 in every encoding. A fine-tuned teacher's tail is often below float16's smallest subnormal
+(6e-8; values under about 3e-8 round to 0), and the losses take logs of it, so half precision there
+would turn a small tail into none. Caches written before this stored it as float16 and still read.
 """
 
 import numpy as np
 
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["ENCODINGS", "COMPACT_STEP", "encode_logprobs", "decode_logprobs", "scalar_dtype", "check_encoding"]
+__all__ = ["ENCODINGS", "COMPACT_STEP", "encode_logprobs", "decode_logprobs", "scalar_dtype", "TAIL_MASS_DTYPE",
+           "check_encoding"]
 
 ENCODINGS = ("lossless", "float16", "compact")
 COMPACT_STEP = 1.0 / 32.0  # a power of two: -q * step is exact in float32, so re-encoding is lossless
@@ -49,7 +53,11 @@ def decode_logprobs(stored: np.ndarray, encoding: str) -> np.ndarray:
     return np.asarray(stored, dtype=np.float32)
 
 
+# Storage dtype of `tail_mass` in every encoding (see the module docstring).
+TAIL_MASS_DTYPE = np.dtype(np.float32)
+
+
 def scalar_dtype(encoding: str) -> np.dtype:
-    """Storage dtype of the per-position scalars (target_logprob, tail_mass)."""
+    """Storage dtype of `target_logprob` (`tail_mass` is always `TAIL_MASS_DTYPE`)."""
     check_encoding(encoding)
     return np.dtype(np.float32) if encoding == "lossless" else np.dtype(np.float16)

@@ -183,6 +183,20 @@ class BackendTests:
         for i, want in enumerate(written):
             assert_same_sequence(cache[i], want, atol=atol)
 
+    @pytest.mark.parametrize("encoding", ["lossless", "float16", "compact"])
+    def test_small_tail_mass_survives_every_encoding(self, tmp_path, encoding):
+        """A confident teacher's tail (1e-12 .. 1e-7) is stored as float32, not rounded to 0 (float16 would)."""
+        seq = make_sequence(np.random.default_rng(5), 0, 10, 8)
+        tails = np.array([1e-12, 3e-10, 1e-9, 2e-8, 3e-8, 1e-7, 0.0, 0.5], dtype=np.float32)
+        seq["tail_mass"] = tails
+        root = str(tmp_path / f"tiny-tails-{encoding}")
+        writer = self._writer(root, encoding=encoding)
+        writer.write_shard(0, ShardData.from_sequences([seq], text_fields=TEXT_FIELDS))
+        writer.finalize(index_metadata(8))
+        got = open_cache(root)[0]["tail_mass"]
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, tails)
+
     def test_index_contents(self, build_cache):
         root, written = build_cache()
         index = open_cache(root).index

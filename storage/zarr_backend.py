@@ -19,7 +19,7 @@ from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
 from logitcache.storage.backend_base import FolderBackend
-from logitcache.storage.encoding import decode_logprobs, encode_logprobs, scalar_dtype
+from logitcache.storage.encoding import TAIL_MASS_DTYPE, decode_logprobs, encode_logprobs, scalar_dtype
 from logitcache.storage.shard import ShardData
 
 __all__ = ["ZarrBackend", "encode_shard", "decode_shard"]
@@ -54,7 +54,7 @@ def encode_shard(shard: ShardData, *, encoding: str, attrs: dict) -> dict[str, b
         "position_offsets": shard.position_offsets, "input_ids": shard.input_ids,
         "positions": shard.positions, "topk_ids": shard.topk_ids,
         "topk_logprobs": encode_logprobs(shard.topk_logprobs, encoding),
-        "target_logprob": shard.target_logprob.astype(scalar), "tail_mass": shard.tail_mass.astype(scalar),
+        "target_logprob": shard.target_logprob.astype(scalar), "tail_mass": shard.tail_mass.astype(TAIL_MASS_DTYPE),
     }
     if shard.sample_counts is not None:
         arrays["sample_counts"] = shard.sample_counts

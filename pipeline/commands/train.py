@@ -2,6 +2,8 @@
 
 import argparse
 
+from logitcache.stages.train.losses import registry
+
 HELP = "train a student by streaming a teacher's cache (any loss), or from a jsonl dataset (--loss sft)"
 
 EPILOG = """\
@@ -21,9 +23,16 @@ examples:
   # all options from a file (flags on the command line override it)
   logitcache train --config train.yaml
 
-Total loss = ce_weight * CE + kd_weight * KD, each a mean over supervised tokens (CE weight 1, KD weight 1,
-ULD's 1.5). The student's logits are sliced to its tokenizer's vocabulary (padded logits widths such as
-152064 vs 151665 tokens). Writes DIR/ (model, tokenizer), DIR/checkpoint-*/ and DIR/logitcache_train.json."""
+Total loss = ce_weight * CE + kd_weight * KD, each a mean over supervised tokens (default weights: the
+loss's own, CE 1 and KD 1 unless listed below). The student's logits are sliced to its tokenizer's
+vocabulary (padded logits widths such as 152064 vs 151665 tokens). Writes DIR/ (model, tokenizer), DIR/checkpoint-*/ and DIR/logitcache_train.json."""
+
+
+def _losses_help() -> str:
+    """The losses section of --help, read from each loss's declaration."""
+    lines = ["", "", "losses (--loss NAME; options as --loss-option KEY=VALUE, defaults shown; see docs/LOSSES.md):"]
+    lines += [f"  {spec.describe()}" for spec in registry.LOSSES.values()]
+    return "\n".join(lines)
 
 
 def _key_value(text: str):
@@ -36,13 +45,13 @@ def _key_value(text: str):
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help=HELP, description=HELP + ".", epilog=EPILOG,
+    p = sub.add_parser("train", help=HELP, description=HELP + ".", epilog=EPILOG + _losses_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--student", required=True, metavar="MODEL", help="student model: directory or hub id")
     g.add_argument("--cache", metavar="CACHE", help="teacher cache: directory or fsspec URL")
-    g.add_argument("--loss", default="kl", metavar="NAME",
-                   help="sft, kl, rkl, jsd, skl, srkl, topk_kl, dkd, nkd, normkd, bild, uld, rskd (default: kl)")
+    g.add_argument("--loss", default="kl", metavar="NAME", choices=registry.names(),
+                   help=f"{', '.join(registry.names())} (default: kl; each is described under 'losses' below)")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory (model, checkpoints, metrics)")
     g.add_argument("--data", metavar="D", help="jsonl ('text' or 'prompt'/'response'): the training data of --loss sft "
                    "without a cache, or the text a student with another tokenizer re-tokenizes if the cache stores none")
@@ -51,7 +60,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("loss")
     g.add_argument("--temperature", type=float, metavar="T",
-                   help="the LOSS's softening temperature (default: the loss's; bild 3.0, others 1.0). "
+                   help="the LOSS's softening temperature (default: the loss's, listed below). "
                         "(`precompute --temperature` was the teacher's sampling temperature)")
     g.add_argument("--top-k", type=int, metavar="k",
                    help="how many of the K ids stored in the cache the LOSS uses: bild: its k (default 8); other "
@@ -61,8 +70,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--loss-option", dest="loss_options", action="append", type=_key_value, default=None,
                    metavar="KEY=VALUE", help="any other option of the loss, e.g. beta=0.5 (jsd), alpha=0.1 (skl), "
                    "gamma=1.5 (nkd); repeatable")
-    g.add_argument("--ce-weight", type=float, metavar="a", help="weight of cross entropy on the labels (default 1)")
-    g.add_argument("--kd-weight", type=float, metavar="b", help="weight of the distillation term (default 1; uld 1.5)")
+    g.add_argument("--ce-weight", type=float, metavar="a", help="weight of cross entropy on the labels (default: the "
+                   "loss's; 1, bild 0 as in the BiLD paper's recipe)")
+    g.add_argument("--kd-weight", type=float, metavar="b", help="weight of the distillation term (default: the loss's; "
+                   "1, uld 1.5)")
     g.add_argument("--uld-lambda", type=float, metavar="λ", help="ULD's weight: total = CE + λ * ULD (default 1.5)")
 
     g = p.add_argument_group("schedule")

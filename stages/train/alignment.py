@@ -179,7 +179,8 @@ class CrossTokenizerTargets:
 
     Args:
         tokenizer: the student's tokenizer.
-        fields: text fields to encode: ("prompt", "response"), ("text",) or ("messages",).
+        fields: text fields to encode: ("prompt", "response") or ("messages",). Plain-text caches
+            ("text",) are refused (see `__init__`).
         max_length: truncate the student sequence.
         texts: optional {row_index: row dict} source of the text when the cache stores none.
         keep_k: use only the teacher's top-k of the K cached ids (the rest joins the tail mass).
@@ -188,8 +189,17 @@ class CrossTokenizerTargets:
 
     def __init__(self, tokenizer, *, fields: tuple[str, ...], max_length: int | None = None, texts: dict | None = None,
                  keep_k: int | None = None, prompt_format: str = "plain"):
+        if tuple(fields) == ("text",):
+            # Pairing two tokenizations of a whole document by token index drifts apart as the
+            # tokenizers split the text at different rates; aligning by character offsets would need
+            # the teacher's tokenizer, which stage two does not load.
+            raise ConfigError("a student with another tokenizer (ULD) needs a prompt/response or chat cache, whose "
+                              "answer tokens it aligns from the first one (as the ULD paper does); this cache holds "
+                              "plain 'text', where pairing two tokenizations token by token drifts to other words. "
+                              "Write the cache with --prompt-field/--response-field, or use a student with the "
+                              "teacher's tokenizer")
         if tuple(fields) not in STORED_FIELDS.values():
-            raise ConfigError(f"cross-tokenizer training re-tokenizes 'prompt'+'response', 'text' or 'messages'; "
+            raise ConfigError(f"cross-tokenizer training re-tokenizes 'prompt'+'response' or 'messages'; "
                               f"the cache's text fields are {list(fields)}")
         self.tokenizer, self.fields, self.max_length, self.texts = tokenizer, tuple(fields), max_length, texts
         self.keep_k, self.prompt_format = keep_k, prompt_format

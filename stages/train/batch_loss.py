@@ -19,8 +19,8 @@ does for logits.
 
 import torch
 
-from logitcache.stages.train.chunking import chunk_rows
-from logitcache.stages.train.losses import kd_with_ce, sft
+from logitcache.stages.train.losses import kd_with_ce, registry, sft
+from logitcache.stages.train.losses.chunking import chunk_rows
 from logitcache.storage.errors import ConfigError
 from logitcache.storage.head import apply_head
 
@@ -53,7 +53,7 @@ def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None 
         s: (N, V) student logits at the batch's supervised rows (`supervised_logits`).
         batch: the collated batch (see `collate`): next_ids (N,), and for KD teacher_ids (N_kd, K),
             teacher_logprobs (N_kd, K), tail_mass (N_kd,), kd_select (N_kd,), [sample_counts].
-        loss: a name from `losses.LOSSES` ("sft": CE alone, and kd_weight must be 0).
+        loss: a loss declared in `losses.registry` ("sft": CE alone, and kd_weight must be 0).
         options: the loss's keyword options.
         ce_weight, kd_weight: as decided by `settings.loss_weights`.
 
@@ -62,15 +62,16 @@ def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None 
         loss's own metrics (top1_agreement, bild_coverage). A term at weight 0 is not computed and
         not logged; neither is kd for a batch without teacher rows.
     """
-    if loss == "sft" and kd_weight:
-        raise ConfigError(f"loss 'sft' has no KD term; kd_weight={kd_weight} must be 0")
+    spec = registry.get(loss)
+    if spec.rows is None and kd_weight:
+        raise ConfigError(f"loss {loss!r} has no KD term; kd_weight={kd_weight} must be 0")
     metrics: dict[str, torch.Tensor] = {}
     if kd_weight and batch["teacher_ids"].shape[0] > 0:
         teacher_ids = batch["teacher_ids"]
         # One pass over the vocabulary per row for both terms (see `losses.kd_with_ce`). Same
         # tokenizer: a teacher row for every supervised row, in order (kd_select is 0..N-1).
         kd_select = None if teacher_ids.shape[0] == s.shape[0] else batch["kd_select"]
-        extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
+        extra = {keyword: batch[key] for keyword, key in spec.batch_inputs.items()}
         total, parts = kd_with_ce(loss, s, teacher_ids, batch["teacher_logprobs"], batch["next_ids"],
                                   ce_weight=ce_weight, kd_weight=kd_weight, kd_select=kd_select,
                                   tail_mass=batch["tail_mass"], chunk_size=chunk_size, metrics=metrics,

@@ -13,12 +13,11 @@ and cached teacher entries at ids at or above it are folded into the tail mass (
 
 import os
 
+from logitcache.stages.train.losses import registry
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["SAME_TOKENIZER_LOSSES", "check_tokenizer", "check_cache_teacher", "check_loss_fits_cache", "student_vocab_size"]
+__all__ = ["check_tokenizer", "check_cache_teacher", "check_loss_fits_cache", "student_vocab_size"]
 
-# Every cached loss except ULD reads teacher ids as student ids.
-SAME_TOKENIZER_LOSSES = frozenset({"kl", "rkl", "jsd", "skl", "srkl", "topk_kl", "dkd", "nkd", "normkd", "bild", "rskd"})
 
 
 def check_tokenizer(index: dict, tokenizer, *, loss: str, student: str, cache: str, has_text: bool,
@@ -47,7 +46,9 @@ def check_tokenizer(index: dict, tokenizer, *, loss: str, student: str, cache: s
 
     conflicts, differences = compare_tokenizers(index["tokenizer"], tokenizer, teacher_tokenizer=teacher_tokenizer)
     same = not conflicts
-    if not same and loss in SAME_TOKENIZER_LOSSES:
+    # A loss needs the teacher's tokenizer unless its declaration says otherwise (a safe default:
+    # a new loss cannot be fed teacher ids that mean other tokens by being left off a list).
+    if not same and registry.get(loss).needs_teacher_tokenizer:
         cached = index["tokenizer"]
         if has_text:
             advice = "For a student with another tokenizer use --loss uld (it re-tokenizes the cached text)."
@@ -94,20 +95,26 @@ def check_cache_teacher(index: dict, teacher: str | None, *, cache: str) -> None
                           f"drop --teacher")
 
 
+_MODE_USE = {"topk": "the teacher's top-K ids in rank order",
+             "sample": "ids drawn from the teacher, with draw counts"}
+
+
 def check_loss_fits_cache(index: dict, loss: str, *, top_k: int | None, cache: str) -> None:
     """Refuse a loss the cache's sparsification cannot feed.
 
     Raises:
-        ConfigError: rskd without a sample-mode cache; a sample-mode cache for losses that read the
-            teacher's top-k in order (bild, dkd, nkd, normkd, topk_kl); --top-k above the cache's K.
+        ConfigError: a cache mode the loss's declaration does not list (rskd needs sample mode's
+            draw counts; bild, dkd, nkd, normkd and topk_kl read the teacher's top-k in rank order);
+            --top-k above the cache's K.
     """
     mode, k = index["sparsification"]["mode"], index["sparsification"]["k"]
-    if loss == "rskd" and mode != "sample":
-        raise ConfigError(f"--loss rskd needs a sample-mode cache (draw counts); {cache} is a {mode} cache. "
-                          f"Write one with `logitcache precompute --mode sample`, or use --loss kl")
-    if mode == "sample" and loss in ("bild", "dkd", "nkd", "normkd", "topk_kl"):
-        raise ConfigError(f"--loss {loss} reads the teacher's top-k in rank order; {cache} holds sampled ids "
-                          f"(sample mode). Use --loss rskd, kl or another divergence")
+    spec = registry.get(loss)
+    if spec.rows is not None and mode not in spec.modes:
+        wanted = " or ".join(f"a {m}-mode cache ({_MODE_USE[m]})" for m in _MODE_USE if m in spec.modes)
+        others = [name for name, other in registry.LOSSES.items() if mode in other.modes]
+        raise ConfigError(f"--loss {loss} needs {wanted}; {cache} is a {mode}-mode cache. Use a loss that reads "
+                          f"it ({', '.join(others)}), or write a cache with `logitcache precompute --mode "
+                          f"{sorted(spec.modes)[-1]}`")
     if top_k is not None:
         if mode == "sample":
             raise ConfigError(f"--top-k applies to top-K caches; {cache} is a sample-mode cache")

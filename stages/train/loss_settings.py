@@ -1,20 +1,17 @@
 """The loss settings of a run, decided once: the loss's options, the cached columns kept, the CE/KD weights.
 
+Everything is read from the loss's declaration (`losses.registry`): the options it takes and their
+ranges, and its default weights.
+
     settings = loss_settings("bild", temperature=None, top_k=8, tail=None, options={}, ce_weight=None,
                              kd_weight=None, uld_lambda=None)
-    # {"options": {"top_k": 8}, "keep_k": None, "ce_weight": 1.0, "kd_weight": 1.0}
+    # {"options": {"top_k": 8}, "keep_k": None, "ce_weight": 0.0, "kd_weight": 1.0}
 """
 
-import inspect
-
-from logitcache.stages.train.losses import ULD_KD_WEIGHT, get_loss
+from logitcache.stages.train.losses import registry
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["loss_settings", "loss_weights"]
-
-# Loss arguments the trainer supplies itself; not settable as options.
-_RESERVED = {"student_logits", "teacher_ids", "teacher_logprobs", "labels", "counts", "tail_mass", "metrics",
-             "chunk_size"}
 
 
 def loss_settings(loss: str, *, temperature: float | None, top_k: int | None, tail: str | None, options: dict,
@@ -25,54 +22,54 @@ def loss_settings(loss: str, *, temperature: float | None, top_k: int | None, ta
     top-k of the K cached ids (the rest joins the tail mass), which sweeps K without a new cache.
 
     Returns:
-        {"options": dict, "keep_k": int | None, "ce_weight": float, "kd_weight": float}
+        {"options": dict (only those given), "keep_k": int | None, "ce_weight": float, "kd_weight": float}
 
     Raises:
-        ConfigError: an option the loss does not take, or conflicting weights.
+        ConfigError: an option the loss does not take or out of its declared range, or conflicting weights.
     """
-    params = set(inspect.signature(get_loss(loss)).parameters)
+    spec = registry.get(loss)
     given = dict(options)
-    for flag, name, value in (("--temperature", "temperature", temperature), ("--tail", "tail", tail)):
+    for name, value in (("temperature", temperature), ("tail", tail)):
         if value is not None:
             given[name] = value
-    opts = {}
-    for name, value in given.items():
-        if name in _RESERVED or name not in params:
-            takes = sorted(params - _RESERVED - {"top_k"})
-            raise ConfigError(f"--loss {loss} has no option {name!r}; it takes {', '.join(takes) or 'none'}")
-        opts[name] = value
     keep_k = None
     if top_k is not None:
-        if "top_k" in params:
-            opts["top_k"] = top_k
-        elif loss == "sft":
-            raise ConfigError("--top-k does not apply to --loss sft")
+        if "top_k" in spec.option_names():
+            given["top_k"] = top_k
+        elif spec.rows is None:
+            raise ConfigError(f"--top-k does not apply to --loss {loss}")
         else:
             keep_k = top_k
+    if "sample_temperature" in given:
+        raise ConfigError(f"--loss {loss}: sample_temperature is read from the cache index, not set")
+    try:
+        spec.resolve(given)  # unknown options and values out of range fail here
+    except ConfigError as e:
+        raise ConfigError(f"--loss {e}") from None
     if uld_lambda is not None:
         if loss != "uld":
             raise ConfigError(f"--uld-lambda applies to --loss uld, not --loss {loss}")
         if kd_weight is not None:
             raise ConfigError("--uld-lambda is ULD's KD weight; give it or --kd-weight, not both")
         kd_weight = uld_lambda
-    return {"options": opts, "keep_k": keep_k, **loss_weights(loss, ce_weight, kd_weight)}
+    return {"options": given, "keep_k": keep_k, **loss_weights(loss, ce_weight, kd_weight)}
 
 
 def loss_weights(loss: str, ce_weight: float | None, kd_weight: float | None) -> dict[str, float]:
-    """{"ce_weight", "kd_weight"}: the given weights, or the loss's defaults (1 and 1; ULD's 1.5; sft 1 and 0).
+    """{"ce_weight", "kd_weight"}: the given weights, or the loss's declared defaults.
 
     Raises:
-        ConfigError: a KD weight for sft, a negative weight, or both weights 0.
+        ConfigError: a KD weight for a loss without a teacher term (sft), a negative weight, or both 0.
     """
-    if loss == "sft":
+    spec = registry.get(loss)
+    if spec.rows is None:
         if kd_weight:
-            raise ConfigError("--kd-weight does not apply to --loss sft (no teacher term)")
+            raise ConfigError(f"--kd-weight does not apply to --loss {loss} (no teacher term)")
         if ce_weight is not None and float(ce_weight) != 1.0:
-            raise ConfigError(f"--ce-weight {ce_weight}: --loss sft is the cross entropy alone (weight 1)")
+            raise ConfigError(f"--ce-weight {ce_weight}: --loss {loss} is the cross entropy alone (weight 1)")
         return {"ce_weight": 1.0, "kd_weight": 0.0}
-    default_kd = ULD_KD_WEIGHT if loss == "uld" else 1.0
-    weights = {"ce_weight": 1.0 if ce_weight is None else float(ce_weight),
-               "kd_weight": default_kd if kd_weight is None else float(kd_weight)}
+    weights = {"ce_weight": spec.ce_weight if ce_weight is None else float(ce_weight),
+               "kd_weight": spec.kd_weight if kd_weight is None else float(kd_weight)}
     if weights["ce_weight"] < 0 or weights["kd_weight"] < 0 or not (weights["ce_weight"] or weights["kd_weight"]):
         raise ConfigError(f"--ce-weight {weights['ce_weight']} and --kd-weight {weights['kd_weight']}: both must be "
                           f">= 0 and one > 0")

@@ -94,6 +94,7 @@ def train(s: TrainSettings) -> dict:
                                                 student_vocab_size)
     from logitcache.stages.train.collate import Collator
     from logitcache.stages.train.data import CacheSource, JsonlSource, ShardedStream
+    from logitcache.stages.train.losses import registry
     from logitcache.stages.train.trainer import KDTrainer, data_state_name, training_arguments
     from logitcache.storage import open_cache
 
@@ -137,6 +138,9 @@ def train(s: TrainSettings) -> dict:
         index = cache.index
         check_cache_teacher(index, s.teacher, cache=s.cache)
         check_loss_fits_cache(index, s.loss, top_k=s.top_k, cache=s.cache)
+        if "sample_temperature" in registry.get(s.loss).option_names():
+            # The draws' temperature is a fact of the cache, recorded in its index.
+            ls["options"]["sample_temperature"] = float(index["sparsification"].get("temperature", 1.0))
         has_text = s.data is not None or bool(index.get("text_fields"))
         same_tokenizer = check_tokenizer(index, tokenizer, loss=s.loss, student=s.student, cache=s.cache,
                                          has_text=has_text, teacher_tokenizer=_local_tokenizer(index, s))

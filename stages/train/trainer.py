@@ -36,7 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from logitcache.stages.train.data import ShardedStream
 from logitcache.stages.train.batch_loss import fused_head_loss, loss_parts, supervised_logits
 from logitcache.stages.train.loss_settings import loss_weights
-from logitcache.stages.train.losses import get_loss
+from logitcache.stages.train.losses import registry
 from logitcache.stages.train.stop import StopOnSignal
 from logitcache.storage.head import logit_transform
 from logitcache.storage.errors import ConfigError
@@ -99,7 +99,7 @@ class KDTrainer(Trainer):
     """Trainer for cached distillation (and plain SFT on the same batches).
 
     Args:
-        loss: a name from `losses.LOSSES`; "sft" trains on the labels alone.
+        loss: a loss declared in `losses.registry`; "sft" trains on the labels alone.
         loss_options: keyword arguments of the loss (temperature, top_k, tail, ...).
         ce_weight, kd_weight: total = ce_weight * CE + kd_weight * KD (CE is skipped at weight 0);
             None: the loss's default (`loss_settings.loss_weights`).
@@ -118,7 +118,8 @@ class KDTrainer(Trainer):
                  kd_weight: float | None = None, vocab_size: int | None = None, chunk_size: int | None = None,
                  fused_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        get_loss(loss)  # an unknown name fails here, not at step one
+        spec = registry.get(loss)  # an unknown name or option fails here, not at step one
+        spec.resolve(loss_options or {})
         self.loss_name = loss
         self.loss_options, self.chunk_size = dict(loss_options or {}), chunk_size
         weights = loss_weights(loss, ce_weight, kd_weight)

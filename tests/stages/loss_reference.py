@@ -120,8 +120,8 @@ def uld(s, t):
 
 
 def teacher_cross_entropy(s, t, temperature=1.0):
-    """-sum p log softmax(s / T): what RS-KD estimates without bias."""
-    return -(F.softmax(t, -1) * F.log_softmax(s / temperature, -1)).sum(-1).mean()
+    """-sum softmax(t / T) log softmax(s / T): what RS-KD at temperature T estimates."""
+    return -(F.softmax(t / temperature, -1) * F.log_softmax(s / temperature, -1)).sum(-1).mean()
 
 
 def grouped_kl(s, t, ids, temperature=1.0, *, reverse=False, bucket=True):
@@ -135,3 +135,18 @@ def grouped_kl(s, t, ids, temperature=1.0, *, reverse=False, bucket=True):
     if reverse:
         p_k, q_k = q_k, p_k
     return (p_k * (p_k.log() - q_k.log())).sum(-1).mean()
+
+
+def rskd(s, t, temperature=1.0):
+    """RS-KD's expectation over the draws: the cross entropy to the teacher at T."""
+    return teacher_cross_entropy(s, t, temperature)
+
+
+# The plain full-vocabulary reference of every declared loss, called with the loss's options
+# (those its signature names). A new loss adds its reference here; the battery in
+# test_loss_battery.py fails for a declared loss that has none.
+REFERENCES = {
+    "sft": None,  # no teacher: tested against F.cross_entropy in test_losses.py
+    "kl": kl, "rkl": rkl, "jsd": jsd, "skl": skl, "srkl": srkl, "topk_kl": kl,
+    "dkd": dkd, "nkd": nkd, "normkd": normkd, "bild": bild, "uld": uld, "rskd": rskd,
+}

@@ -155,6 +155,12 @@ def test_cross_tokenizer_chat_pairs_assistant_spans_in_order():
         CrossTokenizerTargets(None, fields=("messages", "extra"))
 
 
+def test_cross_tokenizer_refuses_plain_text_caches():
+    """Token-index pairing of two tokenizations of a whole document drifts: refused, naming the way out."""
+    with pytest.raises(ConfigError, match="prompt/response or chat cache.*plain 'text'"):
+        CrossTokenizerTargets(None, fields=("text",))
+
+
 # ---- splitting, shuffling, memory -------------------------------------------------------------------
 
 def test_two_ranks_two_workers_no_duplicate_no_miss():

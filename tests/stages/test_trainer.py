@@ -186,7 +186,9 @@ def test_each_loss_trains_and_its_kd_term_decreases(tmp_path, loss, kw, sample_c
     extra = dict(cache=str(sample_cache)) if loss == "rskd" else {}
     if loss == "uld":
         extra = dict(student=str(w.other_student))  # another tokenizer: re-tokenizes the cached text
-    result = train(settings(tmp_path, loss=loss, ce_weight=0.0, max_steps=8, lr=2e-2, **kw, **extra))
+    # ULD is an L1 distance, already small here (a tiny teacher and student): a smaller step.
+    lr = 5e-3 if loss == "uld" else 2e-2
+    result = train(settings(tmp_path, loss=loss, ce_weight=0.0, max_steps=8, lr=lr, **kw, **extra))
     kd = logged(result, "kd")
     assert len(kd) == 8 and all(map(lambda x: x == x, kd))
     assert sum(kd[-3:]) / 3 < kd[0], kd

@@ -12,10 +12,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from logitcache.storage import COMPACT_STEP, FolderBackend, ShardData, decode_logprobs, encode_logprobs
-from logitcache.storage.encoding import scalar_dtype
-from logitcache.storage.testing import BackendTests
+from logitcache.storage import COMPACT_STEP, FolderBackend, ShardData, decode_logprobs, encode_logprobs, open_cache
+from logitcache.storage.encoding import TAIL_MASS_DTYPE, scalar_dtype
+from logitcache.storage.testing import BackendTests, write_synthetic_cache
 
 
 class TestArrow(BackendTests):
@@ -83,8 +84,10 @@ class NpyBackend(FolderBackend):
                 buf = io.BytesIO()
                 if name == "topk_logprobs":
                     values = encode_logprobs(values, encoding)
-                elif name in ("target_logprob", "tail_mass"):
+                elif name == "target_logprob":
                     values = values.astype(scalar_dtype(encoding))
+                elif name == "tail_mass":
+                    values = values.astype(TAIL_MASS_DTYPE)
                 np.save(buf, values, allow_pickle=False)
                 files[f"{name}.npy"] = buf.getvalue()
         return files
@@ -101,3 +104,17 @@ class NpyBackend(FolderBackend):
 
 class TestThirdPartyBackend(BackendTests):
     backend = NpyBackend()
+
+
+@pytest.mark.parametrize("backend,module", [("arrow", "logitcache.storage.arrow_backend"),
+                                            ("zarr", "logitcache.storage.zarr_backend")])
+def test_float16_tail_mass_of_older_caches_still_reads(tmp_path, monkeypatch, backend, module):
+    """Caches written before tail_mass was float32 in every encoding hold it as float16: still readable."""
+    monkeypatch.setattr(f"{module}.TAIL_MASS_DTYPE", np.dtype(np.float16))
+    root = str(tmp_path / "old")
+    written = write_synthetic_cache(root, backend, encoding="float16")
+    cache = open_cache(root)
+    for i, want in enumerate(written):
+        got = cache[i]["tail_mass"]
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want["tail_mass"].astype(np.float16).astype(np.float32))

@@ -16,10 +16,10 @@ from typing import NamedTuple
 
 import torch
 
-from logitcache.stages.train.chunking import Walk, chunk_rows, chunked_mean, chunked_sums
-from logitcache.stages.train.kd_math import is_row_max
-from logitcache.stages.train.loss_inputs import check_chunk_size
-from logitcache.stages.train.student_stats import StudentStats, student_stats
+from logitcache.stages.train.losses.chunking import Walk, chunk_rows, chunked_mean, chunked_sums
+from logitcache.stages.train.losses.rowmath import is_row_max
+from logitcache.stages.train.losses.inputs import check_chunk_size
+from logitcache.stages.train.losses.student_stats import StudentStats, student_stats
 
 __all__ = ["KDRows", "kd_mean", "kd_and_ce", "label_cross_entropy"]
 

@@ -1,4 +1,4 @@
-"""Per-chunk math shared by the cached distillation losses.
+"""Per-chunk row math shared by the cached losses: padding, masked softmax, the teacher's tail.
 
 Conventions. A chunk has n positions. `s` is the (n, V) student logits chunk in its own dtype;
 `ids` is (n, K) int64 cached teacher ids, -1 at padding; `t_lp` is (n, K) teacher log-probs
@@ -13,14 +13,13 @@ that `0 * inf` makes in backward) out of the losses when a class is empty, e.g. 
 of a cache that holds the whole vocabulary.
 """
 
-import math
 
 import torch
 
 __all__ = [
     "TAIL_FLOOR", "compute_dtype", "split_padding", "masked_logsumexp", "masked_log_softmax",
-    "teacher_tail_mass", "uncovered_logprob", "teacher_top1",
-    "top1_agreement", "is_row_max", "forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl",
+    "teacher_tail_mass", "teacher_top1",
+    "top1_agreement", "agreement_stats", "is_row_max",
 ]
 
 # Smallest teacher tail mass used when the cache does not cover the vocabulary. The stored mass is
@@ -89,27 +88,6 @@ def teacher_tail_mass(t_lp: torch.Tensor, valid: torch.Tensor, tail_mass: torch.
     return tail_mass.to(t_lp.dtype).clamp_min(TAIL_FLOOR)
 
 
-def uncovered_logprob(t_lp: torch.Tensor, valid: torch.Tensor, tau: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Estimated teacher log-prob of one id outside the cache.
-
-    The tail mass spread evenly over the V - K_valid uncovered ids, log(tau / (V - K_valid)),
-    clamped to be <= the smallest cached log-prob (a top-K cache cannot hold an uncovered id above
-    its K-th entry). Rows whose cache covers the vocabulary get the smallest cached log-prob; no id
-    is uncovered there, so the value is never used.
-
-    Args:
-        t_lp: (n, K) teacher log-probs. valid: (n, K) bool. tau: (n,) tail mass (> 0).
-        vocab: V, the teacher vocabulary size.
-
-    Returns:
-        (n,) float, finite.
-    """
-    uncovered = (vocab - valid.sum(-1)).to(t_lp.dtype)
-    smallest = torch.where(valid, t_lp, math.inf).amin(-1)
-    spread = tau.log() - uncovered.clamp_min(1.0).log()
-    return torch.where(uncovered > 0, torch.minimum(spread, smallest), smallest)
-
-
 def teacher_top1(ids: torch.Tensor, t_lp: torch.Tensor) -> torch.Tensor:
     """(n,) column index of the teacher's most probable valid cached id."""
     return torch.where(ids >= 0, t_lp, float("-inf")).argmax(-1)
@@ -140,44 +118,6 @@ def is_row_max(s: torch.Tensor, ids: torch.Tensor, row_max: torch.Tensor | None 
     return (value >= row_max).to(dtype)
 
 
-def _expect(lp: torch.Tensor, mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """sum_c p_c * value_c over masked-in classes; (n,)."""
-    return torch.where(mask, lp.exp() * value, 0.0).sum(-1)
-
-
-def _log_mix(lt: torch.Tensor, ls: torch.Tensor, w_teacher: float) -> torch.Tensor:
-    """log(w * p_t + (1 - w) * p_s), computed in log space."""
-    return torch.logaddexp(lt + math.log(w_teacher), ls + math.log1p(-w_teacher))
-
-
-def forward_kl(lt, ls, mask):
-    """KL(teacher || student) per row. lt, ls: (n, C) log-probs; mask: (n, C). Returns (n,)."""
-    return _expect(lt, mask, lt - ls)
-
-
-def reverse_kl(lt, ls, mask):
-    """KL(student || teacher) per row; (n,)."""
-    return _expect(ls, mask, ls - lt)
-
-
-def generalized_jsd(lt, ls, mask, beta: float):
-    """GKD's JSD(beta) = beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q.
-
-    P is the teacher, Q the student (Agarwal et al. 2024, eq. 2); 0 < beta < 1. (n,).
-    """
-    lm = _log_mix(lt, ls, beta)
-    return beta * _expect(lt, mask, lt - lm) + (1.0 - beta) * _expect(ls, mask, ls - lm)
-
-
-def skew_kl(lt, ls, mask, alpha: float):
-    """DistiLLM's skew KL: KL(P || alpha P + (1 - alpha) Q); (n,). alpha = 0 is forward KL."""
-    if alpha == 0.0:
-        return forward_kl(lt, ls, mask)
-    return _expect(lt, mask, lt - _log_mix(lt, ls, alpha))
-
-
-def skew_reverse_kl(lt, ls, mask, alpha: float):
-    """DistiLLM's skew reverse KL: KL(Q || (1 - alpha) P + alpha Q); (n,). alpha = 0 is reverse KL."""
-    if alpha == 0.0:
-        return reverse_kl(lt, ls, mask)
-    return _expect(ls, mask, ls - _log_mix(lt, ls, 1.0 - alpha))
+def agreement_stats(want_metrics, s, ids, t_lp, st) -> dict:
+    """{"top1_agreement": (n,)} when metrics are wanted, else {}; st: the chunk's `StudentStats`."""
+    return {"top1_agreement": top1_agreement(s, ids, t_lp, st.row_max)} if want_metrics else {}

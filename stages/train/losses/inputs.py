@@ -9,7 +9,8 @@ import torch
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
 __all__ = ["check_logits", "check_teacher", "check_rows", "check_index", "check_choice", "check_range",
-           "check_chunk_size"]
+           "check_chunk_size",
+           "check_cache_rows"]
 
 
 def check_logits(student_logits: torch.Tensor) -> tuple[int, int]:
@@ -99,6 +100,17 @@ def check_range(name: str, value: float, low: float, high: float, *, low_open: b
 def check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ConfigError(f"chunk_size={chunk_size!r} must be a positive number of rows, or None for automatic")
+
+
+def check_cache_rows(student_logits, teacher_ids, teacher_logprobs, tail_mass, n_rows, *, min_k=1, same_vocab=True):
+    """Checks the inputs for N_kd = `n_rows` teacher rows (None: the logits' N); returns (V, K)."""
+    n, vocab = check_logits(student_logits)
+    k = check_teacher(student_logits, teacher_ids, teacher_logprobs, same_vocab=same_vocab, rows=n_rows)
+    check_rows("tail_mass", tail_mass, (n if n_rows is None else n_rows,))
+    if k < min_k:
+        raise ConfigError(f"this loss splits target from non-target classes and needs K >= {min_k} cached ids, "
+                          f"got K = {k}")
+    return vocab, k
 
 
 def _shape(t) -> str:

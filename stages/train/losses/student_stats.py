@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from logitcache.stages.train.kd_math import compute_dtype, masked_logsumexp, split_padding
+from logitcache.stages.train.losses.rowmath import compute_dtype, masked_logsumexp, split_padding
 
 __all__ = ["StudentStats", "student_stats"]
 

@@ -1,0 +1,183 @@
+"""The battery every declared loss passes, parametrized over `losses.registry` (a new loss is tested here).
+
+Run: .venv/bin/python -m pytest tests/stages/test_loss_battery.py -q
+
+For each loss with a teacher term: value and gradient against its plain full-vocabulary reference
+(tests/stages/loss_reference.py) when the cache holds the whole vocabulary; -1 padding changes
+nothing; a batch with no teacher rows is the cross entropy alone; bf16 logits give an fp32 loss
+and a bf16 gradient; the declared defaults are accepted and values out of the declared ranges are
+refused; the declaration's fields are coherent.
+"""
+
+import importlib.util
+import inspect
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from logitcache.stages.train import losses
+from logitcache.stages.train.losses import registry
+from logitcache.storage.errors import ConfigError
+
+_spec = importlib.util.spec_from_file_location("loss_reference", Path(__file__).with_name("loss_reference.py"))
+ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ref)
+
+F64 = torch.float64
+KD_LOSSES = [name for name, spec in registry.LOSSES.items() if spec.rows is not None]
+
+
+def _logits(n, v, *, seed, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, v, generator=g, dtype=F64) * 3.0
+    s = torch.randn(n, v, generator=g, dtype=F64) * 2.0
+    return s.to(dtype), t
+
+
+def _cache(t, k):
+    values, ids = t.log_softmax(-1).sort(-1, descending=True)
+    return ids[:, :k], values[:, :k].float() if t.dtype != F64 else values[:, :k]
+
+
+def _inputs(spec, ids, lp):
+    """The loss's per-row batch inputs: counts proportional to the teacher (a huge sample's limit)."""
+    return {keyword: torch.where(ids >= 0, lp.exp(), 0.0) for keyword in spec.batch_inputs}
+
+
+def _call(name, s, ids, lp, **kw):
+    spec = registry.get(name)
+    return losses.get_loss(name)(s, ids, lp, **_inputs(spec, ids, lp), **kw)
+
+
+@pytest.mark.parametrize("name", list(registry.LOSSES))
+def test_declaration_is_coherent(name):
+    spec = registry.get(name)
+    assert spec.help and spec.approximates
+    assert spec.ce_weight >= 0 and spec.kd_weight >= 0
+    assert spec.modes <= {registry.TOPK, registry.SAMPLE}
+    if spec.rows is None:
+        return
+    assert spec.modes and spec.kd_weight > 0
+    params = inspect.signature(spec.row_function()).parameters
+    assert set(spec.option_names()) | set(spec.batch_inputs) | {"tail_mass", "want_metrics", "n_rows"} \
+        == set(params) - {"student_logits", "teacher_ids", "teacher_logprobs"}
+    assert spec.row_function().__doc__, "the row function's docstring is the loss's documentation"
+    assert name in ref.REFERENCES, f"add a full-vocabulary reference for {name!r} to loss_reference.REFERENCES"
+
+
+@pytest.mark.parametrize("name", KD_LOSSES)
+def test_full_vocabulary_value_and_gradient_match_the_reference(name):
+    spec = registry.get(name)
+    s, t = _logits(5, 40, seed=1)
+    ids, lp = _cache(t, 40)
+    options = spec.resolve({})
+    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
+    got = _call(name, x, ids, lp, chunk_size=2)
+    reference = ref.REFERENCES[name]
+    takes = inspect.signature(reference).parameters
+    want = reference(y, t, **{k: v for k, v in options.items() if k in takes})
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", KD_LOSSES)
+def test_padding_changes_nothing(name):
+    """-1 padding after the valid ids (sample mode, folded padded-vocabulary ids) is ignored."""
+    s, t = _logits(4, 50, seed=2)
+    ids, lp = _cache(t, 10)
+    pad_ids = torch.cat([ids, torch.full((4, 3), -1)], 1)
+    pad_lp = torch.cat([lp, torch.zeros(4, 3, dtype=lp.dtype)], 1)
+    tail = 1 - lp.exp().sum(-1)
+    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
+    got = _call(name, x, pad_ids, pad_lp, tail_mass=tail)
+    want = _call(name, y, ids, lp, tail_mass=tail)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", KD_LOSSES)
+def test_no_teacher_rows_is_the_cross_entropy_alone(name):
+    spec = registry.get(name)
+    s, t = _logits(5, 30, seed=3)
+    ids, lp = _cache(t, 10)
+    labels = torch.randint(0, 30, (5,), generator=torch.Generator().manual_seed(3))
+    none = torch.zeros(0, dtype=torch.long)
+    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
+    total, parts = losses.kd_with_ce(name, x, ids[none], lp[none], labels, ce_weight=0.5, kd_select=none,
+                                     **_inputs(spec, ids[none], lp[none]))
+    want = 0.5 * losses.sft(y, labels=labels)
+    total.backward()
+    want.backward()
+    assert set(parts) == {"ce"}
+    torch.testing.assert_close(total, want)
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("name", KD_LOSSES)
+def test_bf16_logits_give_an_fp32_loss_and_a_bf16_gradient(name):
+    s, t = _logits(6, 64, seed=4, dtype=torch.float32)
+    ids, lp = _cache(t.float(), 16)
+    s16 = s.bfloat16().requires_grad_()
+    got = _call(name, s16, ids, lp)
+    got.backward()
+    assert got.dtype == torch.float32 and s16.grad.dtype == torch.bfloat16
+    s32 = s16.detach().float().requires_grad_()
+    want = _call(name, s32, ids, lp)
+    want.backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s16.grad, s32.grad.bfloat16())
+
+
+@pytest.mark.parametrize("name", KD_LOSSES)
+def test_declared_defaults_pass_and_out_of_range_values_are_refused(name):
+    spec = registry.get(name)
+    s, t = _logits(3, 30, seed=5, dtype=torch.float32)
+    ids, lp = _cache(t.float(), 10)
+    defaults = {o.name: o.default for o in spec.options}
+    assert torch.isfinite(_call(name, s, ids, lp, **defaults))
+    for option in spec.options:
+        if option.choices is not None:
+            bad = "no-such-choice"
+        elif option.low > -math.inf:
+            bad = option.low - 1 if option.integer else option.low - (0.0 if option.low_open else 0.5)
+        else:
+            continue
+        with pytest.raises(ConfigError, match=f"{option.name}="):
+            _call(name, s, ids, lp, **{option.name: bad})
+    with pytest.raises(ConfigError, match="no option 'no_such_option'"):
+        _call(name, s, ids, lp, no_such_option=1)
+
+
+def test_the_docs_example_passes_the_battery(monkeypatch):
+    """docs/LOSSES.md's worked example (a row function, a declaration, a reference) is real: it runs."""
+    from logitcache.stages.train.losses import divergences, functions
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "LOSSES.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 3, "docs/LOSSES.md: expected the three example blocks"
+    row_code, declaration, reference_code = blocks
+    namespace = dict(vars(divergences))
+    exec(row_code, namespace)  # noqa: S102 - our own docs
+    monkeypatch.setattr(divergences, "tvd_rows", namespace["tvd_rows"], raising=False)
+    spec = eval(declaration.strip().rstrip(","), dict(vars(registry)))  # noqa: S307
+    monkeypatch.setitem(registry.LOSSES, spec.name, spec)
+    monkeypatch.setitem(functions.LOSSES, spec.name, functions._public(spec))
+    ref_namespace = dict(vars(ref))
+    monkeypatch.setattr(ref, "REFERENCES", dict(ref.REFERENCES))
+    ref_namespace["REFERENCES"] = ref.REFERENCES
+    exec(reference_code, ref_namespace)  # noqa: S102
+    assert spec.name == "tvd" and "tvd" in ref.REFERENCES
+    test_declaration_is_coherent("tvd")
+    test_full_vocabulary_value_and_gradient_match_the_reference("tvd")
+    test_padding_changes_nothing("tvd")
+    test_no_teacher_rows_is_the_cross_entropy_alone("tvd")
+    test_bf16_logits_give_an_fp32_loss_and_a_bf16_gradient("tvd")
+    test_declared_defaults_pass_and_out_of_range_values_are_refused("tvd")
+    assert "tvd" in registry.get("tvd").describe()
