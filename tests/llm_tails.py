@@ -123,7 +123,7 @@ def sample_cache(logits: torch.Tensor, num_samples: int, *, temperature: float =
     seeds = (np.arange(rows, dtype=np.uint64) + np.uint64(seed) * np.uint64(1_000_003)).astype(np.uint64)
     targets = sample_targets(logits, torch.zeros(rows, dtype=torch.long), num_samples=num_samples,
                              temperature=temperature, seeds=seeds)
-    out = _stored(targets["sample_ids"], targets["sample_logprobs"], targets["tail_mass"], encoding)
+    out = _stored(targets["topk_ids"], targets["topk_logprobs"], targets["tail_mass"], encoding)
     out["counts"] = torch.from_numpy(targets["sample_counts"].astype(np.int32))
     return out
 

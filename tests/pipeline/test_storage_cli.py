@@ -57,6 +57,7 @@ def test_validate_unfinished_cache_is_a_clear_error(tmp_path, capsys):
     assert "unfinished" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # matplotlib: ~30 s of CPU on 2 cores
 def test_inspect_json_and_plot(cache_dir, tmp_path, capsys):
     png = tmp_path / "mass.png"
     assert main(["inspect", cache_dir, "--json", "--plot", str(png)]) == 0

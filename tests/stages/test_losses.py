@@ -519,6 +519,7 @@ def peak_memory():
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a subprocess measures peak memory: ~25 s of CPU on 2 cores
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_peak_memory_stays_well_below_cross_entropy(peak_memory, dtype):
     """kl (bucket, T = 2) and bild forward + backward on 512 x 50k logits, in chunks of 64 rows.

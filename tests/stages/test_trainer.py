@@ -178,9 +178,14 @@ FAMILIES = [
     ("kl", {}), ("rkl", {}), ("jsd", {}), ("skl", {}), ("srkl", {}), ("topk_kl", {}),
     ("dkd", {}), ("nkd", {}), ("normkd", {}), ("bild", {"top_k": 4}), ("uld", {}), ("rskd", {}),
 ]
+# The default run trains one family of each kind (a divergence, a baseline, the cross-tokenizer one);
+# the rest, ~5 s each on 2 cores, run with -m slow (and in `make test`).
+_EVERYDAY = {"kl", "bild", "uld"}
+_FAMILY_PARAMS = [pytest.param(loss, kw, id=loss, marks=() if loss in _EVERYDAY else pytest.mark.slow)
+                  for loss, kw in FAMILIES]
 
 
-@pytest.mark.parametrize("loss, kw", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize("loss, kw", _FAMILY_PARAMS)
 def test_each_loss_trains_and_its_kd_term_decreases(tmp_path, loss, kw, sample_cache):
     w = world()
     extra = dict(cache=str(sample_cache)) if loss == "rskd" else {}
