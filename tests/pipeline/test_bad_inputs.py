@@ -5,7 +5,8 @@ real subprocesses for what only a process shows: a progress bar on stderr, the c
 `--debug`), and a hypothesis part that draws option values in and out of their ranges, as flags
 and as `--config` YAML, against an oracle written from the `--help` texts.
 
-    .venv/bin/python -m pytest tests/pipeline/test_bad_inputs.py -q     # ~1 min on 2 CPU cores
+    .venv/bin/python -m pytest tests/pipeline/test_bad_inputs.py -q     # ~1.5 min on 2 shared CPU cores
+    .venv/bin/python -m pytest tests/pipeline/test_bad_inputs.py -q -m slow    # the real processes
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ CASES = [
     ("precompute-empty-file", lambda w: pre(w, "empty.jsonl"), ("empty.jsonl", "empty")),
     ("precompute-malformed-line", lambda w: pre(w, "malformed.jsonl"), ("malformed.jsonl", "line 2", "JSON")),
     ("precompute-strict-number", lambda w: pre(w, "number.jsonl", "--strict"), ("row 0", "'text'", "string")),
+    ("precompute-strict-number-bar-drawn", lambda w: _without_flag(pre(w, "number.jsonl", "--strict"), "--no-progress"),
+     ("row 0",)),
     ("precompute-out-is-file", lambda w: pre(w) + ["--out", str(w["root"] / "a_file")], ("--out", "a_file")),
     ("train-out-is-file", lambda w: sft(w, "--out", str(w["root"] / "a_file")), ("--out", "a_file")),
     ("train-negative-lr", lambda w: sft(w, "--lr", "-1"), ("--lr", "-1")),
@@ -205,6 +208,10 @@ CASES = [
 ]
 
 
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    return [a for a in argv if a != flag]
+
+
 def _without(argv: list[str], flag: str) -> list[str]:
     """argv less `flag` and its value."""
     i = argv.index(flag)
@@ -221,6 +228,8 @@ def test_bad_invocation(case, world, capsys, tmp_path):
     err = capsys.readouterr().err
     command = argv[0] if argv and argv[0] in cli.COMMANDS else None
     assert_contract(rc, err, command, named)
+    if "bar-drawn" in case[0]:
+        assert "pos" in err  # the bar was drawn, and the error still has its own line
 
 
 def test_the_sweep_covers_every_command():
@@ -237,7 +246,7 @@ def test_nothing_written_for_refused_options(world, capsys):
     assert not out.exists()
 
 
-# --- real processes: a progress bar on stderr, the console entry point, --debug ---------------------------
+# --- real processes (slow: ~10 s each): a progress bar on a real stderr, --debug ---------------------------
 
 
 def _run(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -246,6 +255,7 @@ def _run(argv: list[str], env: dict | None = None) -> subprocess.CompletedProces
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_error_is_not_glued_to_the_progress_bar(world):
     """The issue's `precompute: 0.00pos [00:00, ?pos/s]logitcache precompute: error: ...`: with the bar
     drawn, the error still starts its own line."""
@@ -256,6 +266,7 @@ def test_error_is_not_glued_to_the_progress_bar(world):
     assert_contract(proc.returncode, proc.stderr, "precompute", ("row 0",))
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(world):
     argv = sft(world, "--lr", "-1")
     proc = _run(argv)

@@ -13,7 +13,7 @@ already written is lost: a rerun resumes to the result of an uninterrupted run.
   stops with an error, resumes to an identical cache once the store is back; `train --cache s3://`
   stops with an error, never hangs and never skips.
 
-    .venv/bin/python -m pytest tests/pipeline/test_faults.py -m slow -q     # ~4 min on 2 CPU cores
+    .venv/bin/python -m pytest tests/pipeline/test_faults.py -m slow -q     # ~6-10 min on 2 shared CPU cores
 """
 
 from __future__ import annotations
