@@ -79,6 +79,8 @@ class VLLMEngine:
             the model itself computes its logits (and twice as fast as fp32 in bf16, on CPU
             too). "float32" gives logits free of bf16 rounding at the cost of a slower head.
         head_chunk_rows: Rows per head call.
+        fused_head: Pooling path, topk mode: head + logsumexp + top-K in one pass over
+            vocabulary tiles (`fused_topk`); False builds each chunk's full logits first.
         **llm_kwargs: Passed to `vllm.LLM` (e.g. `enforce_eager`, `gpu_memory_utilization`,
             `kv_cache_memory_bytes`, `tensor_parallel_size`); they override ours.
     """
@@ -100,6 +102,7 @@ class VLLMEngine:
         slab_tokens: int | None = None,
         head_dtype: str | None = None,
         head_chunk_rows: int | None = None,
+        fused_head: bool = True,
         **llm_kwargs,
     ):
         if vllm_path not in VLLM_PATHS:
@@ -117,6 +120,7 @@ class VLLMEngine:
         self.spec = spec
         self.path = vllm_path
         self.head_chunk_rows = head_chunk_rows
+        self.fused_head = fused_head
         on_cpu = current_platform.is_cpu()
         batch_tokens = max_batch_tokens or 8192
         self.slab_tokens = slab_tokens or 4 * batch_tokens
@@ -242,6 +246,7 @@ class VLLMEngine:
             self.spec,
             seeds=row_seeds,
             chunk_rows=self.head_chunk_rows,
+            fused=self.fused_head,
         )
         return split_rows(rows, [len(pos) for _, pos in checked])
 
