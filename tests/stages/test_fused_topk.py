@@ -135,3 +135,25 @@ def test_engines_take_the_fused_path_in_topk_mode_only():
     b = targets_from_hidden(hidden, head, next_ids, sample, seeds=seeds, fused=False)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_pooling_gpu_memory_budget_arithmetic():
+    """A 7B teacher (V = 152,064, H = 3,584, bf16 head) on a 24 GiB card: the head (1.02 GiB) and
+    the fused top-K's tiles (4096 x 16384 in bf16 + fp32 + fp32 exp = 0.625 GiB, hidden rows
+    0.08 GiB) come out of vLLM's 0.9."""
+    from logitcache.stages.precompute.engines.vllm_engine import pooling_gpu_memory_utilization
+
+    gib = 1 << 30
+    share = pooling_gpu_memory_utilization(24 * gib, vocab=152_064, hidden=3_584)
+    head = 152_064 * 3_584 * 2
+    work = 4096 * 16384 * 10 + 4096 * 3584 * 6
+    assert share == pytest.approx(0.9 - (head + work) / (24 * gib))
+    assert 0.82 < share < 0.83
+    # Together with the head, nothing exceeds vLLM's own default of 0.9 of the card.
+    assert share * 24 * gib + head + work == pytest.approx(0.9 * 24 * gib)
+    # A bigger card gives vLLM a larger share; a small vocabulary uses a narrower tile.
+    assert pooling_gpu_memory_utilization(80 * gib, vocab=152_064, hidden=3_584) > share
+    small = pooling_gpu_memory_utilization(24 * gib, vocab=4096, hidden=256)
+    assert small == pytest.approx(0.9 - (4096 * 256 * 2 + 4096 * 4096 * 10 + 4096 * 256 * 6) / (24 * gib))
+    with pytest.raises(ConfigError, match="logprobs"):
+        pooling_gpu_memory_utilization(2 * gib, vocab=152_064, hidden=8_192)
