@@ -12,6 +12,16 @@ The ratio is limit time / path time: the fraction of the limit the path captures
 
 The model is a random Llama (scratch.py) whose logits width is padded to `--vocab`; only the
 width matters for cost. Each timing is the best of `--repeats` after a warm-up run.
+
+Whole jobs, as a user runs them (`--whole-job TEXTS.jsonl`, one {"text": ...} per line):
+
+    .venv/bin/python benchmarks/bench_engines.py --whole-job texts.jsonl --vocab 151680 --job-rows 120
+
+times `logitcache precompute --engine hf` (fused head, and `fused_head=false`) against a bare job
+over the same texts: a process that loads the model, tokenizes the texts and runs the forward
+pass with logits in the same length batches, nothing else. Each is run over `--job-rows` texts
+and over a quarter of them, interleaved, and the start-up is subtracted: ratio = (bare big -
+bare small) / (job big - job small).
 """
 
 from __future__ import annotations
@@ -90,6 +100,74 @@ def bench_vllm(model: str, requests, args) -> list[tuple[str, float]]:
     return [(f"vllm limit: prefill {prefill:.2f} s + head everywhere {head:.2f} s", prefill + head)] + rows
 
 
+def bare_job(model: str, data: str, rows: int, batch_tokens: int) -> None:
+    """The whole-job limit: load, tokenize, forward with logits at every position; nothing else."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitcache.stages.precompute.engines.hf import length_batches
+
+    tok = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with open(data) as f:
+        texts = [json.loads(line)["text"] for line in f][:rows]
+    ids = [tok(t)["input_ids"] for t in texts]
+    with torch.inference_mode():
+        for batch in length_batches([len(x) for x in ids], batch_tokens):
+            longest = len(ids[batch[0]])
+            input_ids = torch.zeros((len(batch), longest), dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for b, i in enumerate(batch):
+                input_ids[b, : len(ids[i])], mask[b, : len(ids[i])] = torch.tensor(ids[i]), 1
+            net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+
+def bench_whole_job(model: str, args) -> None:
+    """Whole `precompute --engine hf` processes against bare jobs; see the module docstring."""
+    import json
+    import subprocess
+    import sys
+
+    with open(args.whole_job) as f:
+        lines = f.readlines()[: args.job_rows]
+    sizes = {"small": max(1, len(lines) // 4), "big": len(lines)}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = {}
+        for name, n in sizes.items():
+            data[name] = os.path.join(tmp, f"{name}.jsonl")
+            with open(data[name], "w") as f:
+                f.writelines(lines[:n])
+        py, here = sys.executable, os.path.abspath(__file__)
+        jobs = {
+            "bare": lambda size: [py, here, "--bare-job", data[size], "--model", model,
+                                  "--batch-tokens", str(args.batch_tokens)],
+            "hf engine, fused head": lambda size: [py, "-m", "logitcache.pipeline", "precompute", "--teacher", model,
+                                                   "--data", data[size], "--text-field", "text", "--engine", "hf",
+                                                   "--max-batch-tokens", str(args.batch_tokens), "--no-progress",
+                                                   "--top-k", str(args.k), "--out", os.path.join(tmp, "cache")],
+        }
+        jobs["hf engine, unfused head"] = lambda size: jobs["hf engine, fused head"](size) + [
+            "--engine-arg", "fused_head=false"]
+        times = {(name, size): [] for name in jobs for size in sizes}
+        for _ in range(args.repeats):
+            for size in sizes:
+                for name, cmd in jobs.items():  # interleaved: load drifts hit every variant alike
+                    subprocess.run(["rm", "-rf", os.path.join(tmp, "cache")], check=True)
+                    t0 = time.perf_counter()
+                    subprocess.run(cmd(size), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    times[name, size].append(time.perf_counter() - t0)
+                    print(f"  {name} ({size}): {times[name, size][-1]:.1f} s", flush=True)
+    net = {name: min(times[name, "big"]) - min(times[name, "small"]) for name in jobs}
+    print(f"\nwhole jobs: {sizes['big']} vs {sizes['small']} texts, logits width {args.vocab}, k={args.k}")
+    print(f"{'job':28s} {'big s':>8s} {'small s':>8s} {'net s':>8s} {'of bare':>8s}   all runs")
+    for name in jobs:
+        runs = " ".join(f"{t:.1f}" for t in times[name, "big"] + times[name, "small"])
+        print(f"{name:28s} {min(times[name, 'big']):8.1f} {min(times[name, 'small']):8.1f} {net[name]:8.1f} "
+              f"{net['bare'] / net[name]:8.2f}   {runs}")
+    print(json.dumps({"net_seconds": net}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -101,8 +179,19 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--engines", default="hf,vllm")
+    parser.add_argument("--whole-job", metavar="TEXTS.jsonl", help="time whole precompute jobs over these texts")
+    parser.add_argument("--job-rows", type=int, default=120, help="texts in the big whole job (small: a quarter)")
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # --bare-job's model (internal)
+    parser.add_argument("--bare-job", metavar="TEXTS.jsonl", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.bare_job:
+        bare_job(args.model, args.bare_job, 1 << 30, args.batch_tokens)
+        return
+    if args.whole_job:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_whole_job(_model(tmp, args.layers, args.hidden, args.vocab), args)
+        return
 
     from logitcache.stages.precompute.engines import Request
 

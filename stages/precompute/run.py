@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from logitcache.stages.precompute.data import InputSpec, RowEncoder, load_rows
 from logitcache.stages.precompute.plan import (finalize_cache, num_shards, owned_shards,
                                                write_job_record)
-from logitcache.stages.precompute.shard_work import process_shard
+from logitcache.stages.precompute.shard_work import ShardWriterThread, make_shard
 from logitcache.storage import FORMAT_VERSION, CacheWriter, chain_fingerprint, read_index, tokenizer_fingerprint
 from logitcache.storage.fingerprint import tokenizer_identity
 from logitcache.storage.errors import ConfigError
@@ -210,15 +210,20 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
                     if teacher_engine.logits_width != logits_width:
                         raise ConfigError(f"engine {engine_name} reports logits width {teacher_engine.logits_width}, "
                                           f"the config of {teacher} says {logits_width}")
-                    for s in todo:
-                        entry = process_shard(s, dataset=dataset, encoder=encoder, engine=teacher_engine, writer=writer,
-                                              on_batch=bar.update, should_stop=stop.is_set, **shard_kwargs)
-                        if entry is None:
-                            break
-                        result.written.append(s)
-                        bar.shard_done(s, entry)
-                        if stop.is_set():
-                            break
+                    # Shard s is compressed, checksummed and written on a thread while shard s+1 is
+                    # computed (the write releases the GIL in zstd and file I/O). At most one shard
+                    # waits: memory stays at two shards.
+                    with ShardWriterThread(writer, on_written=bar.shard_done) as writes:
+                        for s in todo:
+                            made = make_shard(s, dataset=dataset, encoder=encoder, engine=teacher_engine,
+                                              text_fields=writer.text_fields, on_batch=bar.update,
+                                              should_stop=stop.is_set, **shard_kwargs)
+                            if made is None:
+                                break
+                            writes.submit(s, *made)
+                            if stop.is_set():
+                                break
+                    result.written += writes.written
                 finally:
                     if own_engine:
                         teacher_engine.close()

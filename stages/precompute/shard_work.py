@@ -1,6 +1,7 @@
 """One storage shard of stage one: its rows -> teacher tokens -> engine -> `ShardData` -> written.
 
-The single-process loop (`run.py`) and the Ray actors (`ray_job.py`) both call `process_shard`,
+The single-process loop (`run.py`, via `make_shard` and a `ShardWriterThread`) and the Ray actors
+(`ray_job.py`, via `process_shard`) compute shards with the same code,
 so a shard's bytes do not depend on which of them made it: rows are encoded by the same code,
 the engine gets token ids (never re-tokenized strings), and the engine batches are the shard's
 sequences in row order, `batch_size` at a time.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from logitcache.stages.precompute.plan import sequence_seed, shard_rows
 from logitcache.storage import CacheWriter, ShardData
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["encode_rows", "compute_shard", "process_shard"]
+__all__ = ["encode_rows", "compute_shard", "make_shard", "process_shard", "ShardWriterThread"]
 
 
 def encode_rows(dataset, a: int, b: int, encoder: RowEncoder, *, strict: bool
@@ -95,17 +97,80 @@ def process_shard(shard_id: int, *, dataset, encoder: RowEncoder, engine: Engine
                   on_batch: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> dict | None:
     """Encode, compute and write shard `shard_id`. Returns its entry, or None when stopped first."""
+    made = make_shard(shard_id, dataset=dataset, encoder=encoder, engine=engine, text_fields=writer.text_fields,
+                      rows_per_shard=rows_per_shard, strict=strict, mode=mode, width=width, seed=seed,
+                      batch_size=batch_size, on_batch=on_batch, should_stop=should_stop)
+    return None if made is None else writer.write_shard(shard_id, made[0], extra=made[1])
+
+
+def make_shard(shard_id: int, *, dataset, encoder: RowEncoder, engine: Engine, text_fields: tuple[str, ...],
+               rows_per_shard: int, strict: bool, mode: str, width: int, seed: int, batch_size: int,
+               on_batch: Callable[[int, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> tuple[ShardData, dict] | None:
+    """Encode and compute shard `shard_id` without writing it.
+
+    Returns:
+        (the shard, the extra fields of its index entry), or None when stopped first.
+    """
     a, b = shard_rows(shard_id, rows_per_shard, len(dataset))
     items, skipped, truncated = encode_rows(dataset, a, b, encoder, strict=strict)
     if on_batch is not None and (b - a) > len(items):
         on_batch(b - a - len(items), 0)  # skipped rows count as done for the progress bar
     shard = compute_shard(engine, items, mode=mode, width=width, seed=seed, batch_size=batch_size,
-                          text_fields=writer.text_fields, on_batch=on_batch, should_stop=should_stop)
+                          text_fields=text_fields, on_batch=on_batch, should_stop=should_stop)
     if shard is None:
         return None
     extra = {"rows": [a, b], "skipped": dict(sorted(skipped.items())), "truncated": truncated,
              "engine_version": str(engine.version)}
-    return writer.write_shard(shard_id, shard, extra=extra)
+    return shard, extra
+
+
+class ShardWriterThread:
+    """Writes finished shards on one background thread, one at a time, while the caller computes.
+
+        with ShardWriterThread(writer, on_written=progress) as writes:
+            for s in todo:
+                writes.submit(s, *make_shard(s, ...))
+        writes.written  # shard ids written, in order
+
+    `submit` first waits for the previous write (so at most one shard is queued besides the one
+    being computed) and re-raises its error. Leaving the block waits for the last write, also
+    when an exception is on its way out: a write is atomic (temp + rename), so it either lands
+    whole or not at all. `on_written(shard_id, entry)` runs on the caller's thread.
+    """
+
+    def __init__(self, writer: CacheWriter, *, on_written: Callable[[int, dict], None] | None = None):
+        self.writer, self.on_written = writer, on_written
+        self.written: list[int] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: tuple[int, Future] | None = None
+
+    def submit(self, shard_id: int, shard: ShardData, extra: dict) -> None:
+        self.wait()
+        self._pending = shard_id, self._pool.submit(self.writer.write_shard, shard_id, shard, extra=extra)
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is done; re-raise its error."""
+        if self._pending is None:
+            return
+        shard_id, future = self._pending
+        self._pending = None
+        entry = future.result()
+        self.written.append(shard_id)
+        if self.on_written is not None:
+            self.on_written(shard_id, entry)
+
+    def __enter__(self) -> "ShardWriterThread":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self._pending is not None:
+                self._pending[1].exception()  # let it land (or fail) without masking the error in flight
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _sequence(row: int, e: Encoded, out: dict, mode: str) -> dict:

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from logitcache.stages.precompute.fused_topk import fused_topk_targets
 from logitcache.storage.head import LMHead
 from logitcache.stages.precompute.sparsify import (
     SAMPLE_FIELDS,
@@ -143,8 +144,14 @@ def targets_from_hidden(
     *,
     seeds: np.ndarray | None = None,
     chunk_rows: int | None = None,
+    fused: bool = True,
 ) -> dict[str, np.ndarray]:
     """Apply the head and sparsify, a chunk of rows at a time.
+
+    In topk mode with `fused` (the default) the head, the logsumexp and the top-K run in one
+    pass over vocabulary tiles (`fused_topk_targets`): no (rows x V) block of logits is built.
+    Sample mode needs each row's whole distribution (its CDF), so it always takes the chunked
+    path: logits for `chunk_rows` rows, then `sample_targets`.
 
     Args:
         hidden: (n, H) final hidden states of the supervised rows.
@@ -152,11 +159,15 @@ def targets_from_hidden(
         next_ids: (n,) int64 token after each row.
         spec: What to keep.
         seeds: (n,) uint64 per-row seeds; required in sample mode.
-        chunk_rows: Rows per head call; defaults to 64M logits (128 MiB in bf16).
+        chunk_rows: Rows per head call; defaults to 64M logits (128 MiB in bf16), or to
+            `fused_topk.default_tiles` when fused.
+        fused: Use the fused head + top-K in topk mode.
 
     Returns:
         The `sparsify` fields, n rows each.
     """
+    if fused and spec.mode == "topk":
+        return fused_topk_targets(hidden, head, next_ids, spec.k, chunk_rows=chunk_rows)
     n = hidden.shape[0]
     chunk_rows = chunk_rows or max(1, (1 << 26) // head.width)
     parts = []

@@ -44,6 +44,8 @@ class HFEngine:
         revision: Hub revision.
         head_chunk_rows: Rows per head call (logits are chunk x V at a time).
         attn_implementation: Passed to `from_pretrained` ("sdpa", "eager", ...).
+        fused_head: In topk mode, head + logsumexp + top-K in one pass over vocabulary tiles
+            (`fused_topk`); False builds each chunk's full logits first (the reference path).
     """
 
     name = "hf"
@@ -60,6 +62,7 @@ class HFEngine:
         revision: str | None = None,
         head_chunk_rows: int | None = None,
         attn_implementation: str | None = None,
+        fused_head: bool = True,
     ):
         import transformers
         from transformers import AutoModelForCausalLM
@@ -75,6 +78,7 @@ class HFEngine:
             raise ConfigError(f"dtype={dtype!r}; expected 'auto' or one of {sorted(TORCH_DTYPES)}")
         self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         self.head_chunk_rows = head_chunk_rows
+        self.fused_head = fused_head
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model = AutoModelForCausalLM.from_pretrained(
             model,
@@ -100,7 +104,8 @@ class HFEngine:
             items = [checked[i] for i in batch]
             next_ids, seeds = gather_inputs(items, [requests[i].seed for i in batch], self.spec)
             rows = targets_from_hidden(
-                self._hidden_rows(items), self.head, next_ids, self.spec, seeds=seeds, chunk_rows=self.head_chunk_rows
+                self._hidden_rows(items), self.head, next_ids, self.spec, seeds=seeds, chunk_rows=self.head_chunk_rows,
+                fused=self.fused_head,
             )
             for i, out in zip(batch, split_rows(rows, [len(pos) for _, pos in items])):
                 results[i] = out

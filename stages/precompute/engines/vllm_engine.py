@@ -52,7 +52,7 @@ from logitcache.storage.head import head_from_checkpoint
 from logitcache.stages.precompute.sparsify import tail_mass
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
-__all__ = ["VLLMEngine", "VLLM_PATHS", "token_slabs"]
+__all__ = ["VLLMEngine", "VLLM_PATHS", "token_slabs", "pooling_gpu_memory_utilization"]
 
 VLLM_PATHS = ("pooling", "logprobs")
 _GiB = 1 << 30
@@ -79,6 +79,8 @@ class VLLMEngine:
             the model itself computes its logits (and twice as fast as fp32 in bf16, on CPU
             too). "float32" gives logits free of bf16 rounding at the cost of a slower head.
         head_chunk_rows: Rows per head call.
+        fused_head: Pooling path, topk mode: head + logsumexp + top-K in one pass over
+            vocabulary tiles (`fused_topk`); False builds each chunk's full logits first.
         **llm_kwargs: Passed to `vllm.LLM` (e.g. `enforce_eager`, `gpu_memory_utilization`,
             `kv_cache_memory_bytes`, `tensor_parallel_size`); they override ours.
     """
@@ -100,6 +102,7 @@ class VLLMEngine:
         slab_tokens: int | None = None,
         head_dtype: str | None = None,
         head_chunk_rows: int | None = None,
+        fused_head: bool = True,
         **llm_kwargs,
     ):
         if vllm_path not in VLLM_PATHS:
@@ -117,6 +120,7 @@ class VLLMEngine:
         self.spec = spec
         self.path = vllm_path
         self.head_chunk_rows = head_chunk_rows
+        self.fused_head = fused_head
         on_cpu = current_platform.is_cpu()
         batch_tokens = max_batch_tokens or 8192
         self.slab_tokens = slab_tokens or 4 * batch_tokens
@@ -139,6 +143,12 @@ class VLLMEngine:
                 kwargs["kv_cache_memory_bytes"] = int(min(4 * _GiB, psutil.virtual_memory().available / 4))
         elif max_model_len:
             kwargs["max_model_len"] = max_model_len
+        if vllm_path == "pooling" and not on_cpu and "gpu_memory_utilization" not in llm_kwargs:
+            # Our head runs beside vLLM on the same card: leave room for its weight and tiles.
+            width, hidden = _config_head_shape(model, revision, trust_remote_code)
+            head_bytes = torch.empty((), dtype=TORCH_DTYPES.get(head_dtype or "bfloat16")).element_size()
+            kwargs["gpu_memory_utilization"] = pooling_gpu_memory_utilization(
+                torch.cuda.mem_get_info()[1], vocab=width, hidden=hidden, head_bytes=head_bytes)
         if vllm_path == "pooling":
             from vllm.config import PoolerConfig
 
@@ -242,6 +252,7 @@ class VLLMEngine:
             self.spec,
             seeds=row_seeds,
             chunk_rows=self.head_chunk_rows,
+            fused=self.fused_head,
         )
         return split_rows(rows, [len(pos) for _, pos in checked])
 
@@ -279,6 +290,50 @@ def _rows_from_prompt_logprobs(flat, ids: np.ndarray, pos: np.ndarray, k: int) -
         "target_logprob": logprobs[starts],
         "tail_mass": tail_mass(torch.from_numpy(topk_logprobs)).numpy(),
     }
+
+
+def pooling_gpu_memory_utilization(total_bytes: int, *, vocab: int, hidden: int, head_bytes: int = 2,
+                                   rows: int = 4096, tile: int = 16384, vllm_share: float = 0.9) -> float:
+    """vLLM's `gpu_memory_utilization` for the pooling path, with our head's memory taken out.
+
+    vLLM reserves `gpu_memory_utilization` of the card up front (0.9 by default). The pooling
+    path's head lives in this process on the same card: its weight (V x H) and the fused top-K's
+    working set, a (rows x tile) block of logits in the head's dtype, its fp32 copy and its exp
+    (`fused_topk.default_tiles` on CUDA), plus a (rows x H) block of hidden states.
+
+    Args:
+        total_bytes: The card's memory (`torch.cuda.mem_get_info()[1]`).
+        vocab: Logits width V.
+        hidden: Hidden size H.
+        head_bytes: Bytes per element of the head's weight (2 for bf16).
+        rows, tile: The fused top-K's rows per chunk and ids per tile.
+        vllm_share: What vLLM would take without us.
+
+    Returns:
+        The fraction to pass to vLLM.
+
+    Raises:
+        ConfigError: the head leaves vLLM less than a tenth of the card.
+    """
+    tile = min(tile, vocab)
+    head = vocab * hidden * head_bytes
+    work = rows * tile * (head_bytes + 4 + 4) + rows * hidden * (head_bytes + 4)
+    share = vllm_share - (head + work) / total_bytes
+    if share < 0.1:
+        raise ConfigError(
+            f"the pooling path's head needs {(head + work) / _GiB:.1f} GiB next to vLLM on a "
+            f"{total_bytes / _GiB:.1f} GiB card, leaving vLLM {share:.2f} of it; use vllm_path='logprobs' "
+            "or pass gpu_memory_utilization yourself"
+        )
+    return share
+
+
+def _config_head_shape(model: str, revision: str | None, trust_remote_code: bool) -> tuple[int, int]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    text = config.get_text_config()
+    return int(text.vocab_size), int(text.hidden_size)
 
 
 def _config_max_len(model: str, revision: str | None, trust_remote_code: bool) -> int:

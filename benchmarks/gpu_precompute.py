@@ -1,0 +1,160 @@
+"""The hf engine on one GPU: bare forward vs unfused vs fused head + top-K, Qwen2 shapes.
+
+    python benchmarks/gpu_precompute.py                    # one H100/H200, ~5 min; prints a table + JSON
+    python benchmarks/gpu_precompute.py --shapes 1.5b --tokens 2048 --seqs 2   # a quick look
+    .venv/bin/python benchmarks/gpu_precompute.py --smoke      # CPU, a tiny shape: checks the script runs
+
+Prepared as a one-shot run for a lent GPU machine: PyTorch and transformers only (no vLLM, no
+zarr, no downloads). For each shape (Qwen2-1.5B and Qwen2-7B configs, random bf16 weights,
+logits width 151,936) and `--seqs` x `--tokens` tokens (8 x 2048 by default), every position
+supervised, it times:
+
+- **bare forward**: `model(input_ids).logits`, the whole (tokens x V) logits in bf16; the limit.
+- **hf engine, unfused**: the body, then our head a chunk of rows at a time, each chunk's fp32
+  logits walked by `sparsify.topk_targets` (what the engine did before `fused_topk`).
+- **hf engine, fused**: the body, then `fused_topk_targets` (head tile -> online logsumexp ->
+  running top-K; no (rows x V) fp32 block).
+- **fused, torch.compile**: the same with each tile's fold compiled (skipped with the reason if
+  compilation fails).
+
+Each is the median of `--repeats` timed runs after two warm-ups, with `torch.cuda.synchronize()`.
+The ratio column is bare time / path time (goal >= 0.95). Fused output is also checked against
+the unfused output (top-K log-probs within bf16 noise) so a fast wrong kernel cannot pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    # Qwen2-1.5B and Qwen2-7B (config.json of the released checkpoints), random weights.
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, tie_word_embeddings=False),
+}
+VOCAB = 151_936
+SMOKE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, tie_word_embeddings=True)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_shape(name: str, args) -> list[dict]:
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden
+    from logitcache.stages.precompute.fused_topk import fused_topk_targets
+    from logitcache.stages.precompute.head import head_from_model
+
+    device = "cpu" if args.smoke else "cuda"
+    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=max(4096, args.tokens),
+                         **(SMOKE if args.smoke else SHAPES[name]))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    head = head_from_model(model)
+    ids = torch.randint(0, VOCAB, (args.seqs, args.tokens), device=device)
+    next_ids = torch.roll(ids, -1, dims=1).reshape(-1)
+    spec = TargetSpec(mode="topk", k=args.k)
+    positions = args.seqs * args.tokens
+    rows = []
+
+    @torch.inference_mode()
+    def bare():
+        model(input_ids=ids, use_cache=False).logits
+
+    @torch.inference_mode()
+    def engine(fused: bool, compiled: bool = False):
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state.reshape(positions, -1)
+        if compiled:
+            return fused_topk_targets(hidden, head, next_ids, args.k)
+        return targets_from_hidden(hidden, head, next_ids, spec, fused=fused)
+
+    bare_s = _timed(bare, args.repeats)
+    rows.append({"shape": name, "path": "bare forward (limit)", "seconds": bare_s})
+    unfused = engine(False)
+    fused = engine(True)
+    err = float(abs(unfused["topk_logprobs"] - fused["topk_logprobs"]).max())
+    if not err < 5e-2:  # bf16 logits: ties and rounding, not a wrong kernel
+        raise SystemExit(f"{name}: fused top-K log-probs differ from unfused by {err}")
+    for label, fn in (("hf engine, unfused", lambda: engine(False)), ("hf engine, fused", lambda: engine(True))):
+        rows.append({"shape": name, "path": label, "seconds": _timed(fn, args.repeats)})
+    try:
+        if args.no_compile:
+            raise RuntimeError("skipped (--no-compile)")
+        import logitcache.stages.precompute.fused_topk as ft
+
+        plain = ft._fold_chunk
+        ft._fold_chunk = torch.compile(plain, dynamic=False)
+        try:
+            rows.append({"shape": name, "path": "hf engine, fused + torch.compile",
+                         "seconds": _timed(lambda: engine(True, compiled=True), args.repeats)})
+        finally:
+            ft._fold_chunk = plain
+    except Exception as e:  # noqa: BLE001 - report why compile did not get there, keep the other rows
+        rows.append({"shape": name, "path": "hf engine, fused + torch.compile", "seconds": None,
+                     "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    for row in rows:
+        row["tokens_per_s"] = positions / row["seconds"] if row["seconds"] else None
+        row["of_bare"] = bare_s / row["seconds"] if row["seconds"] else None
+        row["max_abs_logprob_diff_fused_vs_unfused"] = err
+    del model, head
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="1.5b,7b", help="comma-separated: 1.5b, 7b")
+    parser.add_argument("--seqs", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, a tiny body, 2 x 64 tokens, no torch.compile: does the script run")
+    args = parser.parse_args()
+    if args.smoke:
+        args.shapes, args.seqs, args.tokens, args.repeats, args.no_compile = "1.5b", 2, 64, 1, True
+    elif not torch.cuda.is_available():
+        raise SystemExit("gpu_precompute.py needs a CUDA GPU (or --smoke on CPU)")
+    import transformers
+
+    name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
+    print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}")
+    rows = []
+    for name in args.shapes.split(","):
+        rows += bench_shape(name.strip(), args)
+        for row in rows[-4:]:
+            secs = f"{row['seconds']:.3f}" if row["seconds"] else "-"
+            tps = f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] else row.get("error", "-")
+            ratio = f"{row['of_bare']:.2f}" if row["of_bare"] else "-"
+            print(f"{row['shape']:5s} {row['path']:36s} {secs:>8s} s {tps:>14s} tok/s {ratio:>5s}", flush=True)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

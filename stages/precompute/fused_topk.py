@@ -1,0 +1,136 @@
+"""LM head -> online logsumexp -> top-K in one pass over the vocabulary, a tile at a time.
+
+The unfused path (`LMHead` then `sparsify.topk_targets`) builds a (rows x V) block of logits
+and then walks it five more times (fp32 copy, top-K, max, exp, sums). At V ~ 152k a block of a
+few hundred rows is hundreds of MB: every one of those passes is a trip to main memory (or HBM),
+and together they cost as much as the forward pass itself. Here the head's weight is cut into
+vocabulary tiles small enough that a (rows x tile) block of logits stays in cache; each tile is
+made, folded into running statistics and dropped:
+
+- a running max `m` and sum of exp(x - m) (the online logsumexp of Milakov & Gimelshein 2018);
+- a running top-K: the K best so far merged with the tile's own top-K;
+- the probability mass outside the running top-K, summed directly (the tile's entries outside its
+  own top-K, plus whatever the merge evicts) so that a tiny tail keeps its relative precision,
+  exactly as `sparsify.topk_targets` promises;
+- the logit of the actual next token, picked up in the tile that holds it.
+
+Results equal `topk_targets(head(hidden), ...)` up to fp32 summation order (ties between equal
+logits may come out in another order). Top-K mode only: sampling needs a CDF over the whole row.
+The same torch code runs on CPU and CUDA; the tile sizes differ (`default_tiles`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from logitcache.stages.precompute.sparsify import TOPK_FIELDS
+from logitcache.storage.errors import ConfigError, InvalidDataError
+from logitcache.storage.head import LMHead, apply_head
+
+__all__ = ["fused_topk_targets", "default_tiles"]
+
+
+def default_tiles(device: torch.device, hidden_size: int, vocab: int) -> tuple[int, int]:
+    """(rows per chunk, vocabulary ids per tile) for `fused_topk_targets`.
+
+    On CPU, 256 rows x 4096 ids: a 4 MiB fp32 block of logits stays in cache (L3) while it is
+    folded, and the head's weight is read once per 256 rows. Measured on a 2-core EPYC at
+    V = 151,680, H = 256 (benchmarks/RESULTS.md), 1024-wide tiles lose to the per-tile top-K and
+    8192-wide ones to cache misses. On CUDA the tiles are large (launches cost, caches matter
+    less): 4096 rows x 16384 ids, 256 MiB of fp32 logits at a time instead of 2.4 GiB at V = 152k.
+    """
+    if device.type == "cuda":
+        return 4096, min(vocab, 16384)
+    return 256, min(vocab, 4096)
+
+
+@torch.no_grad()
+def fused_topk_targets(
+    hidden: torch.Tensor,
+    head: LMHead,
+    next_ids: torch.Tensor,
+    k: int,
+    *,
+    chunk_rows: int | None = None,
+    vocab_tile: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Top-K log-probs, the next token's log-prob and the tail mass, straight from hidden states.
+
+    Args:
+        hidden: (n, H) final hidden states, any float dtype.
+        head: The model's head (weight (V, H), optional bias and logit transforms).
+        next_ids: (n,) int64, the token that follows each row, in [0, V).
+        k: Entries kept per row, 1 <= k <= V.
+        chunk_rows: Rows per chunk; default from `default_tiles`.
+        vocab_tile: Vocabulary ids per tile (at least k); default from `default_tiles`.
+
+    Returns:
+        The fields of `sparsify.topk_targets`: `topk_ids` (n, k) int32 by log-prob descending,
+        `topk_logprobs` (n, k) float32, `target_logprob` (n,) float32, `tail_mass` (n,) float32.
+    """
+    n, vocab = hidden.shape[0], head.width
+    if not 1 <= k <= vocab:
+        raise ConfigError(f"k={k} must be between 1 and the logits width {vocab}")
+    device = head.weight.device
+    next_ids = next_ids.to(device)
+    if tuple(next_ids.shape) != (n,):
+        raise InvalidDataError(f"next_ids has shape {tuple(next_ids.shape)}; expected ({n},), one per hidden row")
+    if n and (int(next_ids.min()) < 0 or int(next_ids.max()) >= vocab):
+        raise InvalidDataError(f"next_ids must lie in [0, {vocab}) (the logits width); got "
+                               f"[{int(next_ids.min())}, {int(next_ids.max())}]")
+    rows_default, tile_default = default_tiles(device, head.weight.shape[1], vocab)
+    chunk_rows, vocab_tile = chunk_rows or rows_default, max(vocab_tile or tile_default, k)
+    out = {name: [] for name in TOPK_FIELDS}
+    for lo in range(0, n, chunk_rows):
+        h = hidden[lo : lo + chunk_rows].to(device=device, dtype=head.weight.dtype)
+        parts = _fold_chunk(h, head, next_ids[lo : lo + chunk_rows], k,
+                            vocab_tile)
+        for name, value in zip(TOPK_FIELDS, parts):
+            out[name].append(value)
+    if n == 0:
+        return {"topk_ids": np.zeros((0, k), np.int32), "topk_logprobs": np.zeros((0, k), np.float32),
+                "target_logprob": np.zeros(0, np.float32), "tail_mass": np.zeros(0, np.float32)}
+    return {name: torch.cat(chunks).cpu().numpy() for name, chunks in out.items()}
+
+
+def _fold_chunk(h: torch.Tensor, head: LMHead, next_ids: torch.Tensor, k: int, tile: int):
+    """One chunk of rows through every vocabulary tile; see the module docstring."""
+    rows, vocab = h.shape[0], head.width
+    m = torch.full((rows, 1), -torch.inf, device=h.device)
+    total = torch.zeros((rows, 1), device=h.device)
+    outside = torch.zeros((rows, 1), device=h.device)
+    target = torch.zeros((rows,), device=h.device)
+    best_v = torch.empty((rows, 0), device=h.device)
+    best_i = torch.empty((rows, 0), dtype=torch.long, device=h.device)
+    for vlo in range(0, vocab, tile):
+        vhi = min(vlo + tile, vocab)
+        bias = None if head.bias is None else head.bias[vlo:vhi]
+        # Columns vlo:vhi of `head(h)`: the weight rows are a view, the transforms the head's own.
+        x = apply_head(h, head.weight[vlo:vhi], bias, hidden_scale=head.hidden_scale, logit_scale=head.logit_scale,
+                       softcap=head.softcap).float()  # (rows, t) fp32; the only block of this size
+        rel = next_ids - vlo
+        inside = (rel >= 0) & (rel < vhi - vlo)
+        target = torch.where(inside, x.gather(1, rel.clamp(0, vhi - vlo - 1)[:, None])[:, 0], target)
+        tile_v, tile_i = torch.topk(x, min(k, vhi - vlo), dim=-1, sorted=False)
+        new_m = torch.maximum(m, tile_v.max(dim=-1, keepdim=True).values)
+        e = (x - new_m).exp_()
+        tile_total = e.sum(dim=-1, keepdim=True)
+        tile_outside = e.scatter_(1, tile_i, 0.0).sum(dim=-1, keepdim=True)
+        rescale = (m - new_m).exp()  # 0 on the first tile (m = -inf)
+        total = total * rescale + tile_total
+        outside = outside * rescale + tile_outside
+        m = new_m
+        cand_v, cand_i = torch.cat([best_v, tile_v], dim=1), torch.cat([best_i, tile_i + vlo], dim=1)
+        if cand_v.shape[1] > k:
+            best_v, slot = torch.topk(cand_v, k, dim=-1, sorted=False)
+            best_i = cand_i.gather(1, slot)
+            # What the merge evicts leaves the top-K: add its mass, summed directly.
+            evicted = (cand_v - m).exp_().scatter_(1, slot, 0.0)
+            outside += evicted.sum(dim=-1, keepdim=True)
+        else:
+            best_v, best_i = cand_v, cand_i
+    best_v, order = torch.sort(best_v, dim=-1, descending=True)
+    best_i = best_i.gather(1, order)
+    lse = m + total.log()
+    return best_i.to(torch.int32), best_v - lse, target - lse[:, 0], (outside / total)[:, 0]
