@@ -100,9 +100,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sample-mode seed (default 0)")
 
     g = p.add_argument_group("cache storage")
-    g.add_argument("--backend", choices=list(BACKENDS), default="zarr",
-                   help="storage backend: zarr: a Zarr v3 group per shard (default); arrow: a Parquet file per shard")
-    add_deprecated_alias(g, "--format", "--backend", dest="backend", choices=list(BACKENDS))
+    g.add_argument("--backend", choices=[*BACKENDS, "parquet"], default="zarr",
+                   help="storage backend: zarr: a Zarr v3 group per shard (default); parquet (alias: arrow): a "
+                        "Parquet file per shard, and the folder is a Hugging Face dataset "
+                        "(`datasets.load_dataset(CACHE)` works)")
+    add_deprecated_alias(g, "--format", "--backend", dest="backend", choices=[*BACKENDS, "parquet"])
     g.add_argument("--encoding", choices=["lossless", "float16", "compact"], default="lossless",
                    help="lossless: float32, exactly what the teacher computed (default; `logitcache convert` can "
                         "compact it later, not the reverse); compact: log-probs on a 1/32-nat grid, "
@@ -161,6 +163,11 @@ def parse_engine_args(values) -> dict:
     return out
 
 
+def backend_name(fmt: str) -> str:
+    """--format as the index's backend name: "parquet" is the name users look for; storage calls it "arrow"."""
+    return "arrow" if fmt == "parquet" else fmt
+
+
 def parse_storage_options(values) -> dict | None:
     """`--storage-option KEY=VALUE` strings or a YAML mapping -> fsspec options (None when none given).
 
@@ -179,7 +186,7 @@ def run(args) -> int:
     from logitcache.stages.precompute.run import precompute
 
     result = precompute(
-        teacher=args.teacher, data=args.data, out=args.out, engine=args.engine, fmt=args.backend,
+        teacher=args.teacher, data=args.data, out=args.out, engine=args.engine, fmt=backend_name(args.backend),
         encoding=args.encoding, mode=args.mode, top_k=args.top_k, samples=args.samples,
         temperature=args.temperature, seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
         response_field=args.response_field, messages_field=args.messages_field,

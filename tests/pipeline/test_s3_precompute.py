@@ -135,7 +135,7 @@ def test_s3_kill_9_then_rerun_equals_local_and_trains(setup, s3, tmp_path):
     named = {e["name"] for e in cache.shards}
     for key in object_keys(client):
         rel = key[len(PREFIX) + 1:]
-        assert rel in ("index.json", "job.json") or rel.startswith("entries/") or rel.split("/")[0] in named, key
+        assert rel in ("index.json", "job.json", "README.md") or rel.startswith("entries/") or rel.split("/")[0] in named, key
 
     # Stage two streams it straight from the bucket.
     result = train(student, URL, teacher, tmp_path, env=env, workers=0)
