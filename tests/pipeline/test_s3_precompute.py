@@ -155,6 +155,7 @@ def test_train_reads_s3_with_dataloader_workers(setup, s3, tmp_path):
     assert train(student, "s3://lc-shared/cache", teacher, tmp_path, env=env, workers=1)["global_step"] == 2
 
 
+@pytest.mark.slow  # two CLI runs: ~40 s on 2 cores
 def test_data_from_s3_equals_the_local_file(setup, s3, tmp_path):
     """`--data s3://...` (what docker/precompute-job.yaml passes): the same rows, fingerprint and cache as the
     local file, since a data file's fingerprint is its bytes, wherever it lies."""
