@@ -27,7 +27,7 @@ from logitcache.storage.errors import ConfigError, LogitCacheError, io_failure
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = ("precompute", "merge", "train", "eval", "validate", "inspect", "convert")
+COMMANDS = ("precompute", "merge", "train", "eval", "validate", "inspect", "convert", "push")
 
 
 class _Parser(argparse.ArgumentParser):

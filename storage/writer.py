@@ -152,6 +152,10 @@ class CacheWriter:
                  "encoding": {"name": self.encoding, "compact_step": COMPACT_STEP}, "fingerprint": self.fingerprint,
                  "text_fields": list(self.text_fields), "counts": {**(counts or {}), **totals}, "shards": entries}
         write_index(self.fs, self.root, index)
+        # The card makes the folder a dataset repo (`datasets.load_dataset(folder)` reads the shards only).
+        from logitcache.storage.card import CARD_NAME, dataset_card
+
+        atomic_write_bytes(self.fs, safe_join(self.root, CARD_NAME), dataset_card(index).encode())
         return index
 
 

@@ -14,8 +14,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        epilog="example: logitcache convert ./cache-zarr ./cache-arrow --backend arrow")
     p.add_argument("src", help="the finished cache to read (path or fsspec URL)")
     p.add_argument("dst", help="where to write the converted cache")
-    p.add_argument("--backend", choices=list(BACKENDS), help="storage backend of the new cache (required)")
-    add_deprecated_alias(p, "--format", "--backend", dest="backend", choices=list(BACKENDS))
+    p.add_argument("--backend", choices=[*BACKENDS, "parquet"],
+                   help="storage backend of the new cache (required): zarr, or parquet (alias: arrow)")
+    add_deprecated_alias(p, "--format", "--backend", dest="backend", choices=[*BACKENDS, "parquet"])
     p.add_argument("--encoding", choices=["lossless", "float16", "compact"], default=None,
                    help="value encoding of the new cache (default: keep the source's)")
     return p
@@ -26,7 +27,8 @@ def run(args) -> int:
 
     if args.backend is None:
         raise ConfigError(f"convert: --backend is required ({' or '.join(BACKENDS)})")
-    index = convert_cache(args.src, args.dst, backend=args.backend, encoding=args.encoding)
+    backend = "arrow" if args.backend == "parquet" else args.backend  # the name users look for
+    index = convert_cache(args.src, args.dst, backend=backend, encoding=args.encoding)
     print(f"wrote {args.dst}: {len(index['shards'])} shard(s), {sum(e['bytes'] for e in index['shards'])} bytes, "
           f"backend={index['backend']} encoding={index['encoding']['name']}")
     return 0

@@ -10,8 +10,8 @@ examples:
   logitcache eval --model ./student --data heldout.jsonl
   logitcache eval --model ./student --data heldout.jsonl --cache ./heldout_cache --json
 
-Metrics are pooled over supervised tokens (responses of prompt/response rows, every token after the first
-of text rows, the cache's positions for a cache): nll, perplexity = exp(nll), accuracy (top-1 == next token),
+Metrics are pooled over supervised tokens (assistant turns of 'messages' chats, responses of prompt/response
+rows, every token after the first of text rows, the cache's positions for a cache): nll, perplexity = exp(nll), accuracy (top-1 == next token),
 ece (expected calibration error of the top-1 probability, 15 equal-width bins). With --cache also
 teacher_agreement (student top-1 == teacher top-1) and teacher_accuracy (teacher top-1 == next token);
 the cache must use the model's tokenizer."""
@@ -21,7 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help=HELP, description=HELP + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="M", help="model directory or hub id")
-    p.add_argument("--data", metavar="D", help="held-out jsonl ('text' or 'prompt'/'response')")
+    p.add_argument("--data", metavar="D", help="held-out jsonl ('messages', 'text' or 'prompt'/'response' rows)")
     p.add_argument("--cache", metavar="C", help="a cache of held-out sequences (same tokenizer as the model)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--max-sequences", type=int, help="evaluate at most this many sequences of each source")

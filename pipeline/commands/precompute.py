@@ -58,11 +58,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--teacher", required=True, metavar="MODEL",
                    help="teacher model: a local Hugging Face model folder or a hub id")
     g.add_argument("--data", required=True, metavar="DATA",
-                   help="a .jsonl/.json/.parquet/.arrow file or folder of them, a datasets.save_to_disk folder, "
-                        "or a hub dataset id")
+                   help="a .jsonl/.json/.parquet/.arrow file or folder of them (local, or any fsspec URL: s3://, "
+                        "gs://, hf://, https://), a datasets.save_to_disk folder, or a hub dataset id")
     g.add_argument("--out", required=True, metavar="CACHE", help="cache folder or fsspec URL (s3://, gs://, ...)")
     g.add_argument("--split", help="dataset split; slices work, e.g. 'train[:1000]' (default: train)")
     g.add_argument("--data-config", metavar="NAME", help="hub dataset configuration (subset) name")
+    g.add_argument("--data-revision", metavar="REV", help="hub dataset revision (branch, tag or commit)")
+    g.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for --data and --out URLs, repeatable (e.g. endpoint_url=..., anon=true); "
+                        "credentials are otherwise read from the usual environment (AWS_*, GOOGLE_*, HF_TOKEN)")
     g.add_argument("--revision", help="teacher revision (hub branch, tag or commit)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the teacher's own modelling/tokenizer code to run (off by default)")
@@ -96,9 +100,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sample-mode seed (default 0)")
 
     g = p.add_argument_group("cache storage")
-    g.add_argument("--backend", choices=list(BACKENDS), default="zarr",
-                   help="storage backend: zarr: a Zarr v3 group per shard (default); arrow: a Parquet file per shard")
-    add_deprecated_alias(g, "--format", "--backend", dest="backend", choices=list(BACKENDS))
+    g.add_argument("--backend", choices=[*BACKENDS, "parquet"], default="zarr",
+                   help="storage backend: zarr: a Zarr v3 group per shard (default); parquet (alias: arrow): a "
+                        "Parquet file per shard, and the folder is a Hugging Face dataset "
+                        "(`datasets.load_dataset(CACHE)` works)")
+    add_deprecated_alias(g, "--format", "--backend", dest="backend", choices=[*BACKENDS, "parquet"])
     g.add_argument("--encoding", choices=["lossless", "float16", "compact"], default="lossless",
                    help="lossless: float32, exactly what the teacher computed (default; `logitcache convert` can "
                         "compact it later, not the reverse); compact: log-probs on a 1/32-nat grid, "
@@ -157,15 +163,35 @@ def parse_engine_args(values) -> dict:
     return out
 
 
+def backend_name(fmt: str) -> str:
+    """--format as the index's backend name: "parquet" is the name users look for; storage calls it "arrow"."""
+    return "arrow" if fmt == "parquet" else fmt
+
+
+def parse_storage_options(values) -> dict | None:
+    """`--storage-option KEY=VALUE` strings or a YAML mapping -> fsspec options (None when none given).
+
+    `endpoint_url` goes where s3fs reads it (client_kwargs), so `--storage-option endpoint_url=http://...`
+    works as users expect.
+    """
+    options = parse_engine_args(values)
+    if not options:
+        return None
+    if "endpoint_url" in options:
+        options.setdefault("client_kwargs", {})["endpoint_url"] = options.pop("endpoint_url")
+    return options
+
+
 def run(args) -> int:
     from logitcache.stages.precompute.run import precompute
 
     result = precompute(
-        teacher=args.teacher, data=args.data, out=args.out, engine=args.engine, fmt=args.backend,
+        teacher=args.teacher, data=args.data, out=args.out, engine=args.engine, fmt=backend_name(args.backend),
         encoding=args.encoding, mode=args.mode, top_k=args.top_k, samples=args.samples,
         temperature=args.temperature, seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
         response_field=args.response_field, messages_field=args.messages_field,
-        tools_field=args.tools_field, prompt_format=args.prompt_format, split=args.split,
+        tools_field=args.tools_field, prompt_format=args.prompt_format, data_revision=args.data_revision,
+        storage_options=parse_storage_options(args.storage_options), split=args.split,
         data_config=args.data_config, max_length=args.max_length, batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens, rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs,
         job_index=args.job_index, strict=args.strict, dtype=args.dtype,

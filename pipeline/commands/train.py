@@ -53,7 +53,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--loss", default="kl", metavar="NAME", choices=registry.names(),
                    help=f"{', '.join(registry.names())} (default: kl; each is described under 'losses' below)")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory (model, checkpoints, metrics)")
-    g.add_argument("--data", metavar="D", help="jsonl ('text' or 'prompt'/'response'): the training data of --loss sft "
+    g.add_argument("--data", metavar="D", help="jsonl rows with 'messages' (a chat, through the student's chat template; "
+                   "assistant turns supervised), 'prompt'/'response' or 'text': the training data of --loss sft "
                    "without a cache, or the text a student with another tokenizer re-tokenizes if the cache stores none")
     g.add_argument("--teacher", metavar="NAME", help="refuse a cache made by any other teacher")
     g.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys are option names)")
@@ -108,7 +109,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep (default 2)")
     g.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
     g.add_argument("--report-to", default="none", help="tensorboard, wandb, ... (default none)")
-    g.add_argument("--eval-data", metavar="D", help="held-out jsonl evaluated after training (into logitcache_train.json)")
+    g.add_argument("--eval-data", metavar="D", help="held-out jsonl ('messages', 'prompt'/'response' or 'text' rows) evaluated after "
+                                                             "training (into logitcache_train.json)")
     g.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (passed to transformers)")
     g.add_argument("--fsdp", metavar="SPEC", help="FSDP setting, e.g. 'full_shard auto_wrap' (passed to transformers)")
     g.add_argument("--hf-arg", dest="hf_args", action="append", type=_key_value, default=None, metavar="KEY=VALUE",

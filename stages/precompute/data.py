@@ -42,14 +42,17 @@ class RowEncoder(TextEncoder):
 # --- loading ---------------------------------------------------------------------------------
 
 
-def load_rows(data: str, *, split: str | None = None, config_name: str | None = None):
+def load_rows(data: str, *, split: str | None = None, config_name: str | None = None, revision: str | None = None,
+              storage_options: dict | None = None):
     """Load DATA as a `datasets.Dataset` and describe it.
 
     DATA is, in this order: a `save_to_disk` folder (a Dataset, or a DatasetDict with `split`);
     a local .jsonl/.json/.parquet/.arrow file, or a folder of such files (one kind; split names
     come from file names as in `datasets.load_dataset(folder)`, e.g. `data/test-*.parquet`; all
-    files are "train" otherwise); else a hub dataset id. `split` defaults to "train"; slices
-    such as "train[:1000]" work for files and hub datasets.
+    files are "train" otherwise); an fsspec URL (s3://, gs://, hf://, https://, ...) of such a file
+    or folder (`storage_options` and the usual credentials reach fsspec); else a hub dataset id
+    (at `revision`). `split` defaults to "train"; slices such as "train[:1000]" work for files and
+    hub datasets.
 
     Returns:
         (dataset, info), info being the index's `dataset` section: source, split, loader,
@@ -96,11 +99,14 @@ def load_rows(data: str, *, split: str | None = None, config_name: str | None = 
         except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as e:
             raise unreadable_files(data, files, e) from None
         info = {"loader": f"files:{_FILE_BUILDERS[files[0].suffix]}", "fingerprint": _hash_files(files, path)}
+    elif "://" in data:
+        ds, info = _load_url(data, split, storage_options)
     elif _looks_like_path(data):
         raise ConfigError(f"--data {data}: no such file or folder")
     else:
         try:
-            ds = datasets.load_dataset(data, config_name, split=split or "train")
+            ds = datasets.load_dataset(data, config_name, split=split or "train", revision=revision,
+                                       storage_options=storage_options)
         except Exception as e:  # network, auth, unknown id, offline mode: all mean "cannot load"
             raise ConfigError(f"--data {data}: not a local path, and loading it as a hub dataset failed "
                               f"({e.__class__.__name__}: {e})") from None
@@ -108,6 +114,8 @@ def load_rows(data: str, *, split: str | None = None, config_name: str | None = 
     if len(ds) == 0:
         raise InvalidDataError(f"--data {data}{f' --split {split}' if split else ''}: no rows")
     info = {"source": str(data), "split": split, "config_name": config_name, "num_rows": len(ds), **info}
+    if revision is not None:
+        info["revision"] = revision
     return ds, info
 
 
@@ -147,6 +155,81 @@ def _file_problem(f: Path) -> str | None:
                 if isinstance(value, int) and not -(2**63) <= value < 2**63:
                     return f"line {number}: field {key!r}: the number {value} does not fit in 64 bits"
     return None
+
+
+def _load_url(data: str, split: str | None, storage_options: dict | None):
+    """A file or folder of data files behind an fsspec URL; fingerprinted by content like local files."""
+    import datasets
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(data, **(storage_options or {}))
+        if fs.isdir(root):
+            files = sorted(f for f in fs.find(root) if Path(f).suffix in _FILE_BUILDERS
+                           and not any(part.startswith(".") for part in Path(f).relative_to(root).parts))
+        elif fs.exists(root):
+            files = [root]
+        else:
+            raise ConfigError(f"--data {data}: no such file or folder")
+    except ConfigError:
+        raise
+    except Exception as e:  # unreachable endpoint, bad credentials, unknown protocol: say where
+        raise ConfigError(f"--data {data}: cannot read ({e.__class__.__name__}: {e})") from None
+    if not files:
+        raise ConfigError(f"--data {data}: no {'/'.join(_FILE_BUILDERS)} files found")
+    builders = {_FILE_BUILDERS.get(Path(f).suffix) for f in files}
+    if len(builders) > 1 or None in builders:
+        raise ConfigError(f"--data {data}: expected files of one kind ({', '.join(_FILE_BUILDERS)}); found "
+                          f"{sorted(str(b) for b in builders)}")
+    # Read through fsspec ourselves: datasets refuses remote URLs in offline mode (HF_HUB_OFFLINE), which
+    # a cluster without hub access sets, though the bucket is reachable.
+    ds = _read_files(fs, files, builders.pop(), data)
+    base, _, rest = (split or "train").partition("[")
+    if base != "train":
+        raise ConfigError(f"--data {data}: files are one 'train' split; got --split {split}")
+    if rest:
+        spec = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(ds)})[0]
+        ds = ds.select(range(spec.from_, spec.to))
+    h = hashlib.sha256()
+    for f in files:
+        content = hashlib.sha256()
+        with fs.open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                content.update(block)
+        rel = Path(f).name if len(files) == 1 and f == root else Path(f).relative_to(root).as_posix()
+        h.update(f"{rel}\0{content.hexdigest()}\n".encode())
+    loader = f"files:{_FILE_BUILDERS[Path(files[0]).suffix]}"
+    return ds, {"loader": loader, "fingerprint": h.hexdigest()}
+
+
+def _read_files(fs, files: list[str], builder: str, data: str):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            try:
+                if builder == "parquet":
+                    tables.append(pq.read_table(fh))
+                elif builder == "arrow":
+                    tables.append(pa.ipc.open_stream(fh).read_all())
+                elif f.endswith(".jsonl"):
+                    tables.append(pj.read_json(fh))
+                else:  # .json: one JSON array (or JSON lines)
+                    text = fh.read().decode()
+                    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in
+                                                                                     text.splitlines() if x.strip()]
+                    tables.append(pa.Table.from_pylist(rows))
+            except (pa.ArrowInvalid, ValueError) as e:
+                raise ConfigError(f"--data {data}: cannot read {f} as {builder} ({e})") from None
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as e:
+        raise ConfigError(f"--data {data}: the files' columns do not agree ({e})") from None
+    return datasets.Dataset(table)
 
 
 def _data_files(path: Path, data: str) -> list[Path]:

@@ -73,7 +73,7 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
                mode: str = "topk", top_k: int | None = None, samples: int | None = None,
                temperature: float | None = None, seed: int = 0,
                text_field: str | None = None, prompt_field: str | None = None, response_field: str | None = None,
-               messages_field: str | None = None, tools_field: str | None = None, prompt_format: str = "plain",
+               messages_field: str | None = None, data_revision: str | None = None, tools_field: str | None = None, prompt_format: str = "plain",
                split: str | None = None, data_config: str | None = None,
                max_length: int | None = None, batch_size: int = 64, max_batch_tokens: int | None = None,
                rows_per_shard: int = 1000, num_jobs: int = 1, job_index: int = 0, strict: bool = False,
@@ -125,7 +125,8 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
         max_length = context or _tokenizer_limit(tokenizer)
 
     # 3. Dataset and input kind.
-    dataset, dataset_info = load_rows(data, split=split, config_name=data_config)
+    dataset, dataset_info = load_rows(data, split=split, config_name=data_config, revision=data_revision,
+                                      storage_options=storage_options)
     spec = InputSpec.build(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
                            messages_field=messages_field, tools_field=tools_field, prompt_format=prompt_format,
                            max_length=max_length)

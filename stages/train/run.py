@@ -227,14 +227,17 @@ def _text_fields(index: dict, data: str | None) -> tuple[str, ...]:
 
 def _rows_by_index(path: str, index: dict) -> dict[int, dict]:
     """Rows of the jsonl the cache was made from, by row number, under the cache's stored field names."""
+    from logitcache.storage.inputs import STORED_FIELDS
+
     columns = index["inputs"].get("columns") or {}
+    names = (*STORED_FIELDS[index["inputs"]["kind"]], *(("tools",) if "tools" in columns else ()))
     rows = {}
     with open(path) as f:
         for line in f:
             if line.strip():
                 row = json.loads(line)
                 rows[len(rows)] = {name: row.get(columns.get(name, name))
-                                   for name in ("prompt", "response", "text", "messages", "tools")}
+                                   for name in names}
     return rows
 
 

@@ -68,3 +68,31 @@ def test_kubernetes_job_parses():
     args = [a.replace("$(JOB_COMPLETION_INDEX)", "3") for a in container["args"]]
     _parses(args)
     assert args[args.index("--num-jobs") + 1] == str(job["spec"]["completions"])
+
+
+def test_image_tag_and_version_floors_match_the_code():
+    """The precompute image's vLLM release is the pyproject floor, the floor is what the engine was tested
+    with, and installing logitcache there cannot replace vLLM's transformers."""
+    import importlib.metadata
+    import re
+
+    import tomllib
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floor = {re.split(r"[<>=!\[ ]", d)[0]: d for d in [*project["dependencies"], *project["optional-dependencies"]["vllm"]]}
+    vllm_floor = Version(floor["vllm"].split(">=")[1])
+    ins = _instructions(ROOT / "docker" / "precompute.Dockerfile")
+    tag = dict(ins)["FROM"].split(":v")[1]
+    assert Version(tag) == vllm_floor, (tag, floor["vllm"])
+    text = (ROOT / "docker" / "precompute.Dockerfile").read_text()
+    assert "-c /tmp/image-pins.txt" in text and "'^(torch|transformers|vllm" in text
+    engine = (ROOT / "stages" / "precompute" / "engines" / "vllm_engine.py").read_text()
+    assert "tok_pooling_type" in engine and "flat_logprobs" in engine  # the APIs the floor is for
+    transformers_floor = Version(floor["transformers"].split(">=")[1])
+    assert transformers_floor >= Version("4.56")  # from_pretrained(dtype=...), which stage two calls
+    for name, low in (("vllm", vllm_floor), ("transformers", transformers_floor)):
+        try:
+            assert Version(importlib.metadata.version(name)) >= low, name  # this machine runs what it declares
+        except importlib.metadata.PackageNotFoundError:
+            pass

@@ -38,7 +38,7 @@ _ENTRY = re.compile(rf"^{PREFIX}/entries/shard-\d{{5}}\.zarr\.json$")
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def flags(teacher: str, data: Path, out: str) -> list[str]:
+def flags(teacher: str, data: Path | str, out: str) -> list[str]:
     return ["precompute", "--teacher", teacher, "--data", str(data), "--out", out, "--engine", "hf",
             "--text-field", "text", "--top-k", "8", "--rows-per-shard", str(ROWS_PER_SHARD), "--batch-size", "1",
             "--no-progress"]
@@ -135,7 +135,7 @@ def test_s3_kill_9_then_rerun_equals_local_and_trains(setup, s3, tmp_path):
     named = {e["name"] for e in cache.shards}
     for key in object_keys(client):
         rel = key[len(PREFIX) + 1:]
-        assert rel in ("index.json", "job.json") or rel.startswith("entries/") or rel.split("/")[0] in named, key
+        assert rel in ("index.json", "job.json", "README.md") or rel.startswith("entries/") or rel.split("/")[0] in named, key
 
     # Stage two streams it straight from the bucket.
     result = train(student, URL, teacher, tmp_path, env=env, workers=0)
@@ -153,6 +153,28 @@ def test_train_reads_s3_with_dataloader_workers(setup, s3, tmp_path):
     s3fs.S3FileSystem(**opts).put(str(reference), "lc-shared/cache", recursive=True)
     assert open_cache("s3://lc-shared/cache", storage_options=opts).validate() == []
     assert train(student, "s3://lc-shared/cache", teacher, tmp_path, env=env, workers=1)["global_step"] == 2
+
+
+@pytest.mark.slow  # two CLI runs: ~40 s on 2 cores
+def test_data_from_s3_equals_the_local_file(setup, s3, tmp_path):
+    """`--data s3://...` (what docker/precompute-job.yaml passes): the same rows, fingerprint and cache as the
+    local file, since a data file's fingerprint is its bytes, wherever it lies."""
+    import s3fs
+
+    teacher, data, _, reference = setup
+    endpoint, env = s3
+    make_bucket(endpoint, "lc-data")
+    s3fs.S3FileSystem(**s3_options(endpoint)).put(str(data), "lc-data/in/rows.jsonl")
+    log = tmp_path / "log"
+    proc = run_cli(flags(teacher, "s3://lc-data/in/rows.jsonl", str(tmp_path / "cache")), log, env=env)
+    assert proc.wait(timeout=180) == 0, log.read_text()
+    cache, local = open_cache(str(tmp_path / "cache")), open_cache(str(reference))
+    assert cache.index["dataset"]["source"] == "s3://lc-data/in/rows.jsonl"
+    assert cache.index["dataset"]["fingerprint"] == local.index["dataset"]["fingerprint"]
+    assert_same_cache(reference, tmp_path / "cache")
+    # A missing object is our error, naming the URL.
+    proc = run_cli(flags(teacher, "s3://lc-data/in/nope.jsonl", str(tmp_path / "c2")), log, env=env)
+    assert proc.wait(timeout=120) == 2 and "s3://lc-data/in/nope.jsonl: no such file" in log.read_text()
 
 
 def train(student: Path, url: str, teacher: str, tmp_path: Path, *, env: dict, workers: int) -> dict:

@@ -34,7 +34,7 @@ def cache_dir(tmp_path):
 def test_help_for_every_command():
     out = subprocess.run([sys.executable, "-m", "logitcache.pipeline.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for name in ("validate", "inspect", "convert"):
+    for name in ("validate", "inspect", "convert", "push"):
         assert name in out.stdout
         sub = subprocess.run([sys.executable, "-m", "logitcache.pipeline.cli", name, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0 and "example" in sub.stdout
@@ -92,3 +92,55 @@ def test_convert_rejects_unknown_or_missing_backend(cache_dir, tmp_path, capsys)
     assert main(["convert", cache_dir, str(tmp_path / "x")]) == 2
     assert "--backend is required" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+class LocalHub:
+    """A stand-in for `huggingface_hub.HfApi` that 'uploads' into a local folder (the network is not here).
+
+    It applies `ignore_patterns` as the hub client does, so the folder is what the repo would hold.
+    """
+
+    def __init__(self, root):
+        self.root, self.calls = root, []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, *, folder_path, repo_id, ignore_patterns, **kw):
+        import fnmatch
+        import shutil
+
+        self.calls.append(("upload_folder", repo_id, kw))
+        for d, _, files in os.walk(folder_path):
+            for f in files:
+                rel = os.path.relpath(os.path.join(d, f), folder_path)
+                if not any(fnmatch.fnmatch(rel, p) for p in ignore_patterns):
+                    os.makedirs(os.path.dirname(os.path.join(self.root, rel)) or self.root, exist_ok=True)
+                    shutil.copy(os.path.join(d, f), os.path.join(self.root, rel))
+
+
+def test_parquet_alias_then_push_with_a_card_and_load_it_back(cache_dir, tmp_path):
+    """`convert --backend parquet` (arrow's other name), then `push`: the uploaded folder is a valid cache and a
+    dataset `datasets.load_dataset` reads with no arguments; the card says what it holds."""
+    import datasets
+
+    from logitcache.pipeline.commands.push import push_cache
+
+    parquet = str(tmp_path / "parquet")
+    assert main(["convert", cache_dir, parquet, "--backend", "parquet"]) == 0
+    assert open_cache(parquet).backend == "arrow"
+    (tmp_path / "parquet" / "job.json").write_text("{}")  # a writer's record: not uploaded
+    hub = LocalHub(str(tmp_path / "repo"))
+    card = push_cache(parquet, "me/tiny-logits", api=hub, private=True)
+    assert hub.calls[0] == ("create_repo", "me/tiny-logits", {"repo_type": "dataset", "private": True,
+                                                             "exist_ok": True})
+    assert not (tmp_path / "repo" / "job.json").exists()
+    assert open_cache(str(tmp_path / "repo")).validate() == []
+    ds = datasets.load_dataset(str(tmp_path / "repo"), split="train")
+    assert ds.num_rows == 6 and "topk_logprobs" in ds.column_names
+    mass = 1 - np.concatenate([s.tail_mass for _, s in open_cache(parquet).iter_shards()]).astype(np.float64).mean()
+    assert f"{mass:.4f}" in card and "compact" in card and "tiny-teacher" in card
+    assert "logitcache train --cache hf://datasets/me/tiny-logits" in card
+    assert (tmp_path / "repo" / "README.md").read_text() == card
+    with pytest.raises(Exception, match="not a local folder"):
+        push_cache("s3://bucket/cache", "me/x", api=hub)

@@ -17,7 +17,7 @@ from logitcache.stages.train.alignment import (IGNORE, CrossTokenizerTargets, Sa
 from logitcache.stages.train.collate import Collator
 from logitcache.stages.train.data import CacheSource, JsonlSource, ShardedStream
 from logitcache.storage import open_cache
-from logitcache.storage.errors import ConfigError
+from logitcache.storage.errors import ConfigError, InvalidDataError
 
 
 class ListSource:
@@ -279,6 +279,22 @@ def test_jsonl_source_and_response_only_labels(tmp_path):
     assert (first["labels"][:prompt_len] == IGNORE).all()
     assert first["labels"][-1] == w.tokenizer.eos_token_id
     assert supervised_positions(first["labels"])[0] == prompt_len - 1
+
+
+def test_text_example_reads_chats_with_assistant_only_labels():
+    """`train --data` / `--eval-data` / `eval --data` rows may be chats: assistant turns are the labels."""
+    from logitcache.stages.train.alignment import TextExample
+
+    w = world()
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the teacher"},
+            {"role": "assistant", "content": "reads every token"}, {"role": "user", "content": "and then"},
+            {"role": "assistant", "content": "keeps the few"}]
+    item = TextExample(w.tokenizer)({"messages": msgs, "row_index": 4})
+    assert item["input_ids"].tolist() == w.tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    labelled = w.tokenizer.decode(item["input_ids"][item["labels"] != IGNORE])
+    assert labelled == "reads every token<|eos|>\nkeeps the few<|eos|>\n"
+    with pytest.raises(InvalidDataError, match="row 5: needs a 'messages' list"):
+        TextExample(w.tokenizer)({"question": "?", "row_index": 5})
 
 
 def test_collator_pads_and_packs_rows():

@@ -214,6 +214,23 @@ def test_sft_without_a_cache(tmp_path):
     assert (Path(result["settings"]["out"]) / "model.safetensors").exists()
 
 
+def test_sft_and_eval_on_chat_data(tmp_path):
+    """`--data` and `--eval-data` in the messages format: trained and evaluated on assistant turns only."""
+    from trainkit import write_jsonl
+
+    w = world()
+    chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+             for r in w.rows]
+    data = write_jsonl(tmp_path / "chats.jsonl", chats)
+    result = train(settings(tmp_path, loss="sft", cache=None, data=str(data), eval_data=str(data), max_steps=2))
+    assert result["global_step"] == 2 and result["eval"]["positions"] > 0
+    # Positions evaluated = assistant tokens + their end-of-turn: the same count as the encoder supervises.
+    from logitcache.stages.train.alignment import IGNORE, TextExample
+
+    expected = sum(int((TextExample(w.tokenizer)({**c, "row_index": 0})["labels"] != IGNORE).sum()) for c in chats)
+    assert result["eval"]["positions"] == expected
+
+
 def test_uld_reads_the_text_from_data_when_the_cache_stores_none(tmp_path):
     w = world()
     cache = build_cache(tmp_path / "no_text", w.teacher, w.tokenizer, w.rows[:8], store_text=False)
