@@ -77,6 +77,7 @@ RULES: dict[str, dict[str, Number]] = {
     },
     "eval": {"max_sequences": POSITIVE},
     "inspect": {"max_shards": POSITIVE},
+    "push": {"mass_shards": NON_NEGATIVE},
 }
 
 # Option dest -> what the path must be, per command:

@@ -202,6 +202,14 @@ CASES = [
                                           "--backend", "arrow"], ("unfinished",)),
     ("convert-dst-is-file", lambda w: ["convert", str(w["root"] / "topk"), str(w["root"] / "a_file"), "--backend",
                                        "arrow"], ("a_file",)),
+    # push (each refused before any upload is tried: no network here)
+    ("push-missing", lambda w: ["push", str(w["root"] / "nowhere"), "me/logits"], ("nowhere",)),
+    ("push-file", lambda w: ["push", str(w["root"] / "a_file"), "me/logits"], ("a_file",)),
+    ("push-unfinished", lambda w: ["push", str(w["root"] / "unfinished"), "me/logits"], ("unfinished",)),
+    ("push-remote-cache", lambda w: ["push", "s3://bucket/cache", "me/logits"], ("s3://bucket/cache",)),
+    ("push-mass-shards-negative", lambda w: ["push", str(w["root"] / "topk"), "me/logits", "--mass-shards", "-1"],
+     ("--mass-shards -1",)),
+    ("push-no-repo-id", lambda w: ["push", str(w["root"] / "topk")], ("required", "REPO_ID")),
     # the top level
     ("unknown-command", lambda w: ["distill"], ("distill",)),
     ("no-command", lambda w: [], ("<command>",)),
