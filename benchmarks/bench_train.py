@@ -100,20 +100,21 @@ def add_cache(batches: list[dict], teacher, k: int) -> None:
                  kd_select=torch.arange(len(b["rows"]), device=lp.device))
 
 
-def step_fn(mode: str, student, teacher, opt):
-    """One optimizer step of `mode` on a batch."""
+def step_fn(mode: str, student, teacher, opt, *, optimizer_step: bool = True, chunk_size: int | None = None):
+    """One optimizer step of `mode` on a batch (without `optimizer_step`: forward and backward into
+    the existing, zeroed .grad buffers, i.e. the loss step alone)."""
     kinds = {"sft": ("sft", {}, 1.0, 0.0), "kl": ("kl", {}, 0.0, 1.0), "kl+ce": ("kl", {}, 1.0, 1.0),
              "bild": ("bild", {"top_k": 8}, 0.0, 1.0), "bild+ce": ("bild", {"top_k": 8}, 1.0, 1.0)}
 
     def run(b):
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=optimizer_step)
         if mode.endswith("_fused"):
             name, options, ce_w, kd_w = kinds[mode[: -len("_fused")]]
             hidden = student.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b["rows"])
             head = student.get_output_embeddings()
             loss, _ = fused_head_loss(hidden, head.weight, head.bias, b, loss=name, options=options, ce_weight=ce_w,
-                                      kd_weight=kd_w)
+                                      kd_weight=kd_w, chunk_size=chunk_size)
         elif mode == "ce_sft":
             s = supervised_logits(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                   b["rows"], None)
@@ -137,7 +138,8 @@ def step_fn(mode: str, student, teacher, opt):
                                   b["rows"], None)
             loss, _ = loss_parts(s, b, loss=name, options=options, ce_weight=ce_w, kd_weight=kd_w)
         loss.backward()
-        opt.step()
+        if optimizer_step:
+            opt.step()
         if b["input_ids"].is_cuda:
             torch.cuda.synchronize()
 
@@ -154,7 +156,8 @@ def memory_one(a) -> dict:
     batches = make_batches(1, a.batch, a.seq, a.vocab, a.prompt, "cpu")
     add_random_cache(batches, a.vocab, a.k)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    run = step_fn(a.memory_one, student, None, opt)
+    step_fn(a.memory_one, student, None, opt)(batches[0])  # AdamW state and .grad buffers exist from here on
+    run = step_fn(a.memory_one, student, None, opt, optimizer_step=a.memory_scope == "step", chunk_size=a.chunk_size)
     run(batches[0])
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     before = _status_bytes("VmRSS")
@@ -170,10 +173,13 @@ def memory_main(a) -> None:
     """Every mode's `memory_one` in its own process, with glibc handing freed memory back at once."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = {}
-    for mode in FUSED_MODES:
+    modes = a.memory_modes.split(",") if a.memory_modes else FUSED_MODES
+    for mode in modes:
         args = [sys.executable, __file__, "--memory-one", mode, "--vocab", str(a.vocab), "--hidden", str(a.hidden),
                 "--layers", str(a.layers), "--batch", str(a.batch), "--seq", str(a.seq), "--prompt", str(a.prompt),
-                "--k", str(a.k), "--dtype", a.dtype, "--threads", str(a.threads)]
+                "--k", str(a.k), "--dtype", a.dtype, "--threads", str(a.threads), "--memory-scope", a.memory_scope]
+        if a.chunk_size:
+            args += ["--chunk-size", str(a.chunk_size)]
         proc = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
         out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_growth"]
     tokens = a.batch * a.seq
@@ -183,10 +189,10 @@ def memory_main(a) -> None:
               "peak_in_logits_units": {m: v / logits for m, v in out.items()},
               "relative_to_ce_sft": {m: v / out["ce_sft"] for m, v in out.items()}}
     OUT.mkdir(exist_ok=True)
-    (OUT / "train_memory.json").write_text(json.dumps(result, indent=1))
-    print(f"peak RSS growth of one step: student {a.layers}x{a.hidden}, vocab {a.vocab}, {a.batch}x{a.seq} tokens, "
+    (OUT / f"train_memory_{a.memory_scope}.json").write_text(json.dumps(result, indent=1))
+    print(f"peak RSS growth of one {a.memory_scope} step (fused chunk {a.chunk_size or 'auto'}): student {a.layers}x{a.hidden}, vocab {a.vocab}, {a.batch}x{a.seq} tokens, "
           f"{a.dtype}; one (tokens x V) fp32 logits = {logits / 2**20:.0f} MiB")
-    for m in FUSED_MODES:
+    for m in modes:
         print(f"  {m:14s} {out[m] / 2**20:8.0f} MiB  {out[m] / logits:5.2f} logits  {out[m] / out['ce_sft']:5.2f}x ce_sft")
 
 
@@ -196,6 +202,11 @@ def main():
     p.add_argument("--fused", action="store_true", help="time the fused head + loss at V = 151,936 (no online teacher)")
     p.add_argument("--memory", action="store_true", help="peak memory of one step per mode at V = 151,936")
     p.add_argument("--memory-one", metavar="MODE", help=argparse.SUPPRESS)
+    p.add_argument("--memory-scope", choices=("step", "loss"), default="step",
+                   help="--memory: the whole optimizer step, or the loss step alone (forward + backward into "
+                   "existing .grad buffers)")
+    p.add_argument("--memory-modes", help="--memory: comma-separated modes (default: all fused comparisons)")
+    p.add_argument("--chunk-size", type=int, help="rows per chunk of the fused head + loss (default: automatic)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--vocab", type=int, default=32768)

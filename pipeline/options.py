@@ -74,6 +74,7 @@ RULES: dict[str, dict[str, Number]] = {
         "ce_weight": NON_NEGATIVE, "kd_weight": NON_NEGATIVE, "uld_lambda": NON_NEGATIVE,
         "num_workers": NON_NEGATIVE, "shuffle_window": POSITIVE, "chunk_size": POSITIVE, "save_steps": POSITIVE,
         "save_total_limit": POSITIVE, "logging_steps": POSITIVE,
+        "lora_r": POSITIVE, "lora_alpha": ABOVE_ZERO, "lora_dropout": NON_NEGATIVE, "eval_steps": POSITIVE,
     },
     "eval": {"max_sequences": POSITIVE},
     "inspect": {"max_shards": POSITIVE},

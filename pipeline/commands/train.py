@@ -80,16 +80,30 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule")
     g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (or give --epochs)")
     g.add_argument("--epochs", type=int, metavar="E", help="passes over the data (or give --max-steps)")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="STUDENT TRAINING: sequences per device and micro-batch "
-                   "(default 8). (`precompute --batch-size` is the teacher's inference batch)")
-    g.add_argument("--grad-accum", type=int, default=1, metavar="G", help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="peak learning rate (default 1e-4)")
+    # TrainingArguments' own names first; the short ones stay as aliases.
+    g.add_argument("--per-device-train-batch-size", "--batch-size", dest="batch_size", type=int, default=8, metavar="B",
+                   help="STUDENT TRAINING: sequences per device and micro-batch (default 8). "
+                   "(`precompute --batch-size` is the teacher's inference batch)")
+    g.add_argument("--gradient-accumulation-steps", "--grad-accum", dest="grad_accum", type=int, default=1,
+                   metavar="G", help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--learning-rate", "--lr", dest="lr", type=float, default=1e-4, metavar="LR",
+                   help="peak learning rate (default 1e-4)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     g.add_argument("--warmup", type=float, default=0.0, help="linear warm-up: steps if >= 1, else a share of all "
                    "steps (default 0)")
     g.add_argument("--scheduler", default="cosine", help="transformers lr_scheduler_type (default cosine)")
     g.add_argument("--seed", type=int, default=0, metavar="S", help="data order and the Trainer's random state (default 0)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out, if any")
+
+    g = p.add_argument_group("LoRA (peft): train low-rank adapters instead of every weight")
+    g.add_argument("--lora-r", type=int, metavar="R", help="adapter rank; turns LoRA on")
+    g.add_argument("--lora-alpha", type=float, metavar="A", help="adapter scale numerator (default 2 x rank)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
+                   help="module names to adapt, e.g. q_proj v_proj (default: all-linear, every linear layer but the head)")
+    g.add_argument("--merge-lora", action="store_true",
+                   help="save the student with the adapters merged into its weights (--out), the adapters in "
+                   "--out/adapter; without it --out holds the adapters alone")
 
     g = p.add_argument_group("data and system")
     g.add_argument("--max-length", type=int, metavar="L", help="truncate sequences (default: the model's context)")
@@ -99,7 +113,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="shards read and shuffled together per worker (default 2)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype to load the student in (default float32)")
+    g.add_argument("--student-revision", metavar="REV", help="hub revision (branch, tag or commit) of --student")
+    g.add_argument("--attn-implementation", metavar="NAME",
+                   help="transformers attention: sdpa, eager, flash_attention_2, ... (default: transformers')")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, about a third more compute")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    g.add_argument("--pack", action="store_true",
+                   help="padding-free batches: a micro-batch's sequences one after another in one row, positions "
+                   "restarting at each (needs sdpa, eager or flash attention; the same loss, less compute)")
     g.add_argument("--chunk-size", type=int, help="positions per loss chunk (default: automatic)")
     g.add_argument("--fused-head", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the LM head inside the loss, a chunk of supervised rows at a time, so the full "
@@ -109,8 +131,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep (default 2)")
     g.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
     g.add_argument("--report-to", default="none", help="tensorboard, wandb, ... (default none)")
-    g.add_argument("--eval-data", metavar="D", help="held-out jsonl ('messages', 'prompt'/'response' or 'text' rows) evaluated after "
-                                                             "training (into logitcache_train.json)")
+    g.add_argument("--eval-data", metavar="D", help="held-out jsonl ('messages', 'prompt'/'response' or 'text' rows) "
+                   "evaluated after training (into logitcache_train.json), and every --eval-steps while training")
+    g.add_argument("--eval-cache", metavar="CACHE", help="held-out cache (the student's tokenizer) evaluated every "
+                   "--eval-steps: adds teacher agreement")
+    g.add_argument("--eval-steps", type=int, metavar="N", help="evaluate --eval-data/--eval-cache every N steps "
+                   "(perplexity, accuracy, ECE, teacher agreement; logged like the loss, e.g. to TensorBoard)")
     g.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (passed to transformers)")
     g.add_argument("--fsdp", metavar="SPEC", help="FSDP setting, e.g. 'full_shard auto_wrap' (passed to transformers)")
     g.add_argument("--hf-arg", dest="hf_args", action="append", type=_key_value, default=None, metavar="KEY=VALUE",
@@ -136,10 +162,14 @@ def run(args) -> int:
         seed=args.seed, temperature=args.temperature, top_k=args.top_k, tail=args.tail,
         loss_options=_as_dict(args.loss_options), ce_weight=args.ce_weight, kd_weight=args.kd_weight,
         uld_lambda=args.uld_lambda, max_length=args.max_length, num_workers=args.num_workers,
-        shuffle_window=args.shuffle_window, chunk_size=args.chunk_size, fused_head=args.fused_head,
-        dtype=args.dtype, bf16=args.bf16,
+        shuffle_window=args.shuffle_window, chunk_size=args.chunk_size, fused_head=args.fused_head, pack=args.pack,
+        dtype=args.dtype, bf16=args.bf16, student_revision=args.student_revision,
+        attn_implementation=args.attn_implementation, gradient_checkpointing=args.gradient_checkpointing,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_target_modules=args.lora_target_modules, merge_lora=args.merge_lora,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
-        report_to=args.report_to, resume=args.resume, eval_data=args.eval_data, deepspeed=args.deepspeed,
+        report_to=args.report_to, resume=args.resume, eval_data=args.eval_data, eval_cache=args.eval_cache,
+        eval_steps=args.eval_steps, deepspeed=args.deepspeed,
         fsdp=args.fsdp, hf_args=_as_dict(args.hf_args), trust_remote_code=args.trust_remote_code)
     result = train(settings)
     if result.get("stopped_by"):  # SIGTERM/SIGINT: a checkpoint was saved; exit as the signal would

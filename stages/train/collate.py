@@ -1,7 +1,12 @@
-"""`Collator`: pad a list of items (see `alignment`) into a batch, and pack the supervised rows.
+"""`Collator`: pad a list of items (see `alignment`) into a batch, and gather the supervised rows.
 
 Batch, for B items padded to length T (right padding):
     input_ids: (B, T) int64, attention_mask: (B, T) int64, labels: (B, T) int64 (-100 at padding).
+    Packed (`pack=True`, padding-free): the B items one after another in one row, B = 1 and
+    T = the items' total length, by transformers' `DataCollatorWithFlattening`: position_ids
+    (1, T) restart at 0 at each item and there is no attention_mask, so transformers' sdpa and
+    eager attention build a block-diagonal causal mask from the position_ids (exact: no token
+    attends across items) and flash-attention takes the item boundaries from them.
     rows: (N,) int64 index of each supervised row in the flattened (B*T, V) logits: b * T + t for
         every t with labels[b, t + 1] != -100, item after item, t ascending.
     next_ids: (N,) int64 the token each row predicts, labels[b, t + 1] ("targets" is kept for the teacher's).
@@ -27,26 +32,44 @@ class Collator:
 
     Args:
         pad_id: token id used for padding `input_ids` (masked out by `attention_mask`).
-        pad_to_multiple_of: round T up to a multiple (e.g. 8 for tensor cores).
+        pad_to_multiple_of: round T up to a multiple (e.g. 8 for tensor cores); not with `pack`.
+        pack: put the items in one row without padding (see the module docstring). The batch
+            holds the same items and rows in the same order either way, so the data stream, its
+            resume position and the loss are unchanged; only the padding's compute goes.
     """
 
-    def __init__(self, pad_id: int, *, pad_to_multiple_of: int | None = None):
-        self.pad_id, self.multiple = int(pad_id), pad_to_multiple_of
+    def __init__(self, pad_id: int, *, pad_to_multiple_of: int | None = None, pack: bool = False):
+        self.pad_id, self.multiple, self.pack = int(pad_id), pad_to_multiple_of, bool(pack)
+        if self.pack:
+            from transformers import DataCollatorWithFlattening
+
+            self._flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        b = len(items)
-        t = max(len(it["input_ids"]) for it in items)
-        if self.multiple:
-            t = -(-t // self.multiple) * self.multiple
-        input_ids = np.full((b, t), self.pad_id, dtype=np.int64)
-        mask = np.zeros((b, t), dtype=np.int64)
-        labels = np.full((b, t), IGNORE, dtype=np.int64)
+        if self.pack:
+            flat = self._flatten([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in items],
+                                 return_tensors="np")
+            input_ids, labels = flat["input_ids"].astype(np.int64), flat["labels"].astype(np.int64)
+            batch = {"position_ids": torch.from_numpy(flat["position_ids"].astype(np.int64))}
+            starts = np.cumsum([0] + [len(it["input_ids"]) for it in items])[:-1]
+        else:
+            b = len(items)
+            t = max(len(it["input_ids"]) for it in items)
+            if self.multiple:
+                t = -(-t // self.multiple) * self.multiple
+            input_ids = np.full((b, t), self.pad_id, dtype=np.int64)
+            mask = np.zeros((b, t), dtype=np.int64)
+            labels = np.full((b, t), IGNORE, dtype=np.int64)
+            for i, it in enumerate(items):
+                n = len(it["input_ids"])
+                input_ids[i, :n], mask[i, :n], labels[i, :n] = it["input_ids"], 1, it["labels"]
+            batch = {"attention_mask": torch.from_numpy(mask)}
+            starts = np.arange(b) * t
         rows, select, offset = [], [], 0
         for i, it in enumerate(items):
-            n = len(it["input_ids"])
-            input_ids[i, :n], mask[i, :n], labels[i, :n] = it["input_ids"], 1, it["labels"]
-            pos = supervised_positions(labels[i])
-            rows.append(i * t + pos)
+            own = np.asarray(it["labels"], dtype=np.int64)
+            pos = supervised_positions(own)
+            rows.append(starts[i] + pos)
             if "kd_positions" in it:
                 found = np.searchsorted(pos, it["kd_positions"])
                 assert np.array_equal(pos[np.minimum(found, max(len(pos) - 1, 0))], it["kd_positions"]), \
@@ -55,10 +78,9 @@ class Collator:
             offset += len(pos)
         rows = np.concatenate(rows).astype(np.int64)
         flat = labels.reshape(-1)
-        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-                 "labels": torch.from_numpy(labels), "rows": torch.from_numpy(rows),
-                 "next_ids": torch.from_numpy(flat[rows + 1]),
-                 "row_index": torch.tensor([int(it["row_index"]) for it in items], dtype=torch.int64)}
+        batch.update({"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                      "rows": torch.from_numpy(rows), "next_ids": torch.from_numpy(flat[rows + 1]),
+                      "row_index": torch.tensor([int(it["row_index"]) for it in items], dtype=torch.int64)})
         if "kd_positions" in items[0]:
             batch["kd_select"] = torch.from_numpy(np.concatenate(select).astype(np.int64))
             for name in _TEACHER:

@@ -56,20 +56,25 @@ class CacheSource:
     """A cache's shards, each sequence turned into a training item by `to_item`.
 
     Args:
-        url: cache directory or fsspec URL.
+        cache: an open `storage.Cache` (its url, storage options and verify setting are kept for
+            the workers), or a cache directory or fsspec URL to open.
         to_item: picklable callable, cache sequence dict -> training item (see `alignment`).
-        storage_options: passed to fsspec.
-        verify: check shard checksums on read.
+        storage_options: passed to fsspec (with a URL).
+        verify: check shard checksums on read (with a URL).
 
-    The cache is opened lazily in each process (DataLoader workers get their own handle).
+    DataLoader workers get their own handle, opened lazily in each process.
     """
 
-    def __init__(self, url: str, *, to_item: Callable[[dict], dict], storage_options: dict | None = None,
+    def __init__(self, cache, *, to_item: Callable[[dict], dict], storage_options: dict | None = None,
                  verify: bool = True):
-        from logitcache.storage import open_cache
+        from logitcache.storage import Cache, open_cache
 
-        self.url, self.to_item, self.storage_options, self.verify = str(url), to_item, storage_options, verify
-        self._cache = open_cache(self.url, storage_options=storage_options, verify=verify)
+        if isinstance(cache, Cache):
+            storage_options, verify = cache.storage_options, cache.verify
+        else:
+            cache = open_cache(str(cache), storage_options=storage_options, verify=verify)
+        self.url, self.to_item, self.storage_options, self.verify = cache.url, to_item, storage_options, verify
+        self._cache = cache
         self.shard_sizes = [e["sequences"] for e in self._cache.shards]
         self.identity = {"cache": self._cache.fingerprint, "sequences": len(self._cache)}
 

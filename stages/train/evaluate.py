@@ -13,8 +13,8 @@ import math
 import numpy as np
 import torch
 
-from logitcache.stages.train.collate import Collator
 from logitcache.stages.train.data import ShardedStream
+from logitcache.stages.train.student import collated_batches, load_student
 
 __all__ = ["ECE_BINS", "expected_calibration_error", "evaluate_batches", "evaluate_source"]
 
@@ -52,7 +52,8 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu") ->
     nll, n, seqs = 0.0, 0, 0
     conf, correct, agree, teacher_right = [], [], [], []
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        logits = model(**inputs).logits
         flat = logits.reshape(-1, logits.shape[-1])
         if vocab_size is not None:
             flat = flat[:, :vocab_size]
@@ -90,22 +91,8 @@ def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch
                     max_sequences: int | None = None, device="cpu") -> dict:
     """`evaluate_batches` over a `CacheSource` or `JsonlSource`, in order, in this process."""
     stream = ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1)
-    collate = Collator(pad_id=pad_id)
-
-    def batches():
-        taken, chunk = 0, []
-        for item in stream:
-            if max_sequences is not None and taken >= max_sequences:
-                break
-            chunk.append(item)
-            taken += 1
-            if len(chunk) == batch_size:
-                yield collate(chunk)
-                chunk = []
-        if chunk:
-            yield collate(chunk)
-
-    return evaluate_batches(model, batches(), vocab_size=vocab_size, device=device)
+    batches = collated_batches(stream, pad_id=pad_id, batch_size=batch_size, max_sequences=max_sequences)
+    return evaluate_batches(model, batches, vocab_size=vocab_size, device=device)
 
 
 def evaluate(model: str, *, data: str | None = None, cache: str | None = None, batch_size: int = 8,
@@ -120,10 +107,8 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     Raises:
         ConfigError: neither data nor cache, an unloadable model, or a cache with another tokenizer.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from logitcache.stages.train.alignment import SameTokenizerTargets, TextExample
-    from logitcache.stages.train.checks import check_tokenizer, student_vocab_size
+    from logitcache.stages.train.checks import check_tokenizer
     from logitcache.stages.train.data import CacheSource, JsonlSource
     from logitcache.storage import open_cache
     from logitcache.storage.errors import ConfigError
@@ -131,14 +116,9 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     if data is None and cache is None:
         raise ConfigError("eval needs --data, --cache or both")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        net = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code).to(device)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--model {model}: cannot load ({e})") from None
-    vocab = student_vocab_size(tokenizer, net.get_output_embeddings().weight.shape[0], student=model)
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    max_length = max_length or getattr(net.config, "max_position_embeddings", None)
+    student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
+    net, tokenizer, vocab, pad_id = student.model, student.tokenizer, student.vocab_size, student.pad_id
+    max_length = max_length or student.max_length
     kwargs = dict(pad_id=pad_id, vocab_size=vocab, batch_size=batch_size, max_sequences=max_sequences, device=device)
     out = {"model": model}
     if data is not None:

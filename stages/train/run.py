@@ -7,13 +7,14 @@
     logitcache train --student /tmp/tiny --data /tmp/train.jsonl --loss sft --out /tmp/teacher --max-steps 50
 
 The recipe, top to bottom (`train`):
-  1. settings: the loss, its options and the CE/KD weights.
-  2. student: model and tokenizer; the logits columns training uses (`checks.student_vocab_size`).
-  3. cache and refusals: the teacher named by --teacher, the loss against the cache's mode and K,
-     the student tokenizer against the cache's (same tokenizer, or ULD's re-tokenization).
+  1. settings: the loss, its options and the CE/KD weights (`loss_settings`, decided once); the rank.
+  2. student: model and tokenizer; the logits columns training uses (`student.load_student`).
+  3. cache and refusals: the cache opened once; the teacher named by --teacher, the loss against
+     the cache's mode and K, the student tokenizer against the cache's (same, or re-tokenized).
   4. dataset: a `ShardedStream` over the cache (or the jsonl), split by DDP rank and worker;
-     the number of optimizer steps.
-  5. trainer: `KDTrainer`, a transformers Trainer (accelerate, DeepSpeed/FSDP, checkpoints, loggers).
+     the number of optimizer steps; batches padded, or packed into one row (--pack).
+  5. trainer: TrainingArguments with that number, then `KDTrainer`, a transformers Trainer
+     (accelerate, DeepSpeed/FSDP, checkpoints, loggers); the LM head fused into the loss.
   6. train, resuming from the last checkpoint in --out with --resume.
   7. save: model + tokenizer, each rank's data position, and `logitcache_train.json` (settings,
      cache identity, metrics, log history, optional held-out evaluation).
@@ -63,7 +64,16 @@ class TrainSettings:
     shuffle_window: int = 2
     chunk_size: int | None = None
     fused_head: bool = True
+    pack: bool = False
     dtype: str = "float32"
+    student_revision: str | None = None
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    merge_lora: bool = False
     bf16: bool = False
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -71,6 +81,8 @@ class TrainSettings:
     report_to: str = "none"
     resume: bool = False
     eval_data: str | None = None
+    eval_cache: str | None = None
+    eval_steps: int | None = None
     deepspeed: str | None = None
     fsdp: str | None = None
     hf_args: dict = field(default_factory=dict)
@@ -85,17 +97,15 @@ def train(s: TrainSettings) -> dict:
     Raises:
         ConfigError: bad or conflicting settings, or a cache and student that do not fit together.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
     from logitcache.stages.train.alignment import CrossTokenizerTargets, SameTokenizerTargets, TextExample
-    from logitcache.stages.train.checks import (check_cache_teacher, check_loss_fits_cache, check_tokenizer,
-                                                student_vocab_size)
+    from logitcache.stages.train.checks import check_cache_teacher, check_loss_fits_cache, check_tokenizer
     from logitcache.stages.train.collate import Collator
     from logitcache.stages.train.data import CacheSource, JsonlSource, ShardedStream
     from logitcache.stages.train.losses import registry
-    from logitcache.stages.train.trainer import KDTrainer, data_state_name, training_arguments
+    from logitcache.stages.train.student import load_student
+    from logitcache.stages.train.trainer import KDTrainer, data_state_name, packing_problem, training_arguments
     from logitcache.storage import open_cache
 
     # 1. Settings.
@@ -117,22 +127,22 @@ def train(s: TrainSettings) -> dict:
     if last and not s.resume:
         raise ConfigError(f"--out {s.out} already holds checkpoints ({os.path.basename(last)}); pass --resume to "
                           f"continue that run, or choose another --out")
+    # torchrun's variables, which TrainingArguments reads too (checked against it in step 5).
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
     # 2. Student and tokenizer.
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(s.dtype)
-    if dtype is None:
-        raise ConfigError(f"--dtype {s.dtype!r}: expected float32, bfloat16 or float16")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(s.student, trust_remote_code=s.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(s.student, dtype=dtype, trust_remote_code=s.trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:  # no such model, no weights, a config of an unknown kind
-        raise ConfigError(f"--student {s.student}: cannot load the model or its tokenizer ({e})") from None
-    vocab = student_vocab_size(tokenizer, model.get_output_embeddings().weight.shape[0], student=s.student)
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    max_length = s.max_length or getattr(model.config, "max_position_embeddings", None)
+    student = load_student(s.student, dtype=s.dtype, trust_remote_code=s.trust_remote_code,
+                           revision=s.student_revision, attn_implementation=s.attn_implementation)
+    model, tokenizer, vocab, pad_id = student.model, student.tokenizer, student.vocab_size, student.pad_id
+    if s.lora_r is not None:
+        model = with_lora(model, r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
+                          target_modules=s.lora_target_modules)
+    elif s.merge_lora or s.lora_alpha is not None or s.lora_target_modules:
+        raise ConfigError("--lora-alpha, --lora-target-modules and --merge-lora need --lora-r (LoRA's rank)")
+    max_length = s.max_length or student.max_length
 
-    # 3. Cache and refusals.
-    cache_info, same_tokenizer = None, True
+    # 3. Cache and refusals (the cache is opened here, once; the data source reads through it).
+    cache, cache_info, same_tokenizer = None, None, True
     if s.cache is not None:
         cache = open_cache(s.cache)
         index = cache.index
@@ -150,17 +160,10 @@ def train(s: TrainSettings) -> dict:
         cache_info = {"url": s.cache, "fingerprint": cache.fingerprint, "teacher": index["teacher"],
                       "mode": cache.mode, "k": cache.k, "sequences": len(cache), "same_tokenizer": same_tokenizer}
 
-    # 4. Dataset.
-    args = training_arguments(
-        s.out, max_steps=s.max_steps or 1, per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.grad_accum, learning_rate=s.lr, weight_decay=s.weight_decay,
-        warmup_steps=s.warmup, lr_scheduler_type=s.scheduler, seed=s.seed, bf16=s.bf16,
-        logging_steps=s.logging_steps, save_steps=s.save_steps, save_total_limit=s.save_total_limit,
-        report_to=s.report_to, dataloader_num_workers=s.num_workers, deepspeed=s.deepspeed, fsdp=s.fsdp,
-        **s.hf_args)
-    if s.cache is not None and same_tokenizer:
+    # 4. Dataset, split by rank; the number of optimizer steps.
+    if cache is not None and same_tokenizer:
         to_item = SameTokenizerTargets(vocab, max_length=max_length, keep_k=ls["keep_k"])
-    elif s.cache is not None:
+    elif cache is not None:
         fields = _text_fields(index, s.data)
         # The cache's own text is what the teacher saw (cut where stage one truncated); --data is the fallback.
         cached_text = set(fields) <= set(index.get("text_fields", []))
@@ -169,21 +172,44 @@ def train(s: TrainSettings) -> dict:
         to_item = CrossTokenizerTargets(tokenizer, fields=fields, max_length=max_length, keep_k=ls["keep_k"],
                                         texts=None if cached_text else _rows_by_index(s.data, index),
                                         prompt_format=index["inputs"].get("prompt_format", "plain"))
-    if s.cache is not None:
-        source = CacheSource(s.cache, to_item=to_item)
+    if cache is not None:
+        source = CacheSource(cache, to_item=to_item)
     else:
         source = JsonlSource(s.data, to_item=TextExample(tokenizer, max_length=max_length, where=s.data))
-    stream = ShardedStream(source, seed=s.seed, window=s.shuffle_window, epochs=s.epochs,
-                           rank=args.process_index, world_size=args.world_size)
+    stream = ShardedStream(source, seed=s.seed, window=s.shuffle_window, epochs=s.epochs, rank=rank,
+                           world_size=world_size)
+    max_steps = s.max_steps
     if s.epochs is not None:
-        batches = stream.batches_per_rank(s.batch_size, s.num_workers, s.epochs)
-        args.max_steps = -(-batches // s.grad_accum)
+        max_steps = -(-stream.batches_per_rank(s.batch_size, s.num_workers, s.epochs) // s.grad_accum)
 
     # 5. Trainer.
-    trainer = KDTrainer(model=model, args=args, train_dataset=stream, data_collator=Collator(pad_id=pad_id),
+    own = dict(max_steps=max_steps, per_device_train_batch_size=s.batch_size,
+               gradient_accumulation_steps=s.grad_accum, learning_rate=s.lr, weight_decay=s.weight_decay,
+               warmup_steps=s.warmup, lr_scheduler_type=s.scheduler, seed=s.seed, bf16=s.bf16,
+               logging_steps=s.logging_steps, save_steps=s.save_steps, save_total_limit=s.save_total_limit,
+               report_to=s.report_to, dataloader_num_workers=s.num_workers, deepspeed=s.deepspeed, fsdp=s.fsdp)
+    eval_sources = _eval_sources(s, tokenizer, vocab, max_length)
+    if s.eval_steps is not None:
+        if not eval_sources:
+            raise ConfigError("--eval-steps evaluates --eval-data and/or --eval-cache while training; give one")
+        if not (isinstance(s.eval_steps, int) and s.eval_steps >= 1):
+            raise ConfigError(f"--eval-steps {s.eval_steps!r} must be a positive integer")
+        own.update(eval_strategy="steps", eval_steps=s.eval_steps, per_device_eval_batch_size=s.batch_size)
+    if s.gradient_checkpointing:
+        # Non-reentrant: gradients reach the adapters even where the frozen embeddings need none.
+        own.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    args = training_arguments(s.out, **own, **check_hf_args(s.hf_args, own))
+    if (args.process_index, args.world_size) != (rank, world_size):
+        raise ConfigError(f"the launcher says rank {args.process_index} of {args.world_size}, the environment "
+                          f"RANK={rank} WORLD_SIZE={world_size}; launch with torchrun or accelerate")
+    if s.pack and (problem := packing_problem(model)):
+        raise ConfigError(f"--pack: {s.student}: {problem}")
+    collate = Collator(pad_id=pad_id, pack=s.pack)
+    trainer = KDTrainer(model=model, args=args, train_dataset=stream, data_collator=collate,
                         processing_class=tokenizer, loss=s.loss, loss_options=ls["options"],
                         ce_weight=ls["ce_weight"], kd_weight=ls["kd_weight"], vocab_size=vocab,
-                        chunk_size=s.chunk_size, fused_head=s.fused_head)
+                        chunk_size=s.chunk_size, fused_head=s.fused_head,
+                        eval_sources=eval_sources if s.eval_steps else None, eval_pad_id=pad_id)
 
     # 6. Train.
     if s.resume and last is None:
@@ -195,12 +221,20 @@ def train(s: TrainSettings) -> dict:
              f"and data position. Rerun the same command with --resume to continue.")
         return {"stopped_by": trainer.stop.name, "global_step": step, "log_history": trainer.state.log_history}
 
-    # 7. Save.
-    trainer.save_model(s.out)
-    with open(os.path.join(s.out, data_state_name(args.process_index)), "w") as f:
+    # 7. Save (with LoRA: the adapters, or the merged student and the adapters in out/adapter).
+    if s.merge_lora:
+        trainer.save_model(os.path.join(s.out, "adapter"))
+        model = model.merge_and_unload()
+        if trainer.is_world_process_zero():
+            model.save_pretrained(s.out)
+            tokenizer.save_pretrained(s.out)
+    else:
+        trainer.save_model(s.out)
+    with open(os.path.join(s.out, data_state_name(rank)), "w") as f:
         json.dump(stream.state_dict(), f)
     result = {"settings": asdict(s), "loss": {"name": s.loss, **ls}, "student_vocab_size": vocab,
-              "cache": cache_info, "data": s.data, "world_size": args.world_size, "max_steps": args.max_steps,
+              "cache": cache_info, "data": s.data, "world_size": world_size, "max_steps": args.max_steps,
+              "fused_head": trainer.fused_head,
               "global_step": trainer.state.global_step, "sequences_per_rank": stream.consumed(),
               "train_metrics": output.metrics, "log_history": trainer.state.log_history}
     if s.eval_data and trainer.is_world_process_zero():
@@ -213,6 +247,84 @@ def train(s: TrainSettings) -> dict:
         with open(os.path.join(s.out, RESULT_NAME), "w") as f:
             json.dump(result, f, indent=1, default=str)
     return result
+
+
+# TrainingArguments that `train` sets from its own flags (or `training_arguments` itself): not for --hf-arg.
+_HF_FLAGS = {"max_steps": "--max-steps/--epochs", "per_device_train_batch_size": "--per-device-train-batch-size",
+             "gradient_accumulation_steps": "--gradient-accumulation-steps", "learning_rate": "--learning-rate",
+             "weight_decay": "--weight-decay", "warmup_steps": "--warmup", "lr_scheduler_type": "--scheduler",
+             "seed": "--seed", "bf16": "--bf16", "logging_steps": "--logging-steps", "save_steps": "--save-steps",
+             "save_total_limit": "--save-total-limit", "report_to": "--report-to",
+             "dataloader_num_workers": "--num-workers", "deepspeed": "--deepspeed", "fsdp": "--fsdp",
+             "gradient_checkpointing": "--gradient-checkpointing", "output_dir": "--out",
+             "num_train_epochs": "--epochs", "resume_from_checkpoint": "--resume",
+             "eval_strategy": "--eval-steps", "eval_steps": "--eval-steps"}
+_HF_FIXED = ("remove_unused_columns", "ignore_data_skip")
+
+
+def check_hf_args(hf_args: dict, own: dict) -> dict:
+    """`--hf-arg` settings, refused where a flag or logitcache already sets the same TrainingArguments field.
+
+    Raises:
+        ConfigError: a field with a flag of its own, one the data stream needs fixed, or no such field.
+    """
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in hf_args:
+        if key in _HF_FLAGS or key in own:
+            raise ConfigError(f"--hf-arg {key}=...: TrainingArguments.{key} is set by {_HF_FLAGS.get(key, 'a flag')}; "
+                              f"use that flag")
+        if key in _HF_FIXED:
+            raise ConfigError(f"--hf-arg {key}=...: logitcache streams its own data and fixes {key}")
+        if key not in fields:
+            raise ConfigError(f"--hf-arg {key}=...: transformers' TrainingArguments has no field {key!r}")
+    return dict(hf_args)
+
+
+def with_lora(model, *, r: int, alpha: float | None, dropout: float, target_modules: list[str] | None):
+    """`model` with LoRA adapters (peft): only they train; the LM head stays whole for the fused loss.
+
+    Raises:
+        ConfigError: peft missing, or a rank, alpha or dropout out of range, or no module matched.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("--lora-r needs peft: pip install peft") from None
+    if not (isinstance(r, int) and r >= 1):
+        raise ConfigError(f"--lora-r {r!r} must be a positive integer")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"--lora-dropout {dropout} must be in [0, 1)")
+    config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
+                        target_modules=target_modules or "all-linear", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # peft's "Target modules {...} not found in the base model"
+        raise ConfigError(f"--lora-target-modules {' '.join(target_modules or [])}: {e}") from None
+
+
+def _eval_sources(s: TrainSettings, tokenizer, vocab: int, max_length: int | None) -> dict:
+    """{"data": JsonlSource, "cache": CacheSource} for --eval-data / --eval-cache (the cache: same tokenizer)."""
+    from logitcache.stages.train.alignment import SameTokenizerTargets, TextExample
+    from logitcache.stages.train.checks import check_tokenizer
+    from logitcache.stages.train.data import CacheSource, JsonlSource
+    from logitcache.storage import open_cache
+
+    sources = {}
+    if s.eval_data:
+        sources["data"] = JsonlSource(s.eval_data, to_item=TextExample(tokenizer, max_length=max_length,
+                                                                     where=s.eval_data))
+    if s.eval_cache:
+        cache = open_cache(s.eval_cache)
+        if not check_tokenizer(cache.index, tokenizer, loss="eval", student=s.student, cache=s.eval_cache,
+                               has_text=False):
+            raise ConfigError(f"--eval-cache {s.eval_cache} was made with another tokenizer than the student's; "
+                              f"teacher agreement compares token ids")
+        sources["cache"] = CacheSource(cache, to_item=SameTokenizerTargets(vocab, max_length=max_length))
+    return sources
 
 
 def _text_fields(index: dict, data: str | None) -> tuple[str, ...]:

@@ -41,8 +41,8 @@ from logitcache.stages.train.stop import StopOnSignal
 from logitcache.storage.head import logit_transform
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["KDTrainer", "training_arguments", "data_state_name", "fused_head_problem", "loss_parts",
-           "supervised_logits"]
+__all__ = ["KDTrainer", "training_arguments", "data_state_name", "fused_head_problem", "packing_problem",
+           "model_inputs", "loss_parts", "supervised_logits"]
 
 
 def data_state_name(rank: int) -> str:
@@ -61,6 +61,41 @@ def training_arguments(output_dir: str, **kwargs) -> TrainingArguments:
                              accelerator_config=accel, **kwargs)
 
 
+def pass_through(shard) -> None:
+    """Make accelerate's `IterableDatasetShard` yield every item of its dataset (one process's view).
+
+    It reads private-by-convention attributes (`num_processes`, `process_index`), so they are
+    checked first: an accelerate that renames them fails here, loudly, rather than silently
+    keeping one batch in world_size (tests/stages/test_trainer_patch.py checks the behaviour).
+
+    Raises:
+        RuntimeError: `shard` lacks the attributes this relies on.
+    """
+    missing = [name for name in ("num_processes", "process_index", "dataset") if not hasattr(shard, name)]
+    if missing:
+        raise RuntimeError(f"accelerate's {type(shard).__name__} has no {', '.join(missing)}; logitcache's "
+                           f"KDTrainer.get_train_dataloader needs updating for this accelerate version")
+    shard.num_processes, shard.process_index = 1, 0
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's inputs from a collated batch: input_ids and attention_mask, or position_ids when packed."""
+    return {name: batch[name] for name in ("input_ids", "attention_mask", "position_ids") if name in batch}
+
+
+# Attention implementations that keep packed items apart given position_ids alone (see `collate`).
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def packing_problem(model) -> str | None:
+    """Why `model` cannot train on packed rows (`Collator(pack=True)`), or None if it can."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl not in PACKED_ATTENTION:
+        return (f"its attention implementation {impl!r} does not separate packed items by position_ids; "
+                f"load it with one of {', '.join(PACKED_ATTENTION)}")
+    return None
+
+
 def fused_head_problem(model, args: TrainingArguments | None = None) -> str | None:
     """Why `model` cannot train with the fused head and loss, or None if it can.
 
@@ -72,6 +107,8 @@ def fused_head_problem(model, args: TrainingArguments | None = None) -> str | No
 
     if args is not None and (args.fsdp or args.deepspeed):
         return "FSDP and DeepSpeed shard the head's weight outside the forward"
+    if hasattr(model, "get_base_model"):  # a peft model: its forward passes logits_to_keep on
+        model = model.get_base_model()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or type(head) is not torch.nn.Linear:
         return f"the output embedding is {type(head).__name__}, not a plain torch.nn.Linear"
@@ -105,6 +142,9 @@ class KDTrainer(Trainer):
             None: the loss's default (`loss_settings.loss_weights`).
         vocab_size: the logits columns to use (see `checks`); None uses all.
         chunk_size: rows per loss chunk (None: automatic).
+        eval_sources: {name: `CacheSource` or `JsonlSource`} evaluated by `evaluate` (every
+            `eval_steps` with eval_strategy="steps"): `evaluate.evaluate_source`'s metrics, the ones
+            `logitcache eval` reports, logged as eval_{name}_{metric}. eval_pad_id pads their batches.
         fused_head: apply the LM head inside the loss, a chunk of supervised rows at a time, so the
             (B, T, V) logits are never built (`batch_loss.fused_head_loss`). Used where the model
             allows it (`fused_head_problem`); otherwise, or with False, the model's own logits.
@@ -116,8 +156,11 @@ class KDTrainer(Trainer):
 
     def __init__(self, *args, loss: str, loss_options: dict | None = None, ce_weight: float | None = None,
                  kd_weight: float | None = None, vocab_size: int | None = None, chunk_size: int | None = None,
-                 fused_head: bool = True, **kwargs):
+                 fused_head: bool = True, eval_sources: dict | None = None, eval_pad_id: int = 0, **kwargs):
+        if eval_sources:
+            kwargs.setdefault("eval_dataset", eval_sources)  # Trainer wants one with eval_strategy="steps"
         super().__init__(*args, **kwargs)
+        self.eval_sources, self.eval_pad_id = dict(eval_sources or {}), eval_pad_id
         spec = registry.get(loss)  # an unknown name or option fails here, not at step one
         spec.resolve(loss_options or {})
         self.loss_name = loss
@@ -153,7 +196,7 @@ class KDTrainer(Trainer):
         if isinstance(self.train_dataset, ShardedStream) and shard is not self.train_dataset:
             # accelerate's IterableDatasetShard around a stream that is already split by rank.
             assert getattr(shard, "dataset", None) is self.train_dataset, type(shard)
-            shard.num_processes, shard.process_index = 1, 0
+            pass_through(shard)
         return loader
 
     def train(self, resume_from_checkpoint=None, **kwargs):
@@ -172,6 +215,24 @@ class KDTrainer(Trainer):
         with self.stop:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Held-out metrics of every `eval_sources` entry (perplexity, accuracy, ECE, teacher agreement), logged."""
+        if not self.eval_sources:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        from logitcache.stages.train.evaluate import evaluate_source
+
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        metrics = {}
+        for name, source in self.eval_sources.items():
+            found = evaluate_source(model, source, pad_id=self.eval_pad_id, vocab_size=self.vocab_size,
+                                    batch_size=self.args.per_device_eval_batch_size, device=self.args.device)
+            metrics.update({f"{metric_key_prefix}_{name}_{key}": float(value) for key, value in found.items()})
+        model.train(was_training)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         stream = inputs.pop("stream", None)
         if stream is not None and isinstance(self.train_dataset, ShardedStream):
@@ -187,7 +248,7 @@ class KDTrainer(Trainer):
             outputs = None
             total, metrics, zero = self._fused_loss(model, inputs)
         else:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            outputs = model(**model_inputs(inputs), use_cache=False)
             logits = outputs.logits
             if n:
                 total, metrics = self.loss_parts(supervised_logits(logits, rows, self.vocab_size), inputs)
@@ -218,8 +279,7 @@ class KDTrainer(Trainer):
         captured = []
         hook = inner.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
         try:
-            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                  logits_to_keep=1)
+            model(**model_inputs(inputs), use_cache=False, logits_to_keep=1)
         finally:
             hook.remove()
         hidden = captured[-1]

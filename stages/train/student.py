@@ -1,0 +1,91 @@
+"""The student as training and evaluation both load it, and the batches evaluation reads.
+
+    student = load_student("Qwen/Qwen2.5-0.5B", dtype="bfloat16")
+    student.model, student.tokenizer, student.vocab_size, student.pad_id, student.max_length
+    for batch in collated_batches(items, pad_id=student.pad_id, batch_size=8): ...
+"""
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from logitcache.stages.train.checks import student_vocab_size
+from logitcache.stages.train.collate import Collator
+from logitcache.storage.errors import ConfigError
+
+__all__ = ["DTYPES", "Student", "load_student", "collated_batches"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Student:
+    """A loaded student.
+
+    Attributes:
+        model: the transformers causal LM. tokenizer: its tokenizer.
+        vocab_size: the logits columns training and evaluation use (`checks.student_vocab_size`).
+        pad_id: the id that pads batches (pad, else eos, else 0).
+        max_length: the default truncation: the model's context (`max_position_embeddings`), or None.
+    """
+
+    model: object
+    tokenizer: object
+    vocab_size: int
+    pad_id: int
+    max_length: int | None
+
+
+def load_student(name: str, *, dtype: str | None = "float32", trust_remote_code: bool = False,
+                 device: str | None = None, flag: str = "--student", revision: str | None = None,
+                 attn_implementation: str | None = None) -> Student:
+    """Load a student model and its tokenizer.
+
+    Args:
+        name: a model directory or hub id.
+        dtype: a key of `DTYPES`, or None for transformers' default.
+        device: where to put the model (None: leave it where transformers loads it).
+        flag: the option that named the model, for error messages.
+        revision: hub revision of the model and tokenizer.
+        attn_implementation: transformers' attention ("sdpa", "eager", ...); None: its default.
+
+    Raises:
+        ConfigError: an unknown dtype, or a model that cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: expected {', '.join(DTYPES)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+        kwargs = {"dtype": DTYPES[dtype]} if dtype else {}
+        if revision:
+            kwargs["revision"] = revision
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError) as e:  # no such model, no weights, a config of an unknown kind
+        raise ConfigError(f"{flag} {name}: cannot load the model or its tokenizer ({e})") from None
+    if device is not None:
+        model = model.to(device)
+    vocab = student_vocab_size(tokenizer, model.get_output_embeddings().weight.shape[0], student=name)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    return Student(model, tokenizer, vocab, pad_id, getattr(model.config, "max_position_embeddings", None))
+
+
+def collated_batches(items: Iterable[dict], *, pad_id: int, batch_size: int,
+                     max_sequences: int | None = None) -> Iterator[dict]:
+    """Items (see `alignment`) collated `batch_size` at a time, in order; the last batch may be short."""
+    collate = Collator(pad_id=pad_id)
+    taken, chunk = 0, []
+    for item in items:
+        if max_sequences is not None and taken >= max_sequences:
+            break
+        chunk.append(item)
+        taken += 1
+        if len(chunk) == batch_size:
+            yield collate(chunk)
+            chunk = []
+    if chunk:
+        yield collate(chunk)
