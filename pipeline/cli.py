@@ -99,11 +99,15 @@ def _parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> tupl
 
 
 def _config_key(sub_parser: argparse.ArgumentParser, key: str) -> str:
-    """A config file's key as the option's destination: an old (deprecated) name maps to the new one."""
+    """A config file's key as the option's destination. Any of an option's names works as a key
+    (`learning_rate:` and `lr:` alike); an old (deprecated) name maps to the new one, with a warning."""
     for action in sub_parser._actions:
-        if isinstance(action, DeprecatedAlias) and key in (s.lstrip("-").replace("-", "_") for s in action.option_strings):
+        names = {s.lstrip("-").replace("-", "_") for s in action.option_strings}
+        if key not in names or key == action.dest:
+            continue
+        if isinstance(action, DeprecatedAlias):
             warn_deprecated(f"config key {key!r}", f"{action.replacement.lstrip('-').replace('-', '_')!r}")
-            return action.dest
+        return action.dest
     return key
 
 

@@ -85,3 +85,15 @@ def test_end_to_end_precompute_hf_then_train_and_eval(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(out), "--cache", str(cache), "--json", "--max-sequences", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["cache"]["sequences"] == 4
+
+
+def test_yaml_takes_every_name_of_an_option(tmp_path):
+    """TrainingArguments' names and the short aliases are both keys a config file may use."""
+    from logitcache.pipeline.cli import _parse_with_config, build_parser
+
+    for names in ({"per_device_train_batch_size": 3, "learning_rate": 0.002, "gradient_accumulation_steps": 5},
+                  {"batch_size": 3, "lr": 0.002, "grad_accum": 5}):
+        config = tmp_path / "train.yaml"
+        config.write_text(yaml.safe_dump({"student": "s", "cache": "c", "out": "o", **names}))
+        args, _ = _parse_with_config(build_parser(), ["train", "--config", str(config)])
+        assert (args.batch_size, args.lr, args.grad_accum) == (3, 0.002, 5)
