@@ -51,7 +51,7 @@ class Preset:
 # Sized for 2 CPU cores: quick within ~3 minutes, full within ~20 (see benchmarks/RESULTS.md for measured times).
 PRESETS = {
     "quick": Preset(max_train=600, max_heldout=100, teacher_vocab=768, student_vocab=512, teacher_width=128,
-                    teacher_layers=2, teacher_steps=60, student_width=64, student_layers=1, student_steps=40),
+                    teacher_layers=2, teacher_steps=200, student_width=64, student_layers=1, student_steps=40),
     "full": Preset(max_train=6000, max_heldout=600, teacher_vocab=2048, student_vocab=1536, teacher_width=256,
                    teacher_layers=2, teacher_steps=1200, student_width=64, student_layers=1, student_steps=300),
 }

@@ -1,4 +1,4 @@
-"""The end-to-end demo, quick preset: teacher from scratch, vLLM caches, five students, eval, report.
+"""The end-to-end demo, quick preset: teacher from scratch, vLLM caches, six students (one online), eval, report.
 
 Marked slow (about 2-4 minutes on 2 cores); `make demo QUICK=1` runs the same thing.
 
@@ -22,10 +22,26 @@ def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "quick"
     report = json.loads((out / "report.json").read_text())
     rows = {r["model"]: r for r in report["models"]}
-    assert set(rows) == {"teacher", "student sft", "student kl", "student bild", "student rskd", "student uld"}
+    assert set(rows) == {"teacher", "student sft", "student kl", "student bild", "student bild online", "student rskd",
+                         "student uld"}
     for name, row in rows.items():
         assert row["perplexity"] and row["accuracy"] is not None, name
     assert rows["teacher"]["agreement"] == pytest.approx(1.0, abs=0.02)  # its own held-out cache
+    # Online bild ran the teacher in the loop: every student id is in its full distribution.
+    online = json.loads((out / "student_bild_online" / "logitcache_train.json").read_text())
+    cached = json.loads((out / "student_bild" / "logitcache_train.json").read_text())
+    assert online["settings"]["online_teacher"] == str(out / "teacher")
+    assert all(h["bild_coverage"] == 1.0 for h in online["log_history"] if "bild_coverage" in h)
+    assert any(h["bild_coverage"] < 1.0 for h in cached["log_history"] if "bild_coverage" in h)
+    # Paired differences: every same-tokenizer student is scored on the same positions.
+    paired = {(r["model"], r["baseline"]): r for r in report["paired"]}
+    first = paired[("student bild", "student bild online")]
+    assert first["positions"] == rows["student bild"]["positions"] == rows["student bild online"]["positions"]
+    assert first["accuracy"] == pytest.approx(rows["student bild"]["accuracy"] - rows["student bild online"]["accuracy"])
+    # Pairing removes the positions' shared difficulty: tighter than one model's binomial s.e.
+    assert 0 <= first["accuracy_se"] < rows["student bild"]["accuracy_se"]
+    mass = report["topk_mass"]["cache_heldout"]
+    assert mass["k"] == 32 and 0.0 < mass["p10"] <= mass["p50"] <= 1.0
     for png in ("loss_curves.png", "topk_mass.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     for cache in ("cache_topk", "cache_sample"):

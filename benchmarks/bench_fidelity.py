@@ -1,0 +1,310 @@
+"""Fidelity benchmark: every cached loss against the same loss on the teacher's full logits.
+
+    .venv/bin/python benchmarks/bench_fidelity.py                  # ~5-10 min on 2 CPU cores (64 rows a regime)
+    .venv/bin/python benchmarks/bench_fidelity.py --quick          # K = 32 only, T = 1 and 2, 32 rows
+    .venv/bin/python benchmarks/bench_fidelity.py --no-model       # synthetic regimes only
+
+Teachers: three LLM-like regimes over V = 151,936 from tests/llm_tails.py (zipf: a heavy Zipf tail;
+peaked: a few favourites over a Gaussian bulk, like a fine-tuned model; flat: high entropy), plus
+"model": the real next-token logits of the small Llama the storage benchmark trains
+(bench_storage.train_model, kept in benchmarks/out/) on held-out standard-library source.
+Students: the teacher's logits plus Gaussian noise, std 0.5 ("low") and 2.0 ("high"), and the teacher
+itself ("self", for stationarity).
+
+For each loss, K in {8, 16, 32, 64} and T in {1, 2, 3} (losses without a temperature: once):
+- rel err: |L_cached - L_full| / |L_full|, where L_full is the same loss on the full logits: the plain
+  formula of tests/stages/loss_reference.py with the library loss's default options, which the
+  library computes with a cache of the whole vocabulary (checked here on a few rows: `check_references`;
+  a loss whose reference disagrees is computed with the library at K = V instead, about 20x slower).
+  For rskd, whose cache is K samples at T = 1, L_full is the cross entropy against the full teacher.
+- cos: cosine between the gradients w.r.t. the student logits (all rows and ids flattened).
+- at teacher: |grad L_cached(s = t)| / |grad L_full(s = noisy student, high)|, 0 for a loss whose
+  teacher is a stationary point (every divergence should be; nkd and rskd are cross entropies).
+- coverage: bild's share of the student's top-8 ids found in the cache; top-K mass: the teacher's mean.
+Writes benchmarks/out/fidelity.json (every row) and prints the tables RESULTS.md holds.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from llm_tails import NOISE, REGIMES, VOCAB, student_logits, teacher_logits, topk_cache  # noqa: E402
+
+from logitcache.stages.train import losses  # noqa: E402
+
+OUT = Path(__file__).parent / "out"
+KS = (8, 16, 32, 64)
+TS = (1.0, 2.0, 3.0)
+# Every cached loss; nkd and rskd are cross entropies (the teacher is not their stationary point).
+LOSS_NAMES = ("kl", "rkl", "jsd", "skl", "srkl", "topk_kl", "dkd", "nkd", "normkd", "bild", "uld", "rskd")
+NOT_DIVERGENCES = ("nkd", "rskd")
+
+
+def takes(name: str, option: str) -> bool:
+    import inspect
+
+    return option in inspect.signature(getattr(losses, name)).parameters
+
+
+def full_cache(t: torch.Tensor) -> dict:
+    """A cache of the whole vocabulary: (rows, V) ids sorted by log-prob descending, no tail."""
+    lp, ids = torch.log_softmax(t.double(), -1).float().sort(-1, descending=True)
+    return {"ids": ids, "logprobs": lp, "tail_mass": torch.zeros(t.shape[0])}
+
+
+def sample_rows(t: torch.Tensor, n: int, seed: int) -> dict:
+    from llm_tails import sample_cache
+
+    return sample_cache(t, n, seed=seed)
+
+
+def _load_reference():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "stages" / "loss_reference.py"
+    spec = importlib.util.spec_from_file_location("loss_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REFERENCE = _load_reference()
+# The reference of each loss on full logits; topk_kl over the whole vocabulary is KL.
+REFERENCE_NAME = {"topk_kl": "kl"}
+
+
+def reference_fn(name: str):
+    """(s, t, options) -> 0-dim loss on full (rows, V) logits, with the library loss's default options; or None."""
+    import inspect
+
+    fn = getattr(REFERENCE, REFERENCE_NAME.get(name, name), None)
+    if fn is None:
+        return None
+    lib = inspect.signature(getattr(losses, name)).parameters
+    ref_params = inspect.signature(fn).parameters
+    defaults = {k: p.default for k, p in lib.items() if k in ref_params and k not in ("s", "t")
+                and p.default is not p.empty}
+
+    def run(s, t, options):
+        return fn(s, t, **{**defaults, **{k: v for k, v in options.items() if k in ref_params}})
+
+    return run
+
+
+def full_value_and_grad(name: str, s: torch.Tensor, t: torch.Tensor, options: dict, *, plain: bool):
+    """The loss on the full logits: the plain reference, or the library with a whole-vocabulary cache."""
+    if name == "rskd":
+        return cross_entropy_full(s, t, options.get("temperature", 1.0))
+    if not plain:
+        return value_and_grad(name, s, full_cache(t), options)[:2]
+    s = s.detach().clone().requires_grad_(True)
+    value = reference_fn(name)(s, t, options)
+    (grad,) = torch.autograd.grad(value, s)
+    return float(value.detach()), grad
+
+
+def check_references(t: torch.Tensor, ts) -> dict[str, bool]:
+    """For each loss, whether its plain reference equals the library at K = V on these rows (value and grad)."""
+    s = student_logits(t, "high")
+    ok = {}
+    for name in LOSS_NAMES:
+        if name == "rskd":
+            ok[name] = True
+            continue
+        if reference_fn(name) is None:
+            ok[name] = False
+            continue
+        good = True
+        for temperature in temperatures(name, ts):
+            opts = options_for(name, temperature)
+            v_lib, g_lib = full_value_and_grad(name, s, t, opts, plain=False)
+            v_ref, g_ref = full_value_and_grad(name, s, t, opts, plain=True)
+            good &= abs(v_lib - v_ref) <= 1e-4 * max(1.0, abs(v_ref)) and cosine(g_lib, g_ref) > 0.99999
+        ok[name] = bool(good)
+    return ok
+
+
+def value_and_grad(name: str, s: torch.Tensor, cache: dict, options: dict) -> tuple[float, torch.Tensor, dict]:
+    s = s.detach().clone().requires_grad_(True)
+    metrics: dict = {}
+    extra = {"counts": cache["counts"]} if "counts" in cache else {}
+    value = getattr(losses, name)(s, cache["ids"], cache["logprobs"], tail_mass=cache["tail_mass"], metrics=metrics,
+                                  **extra, **options)
+    (grad,) = torch.autograd.grad(value, s)
+    return float(value.detach()), grad, {k: float(v) for k, v in metrics.items()}
+
+
+def cross_entropy_full(s: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[float, torch.Tensor]:
+    """-sum p_T log q_T, mean over rows: rskd's full-vocabulary original (p at T, as its cache is sampled)."""
+    s = s.detach().clone().requires_grad_(True)
+    p = torch.softmax(t.double() / temperature, -1)
+    value = -(p * torch.log_softmax(s.double() / temperature, -1)).sum(-1).mean()
+    (grad,) = torch.autograd.grad(value, s)
+    return float(value.detach()), grad.float()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    denom = a.norm() * b.norm()
+    return float(a @ b / denom) if denom > 0 else float("nan")
+
+
+def options_for(name: str, temperature: float | None) -> dict:
+    return {} if temperature is None else {"temperature": temperature}
+
+
+def temperatures(name: str, ts) -> tuple:
+    # rskd's samples are drawn at T = 1 (stage one's default); its T is measured at 1 only.
+    if name == "rskd":
+        return (1.0,)
+    return tuple(ts) if takes(name, "temperature") else (None,)
+
+
+def model_teacher(rows: int, quick: bool) -> torch.Tensor:
+    """(rows, V_model) next-token logits of bench_storage's trained model on held-out stdlib source."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_storage import read_texts, stdlib_files, train_model
+
+    vocab, steps = (4096, 20) if quick else (32768, 150)
+    tok, model = train_model(vocab, steps, quick)
+    model.eval()
+    out, need = [], rows
+    with torch.no_grad():
+        for text in read_texts(stdlib_files("heldout"), 1e7):
+            ids = tok(text)["input_ids"][:256]
+            if len(ids) < 64:
+                continue
+            logits = model(input_ids=torch.tensor([ids])).logits[0, 32:-1].float()
+            # Every 4th position: fewer neighbours from one file.
+            take = logits[::4][:need]
+            out.append(take)
+            need -= take.shape[0]
+            if need <= 0:
+                break
+    return torch.cat(out)
+
+
+def run_regime(regime: str, t: torch.Tensor, ks, ts, *, seed: int, plain: dict[str, bool]) -> list[dict]:
+    rows_out = []
+    students = {"self": t, **{level: student_logits(t, level, seed=seed) for level in NOISE}}
+    mass = {k: float(torch.log_softmax(t.double(), -1).topk(k, -1).values.exp().sum(-1).mean()) for k in ks}
+    caches = {k: topk_cache(t, k) for k in ks}
+    samples = {k: sample_rows(t, k, seed) for k in ks}
+    for name in LOSS_NAMES:
+        for temperature in temperatures(name, ts):
+            opts = options_for(name, temperature)
+            # At student = teacher the full divergence's gradient is 0; only the noisy students need the reference.
+            ref = {lvl: full_value_and_grad(name, s, t, opts, plain=plain[name])
+                   for lvl, s in students.items() if lvl != "self"}
+            scale = float(ref["high"][1].norm())
+            for k in ks:
+                cache = samples[k] if name == "rskd" else caches[k]
+                for level, s in students.items():
+                    t0 = time.perf_counter()
+                    value, grad, metrics = value_and_grad(name, s, cache, opts)
+                    row = {"regime": regime, "loss": name, "k": k, "T": temperature, "student": level,
+                           "value": value, "topk_mass": mass[k],
+                           "coverage": metrics.get("bild_coverage"), "seconds": time.perf_counter() - t0}
+                    if level == "self":
+                        row["at_teacher"] = float(grad.norm()) / scale if scale > 0 else float("nan")
+                    else:
+                        ref_value, ref_grad = ref[level]
+                        row["full_value"] = ref_value
+                        row["rel_err"] = abs(value - ref_value) / max(abs(ref_value), 1e-12)
+                        row["cos"] = cosine(grad, ref_grad)
+                    rows_out.append(row)
+        print(f"  {regime:7s} {name:8s} done", flush=True)
+    return rows_out
+
+
+def _fmt(x, spec=".3f"):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def tables(rows: list[dict], regimes, ks, goal_k: int = 32) -> str:
+    """Markdown: (1) at K = goal_k, per loss and regime, worst cos / worst rel err over students and T,
+    and the gradient left at the teacher; (2) worst cosine per loss and K over everything."""
+    out = []
+    head = "| loss | " + " | ".join(f"{r}: min cos · max rel err · at teacher" for r in regimes) + " |"
+    out += [f"At K = {goal_k}: the worst gradient cosine and value error over the two noisy students and T ∈ "
+            f"{{1, 2, 3}}, and |∇ at student = teacher| relative to |∇ of the full loss at the high-noise student| "
+            f"(worst over T; 0 = the teacher is a stationary point). **Bold**: a miss of the goal (cos ≥ 0.99; "
+            f"at teacher ≤ 0.01 for a divergence).", "", head, "|---|" + "---|" * len(regimes)]
+    for name in LOSS_NAMES:
+        cells = []
+        for regime in regimes:
+            sel = [r for r in rows if r["loss"] == name and r["regime"] == regime and r["k"] == goal_k]
+            noisy = [r for r in sel if r["student"] != "self"]
+            at = [r["at_teacher"] for r in sel if r["student"] == "self"]
+            if not noisy:
+                cells.append("–")
+                continue
+            cos = min(r["cos"] for r in noisy)
+            err = max(r["rel_err"] for r in noisy)
+            stat = max(at) if at else float("nan")
+            c = f"**{cos:.3f}**" if cos < 0.99 else f"{cos:.3f}"
+            miss_stat = name not in NOT_DIVERGENCES and stat > 0.01
+            st = f"**{stat:.3f}**" if miss_stat else f"{stat:.3f}"
+            cells.append(f"{c} · {err:.3f} · {st}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += ["", "Worst gradient cosine over regimes, students and T, by K:", "",
+            "| loss | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name in LOSS_NAMES:
+        cells = []
+        for k in ks:
+            sel = [r["cos"] for r in rows if r["loss"] == name and r["k"] == k and "cos" in r]
+            cells.append(_fmt(min(sel)) if sel else "–")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += ["", "The teacher's top-K mass (mean over rows) and bild's coverage of the student's top-8 (worst student):",
+            "", "| regime | " + " | ".join(f"K = {k} mass · coverage" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for regime in regimes:
+        cells = []
+        for k in ks:
+            sel = [r for r in rows if r["regime"] == regime and r["k"] == k]
+            cov = [r["coverage"] for r in sel if r["loss"] == "bild" and r["coverage"] is not None and r["student"] != "self"]
+            cells.append(f"{sel[0]['topk_mass']:.3f} · {_fmt(min(cov)) if cov else '–'}" if sel else "–")
+        out.append(f"| {regime} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=64, help="positions per regime (default 64)")
+    ap.add_argument("--quick", action="store_true", help="K = 32, T in {1, 2}, 32 rows, the quick storage model")
+    ap.add_argument("--no-model", action="store_true", help="skip the trained-model teacher")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    ks, ts, rows = (KS, TS, args.rows) if not args.quick else ((32,), (1.0, 2.0), min(args.rows, 32))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; rows {rows}, K {ks}, T {ts}")
+    t_start = time.perf_counter()
+    teachers = {regime: teacher_logits(regime, rows, seed=args.seed) for regime in REGIMES}
+    plain = check_references(teachers["zipf"][:4], ts)
+    print("plain reference = library at K = V:", ", ".join(f"{k} {'yes' if v else 'NO (library at K = V)'}"
+                                                           for k, v in plain.items()), flush=True)
+    OUT.mkdir(exist_ok=True)
+    all_rows, done = [], []
+    # The trained model last: it may have to be trained first (minutes), and the synthetic tables stand alone.
+    for regime in (*REGIMES, *(() if args.no_model else ("model",))):
+        t = teachers[regime] if regime in teachers else model_teacher(rows, args.quick)
+        print(f"{regime}: V = {t.shape[1]}, rows = {t.shape[0]}", flush=True)
+        all_rows += run_regime(regime, t, ks, ts, seed=args.seed, plain=plain)
+        done.append(regime)
+        (OUT / "fidelity.json").write_text(json.dumps({"vocab": VOCAB, "rows": rows, "ks": ks, "ts": ts,
+                                                       "plain_reference": plain, "results": all_rows}, indent=1))
+        print()
+        print(tables(all_rows, done, ks, goal_k=32 if 32 in ks else ks[-1]), flush=True)
+        print(f"\nwall {time.perf_counter() - t_start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
