@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_fidelity.py                  # ~5-10 min on 2 CPU cores (64 rows a regime)
     .venv/bin/python benchmarks/bench_fidelity.py --quick          # K = 32 only, T = 1 and 2, 32 rows
     .venv/bin/python benchmarks/bench_fidelity.py --no-model       # synthetic regimes only
+    .venv/bin/python benchmarks/bench_fidelity.py --rows 32 --model-vocab 4096 --model-steps 20   # what RESULTS.md holds
 
 Teachers: three LLM-like regimes over V = 151,936 from tests/llm_tails.py (zipf: a heavy Zipf tail;
 peaked: a few favourites over a Gaussian bulk, like a fine-tuned model; flat: high entropy), plus
@@ -169,13 +170,12 @@ def temperatures(name: str, ts) -> tuple:
     return tuple(ts) if takes(name, "temperature") else (None,)
 
 
-def model_teacher(rows: int, quick: bool) -> torch.Tensor:
+def model_teacher(rows: int, vocab: int, steps: int) -> torch.Tensor:
     """(rows, V_model) next-token logits of bench_storage's trained model on held-out stdlib source."""
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_storage import read_texts, stdlib_files, train_model
 
-    vocab, steps = (4096, 20) if quick else (32768, 150)
-    tok, model = train_model(vocab, steps, quick)
+    tok, model = train_model(vocab, steps, vocab < 32768)
     model.eval()
     out, need = [], rows
     with torch.no_grad():
@@ -281,10 +281,15 @@ def main():
     ap.add_argument("--rows", type=int, default=64, help="positions per regime (default 64)")
     ap.add_argument("--quick", action="store_true", help="K = 32, T in {1, 2}, 32 rows, the quick storage model")
     ap.add_argument("--no-model", action="store_true", help="skip the trained-model teacher")
+    ap.add_argument("--model-vocab", type=int, default=32768, help="the storage benchmark's model: its vocabulary "
+                    "(default 32768; its --quick model: 4096)")
+    ap.add_argument("--model-steps", type=int, default=150, help="... and training steps (default 150; --quick: 20)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     ks, ts, rows = (KS, TS, args.rows) if not args.quick else ((32,), (1.0, 2.0), min(args.rows, 32))
+    if args.quick:
+        args.model_vocab, args.model_steps = 4096, 20
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; rows {rows}, K {ks}, T {ts}")
     t_start = time.perf_counter()
     teachers = {regime: teacher_logits(regime, rows, seed=args.seed) for regime in REGIMES}
@@ -295,7 +300,7 @@ def main():
     all_rows, done = [], []
     # The trained model last: it may have to be trained first (minutes), and the synthetic tables stand alone.
     for regime in (*REGIMES, *(() if args.no_model else ("model",))):
-        t = teachers[regime] if regime in teachers else model_teacher(rows, args.quick)
+        t = teachers[regime] if regime in teachers else model_teacher(rows, args.model_vocab, args.model_steps)
         print(f"{regime}: V = {t.shape[1]}, rows = {t.shape[0]}", flush=True)
         all_rows += run_regime(regime, t, ks, ts, seed=args.seed, plain=plain)
         done.append(regime)

@@ -50,3 +50,30 @@ def test_quick_demo_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "-m", "logitcache.pipeline.demo", "--quick", "--out", str(tmp_path)],
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and again.stdout.count("[reuse]") >= 10, again.stdout
+
+
+def test_call_task_passes_each_parameter_by_its_own_name():
+    from logitcache.pipeline.corpus import call_pairs
+
+    source = "class A:\n    def f(self, a, /, b, *xs, c=1, **kw):\n        pass\n\ndef g():\n    pass\n\ndef h(x=2):\n    pass\n"
+    pairs = sorted(call_pairs(source), key=lambda p: p["prompt"])
+    assert pairs == [{"prompt": "def f(self, a, /, b, *xs, c=1, **kw):\n", "response": "self.f(a, b, *xs, c=c, **kw)"},
+                     {"prompt": "def h(x=2):\n", "response": "h(x)"}]  # g() has nothing to pass: left out
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_per_position_differences():
+    import numpy as np
+
+    from logitcache.pipeline.report import paired_difference
+
+    rng = np.random.default_rng(0)
+    base = rng.random(500) < 0.4
+    other = np.where(rng.random(500) < 0.1, ~base, base)  # agrees on ~90% of positions
+    mean, se = paired_difference(other, base)
+    d = other.astype(float) - base.astype(float)
+    assert mean == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(500))
+    # Pairing removes the shared difficulty: far below the unpaired s.e. of the difference.
+    unpaired = np.sqrt(base.var(ddof=1) / 500 + other.var(ddof=1) / 500)
+    assert se < 0.6 * unpaired
+    with pytest.raises(ValueError, match="one length"):
+        paired_difference(base, base[:-1])
