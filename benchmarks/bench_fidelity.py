@@ -19,7 +19,7 @@ For each loss, K in {8, 16, 32, 64} and T in {1, 2, 3} (losses without a tempera
   a loss whose reference disagrees is computed with the library at K = V instead, about 20x slower).
   For rskd, whose cache is K samples at T = 1, L_full is the cross entropy against the full teacher.
 - cos: cosine between the gradients w.r.t. the student logits (all rows and ids flattened).
-- at teacher: |grad L_cached(s = t)| / |grad L_full(s = noisy student, high)|, 0 for a loss whose
+- at teacher (K = 32): |grad L_cached(s = t)| / |grad L_full(s = noisy student, high)|, 0 for a loss whose
   teacher is a stationary point (every divergence should be; nkd and rskd are cross entropies).
 - coverage: bild's share of the student's top-8 ids found in the cache; top-K mass: the teacher's mean.
 Writes benchmarks/out/fidelity.json (every row) and prints the tables RESULTS.md holds.
@@ -209,6 +209,8 @@ def run_regime(regime: str, t: torch.Tensor, ks, ts, *, seed: int, plain: dict[s
             for k in ks:
                 cache = samples[k] if name == "rskd" else caches[k]
                 for level, s in students.items():
+                    if level == "self" and k != 32 and 32 in ks:
+                        continue  # stationarity is the K = 32 goal; the other K only for the noisy students
                     t0 = time.perf_counter()
                     value, grad, metrics = value_and_grad(name, s, cache, opts)
                     row = {"regime": regime, "loss": name, "k": k, "T": temperature, "student": level,
@@ -280,35 +282,58 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=64, help="positions per regime (default 64)")
     ap.add_argument("--quick", action="store_true", help="K = 32, T in {1, 2}, 32 rows, the quick storage model")
-    ap.add_argument("--no-model", action="store_true", help="skip the trained-model teacher")
+    ap.add_argument("--regimes", default=",".join((*REGIMES, "model")),
+                    help="comma-separated teachers to run (default: zipf,peaked,flat,model); each writes "
+                    "out/fidelity-REGIME.json, so two processes can split them")
+    ap.add_argument("--report", action="store_true", help="only print the tables from the out/fidelity-*.json files")
     ap.add_argument("--model-vocab", type=int, default=32768, help="the storage benchmark's model: its vocabulary "
                     "(default 32768; its --quick model: 4096)")
     ap.add_argument("--model-steps", type=int, default=150, help="... and training steps (default 150; --quick: 20)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.report:
+        report()
+        return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     ks, ts, rows = (KS, TS, args.rows) if not args.quick else ((32,), (1.0, 2.0), min(args.rows, 32))
     if args.quick:
         args.model_vocab, args.model_steps = 4096, 20
+    regimes = [r for r in args.regimes.split(",") if r]
+    unknown = set(regimes) - {*REGIMES, "model"}
+    if unknown:
+        ap.error(f"--regimes: unknown {sorted(unknown)}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; rows {rows}, K {ks}, T {ts}")
     t_start = time.perf_counter()
-    teachers = {regime: teacher_logits(regime, rows, seed=args.seed) for regime in REGIMES}
-    plain = check_references(teachers["zipf"][:4], ts)
+    plain = check_references(teacher_logits("zipf", 4, seed=args.seed), ts)
     print("plain reference = library at K = V:", ", ".join(f"{k} {'yes' if v else 'NO (library at K = V)'}"
                                                            for k, v in plain.items()), flush=True)
     OUT.mkdir(exist_ok=True)
-    all_rows, done = [], []
-    # The trained model last: it may have to be trained first (minutes), and the synthetic tables stand alone.
-    for regime in (*REGIMES, *(() if args.no_model else ("model",))):
-        t = teachers[regime] if regime in teachers else model_teacher(rows, args.model_vocab, args.model_steps)
+    for regime in regimes:
+        if regime == "model":
+            t = model_teacher(rows, args.model_vocab, args.model_steps)
+        else:
+            t = teacher_logits(regime, rows, seed=args.seed)
         print(f"{regime}: V = {t.shape[1]}, rows = {t.shape[0]}", flush=True)
-        all_rows += run_regime(regime, t, ks, ts, seed=args.seed, plain=plain)
-        done.append(regime)
-        (OUT / "fidelity.json").write_text(json.dumps({"vocab": VOCAB, "rows": rows, "ks": ks, "ts": ts,
-                                                       "plain_reference": plain, "results": all_rows}, indent=1))
-        print()
-        print(tables(all_rows, done, ks, goal_k=32 if 32 in ks else ks[-1]), flush=True)
-        print(f"\nwall {time.perf_counter() - t_start:.0f}s", flush=True)
+        t0 = time.perf_counter()
+        results = run_regime(regime, t, ks, ts, seed=args.seed, plain=plain)
+        (OUT / f"fidelity-{regime}.json").write_text(json.dumps({
+            "regime": regime, "vocab": t.shape[1], "rows": rows, "ks": ks, "ts": ts, "plain_reference": plain,
+            "seconds": time.perf_counter() - t0, "results": results}, indent=1))
+        print(tables(results, [regime], ks, goal_k=32 if 32 in ks else ks[-1]), flush=True)
+    print(f"\nwall {time.perf_counter() - t_start:.0f}s")
+
+
+def report() -> None:
+    """The tables over every out/fidelity-*.json, regimes in the usual order."""
+    order = {r: i for i, r in enumerate((*REGIMES, "model"))}
+    runs = sorted((json.loads(p.read_text()) for p in OUT.glob("fidelity-*.json")), key=lambda r: order[r["regime"]])
+    rows = [row for run in runs for row in run["results"]]
+    ks = runs[0]["ks"]
+    for run in runs:
+        print(f"{run['regime']}: V = {run['vocab']}, {run['rows']} rows, K {run['ks']}, T {run['ts']}, "
+              f"{run['seconds']:.0f} s")
+    print()
+    print(tables(rows, [run["regime"] for run in runs], ks, goal_k=32 if 32 in ks else ks[-1]))
 
 
 if __name__ == "__main__":
