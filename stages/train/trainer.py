@@ -156,6 +156,8 @@ class KDTrainer(Trainer):
         ConfigError: TrainingArguments that would split or skip the stream a second time.
     """
 
+    online_teacher = None  # see __init__; a class default for trainers built without it
+
     def __init__(self, *args, loss: str, loss_options: dict | None = None, ce_weight: float | None = None,
                  kd_weight: float | None = None, vocab_size: int | None = None, chunk_size: int | None = None,
                  fused_head: bool = True, eval_sources: dict | None = None, eval_pad_id: int = 0,
