@@ -306,13 +306,15 @@ def main():
     ap.add_argument("--model-vocab", type=int, default=32768, help="the storage benchmark's model: its vocabulary "
                     "(default 32768; its --quick model: 4096)")
     ap.add_argument("--model-steps", type=int, default=150, help="... and training steps (default 150; --quick: 20)")
+    ap.add_argument("--ks", default=",".join(map(str, KS)), help="comma-separated K (default 8,16,32,64)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.report:
         report()
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    ks, ts, rows = (KS, TS, args.rows) if not args.quick else ((32,), (1.0, 2.0), min(args.rows, 32))
+    ks = tuple(int(k) for k in args.ks.split(",") if k)
+    ks, ts, rows = (ks, TS, args.rows) if not args.quick else ((32,), (1.0, 2.0), min(args.rows, 32))
     if args.quick:
         args.model_vocab, args.model_steps = 4096, 20
     regimes = [r for r in args.regimes.split(",") if r]
