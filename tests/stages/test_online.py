@@ -102,6 +102,7 @@ def test_train_online_from_text_without_a_cache(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--loss", "rskd"], "--loss rskd is not one"),
     (["--loss", "kl", "--top-k", "4"], "--top-k"),
+    (["--loss", "bild", "--pack"], "drop --pack"),
 ])
 def test_online_refusals(tmp_path, capsys, args, message):
     w = world()
