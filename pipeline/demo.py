@@ -5,13 +5,17 @@
 
 Recipe (every stage is a real `logitcache` command, run in this process and timed; its output, and that
 of vLLM's engine process, goes to demo.log):
-  1. corpus: function signature -> docstring pairs from the standard library, split by file.
+  1. corpus: function signature -> call pairs from the standard library, split by file (`corpus`, task
+     "call": a task a small model becomes confident on, so the teacher's top-K holds most of its
+     probability, as a fine-tuned LLM's does; the report gives the measured top-K mass).
   2. teacher: a tokenizer and a small Llama built from scratch, trained with `logitcache train --loss sft`.
   3. caches: `logitcache precompute --engine vllm` over the train split, top-K and sample mode; a top-K
      cache of the held-out split (for teacher-agreement metrics) with the hf engine.
   4. students: one smaller architecture trained from the same initial weights with sft, kl, bild and
-     rskd (sampled targets), plus a student with its own tokenizer and vocabulary trained with uld.
-  5. eval: `logitcache eval` on the held-out split; report.md (table) + PNG plots, printed at the end.
+     rskd (sampled targets); online bild (`train --online-teacher`: the teacher runs in the loop on
+     full logits, on the cached bild student's batches); a student with its own tokenizer trained with uld.
+  5. eval: `logitcache eval --positions` on the held-out split; report.md (table, paired differences
+     on the same positions) + PNG plots, printed at the end.
 A rerun reuses every finished step (each leaves a marker file); delete a folder to redo that step.
 """
 
@@ -41,16 +45,18 @@ class Preset:
     batch_size: int = 16
     top_k: int = 32
     samples: int = 32
+    task: str = "call"    # see `corpus`
 
 
 # Sized for 2 CPU cores: quick within ~3 minutes, full within ~20 (see benchmarks/RESULTS.md for measured times).
 PRESETS = {
     "quick": Preset(max_train=600, max_heldout=100, teacher_vocab=768, student_vocab=512, teacher_width=128,
-                    teacher_layers=2, teacher_steps=60, student_width=64, student_layers=1, student_steps=40),
+                    teacher_layers=2, teacher_steps=200, student_width=64, student_layers=1, student_steps=40),
     "full": Preset(max_train=6000, max_heldout=600, teacher_vocab=2048, student_vocab=1536, teacher_width=256,
                    teacher_layers=2, teacher_steps=1200, student_width=64, student_layers=1, student_steps=300),
 }
-STUDENT_LOSSES = ("sft", "kl", "bild", "rskd")  # same tokenizer as the teacher; plus "uld" cross-tokenizer
+STUDENT_LOSSES = ("sft", "kl", "bild", "rskd")  # same tokenizer as the teacher; plus online bild, and uld cross-tokenizer
+ONLINE = "bild online"
 
 
 def cli(*args: str, log: Path) -> float:
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
     # 1. corpus
     from logitcache.pipeline.corpus import build_corpus
 
-    counts = build_corpus(out / "corpus", max_train=p.max_train, max_heldout=p.max_heldout)
+    counts = build_corpus(out / "corpus", max_train=p.max_train, max_heldout=p.max_heldout, task=p.task)
     train, heldout = str(out / "corpus" / "train.jsonl"), str(out / "corpus" / "heldout.jsonl")
     texts = [r["prompt"] + r["response"] for r in map(json.loads, open(train))]
     print(f"corpus: {counts['train']} train / {counts['heldout']} held-out prompt->response pairs")
@@ -165,17 +171,23 @@ def main(argv=None) -> int:
         step(out, f"student {loss}", f"student_{loss}/logitcache_train.json", lambda loss=loss, extra=extra: cli(
             "train", "--student", str(out / "student_init"), "--loss", loss, *extra,
             "--out", str(out / f"student_{loss}"), *student, log=log))
+    # The same loss and batches as the cached bild student; the teacher runs in the loop on full logits.
+    step(out, f"student {ONLINE}", "student_bild_online/logitcache_train.json", lambda: cli(
+        "train", "--student", str(out / "student_init"), "--loss", "bild", "--cache", str(out / "cache_topk"),
+        "--online-teacher", str(out / "teacher"), "--out", str(out / "student_bild_online"), *student, log=log))
     step(out, "student uld", "student_uld/logitcache_train.json", lambda: cli(
         "train", "--student", str(out / "xtok_init"), "--loss", "uld", "--cache", str(out / "cache_topk"),
         "--data", train, "--out", str(out / "student_uld"), *student, log=log))
 
     # 5. eval + report
-    models = {"teacher": "teacher", **{f"student {loss}": f"student_{loss}" for loss in (*STUDENT_LOSSES, "uld")}}
+    models = {"teacher": "teacher", **{f"student {loss}": f"student_{loss.replace(' ', '_')}"
+                                       for loss in (*STUDENT_LOSSES, ONLINE, "uld")}}
     for label, folder in models.items():
         same_tok = folder != "student_uld"
         def run_eval(folder=folder, same_tok=same_tok):
             t = cli("eval", "--model", str(out / folder), "--data", heldout,
-                    *(["--cache", str(out / "cache_heldout")] if same_tok else []), "--json", log=log)
+                    *(["--cache", str(out / "cache_heldout")] if same_tok else []), "--json",
+                    "--positions", str(out / folder / "positions.npz"), log=log)
             # the JSON is the last line of the command's output in the log
             (out / folder / "eval.json").write_text(_last_json(log))
             return t

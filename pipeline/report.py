@@ -1,9 +1,21 @@
-"""The demo's report: one markdown table and two PNG plots from the finished steps' own outputs."""
+"""The demo's report: markdown tables and two PNG plots from the finished steps' own outputs.
+
+Paired differences: the same-tokenizer models are evaluated on the same held-out positions in the same
+order (`logitcache eval --positions`), so the difference of two models is the mean of per-position
+differences d_i, with standard error std(d_i) / sqrt(n). Most of each model's own binomial s.e.
+is the positions' difficulty, which both share, so the paired s.e. is much smaller.
+"""
 
 import json
 from pathlib import Path
 
-__all__ = ["write_report"]
+import numpy as np
+
+__all__ = ["write_report", "paired_difference", "PAIRS"]
+
+# (model, baseline) rows of the paired table: cached against online BiLD first, then each KD student against SFT.
+PAIRS = (("student bild", "student bild online"), ("student kl", "student sft"), ("student bild", "student sft"),
+         ("student bild online", "student sft"), ("student rskd", "student sft"))
 
 
 def _load(path: Path) -> dict:
@@ -14,8 +26,50 @@ def _fmt(x, spec=".3f"):
     return "–" if x is None else format(x, spec)
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of a - b over the same positions; (n,) arrays of one length."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired difference needs two arrays of one length >= 2, got {len(a)} and {len(b)}")
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def _paired_table(out: Path, models: dict[str, str]) -> tuple[str, list[dict]]:
+    """Paired differences (model - baseline) in accuracy, nll and top-1 agreement on the same positions."""
+    loaded = {}
+    for label, folder in models.items():
+        path = out / folder / "positions.npz"
+        if path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                loaded[label] = dict(z)
+    rows, lines = [], ["| model − baseline | Δ accuracy ± s.e. | Δ nll ± s.e. (nats) | Δ agreement w/ teacher ± s.e. | positions |",
+                       "|---|---|---|---|---|"]
+    for a, b in PAIRS:
+        if a not in loaded or b not in loaded or len(loaded[a]["data_correct"]) != len(loaded[b]["data_correct"]):
+            continue
+        row = {"model": a, "baseline": b, "positions": int(len(loaded[a]["data_correct"]))}
+        for key, name in (("data_correct", "accuracy"), ("data_nll", "nll"), ("cache_agree", "agreement")):
+            if key in loaded[a] and key in loaded[b]:
+                row[name], row[name + "_se"] = paired_difference(loaded[a][key], loaded[b][key])
+        rows.append(row)
+        cells = [f"{row[n]:+.4f} ± {row[n + '_se']:.4f}" if n in row else "–" for n in ("accuracy", "nll", "agreement")]
+        lines.append(f"| {a} − {b} | {' | '.join(cells)} | {row['positions']} |")
+    return "\n".join(lines), rows
+
+
+def _mass(cache_dir: Path) -> dict | None:
+    """The teacher's top-K mass per position in a cache: quantiles and mean (see `inspect`)."""
+    from logitcache.pipeline.commands.inspect import summarize
+    from logitcache.storage import open_cache
+
+    if not (cache_dir / "index.json").exists():
+        return None
+    summary, _ = summarize(open_cache(str(cache_dir)))
+    return {"k": summary["top_k"], **summary["topk_mass"]}
+
+
 def write_report(out: Path, models: dict[str, str], preset) -> str:
-    """Write report.md, report.json, loss_curves.png and topk_mass.png under `out`; return the table."""
+    """Write report.md, report.json, loss_curves.png and topk_mass.png under `out`; return the tables."""
     timings = _load(out / "timings.json")
     rows, curves = [], {}
     for label, folder in models.items():
@@ -36,32 +90,47 @@ def write_report(out: Path, models: dict[str, str], preset) -> str:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {_fmt(r['perplexity'], '.2f')} | {_fmt(r['accuracy'])} ± {_fmt(r['accuracy_se'])} | "
                      f"{_fmt(r['agreement'])} | {_fmt(r['ece'])} | {_fmt(r['train_s'], '.0f')} |")
     table = "\n".join(lines)
+    paired, paired_rows = _paired_table(out, models)
+    masses = {name: _mass(out / name) for name in ("cache_topk", "cache_heldout")}
+    held = masses["cache_heldout"] or masses["cache_topk"]
+    mass_line = (f"Teacher's top-{held['k']} mass per held-out position: median {held['p50']:.3f}, 10th percentile "
+                 f"{held['p10']:.3f}, mean {held['mean']:.3f}." if held else "")
     caches = []
     for name in ("cache_topk", "cache_sample", "cache_heldout"):
         index = _load(out / name / "index.json")
         if index:
             nbytes = sum(e["bytes"] for e in index["shards"])
             sp = index["sparsification"]
-            caches.append(f"| {name} | {index['engine'].get('name')} | {sp['mode']} K/N={sp.get('k')} | "
+            mass = masses.get(name)
+            mass_cell = f"{mass['p50']:.3f} ({mass['p10']:.3f})" if mass and sp["mode"] == "topk" else "–"
+            caches.append(f"| {name} | {index['engine'].get('name')} | {sp['mode']} K/N={sp.get('k')} | {mass_cell} | "
                           f"{index['counts']['positions']} | {nbytes:,} | {nbytes / max(index['counts']['positions'], 1):.1f} | "
                           f"{_fmt(timings.get({'cache_topk': 'cache top-K (vllm)', 'cache_sample': 'cache sample (vllm)', 'cache_heldout': 'cache held-out (hf)'}[name]), '.0f')} |")
-    cache_table = "\n".join(["| cache | engine | mode | positions | bytes | bytes/position | wall s |",
-                             "|---|---|---|---|---|---|---|", *caches])
+    cache_table = "\n".join(["| cache | engine | mode | top-K mass median (p10) | positions | bytes | bytes/position | wall s |",
+                             "|---|---|---|---|---|---|---|---|", *caches])
     _plot_curves(curves, out / "loss_curves.png")
     _plot_mass(out / "cache_topk", out / "topk_mass.png")
     note = ("Perplexity and accuracy are per token of each model's own tokenizer over the held-out responses; "
             "the uld student tokenizes differently, so its numbers compare with the others only loosely, and "
             "top-1 agreement needs the teacher's tokenizer (–). Every other student starts from the same weights "
-            "and sees the same batches; only the loss differs. s.e. is the binomial standard error over the held-out "
-            "positions, so differences smaller than about twice it are noise.")
+            "and sees the same batches; only the loss differs (student bild online: the same loss and batches as "
+            "student bild, on the teacher's full logits computed in the loop instead of the top-K cache). s.e. is "
+            "the binomial standard error over the held-out positions; the paired table below compares two models "
+            "position by position, which removes the positions' shared difficulty from the error.")
+    paired_note = ("Differences over the same held-out positions (mean of per-position differences ± its standard "
+                   "error); a difference within about twice its s.e. is noise. Accuracy and agreement are per "
+                   "position 0/1; nll is lower-is-better.")
     md = (f"# logitcache demo report ({'quick' if preset.max_train < 5000 else 'full'})\n\n"
-          f"Corpus: Python standard library, function signature -> docstring, split by file.\n\n"
-          f"## Models (held-out)\n\n{table}\n\n{note}\n\n## Caches\n\n{cache_table}\n\n"
+          f"Corpus: Python standard library, function signature -> {preset.task}, split by file.\n\n"
+          f"{mass_line}\n\n"
+          f"## Models (held-out)\n\n{table}\n\n{note}\n\n## Paired differences\n\n{paired}\n\n{paired_note}\n\n"
+          f"## Caches\n\n{cache_table}\n\n"
           f"![loss curves](loss_curves.png)\n\n![top-K mass](topk_mass.png)\n\n"
           f"## Step wall times (s)\n\n" + "\n".join(f"- {k}: {v:.1f}" for k, v in timings.items()) + "\n")
     (out / "report.md").write_text(md)
-    (out / "report.json").write_text(json.dumps({"models": rows, "timings": timings}, indent=1))
-    return table + "\n\n" + cache_table
+    (out / "report.json").write_text(json.dumps({"models": rows, "paired": paired_rows, "topk_mass": masses,
+                                                 "timings": timings}, indent=1))
+    return "\n\n".join((mass_line, table, paired, cache_table))
 
 
 def _param_count(folder: Path) -> int:

@@ -9,12 +9,16 @@ EPILOG = """\
 examples:
   logitcache eval --model ./student --data heldout.jsonl
   logitcache eval --model ./student --data heldout.jsonl --cache ./heldout_cache --json
+  # each position's scores, to compare two models on the same positions (paired standard errors)
+  logitcache eval --model ./student --data heldout.jsonl --positions student_positions.npz
 
 Metrics are pooled over supervised tokens (assistant turns of 'messages' chats, responses of prompt/response
 rows, every token after the first of text rows, the cache's positions for a cache): nll, perplexity = exp(nll), accuracy (top-1 == next token),
 ece (expected calibration error of the top-1 probability, 15 equal-width bins). With --cache also
 teacher_agreement (student top-1 == teacher top-1) and teacher_accuracy (teacher top-1 == next token);
-the cache must use the model's tokenizer."""
+the cache must use the model's tokenizer. --positions writes each position's nll and correct (and agree,
+with --cache) as arrays named data_nll, data_correct, cache_nll, ... in an .npz file (no pickle), in the
+order of the data: models with one tokenizer, evaluated on the same data, get the same positions."""
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -28,6 +32,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="truncate sequences (default: the model's context)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--positions", metavar="FILE.npz", help="also write each position's scores (see below)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modelling code")
     return p
 
@@ -37,7 +42,14 @@ def run(args) -> int:
 
     result = evaluate(args.model, data=args.data, cache=args.cache, batch_size=args.batch_size,
                       max_sequences=args.max_sequences, max_length=args.max_length, device=args.device,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, per_position=args.positions is not None)
+    if args.positions is not None:
+        import numpy as np
+
+        arrays = {f"{part}_{name}": values for part in ("data", "cache") if part in result
+                  for name, values in result[part].pop("per_position").items()}
+        with open(args.positions, "wb") as f:
+            np.savez(f, **arrays)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

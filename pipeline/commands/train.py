@@ -20,6 +20,8 @@ examples:
   # 2 processes (CPU: gloo; GPU: nccl); resume after preemption with the same command plus --resume
   torchrun --nproc-per-node 2 -m logitcache.pipeline train --student ./small --cache ./cache --loss kl --out ./kl \\
       --max-steps 1000 --resume
+  # online BiLD on the same batches as a cached run: the teacher runs in the loop, full vocabulary
+  logitcache train --student ./small --cache ./cache --online-teacher ./teacher --loss bild --out ./online --max-steps 500
   # all options from a file (flags on the command line override it)
   logitcache train --config train.yaml
 
@@ -57,6 +59,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "assistant turns supervised), 'prompt'/'response' or 'text': the training data of --loss sft "
                    "without a cache, or the text a student with another tokenizer re-tokenizes if the cache stores none")
     g.add_argument("--teacher", metavar="NAME", help="refuse a cache made by any other teacher")
+    g.add_argument("--online-teacher", metavar="MODEL", help="online distillation, to compare with a cached run: run "
+                   "this teacher (same tokenizer) on every batch and train on its full-vocabulary log-probs instead "
+                   "of the cache's top-K; with --cache the batches are the cache's, else --data's")
     g.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys are option names)")
 
     g = p.add_argument_group("loss")
@@ -157,6 +162,7 @@ def run(args) -> int:
 
     settings = TrainSettings(
         student=args.student, out=args.out, loss=args.loss, cache=args.cache, data=args.data, teacher=args.teacher,
+        online_teacher=args.online_teacher,
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, scheduler=args.scheduler,
         seed=args.seed, temperature=args.temperature, top_k=args.top_k, tail=args.tail,

@@ -40,17 +40,23 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 
 @torch.no_grad()
-def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu") -> dict:
+def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", per_position: bool = False) -> dict:
     """Metrics of `model` over collated batches (see `collate`).
+
+    Args:
+        per_position: also return each position's scores, in batch order, so that two models scored
+            on the same batches can be compared position by position (paired standard errors).
 
     Returns:
         sequences, positions, nll (mean), perplexity, accuracy, ece; with teacher targets also
         teacher_positions, teacher_agreement (student top-1 == teacher top-1) and teacher_accuracy
-        (teacher top-1 == the actual next token, the ceiling of agreement-driven accuracy).
+        (teacher top-1 == the actual next token, the ceiling of agreement-driven accuracy). With
+        `per_position`, "per_position": {"nll": (positions,) float32, "correct": (positions,) bool,
+        ["agree": (teacher_positions,) bool]}.
     """
     model.eval()
     nll, n, seqs = 0.0, 0, 0
-    conf, correct, agree, teacher_right = [], [], [], []
+    conf, correct, agree, teacher_right, nlls = [], [], [], [], []
     for batch in batches:
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         logits = model(**inputs).logits
@@ -62,7 +68,10 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu") ->
         if rows.numel() == 0:
             continue
         logp = torch.log_softmax(flat.index_select(0, rows).float(), dim=-1)
-        nll += -logp.gather(1, next_ids[:, None]).sum().item()
+        row_nll = -logp.gather(1, next_ids[:, None])[:, 0]
+        nll += row_nll.sum().item()
+        if per_position:
+            nlls.append(row_nll.cpu().numpy().astype(np.float32))
         n += rows.numel()
         top_lp, top = logp.max(-1)
         conf.append(top_lp.exp().cpu().numpy())
@@ -84,25 +93,31 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu") ->
         agree_all, right_all = np.concatenate(agree), np.concatenate(teacher_right)
         out.update(teacher_positions=int(len(agree_all)), teacher_agreement=float(agree_all.mean()),
                    teacher_accuracy=float(right_all.mean()))
+    if per_position:
+        out["per_position"] = {"nll": np.concatenate(nlls) if nlls else np.zeros(0, np.float32),
+                               "correct": correct_all.astype(bool)}
+        if agree:
+            out["per_position"]["agree"] = agree_all.astype(bool)
     return out
 
 
 def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch_size: int = 8,
-                    max_sequences: int | None = None, device="cpu") -> dict:
+                    max_sequences: int | None = None, device="cpu", per_position: bool = False) -> dict:
     """`evaluate_batches` over a `CacheSource` or `JsonlSource`, in order, in this process."""
     stream = ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1)
     batches = collated_batches(stream, pad_id=pad_id, batch_size=batch_size, max_sequences=max_sequences)
-    return evaluate_batches(model, batches, vocab_size=vocab_size, device=device)
+    return evaluate_batches(model, batches, vocab_size=vocab_size, device=device, per_position=per_position)
 
 
 def evaluate(model: str, *, data: str | None = None, cache: str | None = None, batch_size: int = 8,
              max_sequences: int | None = None, max_length: int | None = None, device: str | None = None,
-             trust_remote_code: bool = False) -> dict:
+             trust_remote_code: bool = False, per_position: bool = False) -> dict:
     """Load `model` and evaluate it on a jsonl (`data`) and/or a cache's sequences (`cache`).
 
     Returns:
         {"model": str, "data": {path, metrics...}, "cache": {path, teacher, metrics...}}, each of the
-        last two present when given.
+        last two present when given; with `per_position`, each holds "per_position" arrays (see
+        `evaluate_batches`).
 
     Raises:
         ConfigError: neither data nor cache, an unloadable model, or a cache with another tokenizer.
@@ -119,7 +134,8 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
     net, tokenizer, vocab, pad_id = student.model, student.tokenizer, student.vocab_size, student.pad_id
     max_length = max_length or student.max_length
-    kwargs = dict(pad_id=pad_id, vocab_size=vocab, batch_size=batch_size, max_sequences=max_sequences, device=device)
+    kwargs = dict(pad_id=pad_id, vocab_size=vocab, batch_size=batch_size, max_sequences=max_sequences, device=device,
+                  per_position=per_position)
     out = {"model": model}
     if data is not None:
         source = JsonlSource(data, to_item=TextExample(tokenizer, max_length=max_length, where=data))

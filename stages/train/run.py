@@ -14,7 +14,8 @@ The recipe, top to bottom (`train`):
   4. dataset: a `ShardedStream` over the cache (or the jsonl), split by DDP rank and worker;
      the number of optimizer steps; batches padded, or packed into one row (--pack).
   5. trainer: TrainingArguments with that number, then `KDTrainer`, a transformers Trainer
-     (accelerate, DeepSpeed/FSDP, checkpoints, loggers); the LM head fused into the loss.
+     (accelerate, DeepSpeed/FSDP, checkpoints, loggers); the LM head fused into the loss; with
+     --online-teacher, the teacher runs on every batch instead of the cache's targets (`online`).
   6. train, resuming from the last checkpoint in --out with --resume.
   7. save: model + tokenizer, each rank's data position, and `logitcache_train.json` (settings,
      cache identity, metrics, log history, optional held-out evaluation).
@@ -43,6 +44,7 @@ class TrainSettings:
     cache: str | None = None
     data: str | None = None
     teacher: str | None = None
+    online_teacher: str | None = None
     max_steps: int | None = None
     epochs: int | None = None
     batch_size: int = 8
@@ -109,10 +111,16 @@ def train(s: TrainSettings) -> dict:
     from logitcache.storage import open_cache
 
     # 1. Settings.
-    if s.cache is None and s.loss != "sft":
+    if s.cache is None and s.loss != "sft" and s.online_teacher is None:
         raise ConfigError(f"--loss {s.loss} distills from a cache: give --cache (only --loss sft trains from --data alone)")
+    if s.online_teacher is not None:
+        from logitcache.stages.train.online import ONLINE_LOSSES
+
+        if s.loss not in ONLINE_LOSSES:
+            raise ConfigError(f"--online-teacher gives the teacher's full distribution to a top-K loss "
+                              f"({', '.join(ONLINE_LOSSES)}); --loss {s.loss} is not one")
     if s.cache is None and s.data is None:
-        raise ConfigError("--loss sft without --cache needs --data (a .jsonl with 'text' or 'prompt'/'response')")
+        raise ConfigError(f"--loss {s.loss} without --cache needs --data (a .jsonl with 'text' or 'prompt'/'response')")
     if (s.max_steps is None) == (s.epochs is None):
         raise ConfigError("give exactly one of --max-steps and --epochs")
     for name in ("max_steps", "epochs", "batch_size", "grad_accum"):
@@ -123,6 +131,9 @@ def train(s: TrainSettings) -> dict:
         raise ConfigError(f"--num-workers {s.num_workers} must be >= 0")
     ls = loss_settings(s.loss, temperature=s.temperature, top_k=s.top_k, tail=s.tail, options=s.loss_options,
                        ce_weight=s.ce_weight, kd_weight=s.kd_weight, uld_lambda=s.uld_lambda)
+    if s.online_teacher is not None and ls["keep_k"] is not None:
+        raise ConfigError(f"--top-k keeps the first k cached ids; --online-teacher supplies the whole vocabulary "
+                          f"instead, so --top-k applies only to losses that take it (bild), not --loss {s.loss}")
     last = get_last_checkpoint(s.out) if os.path.isdir(s.out) else None
     if last and not s.resume:
         raise ConfigError(f"--out {s.out} already holds checkpoints ({os.path.basename(last)}); pass --resume to "
@@ -204,12 +215,21 @@ def train(s: TrainSettings) -> dict:
                           f"RANK={rank} WORLD_SIZE={world_size}; launch with torchrun or accelerate")
     if s.pack and (problem := packing_problem(model)):
         raise ConfigError(f"--pack: {s.student}: {problem}")
+    if s.pack and s.online_teacher is not None:
+        raise ConfigError("--online-teacher runs the teacher on padded batches; drop --pack")
+    online = None
+    if s.online_teacher is not None:
+        from logitcache.stages.train.online import load_online_teacher
+
+        online = load_online_teacher(s.online_teacher, loss=s.loss, student_tokenizer=tokenizer, student_vocab=vocab,
+                                     device=args.device, trust_remote_code=s.trust_remote_code)
     collate = Collator(pad_id=pad_id, pack=s.pack)
     trainer = KDTrainer(model=model, args=args, train_dataset=stream, data_collator=collate,
                         processing_class=tokenizer, loss=s.loss, loss_options=ls["options"],
                         ce_weight=ls["ce_weight"], kd_weight=ls["kd_weight"], vocab_size=vocab,
                         chunk_size=s.chunk_size, fused_head=s.fused_head,
-                        eval_sources=eval_sources if s.eval_steps else None, eval_pad_id=pad_id)
+                        eval_sources=eval_sources if s.eval_steps else None, eval_pad_id=pad_id,
+                        online_teacher=online)
 
     # 6. Train.
     if s.resume and last is None:

@@ -148,19 +148,25 @@ class KDTrainer(Trainer):
         fused_head: apply the LM head inside the loss, a chunk of supervised rows at a time, so the
             (B, T, V) logits are never built (`batch_loss.fused_head_loss`). Used where the model
             allows it (`fused_head_problem`); otherwise, or with False, the model's own logits.
+        online_teacher: a callable batch -> batch that fills the teacher targets in the loop
+            (`online.OnlineTeacher`); None reads them from the cache.
         *args, **kwargs: `transformers.Trainer`'s; `args` should come from `training_arguments`.
 
     Raises:
         ConfigError: TrainingArguments that would split or skip the stream a second time.
     """
 
+    online_teacher = None  # see __init__; a class default for trainers built without it
+
     def __init__(self, *args, loss: str, loss_options: dict | None = None, ce_weight: float | None = None,
                  kd_weight: float | None = None, vocab_size: int | None = None, chunk_size: int | None = None,
-                 fused_head: bool = True, eval_sources: dict | None = None, eval_pad_id: int = 0, **kwargs):
+                 fused_head: bool = True, eval_sources: dict | None = None, eval_pad_id: int = 0,
+                 online_teacher=None, **kwargs):
         if eval_sources:
             kwargs.setdefault("eval_dataset", eval_sources)  # Trainer wants one with eval_strategy="steps"
         super().__init__(*args, **kwargs)
         self.eval_sources, self.eval_pad_id = dict(eval_sources or {}), eval_pad_id
+        self.online_teacher = online_teacher
         spec = registry.get(loss)  # an unknown name or option fails here, not at step one
         spec.resolve(loss_options or {})
         self.loss_name = loss
@@ -244,6 +250,8 @@ class KDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs["rows"]
         n = rows.shape[0]
+        if self.online_teacher is not None and n:
+            inputs = self.online_teacher(inputs)
         if self.fused_head and not return_outputs:
             outputs = None
             total, metrics, zero = self._fused_loss(model, inputs)

@@ -1,4 +1,4 @@
-"""The end-to-end demo, quick preset: teacher from scratch, vLLM caches, five students, eval, report.
+"""The end-to-end demo, quick preset: teacher from scratch, vLLM caches, six students (one online), eval, report.
 
 Marked slow (about 2-4 minutes on 2 cores); `make demo QUICK=1` runs the same thing.
 
@@ -22,10 +22,26 @@ def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "quick"
     report = json.loads((out / "report.json").read_text())
     rows = {r["model"]: r for r in report["models"]}
-    assert set(rows) == {"teacher", "student sft", "student kl", "student bild", "student rskd", "student uld"}
+    assert set(rows) == {"teacher", "student sft", "student kl", "student bild", "student bild online", "student rskd",
+                         "student uld"}
     for name, row in rows.items():
         assert row["perplexity"] and row["accuracy"] is not None, name
     assert rows["teacher"]["agreement"] == pytest.approx(1.0, abs=0.02)  # its own held-out cache
+    # Online bild ran the teacher in the loop: every student id is in its full distribution.
+    online = json.loads((out / "student_bild_online" / "logitcache_train.json").read_text())
+    cached = json.loads((out / "student_bild" / "logitcache_train.json").read_text())
+    assert online["settings"]["online_teacher"] == str(out / "teacher")
+    assert all(h["bild_coverage"] == 1.0 for h in online["log_history"] if "bild_coverage" in h)
+    assert any(h["bild_coverage"] < 1.0 for h in cached["log_history"] if "bild_coverage" in h)
+    # Paired differences: every same-tokenizer student is scored on the same positions.
+    paired = {(r["model"], r["baseline"]): r for r in report["paired"]}
+    first = paired[("student bild", "student bild online")]
+    assert first["positions"] == rows["student bild"]["positions"] == rows["student bild online"]["positions"]
+    assert first["accuracy"] == pytest.approx(rows["student bild"]["accuracy"] - rows["student bild online"]["accuracy"])
+    # Pairing removes the positions' shared difficulty: tighter than one model's binomial s.e.
+    assert 0 <= first["accuracy_se"] < rows["student bild"]["accuracy_se"]
+    mass = report["topk_mass"]["cache_heldout"]
+    assert mass["k"] == 32 and 0.0 < mass["p10"] <= mass["p50"] <= 1.0
     for png in ("loss_curves.png", "topk_mass.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     for cache in ("cache_topk", "cache_sample"):
@@ -34,3 +50,30 @@ def test_quick_demo_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "-m", "logitcache.pipeline.demo", "--quick", "--out", str(tmp_path)],
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and again.stdout.count("[reuse]") >= 10, again.stdout
+
+
+def test_call_task_passes_each_parameter_by_its_own_name():
+    from logitcache.pipeline.corpus import call_pairs
+
+    source = "class A:\n    def f(self, a, /, b, *xs, c=1, **kw):\n        pass\n\ndef g():\n    pass\n\ndef h(x=2):\n    pass\n"
+    pairs = sorted(call_pairs(source), key=lambda p: p["prompt"])
+    assert pairs == [{"prompt": "def f(self, a, /, b, *xs, c=1, **kw):\n", "response": "self.f(a, b, *xs, c=c, **kw)"},
+                     {"prompt": "def h(x=2):\n", "response": "h(x)"}]  # g() has nothing to pass: left out
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_per_position_differences():
+    import numpy as np
+
+    from logitcache.pipeline.report import paired_difference
+
+    rng = np.random.default_rng(0)
+    base = rng.random(500) < 0.4
+    other = np.where(rng.random(500) < 0.1, ~base, base)  # agrees on ~90% of positions
+    mean, se = paired_difference(other, base)
+    d = other.astype(float) - base.astype(float)
+    assert mean == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(500))
+    # Pairing removes the shared difficulty: far below the unpaired s.e. of the difference.
+    unpaired = np.sqrt(base.var(ddof=1) / 500 + other.var(ddof=1) / 500)
+    assert se < 0.6 * unpaired
+    with pytest.raises(ValueError, match="one length"):
+        paired_difference(base, base[:-1])
