@@ -28,7 +28,7 @@ Combining with the label cross entropy: ``total, parts = kd_with_ce("kl", s, ids
 computes ce_weight * CE + kd_weight * KD in one pass over the vocabulary per row (the CE comes
 from the KD loss's own normalizer pass) into one gradient buffer, at about the cost of the KD
 loss alone; ``ce_weight * sft(s, labels=y) + kd_weight * kl(s, ids, lp)`` gives the same value and
-gradient at the price of a second pass and a second (N, V) gradient. h10's fused LM head calls
+gradient at the price of a second pass and a second (N, V) gradient. The fused LM head (`batch_loss.fused_head_loss`) calls
 `kd_with_ce` on one chunk of supervised rows at a time.
 
 Where things are:
