@@ -100,9 +100,11 @@ PATH_RULES: dict[str, dict[str, str]] = {
 
 
 def flag_name(action: argparse.Action) -> str:
-    """How the user writes an option: `--lr`, or a positional's metavar/name (`CACHE`)."""
+    """How the user writes an option: `--max-steps`, every name of one with aliases
+    (`--learning-rate/--lr`), or a positional's metavar/name (`CACHE`)."""
     if action.option_strings:
-        return max(action.option_strings, key=len)
+        longs = [s for s in action.option_strings if s.startswith("--")] or list(action.option_strings)
+        return "/".join(sorted(longs, key=len, reverse=True))
     return action.metavar if isinstance(action.metavar, str) else action.dest.upper()
 
 

@@ -283,7 +283,7 @@ def test_debug_shows_the_traceback(world):
     with_env = _run(argv, env={"LOGITCACHE_DEBUG": "1"})
     for p in (with_flag, with_env):
         assert p.returncode != 0
-        assert "Traceback" in p.stderr and "ConfigError: --lr -1.0: must be > 0" in p.stderr
+        assert "Traceback" in p.stderr and "ConfigError: --learning-rate/--lr -1.0: must be > 0" in p.stderr
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
