@@ -126,18 +126,21 @@ class CacheWriter:
             raise failure from e
         return entry
 
-    def finalize(self, metadata: dict, *, num_shards: int | None = None, counts: dict | None = None) -> dict:
+    def finalize(self, metadata: dict, *, num_shards: int | None = None, counts: dict | None = None,
+                 done: dict[int, dict] | None = None) -> dict:
         """Gather every shard entry into the index and write it atomically. Returns the index.
 
         Args:
             metadata: the descriptive sections: teacher, tokenizer, dataset, inputs, sparsification, engine.
             num_shards: the expected shard count; any missing id is an error. Default: ids 0..max.
             counts: extra counts to record (e.g. skipped or truncated rows), added to the totals.
+            done: `finished_shards()` as the caller just read it (listing an object store is slow);
+                default: read here.
 
         Raises:
             CacheIndexError: shards are missing or two shards claim the same source rows.
         """
-        done = self.finished_shards()
+        done = self.finished_shards() if done is None else done
         expected = range(num_shards if num_shards is not None else (max(done) + 1 if done else 0))
         missing = [i for i in expected if i not in done]
         if missing:

@@ -163,9 +163,9 @@ def parse_engine_args(values) -> dict:
     return out
 
 
-def backend_name(fmt: str) -> str:
-    """--format as the index's backend name: "parquet" is the name users look for; storage calls it "arrow"."""
-    return "arrow" if fmt == "parquet" else fmt
+def backend_name(backend: str) -> str:
+    """--backend as the index's backend name: "parquet" is the name users look for; storage calls it "arrow"."""
+    return "arrow" if backend == "parquet" else backend
 
 
 def parse_storage_options(values) -> dict | None:
@@ -183,21 +183,21 @@ def parse_storage_options(values) -> dict | None:
 
 
 def run(args) -> int:
-    from logitcache.stages.precompute.run import precompute
+    from logitcache.stages.precompute.run import EngineSpec, precompute
 
+    engine = EngineSpec(name=args.engine, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
+                        options=parse_engine_args(args.engine_args))
     result = precompute(
-        teacher=args.teacher, data=args.data, out=args.out, engine=args.engine, fmt=backend_name(args.backend),
+        teacher=args.teacher, data=args.data, out=args.out, engine=engine, backend=backend_name(args.backend),
         encoding=args.encoding, mode=args.mode, top_k=args.top_k, samples=args.samples,
         temperature=args.temperature, seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
         response_field=args.response_field, messages_field=args.messages_field,
         tools_field=args.tools_field, prompt_format=args.prompt_format, data_revision=args.data_revision,
         storage_options=parse_storage_options(args.storage_options), split=args.split,
         data_config=args.data_config, max_length=args.max_length, batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens, rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs,
-        job_index=args.job_index, strict=args.strict, dtype=args.dtype,
-        engine_args=parse_engine_args(args.engine_args), trust_remote_code=args.trust_remote_code,
-        revision=args.revision, ray=args.ray, ray_address=args.ray_address, ray_actors=args.ray_actors,
-        progress=args.progress)
+        rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs, job_index=args.job_index, strict=args.strict,
+        trust_remote_code=args.trust_remote_code, revision=args.revision, ray=args.ray,
+        ray_address=args.ray_address, ray_actors=args.ray_actors, progress=args.progress)
     if result.stopped_by:
         return 128 + signal.Signals[result.stopped_by].value
     return 0

@@ -103,13 +103,19 @@ def writer_from_record(url: str, record: dict, *, storage_options: dict | None =
                        text_fields=tuple(record["text_fields"]), storage_options=storage_options)
 
 
-def finalize_cache(writer: CacheWriter, record: dict) -> dict:
+def finalize_cache(writer: CacheWriter, record: dict, *, done: dict[int, dict] | None = None) -> dict:
     """Write the index from the shard entries: counts summed over shards, engine versions gathered.
+
+    Args:
+        writer: the cache's writer (`writer_from_record`).
+        record: the job record.
+        done: {shard id: entry} as `writer.finished_shards()` returns it, when the caller has just
+            read it; default: read here.
 
     Raises:
         CacheIndexError: shards are missing (named), or two shards overlap.
     """
-    done = writer.finished_shards()
+    done = writer.finished_shards() if done is None else done
     missing = [s for s in range(record["num_shards"]) if s not in done]
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
@@ -125,7 +131,7 @@ def finalize_cache(writer: CacheWriter, record: dict) -> dict:
     metadata = json.loads(json.dumps(record["metadata"]))
     versions = sorted({e["engine_version"] for e in entries})
     metadata["engine"]["version"] = versions[0] if len(versions) == 1 else versions
-    return writer.finalize(metadata, num_shards=record["num_shards"], counts=counts)
+    return writer.finalize(metadata, num_shards=record["num_shards"], counts=counts, done=done)
 
 
 def _differences(old: dict, new: dict) -> str:

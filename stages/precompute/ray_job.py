@@ -5,8 +5,9 @@
 
 The dataset is the list of shard ids still to write; `map_batches` hands them one at a time to
 a pool of `ShardWorker` actors (one GPU each where the cluster has GPUs, else one CPU). Each
-actor loads the tokenizer and DATA itself, checks both against the driver's fingerprints, and
-calls the same `process_shard` as the single-process loop: rows are tokenized by the same code
+actor gets the driver's `JobSettings` (DATA's revision and the storage options, i.e. endpoint and
+credentials, included), loads the tokenizer and DATA itself, checks both against the driver's,
+and calls the same `make_shard` as the single-process loop: rows are tokenized by the same code
 in the actor, the engine gets token ids, and the shard is written with the same `CacheWriter`
 (atomic; resume skips it). The driver only collects entries and finalizes. A killed actor or
 driver leaves no visible partial shard; a rerun picks up the missing ones.
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from logitcache.stages.precompute.settings import JobSettings
 from logitcache.storage import errors
 from logitcache.storage.errors import ConfigError, LogitCacheError
 
@@ -29,65 +31,72 @@ class ShardWorker:
     """A Ray Data actor holding one teacher engine; each call writes the shards in its batch.
 
     Args:
-        setup: plain values from the driver (see `run.py`): teacher, data, input spec, engine
-            name and arguments, the job record, the fingerprints to check against.
+        settings: the job's settings, the same value the driver's local loop would use.
     """
 
-    def __init__(self, setup: dict):
+    def __init__(self, settings: JobSettings):
         # Our errors travel back as data: Ray would wrap them beyond recognition.
         self.error = None
         try:
-            self._setup(setup)
+            self._setup(settings)
         except LogitCacheError as e:
             self.error = e
 
-    def _setup(self, setup: dict) -> None:
+    def _setup(self, settings: JobSettings) -> None:
         from transformers import AutoTokenizer
 
         from logitcache.stages.precompute.data import RowEncoder, load_rows
-        from logitcache.stages.precompute.engines import build_engine
         from logitcache.stages.precompute.plan import writer_from_record
         from logitcache.storage import tokenizer_fingerprint
 
-        tokenizer = AutoTokenizer.from_pretrained(setup["teacher"], revision=setup["revision"],
-                                                  trust_remote_code=setup["trust_remote_code"])
-        self.dataset, info = load_rows(setup["data"], split=setup["split"], config_name=setup["data_config"])
+        tokenizer = AutoTokenizer.from_pretrained(settings.teacher, revision=settings.revision,
+                                                  trust_remote_code=settings.trust_remote_code)
+        self.dataset, info = load_rows(settings.data, split=settings.split, config_name=settings.data_config,
+                                       revision=settings.data_revision, storage_options=settings.storage_options)
         # A node with another copy of the data or tokenizer would write a different cache.
-        got = {"dataset": info["fingerprint"], "tokenizer": tokenizer_fingerprint(tokenizer)}
-        for name, expected in setup["expected"].items():
+        got = {"dataset": info, "tokenizer": tokenizer_fingerprint(tokenizer)}
+        for name, expected in settings.expected.items():
             if got[name] != expected:
-                raise ConfigError(f"Ray worker: its {name} fingerprint {got[name][:12]} differs from the driver's "
-                                  f"{expected[:12]}; every node must see the same {name}")
-        self.encoder = RowEncoder(tokenizer, setup["spec"])
-        self.engine = build_engine(setup["engine_name"], setup["teacher"], **setup["engine_kwargs"])
-        if self.engine.logits_width != setup["logits_width"]:
-            raise ConfigError(f"Ray worker: engine logits width {self.engine.logits_width} != {setup['logits_width']}")
-        self.writer = writer_from_record(setup["out"], setup["writer_record"], storage_options=setup["storage_options"])
-        self.shard_kwargs = setup["shard_kwargs"]
+                raise ConfigError(f"Ray worker: its {name} ({_short(got[name])}) differs from the driver's "
+                                  f"({_short(expected)}); every node must see the same {name}")
+        self.encoder = RowEncoder(tokenizer, settings.inputs)
+        self.engine = settings.engine.start(settings.teacher, settings.targets, revision=settings.revision,
+                                            trust_remote_code=settings.trust_remote_code)
+        if self.engine.logits_width != settings.logits_width:
+            raise ConfigError(f"Ray worker: engine logits width {self.engine.logits_width} != {settings.logits_width}")
+        self.writer = writer_from_record(settings.out, settings.record, storage_options=settings.storage_options)
+        self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from logitcache.stages.precompute.shard_work import process_shard
+        from logitcache.stages.precompute.shard_work import make_shard
 
-        entries = []
+        s, entries = self.settings, []
         for shard_id in batch["shard_id"]:
             try:
                 if self.error is not None:
                     raise self.error
-                entry = process_shard(int(shard_id), dataset=self.dataset, encoder=self.encoder, engine=self.engine,
-                                      writer=self.writer, **self.shard_kwargs)
+                shard, extra = make_shard(int(shard_id), dataset=self.dataset, encoder=self.encoder,
+                                          engine=self.engine, text_fields=self.writer.text_fields,
+                                          rows_per_shard=s.rows_per_shard, strict=s.strict, targets=s.targets,
+                                          batch_size=s.batch_size)
+                entry = self.writer.write_shard(int(shard_id), shard, extra=extra)
             except LogitCacheError as e:
                 entry = {"error": {"type": type(e).__name__, "message": str(e)}}
             entries.append(json.dumps(entry))
         return {"shard_id": np.asarray(batch["shard_id"]), "entry": np.array(entries, dtype=object)}
 
 
-def run_on_ray(todo: list[int], *, actor_setup: dict, address: str | None, actors: int | None,
-               on_shard: Callable[[int, dict], None], should_stop: Callable[[], bool]) -> list[int]:
-    """Write shards `todo` on a Ray cluster. Returns the shard ids written, in completion order.
+def _short(value) -> str:
+    return value[:12] if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def run_on_ray(todo: list[int], *, settings: JobSettings, address: str | None, actors: int | None,
+               on_shard: Callable[[int, dict], None], should_stop: Callable[[], bool]) -> dict[int, dict]:
+    """Write shards `todo` on a Ray cluster. Returns {shard id: entry} of the shards written, in completion order.
 
     Args:
         todo: shard ids to write.
-        actor_setup: `ShardWorker`'s argument.
+        settings: the job's settings; each actor gets a copy.
         address: a Ray cluster address; None joins the cluster already initialized in this process,
             else starts a local one.
         actors: engine actors; default one per GPU of the cluster, or 1 on a cluster without GPUs.
@@ -96,6 +105,8 @@ def run_on_ray(todo: list[int], *, actor_setup: dict, address: str | None, actor
     """
     import ray
 
+    if settings.engine.running is not None:
+        raise ConfigError("a started engine cannot go to Ray actors; give the engine by name (each actor starts one)")
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, log_to_driver=True)
@@ -106,14 +117,14 @@ def run_on_ray(todo: list[int], *, actor_setup: dict, address: str | None, actor
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the driver's own bar counts positions
         shards = ray.data.from_items([{"shard_id": s} for s in todo], override_num_blocks=len(todo))
-        results = shards.map_batches(ShardWorker, fn_constructor_kwargs={"setup": actor_setup}, batch_size=1,
+        results = shards.map_batches(ShardWorker, fn_constructor_kwargs={"settings": settings}, batch_size=1,
                                      concurrency=min(actors, len(todo)), **resources)
-        written = []
+        written = {}
         for row in results.iter_rows():
             shard_id, entry = int(row["shard_id"]), json.loads(row["entry"])
             if "error" in entry:
                 raise getattr(errors, entry["error"]["type"])(entry["error"]["message"])
-            written.append(shard_id)
+            written[shard_id] = entry
             on_shard(shard_id, entry)
             if should_stop():
                 break

@@ -6,17 +6,17 @@
     logitcache precompute --teacher /tmp/tiny --data /tmp/text.jsonl --text-field text --out /tmp/cache --engine hf
 
 The recipe, top to bottom (`precompute`):
-  1. settings: the target mode (top-K or RS-KD samples), the job split.
+  1. settings: the targets (top-K or RS-KD samples, defaults applied here once) and the engine.
   2. teacher: config (identity hash, logits width, context length) and tokenizer.
   3. dataset: load DATA, pick the input kind, build the row encoder.
   4. fingerprint: chained over dataset, teacher, tokenizer, inputs, sparsification, engine and
      format version; plus the index metadata. A rerun with other settings is refused.
   5. cache: the writer and `job.json` (what `logitcache merge` needs).
   6. plan: shard s = rows [s*R, (s+1)*R); this job owns s % num_jobs == job_index; shards whose
-     entry exists are skipped (resume).
+     entry exists are skipped (resume). The entries are read here once and carried on.
   7. work: each remaining shard is encoded, run through the engine in batches and written
-     atomically (locally, or on Ray actors). SIGTERM/SIGINT: the shard in flight is discarded
-     (or finished, if it is being written), and the run stops with a message.
+     atomically, locally or on Ray actors, both from one `JobSettings`. SIGTERM/SIGINT: the
+     shard in flight is discarded (or finished, if it is being written), and the run stops.
   8. finalize: once every shard exists, the index is written; until then the cache is unfinished
      and unreadable, so no reader can see a partial cache or shard.
 """
@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 from logitcache.stages.precompute.data import InputSpec, RowEncoder, load_rows
 from logitcache.stages.precompute.plan import (finalize_cache, num_shards, owned_shards,
                                                write_job_record)
+from logitcache.stages.precompute.settings import EngineSpec, JobSettings, Targets
 from logitcache.stages.precompute.shard_work import ShardWriterThread, make_shard
 from logitcache.storage import FORMAT_VERSION, CacheWriter, chain_fingerprint, read_index, tokenizer_fingerprint
-from logitcache.storage.fingerprint import tokenizer_identity
 from logitcache.storage.errors import ConfigError
+from logitcache.storage.fingerprint import tokenizer_identity
 
-__all__ = ["precompute", "PrecomputeResult", "FINGERPRINT_PARTS"]
+__all__ = ["precompute", "PrecomputeResult", "FINGERPRINT_PARTS", "EngineSpec"]
 
 # The order of the fingerprint chain; changing it changes every fingerprint.
 FINGERPRINT_PARTS = ("dataset", "teacher", "tokenizer", "inputs", "sparsification", "engine", "format")
@@ -69,23 +70,23 @@ class PrecomputeResult:
     index: dict | None = None
 
 
-def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "zarr", encoding: str = "lossless",
-               mode: str = "topk", top_k: int | None = None, samples: int | None = None,
+def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None = None, backend: str = "zarr",
+               encoding: str = "lossless", mode: str = "topk", top_k: int | None = None, samples: int | None = None,
                temperature: float | None = None, seed: int = 0,
                text_field: str | None = None, prompt_field: str | None = None, response_field: str | None = None,
-               messages_field: str | None = None, data_revision: str | None = None, tools_field: str | None = None, prompt_format: str = "plain",
-               split: str | None = None, data_config: str | None = None,
-               max_length: int | None = None, batch_size: int = 64, max_batch_tokens: int | None = None,
-               rows_per_shard: int = 1000, num_jobs: int = 1, job_index: int = 0, strict: bool = False,
-               dtype: str = "auto", engine_args: dict | None = None, trust_remote_code: bool = False,
+               messages_field: str | None = None, tools_field: str | None = None, prompt_format: str = "plain",
+               split: str | None = None, data_config: str | None = None, data_revision: str | None = None,
+               max_length: int | None = None, batch_size: int = 64, rows_per_shard: int = 1000,
+               num_jobs: int = 1, job_index: int = 0, strict: bool = False, trust_remote_code: bool = False,
                revision: str | None = None, ray: bool = False, ray_address: str | None = None,
                ray_actors: int | None = None, progress: bool = True,
                storage_options: dict | None = None) -> PrecomputeResult:
     """Fill (part of) a cache; finalize it when every shard exists. See the module docstring.
 
-    `engine` is an engine name ("hf", "vllm"; None: vLLM where vLLM and a GPU are present, else
-    hf) or an already started engine, which is used and left open (tests share one). The other
-    arguments are the CLI's options (`logitcache precompute --help`).
+    `engine` says which engine runs the teacher and how (`EngineSpec("hf")`; default: vLLM where
+    vLLM and a GPU are present, else hf). `EngineSpec.of(engine)` hands over an engine already
+    started, which is used and left open (tests share one). `backend` is "zarr" or "arrow". The
+    other arguments are the CLI's options (`logitcache precompute --help`).
 
     Raises:
         ConfigError: bad or conflicting settings, an unknown DATA, or a cache begun with other settings.
@@ -93,30 +94,12 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
     """
     from transformers import AutoTokenizer
 
-    from logitcache.stages.precompute.engines import build_engine, default_engine_name
-
-    # 1. Settings.
-    if mode not in ("topk", "sample"):
-        raise ConfigError(f"--mode {mode!r}: expected 'topk' or 'sample'")
-    if mode == "topk":
-        if samples is not None or temperature not in (None, 1.0):
-            raise ConfigError("--samples and --temperature belong to --mode sample; top-K log-probs are "
-                              "stored at temperature 1")
-        k, num_samples, temperature = (32 if top_k is None else top_k), None, 1.0
-    else:
-        if top_k is not None:
-            raise ConfigError("--top-k belongs to --mode topk; sample mode keeps the distinct ids of --samples draws")
-        k, num_samples = None, (64 if samples is None else samples)
-        temperature = 1.0 if temperature is None else temperature
-    width = k if mode == "topk" else num_samples
-    if not (isinstance(width, int) and width >= 1):
-        raise ConfigError(f"{'--top-k' if mode == 'topk' else '--samples'} must be a positive integer, got {width!r}")
+    # 1. Settings: defaults applied once, here.
+    targets = Targets.resolve(mode=mode, top_k=top_k, samples=samples, temperature=temperature, seed=seed)
+    engine = (engine or EngineSpec()).resolved()
     for name, value in (("--batch-size", batch_size), ("--rows-per-shard", rows_per_shard)):
         if not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    engine_name = engine if isinstance(engine, str) or engine is None else engine.name
-    engine_name = engine_name or default_engine_name()
-    engine_args = dict(engine_args or {})
 
     # 2. Teacher: identity, logits width, context length; tokenizer.
     teacher_info, logits_width, context = _teacher_identity(teacher, revision, trust_remote_code)
@@ -136,18 +119,14 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
     encoder = RowEncoder(tokenizer, spec)
 
     # 4. Fingerprint and index metadata.
-    sparsification = {"mode": mode, "k": width, "temperature": temperature}
-    if mode == "sample":
-        sparsification.update(num_samples=num_samples, seed=seed)
-    engine_info = {"name": engine_name, "dtype": dtype, "options": engine_args}
     tok_fp = tokenizer_fingerprint(tokenizer)
     parts = {
         "dataset": {key: dataset_info[key] for key in ("fingerprint", "split", "config_name", "num_rows")},
         "teacher": {key: teacher_info[key] for key in ("name_or_path", "revision", "config_hash")},
         "tokenizer": tok_fp,
         "inputs": {**spec.describe(), "rows_per_shard": rows_per_shard},
-        "sparsification": sparsification,
-        "engine": engine_info,
+        "sparsification": targets.describe(),
+        "engine": engine.describe(),
         "format": {"format_version": FORMAT_VERSION},
     }
     fingerprint = chain_fingerprint(*(parts[name] for name in FINGERPRINT_PARTS))
@@ -156,16 +135,16 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
         "tokenizer": {**tokenizer_identity(tokenizer), "logits_width": logits_width},
         "dataset": dataset_info,
         "inputs": parts["inputs"],
-        "sparsification": sparsification,
-        "engine": engine_info,
+        "sparsification": parts["sparsification"],
+        "engine": parts["engine"],
     }
 
     # 5. Cache writer and job record.
     total = num_shards(len(dataset), rows_per_shard)
     owned = owned_shards(total, num_jobs, job_index)
-    writer = CacheWriter(out, backend=fmt, encoding=encoding, vocab_size=logits_width, fingerprint=fingerprint,
+    writer = CacheWriter(out, backend=backend, encoding=encoding, vocab_size=logits_width, fingerprint=fingerprint,
                          text_fields=spec.stored_fields, storage_options=storage_options)
-    record = {"fingerprint": fingerprint, "fingerprint_parts": parts, "backend": fmt, "encoding": encoding,
+    record = {"fingerprint": fingerprint, "fingerprint_parts": parts, "backend": backend, "encoding": encoding,
               "logits_width": logits_width, "text_fields": list(spec.stored_fields), "num_shards": total,
               "rows_per_shard": rows_per_shard, "metadata": metadata}
     write_job_record(writer, record)
@@ -175,7 +154,8 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
         _say(f"{out}: already finished ({total} shards, fingerprint {fingerprint[:12]}); nothing to do")
         return result
 
-    # 6. Plan: this job's shards that are not written yet.
+    # 6. Plan: this job's shards that are not written yet. `done` ({shard id: entry}) is read once
+    # and kept up to date with this run's writes.
     done = writer.finished_shards()
     todo = [s for s in owned if s not in done]
     writer.remove_stale_temporaries(todo)
@@ -184,51 +164,24 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
 
     # 7. Work.
     if todo:
-        rows_todo = sum(min(rows_per_shard, len(dataset) - s * rows_per_shard) for s in todo)
-        shard_kwargs = dict(rows_per_shard=rows_per_shard, strict=strict, mode=mode, width=width, seed=seed,
-                            batch_size=batch_size)
-        engine_kwargs = dict(mode=mode, k=k or 32, num_samples=num_samples or 64, temperature=temperature,
-                             dtype=dtype, max_batch_tokens=max_batch_tokens, trust_remote_code=trust_remote_code,
-                             revision=revision, **engine_args)
+        settings = JobSettings(
+            teacher=teacher, revision=revision, trust_remote_code=trust_remote_code, data=data, split=split,
+            data_config=data_config, data_revision=data_revision, storage_options=storage_options, out=str(out),
+            record=record, inputs=spec, engine=engine, targets=targets, rows_per_shard=rows_per_shard,
+            batch_size=batch_size, strict=strict, expected={"dataset": dataset_info, "tokenizer": tok_fp})
+        bar = _Progress(sum(min(rows_per_shard, len(dataset) - s * rows_per_shard) for s in todo), enabled=progress)
         with _StopSignals() as stop:
             if ray or ray_address:
                 from logitcache.stages.precompute.ray_job import run_on_ray
 
-                actor_setup = dict(teacher=teacher, revision=revision, trust_remote_code=trust_remote_code,
-                                   data=data, split=split, data_config=data_config, spec=spec,
-                                   expected={"dataset": dataset_info["fingerprint"], "tokenizer": tok_fp},
-                                   engine_name=engine_name, engine_kwargs=engine_kwargs, logits_width=logits_width,
-                                   writer_record=record, out=str(out), storage_options=storage_options,
-                                   shard_kwargs=shard_kwargs)
-                bar = _Progress(rows_todo, enabled=progress)
-                result.written = run_on_ray(todo, actor_setup=actor_setup, address=ray_address, actors=ray_actors,
-                                            on_shard=bar.remote_shard_done, should_stop=stop.is_set)
+                written = run_on_ray(todo, settings=settings, address=ray_address, actors=ray_actors,
+                                     on_shard=bar.remote_shard_done, should_stop=stop.is_set)
             else:
-                own_engine = isinstance(engine, str) or engine is None
-                teacher_engine = build_engine(engine_name, teacher, **engine_kwargs) if own_engine else engine
-                bar = _Progress(rows_todo, enabled=progress)
-                try:
-                    if teacher_engine.logits_width != logits_width:
-                        raise ConfigError(f"engine {engine_name} reports logits width {teacher_engine.logits_width}, "
-                                          f"the config of {teacher} says {logits_width}")
-                    # Shard s is compressed, checksummed and written on a thread while shard s+1 is
-                    # computed (the write releases the GIL in zstd and file I/O). At most one shard
-                    # waits: memory stays at two shards.
-                    with ShardWriterThread(writer, on_written=bar.shard_done) as writes:
-                        for s in todo:
-                            made = make_shard(s, dataset=dataset, encoder=encoder, engine=teacher_engine,
-                                              text_fields=writer.text_fields, on_batch=bar.update,
-                                              should_stop=stop.is_set, **shard_kwargs)
-                            if made is None:
-                                break
-                            writes.submit(s, *made)
-                            if stop.is_set():
-                                break
-                    result.written += writes.written
-                finally:
-                    if own_engine:
-                        teacher_engine.close()
+                written = _write_locally(todo, settings, dataset=dataset, encoder=encoder, writer=writer, bar=bar,
+                                         should_stop=stop.is_set)
         bar.close()
+        done.update(written)
+        result.written = list(written)
         if stop.signum is not None:
             result.stopped_by = signal.Signals(stop.signum).name
             _say(f"{out}: stopped by {result.stopped_by} after writing {len(result.written)} shard(s) in this run; "
@@ -236,13 +189,15 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
                  f"resume.")
             return result
 
-    # 8. Finalize once every shard of every job exists.
-    done = writer.finished_shards()
+    # 8. Finalize once every shard of every job exists. Other jobs may have written theirs while
+    # this one ran: only then is the list read again.
+    if len(done) < total:
+        done = writer.finished_shards()
     if len(done) < total:
         _say(f"{out}: this job is done; {total - len(done)} shard(s) of other jobs are still missing. When all "
              f"jobs have finished, run `logitcache merge {out}`.")
         return result
-    result.index = finalize_cache(writer, record)
+    result.index = finalize_cache(writer, record, done=done)
     result.finished = True
     counts = result.index["counts"]
     reasons = ", ".join(f"{key[8:]} {n}" for key, n in counts.items() if key.startswith("skipped_") and n)
@@ -250,6 +205,35 @@ def precompute(*, teacher: str, data: str, out: str, engine=None, fmt: str = "za
          f"{counts['skipped']} row(s) skipped{f' ({reasons})' if reasons else ''}, {counts['truncated']} "
          f"truncated to {max_length} tokens (fingerprint {fingerprint[:12]})")
     return result
+
+
+def _write_locally(todo: list[int], settings: JobSettings, *, dataset, encoder: RowEncoder, writer: CacheWriter,
+                   bar: "_Progress", should_stop) -> dict[int, dict]:
+    """Write shards `todo` in this process. Returns {shard id: entry} of those written, in order.
+
+    Shard s is compressed, checksummed and written on a thread while shard s+1 is computed (the
+    write releases the GIL in zstd and file I/O). At most one shard waits: memory stays at two shards.
+    """
+    s = settings
+    engine = s.engine.start(s.teacher, s.targets, revision=s.revision, trust_remote_code=s.trust_remote_code)
+    try:
+        if engine.logits_width != s.logits_width:
+            raise ConfigError(f"engine {s.engine.name} reports logits width {engine.logits_width}, the config of "
+                              f"{s.teacher} says {s.logits_width}")
+        with ShardWriterThread(writer, on_written=bar.shard_done) as writes:
+            for shard_id in todo:
+                made = make_shard(shard_id, dataset=dataset, encoder=encoder, engine=engine,
+                                  text_fields=writer.text_fields, rows_per_shard=s.rows_per_shard, strict=s.strict,
+                                  targets=s.targets, batch_size=s.batch_size, on_batch=bar.update,
+                                  should_stop=should_stop)
+                if made is None:
+                    break
+                writes.submit(shard_id, *made)
+                if should_stop():
+                    break
+        return writes.written
+    finally:
+        s.engine.close(engine)
 
 
 def _teacher_identity(teacher: str, revision: str | None, trust_remote_code: bool) -> tuple[dict, int, int | None]:
@@ -318,6 +302,8 @@ class _StopSignals:
     """SIGTERM and SIGINT set a flag that the shard loop polls, instead of killing the process.
 
     A second SIGINT interrupts at once. Only installed in the main thread (Python's rule).
+    (`stages/train/stop.py` has its twin: stages may not import each other, and how to stop, between
+    shards or after an optimizer step, is no part of the cache format that `storage/` owns.)
     """
 
     def __init__(self):

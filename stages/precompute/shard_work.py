@@ -1,10 +1,10 @@
 """One storage shard of stage one: its rows -> teacher tokens -> engine -> `ShardData` -> written.
 
-The single-process loop (`run.py`, via `make_shard` and a `ShardWriterThread`) and the Ray actors
-(`ray_job.py`, via `process_shard`) compute shards with the same code,
-so a shard's bytes do not depend on which of them made it: rows are encoded by the same code,
-the engine gets token ids (never re-tokenized strings), and the engine batches are the shard's
-sequences in row order, `batch_size` at a time.
+The single-process loop (`run.py`, `make_shard` then a `ShardWriterThread`) and the Ray actors
+(`ray_job.py`, `make_shard` then `CacheWriter.write_shard`) compute shards with the same code
+from the same `JobSettings`, so a shard's bytes do not depend on which of them made it: rows are
+encoded by the same code, the engine gets token ids (never re-tokenized strings), and the engine
+batches are the shard's sequences in row order, `batch_size` at a time.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import numpy as np
 from logitcache.stages.precompute.data import Encoded, RowEncoder, Skipped
 from logitcache.stages.precompute.engines import Engine, Request
 from logitcache.stages.precompute.plan import sequence_seed, shard_rows
+from logitcache.stages.precompute.settings import Targets
 from logitcache.storage import CacheWriter, ShardData
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["encode_rows", "compute_shard", "make_shard", "process_shard", "ShardWriterThread"]
+__all__ = ["encode_rows", "compute_shard", "make_shard", "ShardWriterThread"]
 
 
 def encode_rows(dataset, a: int, b: int, encoder: RowEncoder, *, strict: bool
@@ -92,22 +93,20 @@ def compute_shard(engine: Engine, items: list[tuple[int, Encoded]], *, mode: str
     return ShardData.from_sequences(sequences, text_fields=text_fields)
 
 
-def process_shard(shard_id: int, *, dataset, encoder: RowEncoder, engine: Engine, writer: CacheWriter,
-                  rows_per_shard: int, strict: bool, mode: str, width: int, seed: int, batch_size: int,
-                  on_batch: Callable[[int, int], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> dict | None:
-    """Encode, compute and write shard `shard_id`. Returns its entry, or None when stopped first."""
-    made = make_shard(shard_id, dataset=dataset, encoder=encoder, engine=engine, text_fields=writer.text_fields,
-                      rows_per_shard=rows_per_shard, strict=strict, mode=mode, width=width, seed=seed,
-                      batch_size=batch_size, on_batch=on_batch, should_stop=should_stop)
-    return None if made is None else writer.write_shard(shard_id, made[0], extra=made[1])
-
-
 def make_shard(shard_id: int, *, dataset, encoder: RowEncoder, engine: Engine, text_fields: tuple[str, ...],
-               rows_per_shard: int, strict: bool, mode: str, width: int, seed: int, batch_size: int,
+               rows_per_shard: int, strict: bool, targets: Targets, batch_size: int,
                on_batch: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> tuple[ShardData, dict] | None:
     """Encode and compute shard `shard_id` without writing it.
+
+    Args:
+        shard_id: the shard; it holds source rows [shard_id * rows_per_shard, ...).
+        dataset: the source rows (a `datasets.Dataset`).
+        encoder: row -> teacher tokens and supervised positions.
+        engine: the teacher.
+        text_fields: stored text fields.
+        rows_per_shard, strict, targets, batch_size: as in `JobSettings`.
+        on_batch, should_stop: see `compute_shard`.
 
     Returns:
         (the shard, the extra fields of its index entry), or None when stopped first.
@@ -116,8 +115,8 @@ def make_shard(shard_id: int, *, dataset, encoder: RowEncoder, engine: Engine, t
     items, skipped, truncated = encode_rows(dataset, a, b, encoder, strict=strict)
     if on_batch is not None and (b - a) > len(items):
         on_batch(b - a - len(items), 0)  # skipped rows count as done for the progress bar
-    shard = compute_shard(engine, items, mode=mode, width=width, seed=seed, batch_size=batch_size,
-                          text_fields=text_fields, on_batch=on_batch, should_stop=should_stop)
+    shard = compute_shard(engine, items, mode=targets.mode, width=targets.width, seed=targets.seed,
+                          batch_size=batch_size, text_fields=text_fields, on_batch=on_batch, should_stop=should_stop)
     if shard is None:
         return None
     extra = {"rows": [a, b], "skipped": dict(sorted(skipped.items())), "truncated": truncated,
@@ -131,7 +130,7 @@ class ShardWriterThread:
         with ShardWriterThread(writer, on_written=progress) as writes:
             for s in todo:
                 writes.submit(s, *make_shard(s, ...))
-        writes.written  # shard ids written, in order
+        writes.written  # {shard id: entry}, in the order written
 
     `submit` first waits for the previous write (so at most one shard is queued besides the one
     being computed) and re-raises its error. Leaving the block waits for the last write, also
@@ -141,7 +140,7 @@ class ShardWriterThread:
 
     def __init__(self, writer: CacheWriter, *, on_written: Callable[[int, dict], None] | None = None):
         self.writer, self.on_written = writer, on_written
-        self.written: list[int] = []
+        self.written: dict[int, dict] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._pending: tuple[int, Future] | None = None
 
@@ -156,7 +155,7 @@ class ShardWriterThread:
         shard_id, future = self._pending
         self._pending = None
         entry = future.result()
-        self.written.append(shard_id)
+        self.written[shard_id] = entry
         if self.on_written is not None:
             self.on_written(shard_id, entry)
 

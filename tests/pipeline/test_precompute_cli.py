@@ -20,7 +20,7 @@ import yaml
 from precompute_util import assert_entries_complete, assert_same_cache, text_rows, write_jsonl
 
 from logitcache.pipeline.cli import _apply_config, build_parser
-from logitcache.stages.precompute.run import precompute
+from logitcache.stages.precompute.run import EngineSpec, precompute
 from logitcache.storage import open_cache
 from logitcache.storage.errors import CacheIndexError
 
@@ -38,7 +38,7 @@ def setup(tiny_teacher, tmp_path_factory):
 
 
 def options() -> dict:
-    return dict(engine="hf", text_field="text", top_k=8, rows_per_shard=ROWS_PER_SHARD, batch_size=1)
+    return dict(engine=EngineSpec("hf"), text_field="text", top_k=8, rows_per_shard=ROWS_PER_SHARD, batch_size=1)
 
 
 def flags(teacher, data, out) -> list[str]:

@@ -19,7 +19,7 @@ from precompute_util import (EMPTY_ROWS, LONG_ROW, MAX_LENGTH, MISSING_ROWS, NOT
 from logitcache.pipeline.cli import main as cli_main
 from logitcache.stages.precompute.engines import build_engine
 from logitcache.stages.precompute.plan import finalize_cache, read_job_record, writer_from_record
-from logitcache.stages.precompute.run import precompute
+from logitcache.stages.precompute.run import EngineSpec, precompute
 from logitcache.storage import open_cache
 from logitcache.storage.errors import CacheIndexError, ConfigError, InvalidDataError
 
@@ -47,7 +47,9 @@ def mixed_data(tmp_path_factory):
 
 
 def run(teacher, data, out, engine, **kw):
+    """`precompute` with `engine` a name (started by the run) or a started engine (left open)."""
     kw = {"top_k": K, "rows_per_shard": 4, "progress": False, **kw}
+    engine = EngineSpec(engine) if isinstance(engine, str) else EngineSpec.of(engine)
     return precompute(teacher=teacher, data=str(data), out=str(out), engine=engine, **kw)
 
 
@@ -64,15 +66,15 @@ def expected_chat_positions(tokenizer, messages, max_length):
     return np.array(positions)
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
 @pytest.mark.parametrize("kind", ["text", "prompt_response", "chat"])
-def test_input_kinds(kind, fmt, tiny_teacher, teacher, hf_engine, mixed_data, tmp_path):
+def test_input_kinds(kind, backend, tiny_teacher, teacher, hf_engine, mixed_data, tmp_path):
     tok = tiny_teacher[1]
-    result = run(teacher, mixed_data, tmp_path / "cache", hf_engine, fmt=fmt, max_length=MAX_LENGTH, **FIELDS[kind])
+    result = run(teacher, mixed_data, tmp_path / "cache", hf_engine, backend=backend, max_length=MAX_LENGTH, **FIELDS[kind])
     assert result.finished
     cache = open_cache(str(tmp_path / "cache"))
     assert cache.validate() == []
-    assert cache.backend == fmt and cache.k == K
+    assert cache.backend == backend and cache.k == K
 
     rows = mixed_rows()
     bad = set(MISSING_ROWS) | set(NOT_STRING_ROWS) | set(EMPTY_ROWS)
@@ -143,9 +145,9 @@ def test_sample_mode_independent_of_batching(teacher, mixed_data, tmp_path):
 def test_job_split_and_merge(teacher, hf_engine, tmp_path):
     data = write_jsonl(tmp_path / "rows.jsonl", text_rows(20))
     single = tmp_path / "single"
-    run(teacher, data, single, hf_engine, text_field="text", rows_per_shard=3, fmt="arrow")
+    run(teacher, data, single, hf_engine, text_field="text", rows_per_shard=3, backend="arrow")
     split = tmp_path / "split"
-    first = run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, fmt="arrow",
+    first = run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, backend="arrow",
                 num_jobs=2, job_index=1)
     assert first.owned == [1, 3, 5] and not first.finished and not (split / "index.json").exists()
 
@@ -154,18 +156,18 @@ def test_job_split_and_merge(teacher, hf_engine, tmp_path):
     with pytest.raises(CacheIndexError, match=r"4 of 7 shard\(s\) not written yet: 0, 2, 4, 6"):
         finalize_cache(writer_from_record(str(split), record), record)
 
-    second = run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, fmt="arrow",
+    second = run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, backend="arrow",
                  num_jobs=2, job_index=0)
     assert second.finished  # the last job to finish finalizes by itself
     (split / "index.json").unlink()
     assert cli_main(["merge", str(split)]) == 0
     assert_same_cache(single, split)
-    again = run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, fmt="arrow")
+    again = run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, backend="arrow")
     assert again.finished and again.written == []  # a finished cache is left alone
 
     # A job with other settings is refused, naming what differs.
     with pytest.raises(ConfigError, match="sparsification"):
-        run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, fmt="arrow", top_k=4)
+        run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, backend="arrow", top_k=4)
 
 
 def test_bad_input(teacher, hf_engine, mixed_data, tmp_path):
@@ -192,10 +194,22 @@ def test_bad_input(teacher, hf_engine, mixed_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_local_cluster_equals_single_process(teacher, hf_engine, mixed_data, tmp_path):
+def test_ray_local_cluster_equals_single_process(teacher, hf_engine, mixed_data, s3, tmp_path):
+    """Ray actors on a local cluster write the cache the single process writes. DATA and the cache are on an
+    S3 server whose endpoint and credentials only `storage_options` carry (nothing in the environment), and
+    the dataset revision is part of the dataset info each actor checks: both must reach the actors."""
     ray = pytest.importorskip("ray")
+    import s3fs
+    from s3server import make_bucket, s3_options
+
+    endpoint, _ = s3
+    make_bucket(endpoint, "lc-ray")
+    opts = s3_options(endpoint)
     data = write_jsonl(tmp_path / "rows.jsonl", text_rows(16))
+    s3fs.S3FileSystem(**opts).put(str(data), "lc-ray/in/rows.jsonl")
+    url, remote_data = "s3://lc-ray/cache", "s3://lc-ray/in/rows.jsonl"
     common = dict(text_field="text", rows_per_shard=3, batch_size=4)
+    remote = dict(storage_options=opts, data_revision="v1", **common)
     # Ray gives a 1-CPU actor OMP_NUM_THREADS=1 (unless set); CPU GEMM kernels, and so the last
     # float bit, depend on the thread count, so the reference runs with the actors' count.
     threads = torch.get_num_threads()
@@ -204,8 +218,8 @@ def test_ray_local_cluster_equals_single_process(teacher, hf_engine, mixed_data,
     try:
         run(teacher, data, tmp_path / "local", hf_engine, **common)
         # Resume semantics hold on Ray too: two shards are already there.
-        run(teacher, data, tmp_path / "ray", hf_engine, num_jobs=3, job_index=0, **common)
-        result = run(teacher, data, tmp_path / "ray", "hf", ray=True, ray_actors=2, **common)
+        run(teacher, remote_data, url, hf_engine, num_jobs=3, job_index=0, **remote)
+        result = run(teacher, remote_data, url, "hf", ray=True, ray_actors=2, **remote)
         # An actor's error reaches the driver as our own error type, not wrapped by Ray.
         with pytest.raises(InvalidDataError, match=r"row 3: field 'text'"):
             run(teacher, mixed_data, tmp_path / "strict", "hf", ray=True, ray_actors=1, text_field="text",
@@ -214,8 +228,9 @@ def test_ray_local_cluster_equals_single_process(teacher, hf_engine, mixed_data,
         ray.shutdown()
         torch.set_num_threads(threads)
     assert result.finished and sorted(result.written) == [1, 2, 4, 5]
-    assert open_cache(str(tmp_path / "ray")).validate() == []
-    assert_same_cache(tmp_path / "local", tmp_path / "ray")
+    cache = open_cache(url, storage_options=opts)
+    assert cache.validate() == [] and cache.index["dataset"]["revision"] == "v1"
+    assert_same_cache(tmp_path / "local", url, storage_options=opts)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from realtok import chat_rows
 
-from logitcache.stages.precompute.run import precompute
+from logitcache.stages.precompute.run import EngineSpec, precompute
 from logitcache.stages.train.run import TrainSettings, train
 from logitcache.storage import open_cache
 from logitcache.storage.errors import ConfigError
@@ -35,8 +35,8 @@ def chats(tmp_path_factory):
 
 
 def _precompute(teacher, data, out, **kw):
-    kw = {"engine": "hf", "top_k": 8, "rows_per_shard": 6, "progress": False, "max_length": 1024, "strict": True,
-          "messages_field": "messages", "tools_field": "tools", **kw}
+    kw = {"engine": EngineSpec("hf"), "top_k": 8, "rows_per_shard": 6, "progress": False, "max_length": 1024,
+          "strict": True, "messages_field": "messages", "tools_field": "tools", **kw}
     return precompute(teacher=str(teacher), data=str(data), out=str(out), **kw)
 
 
@@ -135,7 +135,7 @@ def test_vllm_engine_matches_hf_on_the_real_vocabulary(qwen, chats, instruct_cac
 
     engine = _vllm_engine(qwen["instruct"], vllm_path="pooling", k=8)
     try:
-        _precompute(qwen["instruct"], chats[0], tmp_path / "vllm", engine=engine)
+        _precompute(qwen["instruct"], chats[0], tmp_path / "vllm", engine=EngineSpec.of(engine))
     finally:
         engine.close()
     v, h = open_cache(str(tmp_path / "vllm")), open_cache(str(instruct_cache))
