@@ -269,15 +269,20 @@ class ShardedStream(IterableDataset):
             raise ConfigError(f"the data position was saved with {self._num_workers} DataLoader worker(s) per rank "
                               f"and this run has {num_workers}; resume with --num-workers {self._num_workers}")
         position = self._consumed[worker] if self._consumed else 0
+        for item in self.items(worker, num_workers, position):
+            position += 1
+            item["stream"] = np.array([worker, num_workers, position], dtype=np.int64)
+            yield item
+
+    def items(self, worker: int, num_workers: int, position: int) -> Iterator[dict]:
+        """The worker's items from `position` on (no "stream" entry), reading a window's shards only when
+        the first of its items is asked for; shards before `position` are skipped unread."""
         for _, group, order, skip in self._plan(worker, num_workers, position):
             loaded = {j: self.source.load(j) for j, _, _ in group}
             ranges = _window_keys(group)
             for k in order[skip:]:  # `position` already counts the skipped part
                 j, s = ranges[k]
-                item = self.source.item(loaded[j], s)
-                position += 1
-                item["stream"] = np.array([worker, num_workers, position], dtype=np.int64)
-                yield item
+                yield self.source.item(loaded[j], s)
             del loaded
 
     # ---- position ------------------------------------------------------------------------------

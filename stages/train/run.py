@@ -41,7 +41,9 @@ class TrainSettings:
     student: str
     out: str
     loss: str = "kl"
-    cache: str | None = None
+    cache: str | list[str] | None = None  # several: a weighted mixture (`mixing`)
+    cache_weights: list[float] | None = None
+    storage_options: dict | None = None  # fsspec options for cache URLs (credentials, endpoint_url)
     data: str | None = None
     teacher: str | None = None
     online_teacher: str | None = None
@@ -89,6 +91,10 @@ class TrainSettings:
     fsdp: str | None = None
     hf_args: dict = field(default_factory=dict)
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.cache, (list, tuple)) and len(self.cache) == 1:
+            self.cache = self.cache[0]
 
 
 def train(s: TrainSettings) -> dict:
@@ -154,8 +160,24 @@ def train(s: TrainSettings) -> dict:
 
     # 3. Cache and refusals (the cache is opened here, once; the data source reads through it).
     cache, cache_info, same_tokenizer = None, None, True
-    if s.cache is not None:
-        cache = open_cache(s.cache)
+    mixture = isinstance(s.cache, (list, tuple))
+    if s.cache_weights is not None and not mixture:
+        raise ConfigError("--cache-weights weighs several caches (--cache A B); give more than one --cache")
+    if mixture:
+        from logitcache.stages.train.mixing import open_mixture
+
+        if s.data is not None:
+            raise ConfigError("--data is for --loss sft or one cache re-tokenized for another student; a mixture "
+                              "of caches reads their token ids, so drop --data")
+
+        stream, cache_info, sample_temperature = open_mixture(
+            s.cache, weights=s.cache_weights, loss=s.loss, top_k=s.top_k, keep_k=ls["keep_k"], teacher=s.teacher,
+            student=s.student, tokenizer=tokenizer, vocab=vocab, max_length=max_length, seed=s.seed,
+            window=s.shuffle_window, rank=rank, world_size=world_size, storage_options=s.storage_options)
+        if "sample_temperature" in registry.get(s.loss).option_names() and sample_temperature is not None:
+            ls["options"]["sample_temperature"] = sample_temperature
+    elif s.cache is not None:
+        cache = open_cache(s.cache, storage_options=s.storage_options)
         index = cache.index
         check_cache_teacher(index, s.teacher, cache=s.cache)
         check_loss_fits_cache(index, s.loss, top_k=s.top_k, cache=s.cache)
@@ -185,10 +207,11 @@ def train(s: TrainSettings) -> dict:
                                         prompt_format=index["inputs"].get("prompt_format", "plain"))
     if cache is not None:
         source = CacheSource(cache, to_item=to_item)
-    else:
+    elif not mixture:
         source = JsonlSource(s.data, to_item=TextExample(tokenizer, max_length=max_length, where=s.data))
-    stream = ShardedStream(source, seed=s.seed, window=s.shuffle_window, epochs=s.epochs, rank=rank,
-                           world_size=world_size)
+    if not mixture:
+        stream = ShardedStream(source, seed=s.seed, window=s.shuffle_window, epochs=s.epochs, rank=rank,
+                               world_size=world_size)
     max_steps = s.max_steps
     if s.epochs is not None:
         max_steps = -(-stream.batches_per_rank(s.batch_size, s.num_workers, s.epochs) // s.grad_accum)
@@ -257,6 +280,8 @@ def train(s: TrainSettings) -> dict:
               "fused_head": trainer.fused_head,
               "global_step": trainer.state.global_step, "sequences_per_rank": stream.consumed(),
               "train_metrics": output.metrics, "log_history": trainer.state.log_history}
+    if mixture:  # the realised mixture: sequences this rank took from each cache
+        result["cache"]["sequences_per_cache"] = dict(zip(s.cache, stream.per_stream()))
     if s.eval_data and trainer.is_world_process_zero():
         from logitcache.stages.train.evaluate import evaluate_source
 
@@ -338,7 +363,7 @@ def _eval_sources(s: TrainSettings, tokenizer, vocab: int, max_length: int | Non
         sources["data"] = JsonlSource(s.eval_data, to_item=TextExample(tokenizer, max_length=max_length,
                                                                      where=s.eval_data))
     if s.eval_cache:
-        cache = open_cache(s.eval_cache)
+        cache = open_cache(s.eval_cache, storage_options=s.storage_options)
         if not check_tokenizer(cache.index, tokenizer, loss="eval", student=s.student, cache=s.eval_cache,
                                has_text=False):
             raise ConfigError(f"--eval-cache {s.eval_cache} was made with another tokenizer than the student's; "
