@@ -67,7 +67,7 @@ RULES: dict[str, dict[str, Number]] = {
     "precompute": {
         "samples": POSITIVE, "max_batch_tokens": POSITIVE, "rows_per_shard": POSITIVE,
         "num_shards": POSITIVE, "shard_index": NON_NEGATIVE, "num_jobs": POSITIVE, "job_index": NON_NEGATIVE,
-        "ray_actors": POSITIVE,
+        "ray_actors": POSITIVE, "max_rows": POSITIVE,
     },
     "train": {
         "lr": ABOVE_ZERO, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "grad_accum": POSITIVE,
