@@ -75,8 +75,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "a list. The draws and each cache's order are fixed by --seed, and --resume continues them "
                    "exactly")
     g.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
-                   help="fsspec option for --cache/--eval-cache URLs, repeatable (e.g. endpoint_url=http://..., "
-                   "anon=true, token=...); in YAML a mapping. Credentials are otherwise read from the usual "
+                   help="fsspec option for the --cache, --data, --eval-data and --eval-cache URLs, repeatable "
+                   "(e.g. endpoint_url=http://..., anon=true, token=...); in YAML a mapping. Credentials are otherwise read from the usual "
                    "environment (AWS_*, GOOGLE_*, HF_TOKEN)")
     g.add_argument("--loss", default="kl", metavar="NAME", choices=registry.names(),
                    help=f"{', '.join(registry.names())} (default: kl; each is described under 'losses' below)")

@@ -103,19 +103,21 @@ class JsonlSource:
         path: local path or fsspec URL of a .jsonl file (one JSON object per line).
         to_item: picklable callable, row dict (with "row_index" added) -> training item.
         rows_per_shard: lines per pseudo-shard (the unit of shuffling and of work splitting).
+        storage_options: passed to fsspec (with a URL).
 
     Only the byte offset of each pseudo-shard is kept in memory; a shard's lines are read when needed.
     """
 
-    def __init__(self, path: str, *, to_item: Callable[[dict], dict], rows_per_shard: int = 1024):
+    def __init__(self, path: str, *, to_item: Callable[[dict], dict], rows_per_shard: int = 1024,
+                 storage_options: dict | None = None):
         import fsspec
 
         if rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard={rows_per_shard} must be >= 1")
-        self.path, self.to_item = str(path), to_item
+        self.path, self.to_item, self.storage_options = str(path), to_item, storage_options
         offsets, sizes, rows, pos = [], [], 0, 0
         try:
-            with fsspec.open(self.path, "rb") as f:
+            with fsspec.open(self.path, "rb", **(storage_options or {})) as f:
                 for line in f:
                     if line.strip():
                         if rows % rows_per_shard == 0:
@@ -135,7 +137,7 @@ class JsonlSource:
         import fsspec
 
         rows = []
-        with fsspec.open(self.path, "rb") as f:
+        with fsspec.open(self.path, "rb", **(self.storage_options or {})) as f:
             f.seek(self.offsets[j])
             while len(rows) < self.shard_sizes[j]:
                 line = f.readline()

@@ -208,7 +208,8 @@ def train(s: TrainSettings) -> dict:
     if cache is not None:
         source = CacheSource(cache, to_item=to_item)
     elif not mixture:
-        source = JsonlSource(s.data, to_item=TextExample(tokenizer, max_length=max_length, where=s.data))
+        source = JsonlSource(s.data, to_item=TextExample(tokenizer, max_length=max_length, where=s.data),
+                             storage_options=s.storage_options)
     if not mixture:
         stream = ShardedStream(source, seed=s.seed, window=s.shuffle_window, epochs=s.epochs, rank=rank,
                                world_size=world_size)
@@ -285,7 +286,8 @@ def train(s: TrainSettings) -> dict:
     if s.eval_data and trainer.is_world_process_zero():
         from logitcache.stages.train.evaluate import evaluate_source
 
-        eval_source = JsonlSource(s.eval_data, to_item=TextExample(tokenizer, max_length=max_length, where=s.eval_data))
+        eval_source = JsonlSource(s.eval_data, to_item=TextExample(tokenizer, max_length=max_length, where=s.eval_data),
+                                  storage_options=s.storage_options)
         result["eval"] = {"data": s.eval_data, **evaluate_source(model, eval_source, pad_id=pad_id, vocab_size=vocab,
                                                                  batch_size=s.batch_size, device=args.device)}
     if trainer.is_world_process_zero():
@@ -361,7 +363,8 @@ def _eval_sources(s: TrainSettings, tokenizer, vocab: int, max_length: int | Non
     sources = {}
     if s.eval_data:
         sources["data"] = JsonlSource(s.eval_data, to_item=TextExample(tokenizer, max_length=max_length,
-                                                                     where=s.eval_data))
+                                                                     where=s.eval_data),
+                                      storage_options=s.storage_options)
     if s.eval_cache:
         cache = open_cache(s.eval_cache, storage_options=s.storage_options)
         if not check_tokenizer(cache.index, tokenizer, loss="eval", student=s.student, cache=s.eval_cache,

@@ -62,3 +62,16 @@ def test_train_without_the_endpoint_option_cannot_reach_the_bucket(remote_cache,
     err = capsys.readouterr().err
     assert rc == 2 and "logitcache train: error:" in err and "Traceback" not in err
     assert "lc-train/cache/index.json" in err and "127.0.0.1:9" in err
+
+
+def test_eval_reads_an_s3_cache_with_options_only(remote_cache, monkeypatch, capsys):
+    url, endpoint, _ = remote_cache
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    w = world()
+    rc = main(["eval", "--model", str(w.student), "--cache", url, "--storage-option", f"endpoint_url={endpoint}",
+               "--storage-option", "key=testing", "--storage-option", "secret=testing", "--device", "cpu", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    result = json.loads(out.out)
+    assert result["cache"]["sequences"] == 24 and 0 <= result["cache"]["teacher_agreement"] <= 1
