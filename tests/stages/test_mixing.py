@@ -280,3 +280,38 @@ def test_ddp_two_processes_mix_and_resume(tmp_path, caches):
         assert len(whole[r]) == 12 and resumed[r] == whole[r][6:]
     state = json.loads((part / "logitcache_data_rank1.json").read_text())
     assert state["rank"] == 1 and sum(state["per_cache"].values()) == 12
+
+
+# ---- the command line and YAML -----------------------------------------------------------------------------
+
+def test_cache_lists_from_flags_and_yaml(tmp_path):
+    import yaml
+
+    from logitcache.pipeline.cli import _parse_with_config, build_parser
+    from logitcache.pipeline.options import check_options
+
+    def parse(*argv):
+        parser = build_parser()
+        args, from_config = _parse_with_config(parser, ["train", "--student", "o/m", "--out", str(tmp_path), *argv])
+        check_options("train", parser._subparsers._group_actions[0].choices["train"], args, from_config)
+        return args
+
+    assert parse("--cache", "a", "b", "--cache-weights", "3", "1").cache == ["a", "b"]
+    args = parse("--cache", "a", "--cache", "b")
+    assert args.cache == ["a", "b"] and args.cache_weights is None
+    config = tmp_path / "mix.yaml"
+    config.write_text(yaml.safe_dump({"cache": ["s3://x/a", "hf://datasets/o/b"], "cache_weights": [0.7, 0.3],
+                                      "storage_options": {"anon": True}}))
+    args = parse("--config", str(config))
+    assert (args.cache, args.cache_weights, args.storage_options) == (["s3://x/a", "hf://datasets/o/b"], [0.7, 0.3],
+                                                                      {"anon": True})
+    assert parse("--config", str(config), "--cache", "c").cache == ["c"]  # the command line replaces the list
+    config.write_text(yaml.safe_dump({"cache": ["a", "b"], "cache_weights": [1, -1]}))
+    with pytest.raises(ConfigError, match=r"--cache-weights -1 \(from --config\): must be >= 0"):
+        parse("--config", str(config))
+    with pytest.raises(ConfigError, match=r"--cache-weights x \(from --config\): expected a number"):
+        config.write_text(yaml.safe_dump({"cache": ["a", "b"], "cache_weights": ["x", 1]}))
+        parse("--config", str(config))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="--cache .*afile: is a file"):
+        parse("--cache", "a", str(tmp_path / "afile"))
