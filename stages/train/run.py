@@ -11,7 +11,8 @@ The recipe, top to bottom (`train`):
   2. student: model and tokenizer; the logits columns training uses (`student.load_student`).
   3. cache and refusals: the cache opened once; the teacher named by --teacher, the loss against
      the cache's mode and K, the student tokenizer against the cache's (same, or re-tokenized).
-  4. dataset: a `ShardedStream` over the cache (or the jsonl), split by DDP rank and worker;
+  4. dataset: a `ShardedStream` over the cache (or the jsonl), split by DDP rank and worker; several
+     caches: a `mixing.MixedStream` drawing each sequence from cache i with its weight;
      the number of optimizer steps; batches padded, or packed into one row (--pack).
   5. trainer: TrainingArguments with that number, then `KDTrainer`, a transformers Trainer
      (accelerate, DeepSpeed/FSDP, checkpoints, loggers); the LM head fused into the loss; with
@@ -43,7 +44,7 @@ class TrainSettings:
     loss: str = "kl"
     cache: str | list[str] | None = None  # several: a weighted mixture (`mixing`)
     cache_weights: list[float] | None = None
-    storage_options: dict | None = None  # fsspec options for cache URLs (credentials, endpoint_url)
+    storage_options: dict | None = None  # fsspec options for the cache and data URLs (credentials, endpoint_url)
     data: str | None = None
     teacher: str | None = None
     online_teacher: str | None = None
@@ -169,7 +170,6 @@ def train(s: TrainSettings) -> dict:
         if s.data is not None:
             raise ConfigError("--data is for --loss sft or one cache re-tokenized for another student; a mixture "
                               "of caches reads their token ids, so drop --data")
-
         stream, cache_info, sample_temperature = open_mixture(
             s.cache, weights=s.cache_weights, loss=s.loss, top_k=s.top_k, keep_k=ls["keep_k"], teacher=s.teacher,
             student=s.student, tokenizer=tokenizer, vocab=vocab, max_length=max_length, seed=s.seed,
