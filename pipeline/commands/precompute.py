@@ -207,7 +207,8 @@ def run(args) -> int:
         data_config=args.data_config, max_length=args.max_length, batch_size=args.batch_size,
         rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs, job_index=args.job_index, strict=args.strict,
         trust_remote_code=args.trust_remote_code, revision=args.revision, ray=args.ray,
-        ray_address=args.ray_address, ray_actors=args.ray_actors, progress=args.progress)
+        ray_address=args.ray_address, ray_actors=args.ray_actors, progress=args.progress,
+        streaming=args.streaming, max_rows=args.max_rows)
     if result.stopped_by:
         return 128 + signal.Signals[result.stopped_by].value
     return 0
