@@ -8,7 +8,8 @@
 The recipe, top to bottom (`precompute`):
   1. settings: the targets (top-K or RS-KD samples, defaults applied here once) and the engine.
   2. teacher: config (identity hash, logits width, context length) and tokenizer.
-  3. dataset: load DATA, pick the input kind, build the row encoder.
+  3. dataset: load DATA (or, with --streaming, plan its slice to read shard by shard), pick the input kind,
+     build the row encoder.
   4. fingerprint: chained over dataset, teacher, tokenizer, inputs, sparsification, engine and
      format version; plus the index metadata. A rerun with other settings is refused.
   5. cache: the writer and `job.json` (what `logitcache merge` needs).

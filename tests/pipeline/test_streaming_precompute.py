@@ -105,3 +105,29 @@ def row_group_reads() -> list[tuple[str, int, int]]:
             out.append((path, start, end))
         seen.add(path)
     return out
+
+
+@pytest.mark.slow
+def test_ray_actors_stream_the_same_slice(tiny_teacher, corpus, tmp_path):
+    """Ray actors load the streamed slice themselves (streaming and max_rows reach them; each checks the
+    driver's dataset info) and write the cache the single process writes."""
+    import os
+
+    import torch
+
+    ray = pytest.importorskip("ray")
+    teacher, _ = tiny_teacher
+    root, _, _ = corpus
+    flags = ["--streaming", "--max-rows", str(ROWS)]
+    # Ray gives a 1-CPU actor OMP_NUM_THREADS=1; the last float bit depends on the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        precompute(teacher, str(root), tmp_path / "local", *flags)
+        precompute(teacher, str(root), tmp_path / "ray", *flags, "--ray", "--ray-actors", "2")
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(threads)
+    assert_same_cache(tmp_path / "local", tmp_path / "ray")
+    assert open_cache(str(tmp_path / "ray")).index["dataset"]["loader"] == "stream:parquet"
