@@ -209,8 +209,11 @@ class StreamedRows:
     def fingerprint(self, root: str) -> str:
         """sha256 over the touched files' (path, size, content tag) and the row range (module docstring)."""
         h = hashlib.sha256(f"streaming\0{self.start}\0{self.start + self.num_rows}\n".encode())
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        # HfFileSystem lists name, size and type only, unless asked for the blob id and LFS hash.
+        expand = {"expand_info": True} if "hf" in protocols else {}
         for f in self.touched:
-            info = self.fs.info(f)
+            info = self.fs.info(f, **expand)
             tag = next((str(info[k]) for k in ("ETag", "etag", "blob_id", "sha256", "md5") if info.get(k)), None)
             if tag is None and isinstance(info.get("lfs"), dict):
                 tag = str(info["lfs"].get("sha256") or info["lfs"].get("oid"))

@@ -70,3 +70,32 @@ def test_unknown_revision_and_offline_mode_are_one_line_errors(online, tmp_path,
         assert main(train_args("hf://datasets/team/a", tmp_path / "o2", f"endpoint={hub.endpoint}")) == 2
         err = capsys.readouterr().err
         assert "cannot read the index" in err and "offline mode is enabled" in err
+
+
+def test_precompute_streams_a_slice_of_a_hub_dataset_repo(online, tmp_path):
+    """`load_rows("hf://datasets/...@REV", streaming=True)`: the files through HfFileSystem, only as far as
+    the slice reaches; the fingerprint follows the files' blob ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from logitcache.stages.precompute.data import load_rows
+
+    for f in range(6):
+        pq.write_table(pa.table({"text": [f"file {f} row {i}" for i in range(10)]}),
+                       tmp_path / f"train-{f:02d}.parquet", row_group_size=5)
+    with fake_hub({"team/corpus": str(tmp_path)}, revisions={"v1"}) as hub:
+        options = {"endpoint": hub.endpoint}
+        rows, info = load_rows("hf://datasets/team/corpus@v1", streaming=True, max_rows=15, storage_options=options)
+        assert rows[0:15]["text"] == [f"file {i // 10} row {i % 10}" for i in range(15)]
+        assert info["files_read"] == 2 and info["files"] == 6
+        downloaded = {p for _, p, _ in hub.requests if "/resolve/" in p}
+        assert downloaded == {f"/datasets/team/corpus/resolve/v1/train-{f:02d}.parquet" for f in range(2)}
+        # Another file content at the same size and path: another fingerprint (the blob id changed).
+        size = (tmp_path / "train-00.parquet").stat().st_size
+        table = pq.read_table(tmp_path / "train-00.parquet").to_pydict()
+        table["text"][0] = "file 0 row X"
+        pq.write_table(pa.table(table), tmp_path / "train-00.parquet", row_group_size=5)
+        assert (tmp_path / "train-00.parquet").stat().st_size == size
+        again = load_rows("hf://datasets/team/corpus@v1", streaming=True, max_rows=15,
+                          storage_options={**options, "skip_instance_cache": True})[1]
+    assert again["fingerprint"] != info["fingerprint"]
