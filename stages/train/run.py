@@ -130,6 +130,9 @@ def train(s: TrainSettings) -> dict:
         raise ConfigError(f"--loss {s.loss} without --cache needs --data (a .jsonl with 'text' or 'prompt'/'response')")
     if (s.max_steps is None) == (s.epochs is None):
         raise ConfigError("give exactly one of --max-steps and --epochs")
+    if isinstance(s.cache, (list, tuple)) and s.epochs is not None:
+        raise ConfigError("--epochs is not defined for a mixture of caches (each cache repeats at its own rate); "
+                          "give --max-steps")
     for name in ("max_steps", "epochs", "batch_size", "grad_accum"):
         value = getattr(s, name)
         if value is not None and not (isinstance(value, int) and value >= 1):
