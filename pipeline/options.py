@@ -67,7 +67,7 @@ RULES: dict[str, dict[str, Number]] = {
     "precompute": {
         "samples": POSITIVE, "max_batch_tokens": POSITIVE, "rows_per_shard": POSITIVE,
         "num_shards": POSITIVE, "shard_index": NON_NEGATIVE, "num_jobs": POSITIVE, "job_index": NON_NEGATIVE,
-        "ray_actors": POSITIVE,
+        "ray_actors": POSITIVE, "max_rows": POSITIVE,
     },
     "train": {
         "lr": ABOVE_ZERO, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "grad_accum": POSITIVE,
@@ -75,6 +75,7 @@ RULES: dict[str, dict[str, Number]] = {
         "num_workers": NON_NEGATIVE, "shuffle_window": POSITIVE, "chunk_size": POSITIVE, "save_steps": POSITIVE,
         "save_total_limit": POSITIVE, "logging_steps": POSITIVE,
         "lora_r": POSITIVE, "lora_alpha": ABOVE_ZERO, "lora_dropout": NON_NEGATIVE, "eval_steps": POSITIVE,
+        "cache_weights": NON_NEGATIVE,
     },
     "eval": {"max_sequences": POSITIVE},
     "inspect": {"max_shards": POSITIVE},
@@ -90,7 +91,7 @@ RULES: dict[str, dict[str, Number]] = {
 PATH_RULES: dict[str, dict[str, str]] = {
     "precompute": {"teacher": "model", "out": "out_dir"},
     "merge": {"cache": "in_dir"},
-    "train": {"student": "model", "out": "out_dir", "cache": "in_dir"},
+    "train": {"student": "model", "out": "out_dir", "cache": "in_dir", "eval_cache": "in_dir"},
     "eval": {"model": "model", "cache": "in_dir"},
     "validate": {"cache": "in_dir"},
     "inspect": {"cache": "in_dir", "plot": "out_file"},
@@ -135,15 +136,26 @@ def check_options(command: str, parser: argparse.ArgumentParser, args: argparse.
             where = " (from --config)"
         name = f"{flag_name(action)} {value if isinstance(value, str) else repr(value)}{where}"
         problem = _type_problem(action, value)
-        if problem is None and dest in ranges and isinstance(value, (int, float)) and not isinstance(value, bool):
-            problem = ranges[dest].problem(value)
-        if problem is None and dest in paths and isinstance(value, str):
-            problem = _path_problem(paths[dest], value)
-        if problem:
-            raise ConfigError(f"{name}: {problem}")
+        # Options that take several values (--cache A B) check each one; a YAML scalar stands for one.
+        values = value if action.nargs in ("+", "*") and isinstance(value, list) else [value]
+        for one in values:
+            if problem is None and dest in ranges and isinstance(one, (int, float)) and not isinstance(one, bool):
+                problem = ranges[dest].problem(one)
+            if problem is None and dest in paths and isinstance(one, str):
+                problem = _path_problem(paths[dest], one)
+            if problem and len(values) > 1:
+                name = f"{flag_name(action)} {one if isinstance(one, str) else repr(one)}{where}"
+            if problem:
+                raise ConfigError(f"{name}: {problem}")
 
 
 def _type_problem(action: argparse.Action, value) -> str | None:
+    if action.nargs in ("+", "*") and not isinstance(action, argparse._AppendAction):
+        values = value if isinstance(value, list) else [value]  # YAML: a list, or one scalar
+        if not values and action.nargs == "+":
+            return "expected at least one value"
+        one = argparse.Action(action.option_strings, action.dest, type=action.type, choices=action.choices)
+        return next((p for v in values if (p := _type_problem(one, v))), None)
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return None if isinstance(value, bool) else "expected true or false"
     if isinstance(action, argparse._AppendAction):

@@ -33,16 +33,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--positions", metavar="FILE.npz", help="also write each position's scores (see below)")
+    p.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for --data/--cache URLs (s3://, gs://, hf://), repeatable (e.g. "
+                   "endpoint_url=http://..., token=...); credentials are otherwise read from the usual environment")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modelling code")
     return p
 
 
 def run(args) -> int:
+    from logitcache.pipeline.commands.precompute import parse_storage_options
     from logitcache.stages.train.evaluate import evaluate
 
     result = evaluate(args.model, data=args.data, cache=args.cache, batch_size=args.batch_size,
                       max_sequences=args.max_sequences, max_length=args.max_length, device=args.device,
-                      trust_remote_code=args.trust_remote_code, per_position=args.positions is not None)
+                      trust_remote_code=args.trust_remote_code, per_position=args.positions is not None,
+                      storage_options=parse_storage_options(args.storage_options))
     if args.positions is not None:
         import numpy as np
 

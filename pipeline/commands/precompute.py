@@ -40,6 +40,9 @@ examples:
       --messages-field messages --out ./cache
   logitcache precompute --teacher ./teacher --data HuggingFaceFW/fineweb-edu --split "train[:10000]" \\
       --text-field text --out s3://bucket/cache --encoding compact --max-length 2048
+  # 10,000 rows of a large Parquet dataset on S3, without downloading it
+  logitcache precompute --teacher ./teacher --data s3://bucket/corpus/ --streaming --max-rows 10000 \
+      --text-field text --out ./cache --storage-option endpoint_url=http://minio:9000
   # four independent jobs (e.g. a Slurm array) fill one cache, then one merge:
   logitcache precompute --config job.yaml --num-jobs 4 --job-index $SLURM_ARRAY_TASK_ID
   logitcache merge ./cache
@@ -64,6 +67,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--split", help="dataset split; slices work, e.g. 'train[:1000]' (default: train)")
     g.add_argument("--data-config", metavar="NAME", help="hub dataset configuration (subset) name")
     g.add_argument("--data-revision", metavar="REV", help="hub dataset revision (branch, tag or commit)")
+    g.add_argument("--streaming", action="store_true",
+                   help="read only the rows this cache needs, when the job needs them, instead of loading DATA "
+                        "first: .parquet/.jsonl files (local or URL; Parquet reads only footers and the needed row "
+                        "groups) or a hub dataset id (datasets' streaming=True; needs --max-rows or a row slice). "
+                        "For a slice of a huge dataset: --streaming --max-rows 10000")
+    g.add_argument("--max-rows", type=int, metavar="N",
+                   help="use the first N rows of DATA (of the --split slice); part of the cache's fingerprint")
     g.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
                    help="fsspec option for --data and --out URLs, repeatable (e.g. endpoint_url=..., anon=true); "
                         "credentials are otherwise read from the usual environment (AWS_*, GOOGLE_*, HF_TOKEN)")
@@ -197,7 +207,8 @@ def run(args) -> int:
         data_config=args.data_config, max_length=args.max_length, batch_size=args.batch_size,
         rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs, job_index=args.job_index, strict=args.strict,
         trust_remote_code=args.trust_remote_code, revision=args.revision, ray=args.ray,
-        ray_address=args.ray_address, ray_actors=args.ray_actors, progress=args.progress)
+        ray_address=args.ray_address, ray_actors=args.ray_actors, progress=args.progress,
+        streaming=args.streaming, max_rows=args.max_rows)
     if result.stopped_by:
         return 128 + signal.Signals[result.stopped_by].value
     return 0

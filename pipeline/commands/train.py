@@ -22,12 +22,25 @@ examples:
       --max-steps 1000 --resume
   # online BiLD on the same batches as a cached run: the teacher runs in the loop, full vocabulary
   logitcache train --student ./small --cache ./cache --online-teacher ./teacher --loss bild --out ./online --max-steps 500
+  # mix two caches, 3:1 (each sequence drawn from A with probability 0.75), deterministic given --seed
+  logitcache train --student ./small --cache s3://team/cache-a s3://team/cache-b --cache-weights 3 1 \
+      --storage-option endpoint_url=http://minio:9000 --loss kl --out ./mix --max-steps 1000
   # all options from a file (flags on the command line override it)
   logitcache train --config train.yaml
 
 Total loss = ce_weight * CE + kd_weight * KD, each a mean over supervised tokens (default weights: the
 loss's own, CE 1 and KD 1 unless listed below). The student's logits are sliced to its tokenizer's
 vocabulary (padded logits widths such as 152064 vs 151665 tokens). Writes DIR/ (model, tokenizer), DIR/checkpoint-*/ and DIR/logitcache_train.json."""
+
+
+class _Caches(argparse.Action):
+    """`--cache A B` and `--cache A --cache B` both give [A, B]; a list from --config is replaced, not
+    extended, by caches on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        fresh = current is None or current is parser.get_default(self.dest)
+        setattr(namespace, self.dest, list(values) if fresh else [*current, *values])
 
 
 def _losses_help() -> str:
@@ -51,7 +64,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--student", required=True, metavar="MODEL", help="student model: directory or hub id")
-    g.add_argument("--cache", metavar="CACHE", help="teacher cache: directory or fsspec URL")
+    g.add_argument("--cache", nargs="+", action=_Caches, metavar="CACHE",
+                   help="teacher cache: directory or fsspec URL (s3://, gs://, hf://datasets/OWNER/NAME, ...). "
+                   "Several (--cache A B, or --cache A --cache B; in YAML a list) are mixed: each training "
+                   "sequence comes from cache i with probability w_i / sum(w), as datasets.interleave_datasets("
+                   "probabilities=..., seed=--seed) draws; each cache repeats when drawn past its end; needs "
+                   "--max-steps. Mixed caches share one teacher vocabulary, mode and K (or give --top-k)")
+    g.add_argument("--cache-weights", nargs="+", type=float, metavar="W",
+                   help="one weight per --cache, in order (normalized: 3 1 = 0.75 0.25; default equal); in YAML "
+                   "a list. The draws and each cache's order are fixed by --seed, and --resume continues them "
+                   "exactly")
+    g.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for the --cache, --data, --eval-data and --eval-cache URLs, repeatable "
+                   "(e.g. endpoint_url=http://..., anon=true, token=...); in YAML a mapping. Credentials are otherwise read from the usual "
+                   "environment (AWS_*, GOOGLE_*, HF_TOKEN)")
     g.add_argument("--loss", default="kl", metavar="NAME", choices=registry.names(),
                    help=f"{', '.join(registry.names())} (default: kl; each is described under 'losses' below)")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory (model, checkpoints, metrics)")
@@ -160,8 +186,11 @@ def _as_dict(value) -> dict:
 def run(args) -> int:
     from logitcache.stages.train.run import TrainSettings, train
 
+    from logitcache.pipeline.commands.precompute import parse_storage_options
+
     settings = TrainSettings(
         student=args.student, out=args.out, loss=args.loss, cache=args.cache, data=args.data, teacher=args.teacher,
+        cache_weights=args.cache_weights, storage_options=parse_storage_options(args.storage_options),
         online_teacher=args.online_teacher,
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, scheduler=args.scheduler,

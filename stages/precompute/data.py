@@ -43,8 +43,8 @@ class RowEncoder(TextEncoder):
 
 
 def load_rows(data: str, *, split: str | None = None, config_name: str | None = None, revision: str | None = None,
-              storage_options: dict | None = None):
-    """Load DATA as a `datasets.Dataset` and describe it.
+              storage_options: dict | None = None, streaming: bool = False, max_rows: int | None = None):
+    """Load DATA as a `datasets.Dataset` (with `streaming`: rows read lazily) and describe it.
 
     DATA is, in this order: a `save_to_disk` folder (a Dataset, or a DatasetDict with `split`);
     a local .jsonl/.json/.parquet/.arrow file, or a folder of such files (one kind; split names
@@ -52,7 +52,13 @@ def load_rows(data: str, *, split: str | None = None, config_name: str | None = 
     files are "train" otherwise); an fsspec URL (s3://, gs://, hf://, https://, ...) of such a file
     or folder (`storage_options` and the usual credentials reach fsspec); else a hub dataset id
     (at `revision`). `split` defaults to "train"; slices such as "train[:1000]" work for files and
-    hub datasets.
+    hub datasets. `max_rows` keeps the first N rows (of the slice).
+
+    With `streaming`, nothing is read beyond the selected rows: .parquet/.jsonl files (local or
+    any fsspec URL, hf:// included) become a `streaming.StreamedRows` that reads a shard's rows when
+    asked (Parquet: footers, then only the needed row groups); a hub dataset id is streamed with
+    `datasets.load_dataset(..., streaming=True)` and its first rows of the slice are kept (this needs
+    `max_rows` or a row slice, since a stream has no length).
 
     Returns:
         (dataset, info), info being the index's `dataset` section: source, split, loader,
@@ -67,7 +73,12 @@ def load_rows(data: str, *, split: str | None = None, config_name: str | None = 
     """
     import datasets
 
+    if max_rows is not None and not (isinstance(max_rows, int) and max_rows >= 1):
+        raise ConfigError(f"--max-rows {max_rows!r} must be a positive integer")
     path = Path(os.path.expanduser(data))
+    if streaming:
+        return _load_streaming(data, path, split=split, config_name=config_name, revision=revision,
+                               storage_options=storage_options, max_rows=max_rows)
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
@@ -113,10 +124,52 @@ def load_rows(data: str, *, split: str | None = None, config_name: str | None = 
         info = {"loader": "hub", "fingerprint": ds._fingerprint}
     if len(ds) == 0:
         raise InvalidDataError(f"--data {data}{f' --split {split}' if split else ''}: no rows")
+    if max_rows is not None and max_rows < len(ds):
+        ds = ds.select(range(max_rows))
+        info["max_rows"] = max_rows
     info = {"source": str(data), "split": split, "config_name": config_name, "num_rows": len(ds), **info}
     if revision is not None:
         info["revision"] = revision
     return ds, info
+
+
+def _load_streaming(data: str, path: Path, *, split, config_name, revision, storage_options, max_rows):
+    """`load_rows(..., streaming=True)`: files through `streaming.stream_rows`, hub ids through datasets."""
+    import datasets
+
+    from logitcache.stages.precompute.streaming import parse_row_range, stream_rows
+
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        raise ConfigError(f"--data {data}: a save_to_disk folder is memory-mapped already; drop --streaming")
+    if path.exists() or "://" in data or _looks_like_path(data):
+        if not path.exists() and "://" not in data:
+            raise ConfigError(f"--data {data}: no such file or folder")
+        rows, info = stream_rows(data, split=split, max_rows=max_rows, storage_options=storage_options)
+    else:
+        base, start, end = parse_row_range(split, max_rows, data=data)
+        if end is None:
+            raise ConfigError(f"--data {data} --streaming: a streamed hub dataset has no length; give --max-rows N "
+                              f"or --split 'train[:N]'")
+        try:
+            stream = datasets.load_dataset(data, config_name, split=base,
+                                           revision=revision, streaming=True, storage_options=storage_options)
+            taken = list(stream.skip(start).take(end - start)) if start else list(stream.take(end - start))
+        except Exception as e:  # network, auth, unknown id, offline mode: all mean "cannot load"
+            raise ConfigError(f"--data {data} --streaming: streaming the hub dataset failed "
+                              f"({e.__class__.__name__}: {e})") from None
+        if not taken:
+            raise InvalidDataError(f"--data {data}: no rows in [{start}:{end}]")
+        rows = datasets.Dataset.from_list(taken)
+        h = hashlib.sha256(json.dumps([data, config_name, revision, start, end], sort_keys=True).encode())
+        for row in taken:  # the rows themselves: a hub id without a pinned revision may change
+            h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        info = {"loader": "hub:streaming", "fingerprint": h.hexdigest()}
+    info = {"source": str(data), "split": split, "config_name": config_name, "num_rows": len(rows), **info}
+    if max_rows is not None:
+        info["max_rows"] = max_rows
+    if revision is not None:
+        info["revision"] = revision
+    return rows, info
 
 
 def unreadable_files(data: str, files: list[Path], error: BaseException) -> LogitCacheError:

@@ -52,7 +52,8 @@ class ShardWorker:
         tokenizer = AutoTokenizer.from_pretrained(settings.teacher, revision=settings.revision,
                                                   trust_remote_code=settings.trust_remote_code)
         self.dataset, info = load_rows(settings.data, split=settings.split, config_name=settings.data_config,
-                                       revision=settings.data_revision, storage_options=settings.storage_options)
+                                       revision=settings.data_revision, storage_options=settings.storage_options,
+                                       streaming=settings.streaming, max_rows=settings.max_rows)
         # A node with another copy of the data or tokenizer would write a different cache.
         got = {"dataset": info, "tokenizer": tokenizer_fingerprint(tokenizer)}
         for name, expected in settings.expected.items():

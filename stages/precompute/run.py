@@ -8,7 +8,8 @@
 The recipe, top to bottom (`precompute`):
   1. settings: the targets (top-K or RS-KD samples, defaults applied here once) and the engine.
   2. teacher: config (identity hash, logits width, context length) and tokenizer.
-  3. dataset: load DATA, pick the input kind, build the row encoder.
+  3. dataset: load DATA (or, with --streaming, plan its slice to read shard by shard), pick the input kind,
+     build the row encoder.
   4. fingerprint: chained over dataset, teacher, tokenizer, inputs, sparsification, engine and
      format version; plus the index metadata. A rerun with other settings is refused.
   5. cache: the writer and `job.json` (what `logitcache merge` needs).
@@ -80,7 +81,8 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
                num_jobs: int = 1, job_index: int = 0, strict: bool = False, trust_remote_code: bool = False,
                revision: str | None = None, ray: bool = False, ray_address: str | None = None,
                ray_actors: int | None = None, progress: bool = True,
-               storage_options: dict | None = None) -> PrecomputeResult:
+               storage_options: dict | None = None, streaming: bool = False,
+               max_rows: int | None = None) -> PrecomputeResult:
     """Fill (part of) a cache; finalize it when every shard exists. See the module docstring.
 
     `engine` says which engine runs the teacher and how (`EngineSpec("hf")`; default: vLLM where
@@ -109,7 +111,7 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
 
     # 3. Dataset and input kind.
     dataset, dataset_info = load_rows(data, split=split, config_name=data_config, revision=data_revision,
-                                      storage_options=storage_options)
+                                      storage_options=storage_options, streaming=streaming, max_rows=max_rows)
     spec = InputSpec.build(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
                            messages_field=messages_field, tools_field=tools_field, prompt_format=prompt_format,
                            max_length=max_length)
@@ -166,7 +168,8 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
     if todo:
         settings = JobSettings(
             teacher=teacher, revision=revision, trust_remote_code=trust_remote_code, data=data, split=split,
-            data_config=data_config, data_revision=data_revision, storage_options=storage_options, out=str(out),
+            data_config=data_config, data_revision=data_revision, storage_options=storage_options,
+            streaming=streaming, max_rows=max_rows, out=str(out),
             record=record, inputs=spec, engine=engine, targets=targets, rows_per_shard=rows_per_shard,
             batch_size=batch_size, strict=strict, expected={"dataset": dataset_info, "tokenizer": tok_fp})
         bar = _Progress(sum(min(rows_per_shard, len(dataset) - s * rows_per_shard) for s in todo), enabled=progress)

@@ -135,7 +135,7 @@ class JobSettings:
 
     Attributes:
         teacher, revision, trust_remote_code: the teacher model (and its tokenizer).
-        data, split, data_config, data_revision: DATA, as `load_rows` takes them.
+        data, split, data_config, data_revision, streaming, max_rows: DATA, as `load_rows` takes them.
         storage_options: fsspec options (endpoint, credentials) for DATA and the cache.
         out: the cache location.
         record: the job record (`plan.write_job_record`): fingerprint, backend, encoding, layout.
@@ -157,6 +157,8 @@ class JobSettings:
     data_config: str | None
     data_revision: str | None
     storage_options: dict | None
+    streaming: bool
+    max_rows: int | None
     out: str
     record: dict
     inputs: InputSpec

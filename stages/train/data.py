@@ -103,19 +103,21 @@ class JsonlSource:
         path: local path or fsspec URL of a .jsonl file (one JSON object per line).
         to_item: picklable callable, row dict (with "row_index" added) -> training item.
         rows_per_shard: lines per pseudo-shard (the unit of shuffling and of work splitting).
+        storage_options: passed to fsspec (with a URL).
 
     Only the byte offset of each pseudo-shard is kept in memory; a shard's lines are read when needed.
     """
 
-    def __init__(self, path: str, *, to_item: Callable[[dict], dict], rows_per_shard: int = 1024):
+    def __init__(self, path: str, *, to_item: Callable[[dict], dict], rows_per_shard: int = 1024,
+                 storage_options: dict | None = None):
         import fsspec
 
         if rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard={rows_per_shard} must be >= 1")
-        self.path, self.to_item = str(path), to_item
+        self.path, self.to_item, self.storage_options = str(path), to_item, storage_options
         offsets, sizes, rows, pos = [], [], 0, 0
         try:
-            with fsspec.open(self.path, "rb") as f:
+            with fsspec.open(self.path, "rb", **(storage_options or {})) as f:
                 for line in f:
                     if line.strip():
                         if rows % rows_per_shard == 0:
@@ -135,7 +137,7 @@ class JsonlSource:
         import fsspec
 
         rows = []
-        with fsspec.open(self.path, "rb") as f:
+        with fsspec.open(self.path, "rb", **(self.storage_options or {})) as f:
             f.seek(self.offsets[j])
             while len(rows) < self.shard_sizes[j]:
                 line = f.readline()
@@ -269,15 +271,20 @@ class ShardedStream(IterableDataset):
             raise ConfigError(f"the data position was saved with {self._num_workers} DataLoader worker(s) per rank "
                               f"and this run has {num_workers}; resume with --num-workers {self._num_workers}")
         position = self._consumed[worker] if self._consumed else 0
+        for item in self.items(worker, num_workers, position):
+            position += 1
+            item["stream"] = np.array([worker, num_workers, position], dtype=np.int64)
+            yield item
+
+    def items(self, worker: int, num_workers: int, position: int) -> Iterator[dict]:
+        """The worker's items from `position` on (no "stream" entry), reading a window's shards only when
+        the first of its items is asked for; shards before `position` are skipped unread."""
         for _, group, order, skip in self._plan(worker, num_workers, position):
             loaded = {j: self.source.load(j) for j, _, _ in group}
             ranges = _window_keys(group)
             for k in order[skip:]:  # `position` already counts the skipped part
                 j, s = ranges[k]
-                item = self.source.item(loaded[j], s)
-                position += 1
-                item["stream"] = np.array([worker, num_workers, position], dtype=np.int64)
-                yield item
+                yield self.source.item(loaded[j], s)
             del loaded
 
     # ---- position ------------------------------------------------------------------------------

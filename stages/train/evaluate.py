@@ -111,8 +111,9 @@ def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch
 
 def evaluate(model: str, *, data: str | None = None, cache: str | None = None, batch_size: int = 8,
              max_sequences: int | None = None, max_length: int | None = None, device: str | None = None,
-             trust_remote_code: bool = False, per_position: bool = False) -> dict:
-    """Load `model` and evaluate it on a jsonl (`data`) and/or a cache's sequences (`cache`).
+             trust_remote_code: bool = False, per_position: bool = False, storage_options: dict | None = None) -> dict:
+    """Load `model` and evaluate it on a jsonl (`data`) and/or a cache's sequences (`cache`), local or
+    fsspec URLs (`storage_options` reach fsspec).
 
     Returns:
         {"model": str, "data": {path, metrics...}, "cache": {path, teacher, metrics...}}, each of the
@@ -138,14 +139,16 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
                   per_position=per_position)
     out = {"model": model}
     if data is not None:
-        source = JsonlSource(data, to_item=TextExample(tokenizer, max_length=max_length, where=data))
+        source = JsonlSource(data, to_item=TextExample(tokenizer, max_length=max_length, where=data),
+                             storage_options=storage_options)
         out["data"] = {"path": data, **evaluate_source(net, source, **kwargs)}
     if cache is not None:
-        index = open_cache(cache).index
+        index = open_cache(cache, storage_options=storage_options).index
         if not check_tokenizer(index, tokenizer, loss="eval", student=model, cache=cache, has_text=False):
             raise ConfigError(f"--cache {cache}: its token ids mean other tokens to {model}'s tokenizer; teacher "
                               f"agreement compares token ids, so it needs the same vocabulary")
-        source = CacheSource(cache, to_item=SameTokenizerTargets(vocab, max_length=max_length))
+        source = CacheSource(cache, to_item=SameTokenizerTargets(vocab, max_length=max_length),
+                             storage_options=storage_options)
         out["cache"] = {"path": cache, "teacher": index["teacher"].get("name_or_path"),
                         **evaluate_source(net, source, **kwargs)}
     return out

@@ -11,7 +11,8 @@ The recipe, top to bottom (`train`):
   2. student: model and tokenizer; the logits columns training uses (`student.load_student`).
   3. cache and refusals: the cache opened once; the teacher named by --teacher, the loss against
      the cache's mode and K, the student tokenizer against the cache's (same, or re-tokenized).
-  4. dataset: a `ShardedStream` over the cache (or the jsonl), split by DDP rank and worker;
+  4. dataset: a `ShardedStream` over the cache (or the jsonl), split by DDP rank and worker; several
+     caches: a `mixing.MixedStream` drawing each sequence from cache i with its weight;
      the number of optimizer steps; batches padded, or packed into one row (--pack).
   5. trainer: TrainingArguments with that number, then `KDTrainer`, a transformers Trainer
      (accelerate, DeepSpeed/FSDP, checkpoints, loggers); the LM head fused into the loss; with
@@ -41,7 +42,9 @@ class TrainSettings:
     student: str
     out: str
     loss: str = "kl"
-    cache: str | None = None
+    cache: str | list[str] | None = None  # several: a weighted mixture (`mixing`)
+    cache_weights: list[float] | None = None
+    storage_options: dict | None = None  # fsspec options for the cache and data URLs (credentials, endpoint_url)
     data: str | None = None
     teacher: str | None = None
     online_teacher: str | None = None
@@ -90,6 +93,10 @@ class TrainSettings:
     hf_args: dict = field(default_factory=dict)
     trust_remote_code: bool = False
 
+    def __post_init__(self):
+        if isinstance(self.cache, (list, tuple)) and len(self.cache) == 1:
+            self.cache = self.cache[0]
+
 
 def train(s: TrainSettings) -> dict:
     """Run the recipe (module docstring). Returns the contents of `logitcache_train.json`; after a
@@ -123,6 +130,9 @@ def train(s: TrainSettings) -> dict:
         raise ConfigError(f"--loss {s.loss} without --cache needs --data (a .jsonl with 'text' or 'prompt'/'response')")
     if (s.max_steps is None) == (s.epochs is None):
         raise ConfigError("give exactly one of --max-steps and --epochs")
+    if isinstance(s.cache, (list, tuple)) and s.epochs is not None:
+        raise ConfigError("--epochs is not defined for a mixture of caches (each cache repeats at its own rate); "
+                          "give --max-steps")
     for name in ("max_steps", "epochs", "batch_size", "grad_accum"):
         value = getattr(s, name)
         if value is not None and not (isinstance(value, int) and value >= 1):
@@ -154,8 +164,23 @@ def train(s: TrainSettings) -> dict:
 
     # 3. Cache and refusals (the cache is opened here, once; the data source reads through it).
     cache, cache_info, same_tokenizer = None, None, True
-    if s.cache is not None:
-        cache = open_cache(s.cache)
+    mixture = isinstance(s.cache, (list, tuple))
+    if s.cache_weights is not None and not mixture:
+        raise ConfigError("--cache-weights weighs several caches (--cache A B); give more than one --cache")
+    if mixture:
+        from logitcache.stages.train.mixing import open_mixture
+
+        if s.data is not None:
+            raise ConfigError("--data is for --loss sft or one cache re-tokenized for another student; a mixture "
+                              "of caches reads their token ids, so drop --data")
+        stream, cache_info, sample_temperature = open_mixture(
+            s.cache, weights=s.cache_weights, loss=s.loss, top_k=s.top_k, keep_k=ls["keep_k"], teacher=s.teacher,
+            student=s.student, tokenizer=tokenizer, vocab=vocab, max_length=max_length, seed=s.seed,
+            window=s.shuffle_window, rank=rank, world_size=world_size, storage_options=s.storage_options)
+        if "sample_temperature" in registry.get(s.loss).option_names() and sample_temperature is not None:
+            ls["options"]["sample_temperature"] = sample_temperature
+    elif s.cache is not None:
+        cache = open_cache(s.cache, storage_options=s.storage_options)
         index = cache.index
         check_cache_teacher(index, s.teacher, cache=s.cache)
         check_loss_fits_cache(index, s.loss, top_k=s.top_k, cache=s.cache)
@@ -185,10 +210,12 @@ def train(s: TrainSettings) -> dict:
                                         prompt_format=index["inputs"].get("prompt_format", "plain"))
     if cache is not None:
         source = CacheSource(cache, to_item=to_item)
-    else:
-        source = JsonlSource(s.data, to_item=TextExample(tokenizer, max_length=max_length, where=s.data))
-    stream = ShardedStream(source, seed=s.seed, window=s.shuffle_window, epochs=s.epochs, rank=rank,
-                           world_size=world_size)
+    elif not mixture:
+        source = JsonlSource(s.data, to_item=TextExample(tokenizer, max_length=max_length, where=s.data),
+                             storage_options=s.storage_options)
+    if not mixture:
+        stream = ShardedStream(source, seed=s.seed, window=s.shuffle_window, epochs=s.epochs, rank=rank,
+                               world_size=world_size)
     max_steps = s.max_steps
     if s.epochs is not None:
         max_steps = -(-stream.batches_per_rank(s.batch_size, s.num_workers, s.epochs) // s.grad_accum)
@@ -257,10 +284,13 @@ def train(s: TrainSettings) -> dict:
               "fused_head": trainer.fused_head,
               "global_step": trainer.state.global_step, "sequences_per_rank": stream.consumed(),
               "train_metrics": output.metrics, "log_history": trainer.state.log_history}
+    if mixture:  # the realised mixture: sequences this rank took from each cache
+        result["cache"]["sequences_per_cache"] = dict(zip(s.cache, stream.per_stream()))
     if s.eval_data and trainer.is_world_process_zero():
         from logitcache.stages.train.evaluate import evaluate_source
 
-        eval_source = JsonlSource(s.eval_data, to_item=TextExample(tokenizer, max_length=max_length, where=s.eval_data))
+        eval_source = JsonlSource(s.eval_data, to_item=TextExample(tokenizer, max_length=max_length, where=s.eval_data),
+                                  storage_options=s.storage_options)
         result["eval"] = {"data": s.eval_data, **evaluate_source(model, eval_source, pad_id=pad_id, vocab_size=vocab,
                                                                  batch_size=s.batch_size, device=args.device)}
     if trainer.is_world_process_zero():
@@ -336,9 +366,10 @@ def _eval_sources(s: TrainSettings, tokenizer, vocab: int, max_length: int | Non
     sources = {}
     if s.eval_data:
         sources["data"] = JsonlSource(s.eval_data, to_item=TextExample(tokenizer, max_length=max_length,
-                                                                     where=s.eval_data))
+                                                                     where=s.eval_data),
+                                      storage_options=s.storage_options)
     if s.eval_cache:
-        cache = open_cache(s.eval_cache)
+        cache = open_cache(s.eval_cache, storage_options=s.storage_options)
         if not check_tokenizer(cache.index, tokenizer, loss="eval", student=s.student, cache=s.eval_cache,
                                has_text=False):
             raise ConfigError(f"--eval-cache {s.eval_cache} was made with another tokenizer than the student's; "
