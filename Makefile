@@ -21,6 +21,14 @@ $(STAMP): pyproject.toml Makefile
 # cache go to a folder under the system temp dir (setuptools' build/ of the wheel test goes to pytest's
 # tmp_path). `test` is CI's run: everything but GPU tests, slow ones included (< 15 min on 2 cores).
 # `test-fast` is the run between edits: the default selection, slow tests skipped (< 3 min on 2 cores).
+#
+# Test budget. A test that takes more than ~10 s on 2 quiet cores is marked `slow` (subprocess CLI
+# runs, vLLM, Ray, torchrun, the S3 server's fault cases, the 151,936-wide Qwen runs, the demo); so is
+# one that shares such a test's expensive fixture. Expensive things are built once per session and
+# shared (conftest: the tiny teacher, one vLLM engine per path, the Qwen models, the S3 server;
+# trainkit.world(): the stage-two caches), and a fixture only one case needs is requested by that case.
+# Judge a change by CPU seconds, not wall time (the machine is usually shared):
+#   $(PY) -m pytest -p cpu_time tests/...     # a table of CPU seconds per file and the slowest tests
 TEST_TMP ?= $(or $(TMPDIR),/tmp)/logitcache-test-$(shell id -u)
 PYTEST   := PYTHONPYCACHEPREFIX=$(TEST_TMP)/pycache HYPOTHESIS_STORAGE_DIRECTORY=$(TEST_TMP)/hypothesis \
             $(PY) -m pytest -o cache_dir=$(TEST_TMP)/pytest-cache

@@ -1,6 +1,6 @@
 """The distribution: a real (non-editable) wheel holds every package, under the logitcache namespace only.
 
-    .venv/bin/python -m pytest tests/test_packaging.py
+    .venv/bin/python -m pytest tests/test_packaging.py -m "slow or not slow"    # with the wheel build
 
 The wheel is built from a copy of the sources in a temporary folder, so setuptools' `build/` and
 `*.egg-info` never land in the checkout.
@@ -12,6 +12,8 @@ import sys
 import tomllib
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"pipeline": "logitcache.pipeline", "stages": "logitcache.stages", "storage": "logitcache.storage"}
@@ -31,6 +33,7 @@ def test_every_source_package_is_listed():
     assert _source_packages() == listed
 
 
+@pytest.mark.slow  # builds a wheel in a subprocess: ~10 s of CPU
 def test_wheel_contains_every_module_and_nothing_top_level(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -36,7 +36,7 @@ class ShardWorker:
 
     def __init__(self, settings: JobSettings):
         # Our errors travel back as data: Ray would wrap them beyond recognition.
-        self.error = None
+        self.settings, self.error = settings, None
         try:
             self._setup(settings)
         except LogitCacheError as e:
@@ -66,7 +66,6 @@ class ShardWorker:
         if self.engine.logits_width != settings.logits_width:
             raise ConfigError(f"Ray worker: engine logits width {self.engine.logits_width} != {settings.logits_width}")
         self.writer = writer_from_record(settings.out, settings.record, storage_options=settings.storage_options)
-        self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from logitcache.stages.precompute.shard_work import make_shard

@@ -6,6 +6,9 @@ handler here only sets a flag; at the end of the optimizer step in flight, `Stop
 Trainer to save (model, optimizer, scheduler, RNG states, and through `_SaveDataPosition` the
 stream's position, all for the same step) and to stop. `--resume` then continues exactly there.
 A second SIGINT interrupts at once (KeyboardInterrupt), for a user who does not want to wait.
+
+Stage one has its twin (`stages/precompute/run.py:_StopSignals`, which stops between shards): stages do
+not import each other, and when to stop is no part of the cache format that `storage/` owns.
 """
 
 import signal

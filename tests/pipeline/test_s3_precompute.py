@@ -5,8 +5,7 @@ cache equals an uninterrupted local run, and `logitcache train --cache s3://...`
 The CLI gets plain s3:// URLs; the endpoint and credentials come from the usual AWS variables
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), which botocore, and so s3fs, reads by itself.
 
-    .venv/bin/pytest tests/pipeline/test_s3_precompute.py                   # the fast ones
-    .venv/bin/pytest tests/pipeline/test_s3_precompute.py -m "slow or not slow"   # all: ~50 s on 2 CPU cores (5 subprocesses)
+    .venv/bin/pytest tests/pipeline/test_s3_precompute.py -m slow    # all (every one runs CLI subprocesses): ~1.5 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -142,6 +141,7 @@ def test_s3_kill_9_then_rerun_equals_local_and_trains(setup, s3, tmp_path):
     assert result["global_step"] == 2 and cache.fingerprint in json.dumps(result["cache"]), result
 
 
+@pytest.mark.slow  # its setup is a CLI precompute, then a CLI train: ~35 s of CPU
 def test_train_reads_s3_with_dataloader_workers(setup, s3, tmp_path):
     """A finished local cache uploaded as is (the way one shares it) trains with DataLoader workers."""
     import s3fs
@@ -155,26 +155,36 @@ def test_train_reads_s3_with_dataloader_workers(setup, s3, tmp_path):
     assert train(student, "s3://lc-shared/cache", teacher, tmp_path, env=env, workers=1)["global_step"] == 2
 
 
-@pytest.mark.slow  # two CLI runs: ~40 s on 2 cores
-def test_data_from_s3_equals_the_local_file(setup, s3, tmp_path):
+@pytest.mark.slow
+def test_data_from_s3_equals_the_local_file(setup, s3, tmp_path, monkeypatch, capsys):
     """`--data s3://...` (what docker/precompute-job.yaml passes): the same rows, fingerprint and cache as the
-    local file, since a data file's fingerprint is its bytes, wherever it lies."""
+    local file, since a data file's fingerprint is its bytes, wherever it lies. The CLI runs in this
+    process (a subprocess start-up costs more than the run), credentials from the environment."""
     import s3fs
+    import torch
+
+    from logitcache.pipeline.cli import main as cli_main
 
     teacher, data, _, reference = setup
     endpoint, env = s3
     make_bucket(endpoint, "lc-data")
     s3fs.S3FileSystem(**s3_options(endpoint)).put(str(data), "lc-data/in/rows.jsonl")
-    log = tmp_path / "log"
-    proc = run_cli(flags(teacher, "s3://lc-data/in/rows.jsonl", str(tmp_path / "cache")), log, env=env)
-    assert proc.wait(timeout=180) == 0, log.read_text()
+    for key, value in {**env, **THREADS}.items():
+        monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference's process: the last float bit depends on it
+    try:
+        assert cli_main(flags(teacher, "s3://lc-data/in/rows.jsonl", str(tmp_path / "cache"))) == 0
+    finally:
+        torch.set_num_threads(threads)
     cache, local = open_cache(str(tmp_path / "cache")), open_cache(str(reference))
     assert cache.index["dataset"]["source"] == "s3://lc-data/in/rows.jsonl"
     assert cache.index["dataset"]["fingerprint"] == local.index["dataset"]["fingerprint"]
     assert_same_cache(reference, tmp_path / "cache")
     # A missing object is our error, naming the URL.
-    proc = run_cli(flags(teacher, "s3://lc-data/in/nope.jsonl", str(tmp_path / "c2")), log, env=env)
-    assert proc.wait(timeout=120) == 2 and "s3://lc-data/in/nope.jsonl: no such file" in log.read_text()
+    capsys.readouterr()
+    assert cli_main(flags(teacher, "s3://lc-data/in/nope.jsonl", str(tmp_path / "c2"))) == 2
+    assert "s3://lc-data/in/nope.jsonl: no such file" in capsys.readouterr().err
 
 
 def train(student: Path, url: str, teacher: str, tmp_path: Path, *, env: dict, workers: int) -> dict:

@@ -535,6 +535,7 @@ def test_peak_memory_stays_well_below_cross_entropy(peak_memory, dtype):
         assert peak_memory[f"{method}-{dtype}"] < 0.6 * ce, (method, peak_memory)
 
 
+@pytest.mark.slow  # the same subprocess as above
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_peak_memory_of_kd_with_ce_stays_at_cross_entropy_alone(peak_memory, dtype):
     """CE fused into kl (T = 2: the CE takes its own exp pass) and into bild, in chunks of 64 rows.

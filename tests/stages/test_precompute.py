@@ -1,5 +1,6 @@
-"""Stage one end to end in-process (hf engine on the tiny teacher): input kinds x formats, supervision,
-counts, sample mode, job split + merge, bad input, Ray on a local CPU cluster, and the vLLM engine.
+"""Stage one end to end in-process (hf engine on the tiny teacher): input kinds x backends, supervision,
+counts, sample mode, job split + merge, bad input, Ray on a local CPU cluster (DATA and the cache on
+the S3 server, reached through `storage_options` only), and the vLLM engine.
 
     .venv/bin/pytest tests/stages/test_precompute.py                       # hf engine, one process
     .venv/bin/pytest tests/stages/test_precompute.py -m "slow or not slow"  # with Ray (~30 s) and vLLM: ~1.5 min on 2 CPU cores
