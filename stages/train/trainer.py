@@ -42,7 +42,7 @@ from logitcache.storage.head import logit_transform
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["KDTrainer", "training_arguments", "data_state_name", "fused_head_problem", "packing_problem",
-           "model_inputs", "loss_parts", "supervised_logits"]
+           "model_inputs", "loss_parts", "supervised_logits", "cpu_fsdp"]
 
 
 def data_state_name(rank: int) -> str:
@@ -119,6 +119,34 @@ def fused_head_problem(model, args: TrainingArguments | None = None) -> str | No
     return None
 
 
+def cpu_fsdp(trainer) -> None:
+    """Turn FSDP on for a multi-process CPU (gloo) run, which accelerate silently trains as DDP.
+
+    accelerate's `AcceleratorState` enables FSDP only for accelerator device types (MULTI_GPU, ...):
+    on MULTI_CPU it drops the `fsdp_plugin` the Trainer built from `--fsdp` and wraps the model in
+    DDP. torch's FSDP2 (`fully_shard`) runs on CPU with gloo, so this sets the state's type and
+    plugin as accelerate would on a GPU; `Trainer.__init__` calls it before anything is prepared.
+
+    Raises:
+        ConfigError: FSDP1 (`fsdp_config` version 1) asked for on CPU: transformers deprecates it,
+            and only FSDP2 is tested here (tests/stages/test_trainer_fsdp.py).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin_args = trainer.args.fsdp_plugin_args
+    state = trainer.accelerator.state
+    if plugin_args is None or trainer.is_fsdp_enabled or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if plugin_args.get("fsdp_version", 2) != 2:
+        raise ConfigError("--fsdp on CPU runs FSDP2 only (fsdp_config version 2, transformers' default); drop "
+                          "version 1 from fsdp_config")
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    # Both states, as accelerate does: every AcceleratorState() re-reads PartialState's type.
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
 class _SaveDataPosition(TrainerCallback):
     """Writes each rank's stream position into every checkpoint folder."""
 
@@ -193,6 +221,10 @@ class KDTrainer(Trainer):
         # SIGTERM/SIGINT during `train`: checkpoint at the end of the step, then return (see stop.py).
         self.stop = StopOnSignal()
         self.add_callback(self.stop)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        cpu_fsdp(self)
 
     # ---- data -----------------------------------------------------------------------------------
 
