@@ -1,11 +1,13 @@
 """Held-out evaluation: perplexity and next-token accuracy on supervised positions; with teacher
-targets, top-1 agreement with the teacher; calibration (ECE, 15 equal-width confidence bins).
+targets, top-1 agreement with the teacher and the KD loss; calibration (ECE, 15 equal-width bins).
 
     python -m logitcache.pipeline eval --model out/ --data heldout.jsonl --cache heldout_cache/ --json
 
 Every metric is over supervised positions (response tokens for prompt/response rows; the cache's
 positions for a cache), pooled over all sequences (not averaged per sequence). The student's
-logits are sliced to its tokenizer's vocabulary, as in training (see `checks`).
+logits are sliced to its tokenizer's vocabulary, as in training (see `checks`). The KD loss is
+the training loss's KD term (`batch_loss.loss_parts` at ce_weight 0), pooled over teacher rows:
+the same number `KDTrainer.evaluate` logs as eval_cache_kd_loss while training.
 """
 
 import math
@@ -13,10 +15,12 @@ import math
 import numpy as np
 import torch
 
+from logitcache.stages.train.batch_loss import TEACHER_FIELDS, loss_parts
 from logitcache.stages.train.data import ShardedStream
+from logitcache.stages.train.losses import registry
 from logitcache.stages.train.student import collated_batches, load_student
 
-__all__ = ["ECE_BINS", "expected_calibration_error", "evaluate_batches", "evaluate_source"]
+__all__ = ["ECE_BINS", "expected_calibration_error", "evaluate_batches", "evaluate_source", "kd_loss_for"]
 
 ECE_BINS = 15
 
@@ -39,24 +43,37 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(total)
 
 
+def kd_loss_for(loss: str) -> str:
+    """The loss whose KD term evaluation reports: `loss` itself, or forward KL for one without a KD term (sft)."""
+    return loss if registry.get(loss).rows is not None else "kl"
+
+
 @torch.no_grad()
-def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", per_position: bool = False) -> dict:
+def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", per_position: bool = False,
+                     kd_loss: str | None = "kl", kd_options: dict | None = None) -> dict:
     """Metrics of `model` over collated batches (see `collate`).
 
     Args:
         per_position: also return each position's scores, in batch order, so that two models scored
             on the same batches can be compared position by position (paired standard errors).
+        kd_loss, kd_options: the registry loss (and its options) whose KD term is reported as
+            kd_loss on batches with teacher targets; None skips it. A loss that reads other batch
+            fields (rskd's sample_counts) gets them from the batch.
 
     Returns:
         sequences, positions, nll (mean), perplexity, accuracy, ece; with teacher targets also
-        teacher_positions, teacher_agreement (student top-1 == teacher top-1) and teacher_accuracy
-        (teacher top-1 == the actual next token, the ceiling of agreement-driven accuracy). With
+        teacher_positions, teacher_agreement (student top-1 == teacher top-1), teacher_accuracy
+        (teacher top-1 == the actual next token, the ceiling of agreement-driven accuracy) and,
+        with `kd_loss`, kd_loss (the mean over teacher rows of that loss's KD term). With
         `per_position`, "per_position": {"nll": (positions,) float32, "correct": (positions,) bool,
         ["agree": (teacher_positions,) bool]}.
     """
     model.eval()
     nll, n, seqs = 0.0, 0, 0
     conf, correct, agree, teacher_right, nlls = [], [], [], [], []
+    kd_sum, kd_rows = 0.0, 0
+    # Batch fields the loss reads besides the top-K (rskd: sample_counts); a cache without them has no kd_loss.
+    needs = list(registry.get(kd_loss).batch_inputs.values()) if kd_loss is not None else []
     for batch in batches:
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         logits = model(**inputs).logits
@@ -82,6 +99,12 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
             sel = batch["kd_select"].to(device)
             agree.append((top[sel] == t_top).cpu().numpy())
             teacher_right.append((next_ids[sel] == t_top).cpu().numpy())
+            if kd_loss is not None and ids.shape[0] and all(k in batch for k in needs):
+                fields = {k: batch[k].to(device) for k in (*TEACHER_FIELDS, "kd_select", "next_ids") if k in batch}
+                _, parts = loss_parts(flat.index_select(0, rows), fields, loss=kd_loss, options=kd_options,
+                                      ce_weight=0.0, kd_weight=1.0)
+                kd_sum += parts["kd"].item() * ids.shape[0]
+                kd_rows += ids.shape[0]
     conf_all = np.concatenate(conf) if conf else np.zeros(0)
     correct_all = np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
     mean_nll = nll / n if n else float("nan")
@@ -93,6 +116,8 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
         agree_all, right_all = np.concatenate(agree), np.concatenate(teacher_right)
         out.update(teacher_positions=int(len(agree_all)), teacher_agreement=float(agree_all.mean()),
                    teacher_accuracy=float(right_all.mean()))
+        if kd_rows:
+            out["kd_loss"] = kd_sum / kd_rows
     if per_position:
         out["per_position"] = {"nll": np.concatenate(nlls) if nlls else np.zeros(0, np.float32),
                                "correct": correct_all.astype(bool)}
@@ -102,18 +127,23 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
 
 
 def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch_size: int = 8,
-                    max_sequences: int | None = None, device="cpu", per_position: bool = False) -> dict:
+                    max_sequences: int | None = None, device="cpu", per_position: bool = False,
+                    kd_loss: str | None = "kl", kd_options: dict | None = None) -> dict:
     """`evaluate_batches` over a `CacheSource` or `JsonlSource`, in order, in this process."""
     stream = ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1)
     batches = collated_batches(stream, pad_id=pad_id, batch_size=batch_size, max_sequences=max_sequences)
-    return evaluate_batches(model, batches, vocab_size=vocab_size, device=device, per_position=per_position)
+    return evaluate_batches(model, batches, vocab_size=vocab_size, device=device, per_position=per_position,
+                            kd_loss=kd_loss, kd_options=kd_options)
 
 
 def evaluate(model: str, *, data: str | None = None, cache: str | None = None, batch_size: int = 8,
              max_sequences: int | None = None, max_length: int | None = None, device: str | None = None,
-             trust_remote_code: bool = False, per_position: bool = False, storage_options: dict | None = None) -> dict:
+             trust_remote_code: bool = False, per_position: bool = False, storage_options: dict | None = None,
+             loss: str = "kl", loss_options: dict | None = None) -> dict:
     """Load `model` and evaluate it on a jsonl (`data`) and/or a cache's sequences (`cache`), local or
     fsspec URLs (`storage_options` reach fsspec).
+
+    `loss` and `loss_options` choose the KD loss reported on the cache (`kd_loss_for(loss)`).
 
     Returns:
         {"model": str, "data": {path, metrics...}, "cache": {path, teacher, metrics...}}, each of the
@@ -135,8 +165,11 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
     net, tokenizer, vocab, pad_id = student.model, student.tokenizer, student.vocab_size, student.pad_id
     max_length = max_length or student.max_length
+    kd_loss = kd_loss_for(loss)  # an unknown loss name fails here, before anything is read
+    if kd_loss == loss:
+        registry.get(loss).resolve(loss_options or {})
     kwargs = dict(pad_id=pad_id, vocab_size=vocab, batch_size=batch_size, max_sequences=max_sequences, device=device,
-                  per_position=per_position)
+                  per_position=per_position, kd_loss=kd_loss, kd_options=loss_options if kd_loss == loss else None)
     out = {"model": model}
     if data is not None:
         source = JsonlSource(data, to_item=TextExample(tokenizer, max_length=max_length, where=data),

@@ -172,7 +172,7 @@ class KDTrainer(Trainer):
         chunk_size: rows per loss chunk (None: automatic).
         eval_sources: {name: `CacheSource` or `JsonlSource`} evaluated by `evaluate` (every
             `eval_steps` with eval_strategy="steps"): `evaluate.evaluate_source`'s metrics, the ones
-            `logitcache eval` reports, logged as eval_{name}_{metric}. eval_pad_id pads their batches.
+            `logitcache eval` reports (kd_loss with this trainer's loss), logged as eval_{name}_{metric}. eval_pad_id pads their batches.
         fused_head: apply the LM head inside the loss, a chunk of supervised rows at a time, so the
             (B, T, V) logits are never built (`batch_loss.fused_head_loss`). Used where the model
             allows it (`fused_head_problem`); otherwise, or with False, the model's own logits.
@@ -254,17 +254,22 @@ class KDTrainer(Trainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Held-out metrics of every `eval_sources` entry (perplexity, accuracy, ECE, teacher agreement), logged."""
+        """Held-out metrics of every `eval_sources` entry, logged as eval_{name}_{metric}: perplexity, accuracy,
+        ECE and, with teacher targets, teacher agreement and kd_loss (this trainer's KD loss; see `evaluate`)."""
         if not self.eval_sources:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        from logitcache.stages.train.evaluate import evaluate_source
+        from logitcache.stages.train.evaluate import evaluate_source, kd_loss_for
 
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         metrics = {}
+        # The training loss's KD term on held-out teacher targets (forward KL when training SFT).
+        kd_loss = kd_loss_for(self.loss_name)
+        kd_options = self.loss_options if kd_loss == self.loss_name else None
         for name, source in self.eval_sources.items():
             found = evaluate_source(model, source, pad_id=self.eval_pad_id, vocab_size=self.vocab_size,
-                                    batch_size=self.args.per_device_eval_batch_size, device=self.args.device)
+                                    batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
+                                    kd_loss=kd_loss, kd_options=kd_options)
             metrics.update({f"{metric_key_prefix}_{name}_{key}": float(value) for key, value in found.items()})
         model.train(was_training)
         self.log(metrics)
