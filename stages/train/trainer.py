@@ -269,7 +269,7 @@ class KDTrainer(Trainer):
         for name, source in self.eval_sources.items():
             found = evaluate_source(model, source, pad_id=self.eval_pad_id, vocab_size=self.vocab_size,
                                     batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-                                    kd_loss=kd_loss, kd_options=kd_options)
+                                    kd_loss=kd_loss, kd_options=kd_options, head=self.fused_head)
             metrics.update({f"{metric_key_prefix}_{name}_{key}": float(value) for key, value in found.items()})
         model.train(was_training)
         self.log(metrics)
