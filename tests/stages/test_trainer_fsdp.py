@@ -5,7 +5,8 @@
 accelerate turns `--fsdp` into DDP on a multi-process CPU run without a word; `trainer.cpu_fsdp`
 makes it FSDP2 (`fully_shard`), which runs on gloo. These tests check that it really shards (the
 model the steps run is FSDP2's class), that the losses equal DDP's on the same batches, and that
-stopping at a checkpoint and resuming gives the uninterrupted run's batches and losses.
+stopping at a checkpoint and resuming gives the uninterrupted run's batches and losses; evaluation
+while training (`--eval-cache`) runs under FSDP and gives DDP's numbers.
 """
 
 import json
@@ -28,7 +29,8 @@ def torchrun(out: Path, *extra: str) -> dict:
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", str(ENTRY), "train",
            "--student", str(w.student), "--cache", str(w.cache), "--loss", "kl", "--out", str(out),
            "--max-steps", "4", "--batch-size", "2", "--num-workers", "1", "--logging-steps", "1",
-           "--save-steps", "2", "--save-total-limit", "5", "--lr", "1e-2", *extra]
+           "--save-steps", "2", "--save-total-limit", "5", "--lr", "1e-2", "--eval-cache", str(w.cache),
+           "--eval-steps", "4", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,6 +56,11 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path):
         for key in ("loss", "ce", "kd"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-3, abs=1e-4), (step, key)
     assert got[4]["ce"] < got[1]["ce"] - 1.0  # it trains
+    # Evaluation while training runs under FSDP too (every rank joins the sharded forward).
+    evals = {name: [h for h in r["log_history"] if "eval_cache_kd_loss" in h] for name, r in (("d", ddp), ("f", fsdp))}
+    assert [h["step"] for h in evals["f"]] == [4]
+    for key in ("eval_cache_kd_loss", "eval_cache_nll", "eval_cache_teacher_agreement"):
+        assert evals["f"][0][key] == pytest.approx(evals["d"][0][key], rel=1e-4), key
     state = json.loads((tmp_path / "fsdp" / "checkpoint-2" / "logitcache_data_rank1.json").read_text())
     assert state["rank"] == 1 and state["world_size"] == 2 and state["consumed"] == [4]
 
@@ -68,3 +75,5 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path):
     for step in (3, 4):
         for key in ("loss", "ce", "kd", "grad_norm"):
             assert again[step][key] == pytest.approx(got[step][key], rel=1e-5), (step, key)
+    resumed_eval = [h for h in resumed["log_history"] if "eval_cache_kd_loss" in h][-1]
+    assert resumed_eval["eval_cache_kd_loss"] == pytest.approx(evals["f"][0]["eval_cache_kd_loss"], rel=1e-5)
