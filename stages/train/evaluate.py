@@ -221,13 +221,13 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
 
     if data is None and cache is None:
         raise ConfigError("eval needs --data, --cache or both")
+    kd_loss = kd_loss_for(loss)  # an unknown loss name fails here, before anything is read
+    if kd_loss == loss:
+        registry.get(loss).resolve(loss_options or {})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
     net, tokenizer, vocab, pad_id = student.model, student.tokenizer, student.vocab_size, student.pad_id
     max_length = max_length or student.max_length
-    kd_loss = kd_loss_for(loss)  # an unknown loss name fails here, before anything is read
-    if kd_loss == loss:
-        registry.get(loss).resolve(loss_options or {})
     kwargs = dict(pad_id=pad_id, vocab_size=vocab, batch_size=batch_size, max_sequences=max_sequences, device=device,
                   per_position=per_position, kd_loss=kd_loss, kd_options=loss_options if kd_loss == loss else None)
     out = {"model": model}
