@@ -51,8 +51,8 @@ def run(args) -> int:
     result = evaluate(args.model, data=args.data, cache=args.cache, batch_size=args.batch_size,
                       max_sequences=args.max_sequences, max_length=args.max_length, device=args.device,
                       trust_remote_code=args.trust_remote_code, per_position=args.positions is not None,
-                      storage_options=parse_storage_options(args.storage_options),
-                      loss=args.loss, loss_options={} if args.temperature is None else {"temperature": args.temperature})
+                      storage_options=parse_storage_options(args.storage_options), loss=args.loss,
+                      loss_options={} if args.temperature is None else {"temperature": args.temperature})
     if args.positions is not None:
         import numpy as np
 

@@ -5,7 +5,8 @@
                         processing_class=tokenizer, loss="bild", loss_options={"top_k": 8}, vocab_size=len(tokenizer))
     trainer.train(resume_from_checkpoint=True)
 
-Everything else is the stock Trainer (accelerate, DeepSpeed/FSDP, checkpoints, loggers). The
+Everything else is the stock Trainer (accelerate, DeepSpeed/FSDP, checkpoints, loggers); on
+CPU ranks `cpu_fsdp` makes `--fsdp` FSDP2, which accelerate alone would run as DDP. The
 loss per micro-batch is ce_weight * CE + kd_weight * KD, each a mean over the batch's supervised
 rows, then weighted by the rows' share of the optimizer step's rows on all ranks
 (`num_items_in_batch`), the way HF's own causal-LM loss is, so gradient accumulation and DDP give
@@ -135,13 +136,17 @@ def cpu_fsdp(trainer) -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     plugin_args = trainer.args.fsdp_plugin_args
+    # `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP and FSDP_* variables instead.
+    from_env = plugin_args is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     state = trainer.accelerator.state
-    if plugin_args is None or trainer.is_fsdp_enabled or state.distributed_type != DistributedType.MULTI_CPU:
+    if (plugin_args is None and not from_env) or trainer.is_fsdp_enabled or \
+            state.distributed_type != DistributedType.MULTI_CPU:
         return
-    if plugin_args.get("fsdp_version", 2) != 2:
-        raise ConfigError("--fsdp on CPU runs FSDP2 only (fsdp_config version 2, transformers' default); drop "
-                          "version 1 from fsdp_config")
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPU runs FSDP2 only: set fsdp_version: 2 in the accelerate config, or "
+                          "version 2 (transformers' default) in fsdp_config")
+    state.fsdp_plugin = plugin
     # Both states, as accelerate does: every AcceleratorState() re-reads PartialState's type.
     state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
@@ -172,7 +177,8 @@ class KDTrainer(Trainer):
         chunk_size: rows per loss chunk (None: automatic).
         eval_sources: {name: `CacheSource` or `JsonlSource`} evaluated by `evaluate` (every
             `eval_steps` with eval_strategy="steps"): `evaluate.evaluate_source`'s metrics, the ones
-            `logitcache eval` reports (kd_loss with this trainer's loss), logged as eval_{name}_{metric}. eval_pad_id pads their batches.
+            `logitcache eval` reports (kd_loss with this trainer's loss), logged as
+            eval_{name}_{metric}. eval_pad_id pads their batches.
         fused_head: apply the LM head inside the loss, a chunk of supervised rows at a time, so the
             (B, T, V) logits are never built (`batch_loss.fused_head_loss`). Used where the model
             allows it (`fused_head_problem`); otherwise, or with False, the model's own logits.

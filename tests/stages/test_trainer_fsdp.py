@@ -1,9 +1,9 @@
 """FSDP2 on CPU: two gloo ranks under torchrun train the same as DDP, and resume exactly.
 
-    .venv/bin/pytest tests/stages/test_trainer_fsdp.py -m slow     # three torchrun runs, ~1.5 min on 2 cores
+    .venv/bin/pytest tests/stages/test_trainer_fsdp.py -m slow   # three torchrun runs, one accelerate launch; ~4 min
 
-accelerate turns `--fsdp` into DDP on a multi-process CPU run without a word; `trainer.cpu_fsdp`
-makes it FSDP2 (`fully_shard`), which runs on gloo. These tests check that it really shards (the
+accelerate turns `--fsdp` (or an accelerate FSDP config) into DDP on a multi-process CPU run without
+a word; `trainer.cpu_fsdp` makes it FSDP2 (`fully_shard`), which runs on gloo. These tests check that it really shards (the
 model the steps run is FSDP2's class), that the losses equal DDP's on the same batches, and that
 stopping at a checkpoint and resuming gives the uninterrupted run's batches and losses; evaluation
 while training (`--eval-cache`) runs under FSDP and gives DDP's numbers.
@@ -77,3 +77,24 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path):
             assert again[step][key] == pytest.approx(got[step][key], rel=1e-5), (step, key)
     resumed_eval = [h for h in resumed["log_history"] if "eval_cache_kd_loss" in h][-1]
     assert resumed_eval["eval_cache_kd_loss"] == pytest.approx(evals["f"][0]["eval_cache_kd_loss"], rel=1e-5)
+
+
+def test_an_accelerate_fsdp_config_shards_on_cpu_too(tmp_path):
+    """`accelerate launch --config_file` with distributed_type FSDP (no --fsdp flag): FSDP2 on two CPU ranks."""
+    w = world()
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                      "num_processes: 2\nuse_cpu: true\nmixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n"
+                      "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_state_dict_type: FULL_STATE_DICT\n")
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config), str(ENTRY),
+           "train", "--student", str(w.student), "--cache", str(w.cache), "--loss", "kl", "--out", str(out),
+           "--max-steps", "2", "--batch-size", "2", "--num-workers", "1", "--logging-steps", "1", "--save-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(out / f"wrapper_rank{r}.txt").read_text() for r in range(2)] == ["FSDPLlamaForCausalLM"] * 2
+    rows = [json.loads((out / f"rows_rank{r}.json").read_text()) for r in range(2)]
+    assert len(rows[0]) == len(rows[1]) == 4 and not set(rows[0]) & set(rows[1])
+    result = json.loads((out / "logitcache_train.json").read_text())
+    assert result["world_size"] == 2 and result["global_step"] == 2
