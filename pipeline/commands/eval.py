@@ -15,8 +15,9 @@ examples:
 Metrics are pooled over supervised tokens (assistant turns of 'messages' chats, responses of prompt/response
 rows, every token after the first of text rows, the cache's positions for a cache): nll, perplexity = exp(nll), accuracy (top-1 == next token),
 ece (expected calibration error of the top-1 probability, 15 equal-width bins). With --cache also
-teacher_agreement (student top-1 == teacher top-1) and teacher_accuracy (teacher top-1 == next token);
-the cache must use the model's tokenizer. --positions writes each position's nll and correct (and agree,
+teacher_agreement (student top-1 == teacher top-1), teacher_accuracy (teacher top-1 == next token) and
+kd_loss (the KD term of --loss, default kl, over the cached rows: what `train --eval-cache` logs as
+eval_cache_kd_loss); the cache must use the model's tokenizer. --positions writes each position's nll and correct (and agree,
 with --cache) as arrays named data_nll, data_correct, cache_nll, ... in an .npz file (no pickle), in the
 order of the data: models with one tokenizer, evaluated on the same data, get the same positions."""
 
@@ -27,6 +28,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="M", help="model directory or hub id")
     p.add_argument("--data", metavar="D", help="held-out jsonl ('messages', 'text' or 'prompt'/'response' rows)")
     p.add_argument("--cache", metavar="C", help="a cache of held-out sequences (same tokenizer as the model)")
+    p.add_argument("--loss", default="kl", metavar="NAME", help="the loss whose KD term --cache reports as kd_loss "
+                   "(default kl; give the training --loss to compare with its eval_cache_kd_loss)")
+    p.add_argument("--temperature", type=float, help="the loss's temperature, as given to train (default: the loss's)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--max-sequences", type=int, help="evaluate at most this many sequences of each source")
     p.add_argument("--max-length", type=int, help="truncate sequences (default: the model's context)")
@@ -47,7 +51,8 @@ def run(args) -> int:
     result = evaluate(args.model, data=args.data, cache=args.cache, batch_size=args.batch_size,
                       max_sequences=args.max_sequences, max_length=args.max_length, device=args.device,
                       trust_remote_code=args.trust_remote_code, per_position=args.positions is not None,
-                      storage_options=parse_storage_options(args.storage_options))
+                      storage_options=parse_storage_options(args.storage_options), loss=args.loss,
+                      loss_options={} if args.temperature is None else {"temperature": args.temperature})
     if args.positions is not None:
         import numpy as np
 
@@ -66,5 +71,7 @@ def run(args) -> int:
                     f"perplexity {r['perplexity']:.3f}, accuracy {r['accuracy']:.4f}, ece {r['ece']:.4f}")
             if "teacher_agreement" in r:
                 line += f", teacher agreement {r['teacher_agreement']:.4f} (teacher accuracy {r['teacher_accuracy']:.4f})"
+            if "kd_loss" in r:
+                line += f", kd_loss ({args.loss}) {r['kd_loss']:.4f}"
             print(line)
     return 0

@@ -169,7 +169,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--eval-steps", type=int, metavar="N", help="evaluate --eval-data/--eval-cache every N steps "
                    "(perplexity, accuracy, ECE, teacher agreement; logged like the loss, e.g. to TensorBoard)")
     g.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (passed to transformers)")
-    g.add_argument("--fsdp", metavar="SPEC", help="FSDP setting, e.g. 'full_shard auto_wrap' (passed to transformers)")
+    g.add_argument("--fsdp", metavar="SPEC", help="shard parameters, gradients and optimizer state over the ranks "
+                   "(FSDP2, transformers' TrainingArguments.fsdp), e.g. 'full_shard auto_wrap'; also on CPU (gloo), "
+                   "where accelerate alone would run DDP; the LM head then runs unfused (it is sharded)")
     g.add_argument("--hf-arg", dest="hf_args", action="append", type=_key_value, default=None, metavar="KEY=VALUE",
                    help="any other transformers TrainingArguments field, e.g. max_grad_norm=0.5; repeatable")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the student's own modelling code")

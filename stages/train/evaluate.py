@@ -1,11 +1,15 @@
 """Held-out evaluation: perplexity and next-token accuracy on supervised positions; with teacher
-targets, top-1 agreement with the teacher; calibration (ECE, 15 equal-width confidence bins).
+targets, top-1 agreement with the teacher and the KD loss; calibration (ECE, 15 equal-width bins).
 
     python -m logitcache.pipeline eval --model out/ --data heldout.jsonl --cache heldout_cache/ --json
 
 Every metric is over supervised positions (response tokens for prompt/response rows; the cache's
 positions for a cache), pooled over all sequences (not averaged per sequence). The student's
-logits are sliced to its tokenizer's vocabulary, as in training (see `checks`).
+logits are sliced to its tokenizer's vocabulary, as in training (see `checks`). The KD loss is
+the training loss's KD term (`batch_loss.loss_parts` at ce_weight 0), pooled over teacher rows:
+the same number `KDTrainer.evaluate` logs as eval_cache_kd_loss while training. Like the fused
+training loss, evaluation applies the LM head to a chunk of supervised rows at a time
+(`row_logits`), so a 152k-vocabulary student's (B, T, V) logits are never built here either.
 """
 
 import math
@@ -13,10 +17,12 @@ import math
 import numpy as np
 import torch
 
+from logitcache.stages.train.batch_loss import TEACHER_FIELDS, loss_parts
 from logitcache.stages.train.data import ShardedStream
+from logitcache.stages.train.losses import registry
 from logitcache.stages.train.student import collated_batches, load_student
 
-__all__ = ["ECE_BINS", "expected_calibration_error", "evaluate_batches", "evaluate_source"]
+__all__ = ["ECE_BINS", "expected_calibration_error", "evaluate_batches", "evaluate_source", "kd_loss_for", "row_logits"]
 
 ECE_BINS = 15
 
@@ -39,49 +45,124 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(total)
 
 
+def kd_loss_for(loss: str) -> str:
+    """The loss whose KD term evaluation reports: `loss` itself, or forward KL for one without a KD term (sft)."""
+    return loss if registry.get(loss).rows is not None else "kl"
+
+
+def row_logits(model, inputs: dict, rows: torch.Tensor, *, vocab_size: int | None, head: bool,
+               chunk_size: int | None = None):
+    """The model's logits at `rows`, a chunk of rows at a time: yields (start, (n, V) logits of rows[start:start+n]).
+
+    With `head`, the (B, T, V) logits are never built: the forward runs with `logits_to_keep=1`,
+    the decoder's final hidden states are taken by a hook, and the LM head is applied to each
+    chunk's rows (`storage.head.apply_head`, as the fused training loss does). Otherwise the
+    model's own logits are sliced (a PEFT-wrapped or sharded head, a model without a decoder).
+
+    Args:
+        inputs: the model's inputs. rows: (N,) int64 rows of the flattened (B*T) positions.
+        vocab_size: the logits columns to keep (see `checks`); None keeps all.
+        head: apply the head here (see `trainer.fused_head_problem`).
+        chunk_size: rows per chunk; None: `chunking.chunk_rows` (about 128 MiB of fp32 logits).
+    """
+    from logitcache.stages.train.losses.chunking import chunk_rows
+    from logitcache.storage.head import apply_head, logit_transform
+
+    if head:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        captured = []
+        hook = inner.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+        try:
+            model(**inputs, logits_to_keep=1)
+        finally:
+            hook.remove()
+        hidden = captured[-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        lm_head = inner.get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias
+        if vocab_size is not None and vocab_size < weight.shape[0]:
+            weight, bias = weight[:vocab_size], None if bias is None else bias[:vocab_size]
+        transform = logit_transform(inner.config)
+        step = chunk_rows(chunk_size, weight.shape[0])
+        for start in range(0, rows.shape[0], step):
+            yield start, apply_head(hidden[start:start + step], weight, bias, **transform)
+        return
+    logits = model(**inputs).logits
+    flat = logits.reshape(-1, logits.shape[-1])
+    if vocab_size is not None:
+        flat = flat[:, :vocab_size]
+    step = chunk_rows(chunk_size, flat.shape[1])
+    for start in range(0, rows.shape[0], step):
+        yield start, flat.index_select(0, rows[start:start + step])
+
+
 @torch.no_grad()
-def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", per_position: bool = False) -> dict:
-    """Metrics of `model` over collated batches (see `collate`).
+def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", per_position: bool = False,
+                     kd_loss: str | None = "kl", kd_options: dict | None = None, head: bool | None = None,
+                     chunk_size: int | None = None) -> dict:
+    """Metrics of `model` over collated batches (see `collate`), a chunk of supervised rows at a time.
 
     Args:
         per_position: also return each position's scores, in batch order, so that two models scored
             on the same batches can be compared position by position (paired standard errors).
+        kd_loss, kd_options: the registry loss (and its options) whose KD term is reported as
+            kd_loss on batches with teacher targets; None skips it. A loss that reads other batch
+            fields (rskd's sample_counts) gets them from the batch.
+        head, chunk_size: see `row_logits`; head None: wherever the model allows it
+            (`trainer.fused_head_problem`), so evaluation never builds the (B, T, V) logits either.
 
     Returns:
         sequences, positions, nll (mean), perplexity, accuracy, ece; with teacher targets also
-        teacher_positions, teacher_agreement (student top-1 == teacher top-1) and teacher_accuracy
-        (teacher top-1 == the actual next token, the ceiling of agreement-driven accuracy). With
+        teacher_positions, teacher_agreement (student top-1 == teacher top-1), teacher_accuracy
+        (teacher top-1 == the actual next token, the ceiling of agreement-driven accuracy) and,
+        with `kd_loss`, kd_loss (the mean over teacher rows of that loss's KD term). With
         `per_position`, "per_position": {"nll": (positions,) float32, "correct": (positions,) bool,
         ["agree": (teacher_positions,) bool]}.
     """
+    if head is None:
+        from logitcache.stages.train.trainer import fused_head_problem
+
+        head = fused_head_problem(model) is None
     model.eval()
     nll, n, seqs = 0.0, 0, 0
     conf, correct, agree, teacher_right, nlls = [], [], [], [], []
+    kd_sum, kd_rows = 0.0, 0
+    # Batch fields the loss reads besides the top-K (rskd: sample_counts); a cache without them has no kd_loss.
+    needs = list(registry.get(kd_loss).batch_inputs.values()) if kd_loss is not None else []
     for batch in batches:
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits = model(**inputs).logits
-        flat = logits.reshape(-1, logits.shape[-1])
-        if vocab_size is not None:
-            flat = flat[:, :vocab_size]
-        rows, next_ids = batch["rows"].to(device), batch["next_ids"].to(device)
+        rows, next_all = batch["rows"].to(device), batch["next_ids"].to(device)
         seqs += batch["input_ids"].shape[0]
         if rows.numel() == 0:
             continue
-        logp = torch.log_softmax(flat.index_select(0, rows).float(), dim=-1)
-        row_nll = -logp.gather(1, next_ids[:, None])[:, 0]
-        nll += row_nll.sum().item()
-        if per_position:
-            nlls.append(row_nll.cpu().numpy().astype(np.float32))
-        n += rows.numel()
-        top_lp, top = logp.max(-1)
-        conf.append(top_lp.exp().cpu().numpy())
-        correct.append((top == next_ids).cpu().numpy())
-        if "teacher_ids" in batch:
-            ids, t_lp = batch["teacher_ids"].to(device), batch["teacher_logprobs"].to(device)
+        teacher = {k: batch[k].to(device) for k in (*TEACHER_FIELDS, "kd_select") if k in batch}
+        for start, s in row_logits(model, inputs, rows, vocab_size=vocab_size, head=head, chunk_size=chunk_size):
+            m = s.shape[0]
+            next_ids = next_all[start:start + m]
+            logp = torch.log_softmax(s.float(), dim=-1)
+            row_nll = -logp.gather(1, next_ids[:, None])[:, 0]
+            nll += row_nll.sum().item()
+            if per_position:
+                nlls.append(row_nll.cpu().numpy().astype(np.float32))
+            n += m
+            top_lp, top = logp.max(-1)
+            conf.append(top_lp.exp().cpu().numpy())
+            correct.append((top == next_ids).cpu().numpy())
+            if "teacher_ids" not in teacher:
+                continue
+            # This chunk's teacher rows (kd_select ascends, so the chunks keep the teacher rows' order).
+            here = (teacher["kd_select"] >= start) & (teacher["kd_select"] < start + m)
+            part = {k: v[here] for k, v in teacher.items()}
+            part["kd_select"] = part["kd_select"] - start
+            ids, t_lp, sel = part["teacher_ids"], part["teacher_logprobs"], part["kd_select"]
             t_top = ids.gather(1, torch.where(ids >= 0, t_lp, -math.inf).argmax(-1, keepdim=True))[:, 0]
-            sel = batch["kd_select"].to(device)
             agree.append((top[sel] == t_top).cpu().numpy())
             teacher_right.append((next_ids[sel] == t_top).cpu().numpy())
+            if kd_loss is not None and ids.shape[0] and all(k in part for k in needs):
+                _, parts = loss_parts(s, {**part, "next_ids": next_ids}, loss=kd_loss, options=kd_options,
+                                      ce_weight=0.0, kd_weight=1.0)
+                kd_sum += parts["kd"].item() * ids.shape[0]
+                kd_rows += ids.shape[0]
     conf_all = np.concatenate(conf) if conf else np.zeros(0)
     correct_all = np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
     mean_nll = nll / n if n else float("nan")
@@ -93,6 +174,8 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
         agree_all, right_all = np.concatenate(agree), np.concatenate(teacher_right)
         out.update(teacher_positions=int(len(agree_all)), teacher_agreement=float(agree_all.mean()),
                    teacher_accuracy=float(right_all.mean()))
+        if kd_rows:
+            out["kd_loss"] = kd_sum / kd_rows
     if per_position:
         out["per_position"] = {"nll": np.concatenate(nlls) if nlls else np.zeros(0, np.float32),
                                "correct": correct_all.astype(bool)}
@@ -102,18 +185,25 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
 
 
 def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch_size: int = 8,
-                    max_sequences: int | None = None, device="cpu", per_position: bool = False) -> dict:
+                    max_sequences: int | None = None, device="cpu", per_position: bool = False,
+                    kd_loss: str | None = "kl", kd_options: dict | None = None, head: bool | None = None,
+                    chunk_size: int | None = None) -> dict:
     """`evaluate_batches` over a `CacheSource` or `JsonlSource`, in order, in this process."""
     stream = ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1)
     batches = collated_batches(stream, pad_id=pad_id, batch_size=batch_size, max_sequences=max_sequences)
-    return evaluate_batches(model, batches, vocab_size=vocab_size, device=device, per_position=per_position)
+    return evaluate_batches(model, batches, vocab_size=vocab_size, device=device, per_position=per_position,
+                            kd_loss=kd_loss, kd_options=kd_options, head=head,
+                            chunk_size=chunk_size)
 
 
 def evaluate(model: str, *, data: str | None = None, cache: str | None = None, batch_size: int = 8,
              max_sequences: int | None = None, max_length: int | None = None, device: str | None = None,
-             trust_remote_code: bool = False, per_position: bool = False, storage_options: dict | None = None) -> dict:
+             trust_remote_code: bool = False, per_position: bool = False, storage_options: dict | None = None,
+             loss: str = "kl", loss_options: dict | None = None) -> dict:
     """Load `model` and evaluate it on a jsonl (`data`) and/or a cache's sequences (`cache`), local or
     fsspec URLs (`storage_options` reach fsspec).
+
+    `loss` and `loss_options` choose the KD loss reported on the cache (`kd_loss_for(loss)`).
 
     Returns:
         {"model": str, "data": {path, metrics...}, "cache": {path, teacher, metrics...}}, each of the
@@ -131,12 +221,15 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
 
     if data is None and cache is None:
         raise ConfigError("eval needs --data, --cache or both")
+    kd_loss = kd_loss_for(loss)  # an unknown loss name fails here, before anything is read
+    if kd_loss == loss:
+        registry.get(loss).resolve(loss_options or {})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
     net, tokenizer, vocab, pad_id = student.model, student.tokenizer, student.vocab_size, student.pad_id
     max_length = max_length or student.max_length
     kwargs = dict(pad_id=pad_id, vocab_size=vocab, batch_size=batch_size, max_sequences=max_sequences, device=device,
-                  per_position=per_position)
+                  per_position=per_position, kd_loss=kd_loss, kd_options=loss_options if kd_loss == loss else None)
     out = {"model": model}
     if data is not None:
         source = JsonlSource(data, to_item=TextExample(tokenizer, max_length=max_length, where=data),

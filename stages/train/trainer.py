@@ -5,7 +5,8 @@
                         processing_class=tokenizer, loss="bild", loss_options={"top_k": 8}, vocab_size=len(tokenizer))
     trainer.train(resume_from_checkpoint=True)
 
-Everything else is the stock Trainer (accelerate, DeepSpeed/FSDP, checkpoints, loggers). The
+Everything else is the stock Trainer (accelerate, DeepSpeed/FSDP, checkpoints, loggers); on
+CPU ranks `cpu_fsdp` makes `--fsdp` FSDP2, which accelerate alone would run as DDP. The
 loss per micro-batch is ce_weight * CE + kd_weight * KD, each a mean over the batch's supervised
 rows, then weighted by the rows' share of the optimizer step's rows on all ranks
 (`num_items_in_batch`), the way HF's own causal-LM loss is, so gradient accumulation and DDP give
@@ -42,7 +43,7 @@ from logitcache.storage.head import logit_transform
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["KDTrainer", "training_arguments", "data_state_name", "fused_head_problem", "packing_problem",
-           "model_inputs", "loss_parts", "supervised_logits"]
+           "model_inputs", "loss_parts", "supervised_logits", "cpu_fsdp"]
 
 
 def data_state_name(rank: int) -> str:
@@ -119,6 +120,38 @@ def fused_head_problem(model, args: TrainingArguments | None = None) -> str | No
     return None
 
 
+def cpu_fsdp(trainer) -> None:
+    """Turn FSDP on for a multi-process CPU (gloo) run, which accelerate silently trains as DDP.
+
+    accelerate's `AcceleratorState` enables FSDP only for accelerator device types (MULTI_GPU, ...):
+    on MULTI_CPU it drops the `fsdp_plugin` the Trainer built from `--fsdp` and wraps the model in
+    DDP. torch's FSDP2 (`fully_shard`) runs on CPU with gloo, so this sets the state's type and
+    plugin as accelerate would on a GPU; `Trainer.__init__` calls it before anything is prepared.
+
+    Raises:
+        ConfigError: FSDP1 (`fsdp_config` version 1) asked for on CPU: transformers deprecates it,
+            and only FSDP2 is tested here (tests/stages/test_trainer_fsdp.py).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin_args = trainer.args.fsdp_plugin_args
+    # `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP and FSDP_* variables instead.
+    from_env = plugin_args is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    state = trainer.accelerator.state
+    if (plugin_args is None and not from_env) or trainer.is_fsdp_enabled or \
+            state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPU runs FSDP2 only: set fsdp_version: 2 in the accelerate config, or "
+                          "version 2 (transformers' default) in fsdp_config")
+    state.fsdp_plugin = plugin
+    # Both states, as accelerate does: every AcceleratorState() re-reads PartialState's type.
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
 class _SaveDataPosition(TrainerCallback):
     """Writes each rank's stream position into every checkpoint folder."""
 
@@ -144,7 +177,8 @@ class KDTrainer(Trainer):
         chunk_size: rows per loss chunk (None: automatic).
         eval_sources: {name: `CacheSource` or `JsonlSource`} evaluated by `evaluate` (every
             `eval_steps` with eval_strategy="steps"): `evaluate.evaluate_source`'s metrics, the ones
-            `logitcache eval` reports, logged as eval_{name}_{metric}. eval_pad_id pads their batches.
+            `logitcache eval` reports (kd_loss with this trainer's loss), logged as
+            eval_{name}_{metric}. eval_pad_id pads their batches.
         fused_head: apply the LM head inside the loss, a chunk of supervised rows at a time, so the
             (B, T, V) logits are never built (`batch_loss.fused_head_loss`). Used where the model
             allows it (`fused_head_problem`); otherwise, or with False, the model's own logits.
@@ -194,6 +228,10 @@ class KDTrainer(Trainer):
         self.stop = StopOnSignal()
         self.add_callback(self.stop)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        cpu_fsdp(self)
+
     # ---- data -----------------------------------------------------------------------------------
 
     def get_train_dataloader(self):
@@ -222,17 +260,22 @@ class KDTrainer(Trainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Held-out metrics of every `eval_sources` entry (perplexity, accuracy, ECE, teacher agreement), logged."""
+        """Held-out metrics of every `eval_sources` entry, logged as eval_{name}_{metric}: perplexity, accuracy,
+        ECE and, with teacher targets, teacher agreement and kd_loss (this trainer's KD loss; see `evaluate`)."""
         if not self.eval_sources:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        from logitcache.stages.train.evaluate import evaluate_source
+        from logitcache.stages.train.evaluate import evaluate_source, kd_loss_for
 
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         metrics = {}
+        # The training loss's KD term on held-out teacher targets (forward KL when training SFT).
+        kd_loss = kd_loss_for(self.loss_name)
+        kd_options = self.loss_options if kd_loss == self.loss_name else None
         for name, source in self.eval_sources.items():
             found = evaluate_source(model, source, pad_id=self.eval_pad_id, vocab_size=self.vocab_size,
-                                    batch_size=self.args.per_device_eval_batch_size, device=self.args.device)
+                                    batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
+                                    kd_loss=kd_loss, kd_options=kd_options, head=self.fused_head)
             metrics.update({f"{metric_key_prefix}_{name}_{key}": float(value) for key, value in found.items()})
         model.train(was_training)
         self.log(metrics)

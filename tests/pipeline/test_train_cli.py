@@ -40,7 +40,8 @@ def test_sft_without_cache_then_eval_json(tmp_path, capsys):
     assert set(report) == {"model", "data", "cache"}
     assert set(report["data"]) == {"path", "sequences", "positions", "nll", "perplexity", "accuracy", "ece"}
     assert set(report["cache"]) == {"path", "teacher", "sequences", "positions", "nll", "perplexity", "accuracy", "ece",
-                                    "teacher_positions", "teacher_agreement", "teacher_accuracy"}
+                                    "teacher_positions", "teacher_agreement", "teacher_accuracy", "kd_loss"}
+    assert report["cache"]["kd_loss"] > 0  # forward KL (the default --loss) from the cached teacher
     assert report["data"]["sequences"] == 8 and report["cache"]["sequences"] == 24
     assert 0.0 <= report["cache"]["teacher_agreement"] <= 1.0 and 0.0 <= report["data"]["ece"] <= 1.0
 
@@ -57,6 +58,15 @@ def test_yaml_config_with_loss_and_trainer_options(tmp_path):
     assert result["loss"]["options"] == {"beta": 0.3, "tail": "renorm"}
     assert result["loss"]["kd_weight"] == 2.0  # the command line overrides the file
     assert result["settings"]["hf_args"] == {"max_grad_norm": 0.5}
+
+
+def test_eval_refuses_an_unknown_loss_or_option(capsys):
+    w = world()
+    assert main(["eval", "--model", str(w.student), "--cache", str(w.cache), "--loss", "nope"]) == 2
+    assert "unknown loss 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(w.student), "--cache", str(w.cache), "--loss", "normkd", "--temperature",
+                 "2"]) == 2
+    assert "'normkd' has no option 'temperature'" in capsys.readouterr().err
 
 
 def test_refusal_exits_2_with_the_reason(tmp_path, capsys):

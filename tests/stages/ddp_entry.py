@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node 2 tests/stages/ddp_entry.py train --student ... --out OUT ...
 
-Writes OUT/rows_rank{r}.json: the source row of every sequence rank r's training steps consumed.
+Writes OUT/rows_rank{r}.json: the source row of every sequence rank r's training steps consumed, and
+OUT/wrapper_rank{r}.txt: the class of the model the steps ran (DDP, or FSDP2's FSDP<Model> class).
 """
 
 import json
@@ -13,11 +14,13 @@ from logitcache.pipeline.cli import main
 from logitcache.stages.train.trainer import KDTrainer
 
 seen = []
+wrapper = []
 _step = KDTrainer.training_step
 
 
 def recording_step(self, model, inputs, num_items_in_batch=None):
     seen.extend(inputs["row_index"].tolist())
+    wrapper[:] = [type(model).__name__]
     return _step(self, model, inputs, num_items_in_batch)
 
 
@@ -28,4 +31,6 @@ if __name__ == "__main__":
     out = sys.argv[sys.argv.index("--out") + 1]
     with open(os.path.join(out, f"rows_rank{os.environ.get('RANK', 0)}.json"), "w") as f:
         json.dump(seen, f)
+    with open(os.path.join(out, f"wrapper_rank{os.environ.get('RANK', 0)}.txt"), "w") as f:
+        f.write("".join(wrapper))
     sys.exit(rc)

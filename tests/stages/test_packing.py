@@ -1,9 +1,10 @@
-"""Padding-free packing: the same loss and gradient as padded batches; sdpa and eager exact on CPU.
+"""Padding-free packing: the same loss and gradient as padded batches; sdpa and eager exact on CPU; exact resume.
 
     .venv/bin/python -m pytest tests/stages/test_packing.py -x -q
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -98,3 +99,32 @@ def test_train_packed_matches_padded_and_resumes(tmp_path):
     assert state  # the position the resumed run started from
     with pytest.raises(ConfigError):
         train(TrainSettings(out=str(tmp_path / "x"), pack=True, **{**base, "max_steps": 0}))
+
+
+def test_packed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    """--pack with 2 workers, stopped after step 2 of 6 (8 steps an epoch): the resumed run's packed batches
+    (items, tokens, position_ids) and logged losses equal the uninterrupted run's steps 3-6."""
+    w = world()
+    seen = []
+    step = KDTrainer.training_step
+
+    def recording(self, model, inputs, num_items_in_batch=None):
+        seen.append((inputs["row_index"].tolist(), inputs["input_ids"].tolist(), inputs["position_ids"].tolist()))
+        return step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(KDTrainer, "training_step", recording)
+    base = dict(student=str(w.student), cache=str(w.cache), out=str(tmp_path / "out"), max_steps=6, batch_size=3,
+                lr=1e-2, logging_steps=1, num_workers=2, save_steps=2, save_total_limit=None, seed=3, pack=True)
+    whole = train(TrainSettings(**base))
+    uninterrupted = seen[:]
+    assert len(uninterrupted) == 6 and all(len(b[0]) == 3 and len(b[1]) == 1 for b in uninterrupted)  # packed rows
+    for later in ("checkpoint-4", "checkpoint-6"):
+        shutil.rmtree(tmp_path / "out" / later)
+    seen.clear()
+    resumed = train(TrainSettings(**base, resume=True))
+    assert resumed["global_step"] == 6
+    assert seen == uninterrupted[2:]
+    logs = {r: {h["step"]: h for h in res["log_history"] if "loss" in h} for r, res in (("a", whole), ("b", resumed))}
+    for s in (3, 4, 5, 6):
+        for key in ("loss", "ce", "kd", "grad_norm", "learning_rate"):
+            assert logs["b"][s][key] == pytest.approx(logs["a"][s][key], rel=1e-6, abs=0), (s, key)

@@ -1,0 +1,100 @@
+"""FSDP2 on CPU: two gloo ranks under torchrun train the same as DDP, and resume exactly.
+
+    .venv/bin/pytest tests/stages/test_trainer_fsdp.py -m slow   # three torchrun runs, one accelerate launch; ~4 min
+
+accelerate turns `--fsdp` (or an accelerate FSDP config) into DDP on a multi-process CPU run without
+a word; `trainer.cpu_fsdp` makes it FSDP2 (`fully_shard`), which runs on gloo. These tests check that it really shards (the
+model the steps run is FSDP2's class), that the losses equal DDP's on the same batches, and that
+stopping at a checkpoint and resuming gives the uninterrupted run's batches and losses; evaluation
+while training (`--eval-cache`) runs under FSDP and gives DDP's numbers.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from trainkit import world
+
+ENTRY = Path(__file__).with_name("ddp_entry.py")
+pytestmark = pytest.mark.slow
+
+
+def torchrun(out: Path, *extra: str) -> dict:
+    """`logitcache train` on two CPU ranks (ddp_entry.py); returns logitcache_train.json plus rows and wrapper."""
+    w = world()
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", str(ENTRY), "train",
+           "--student", str(w.student), "--cache", str(w.cache), "--loss", "kl", "--out", str(out),
+           "--max-steps", "4", "--batch-size", "2", "--num-workers", "1", "--logging-steps", "1",
+           "--save-steps", "2", "--save-total-limit", "5", "--lr", "1e-2", "--eval-cache", str(w.cache),
+           "--eval-steps", "4", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "logitcache_train.json").read_text())
+    result["rows"] = [json.loads((out / f"rows_rank{r}.json").read_text()) for r in range(2)]
+    result["wrapper"] = [(out / f"wrapper_rank{r}.txt").read_text() for r in range(2)]
+    return result
+
+
+def step_logs(result: dict) -> dict[int, dict]:
+    return {h["step"]: h for h in result["log_history"] if "loss" in h}
+
+
+def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path):
+    ddp = torchrun(tmp_path / "ddp")
+    fsdp = torchrun(tmp_path / "fsdp", "--fsdp", "full_shard")
+    assert ddp["wrapper"] == ["DistributedDataParallel"] * 2
+    assert fsdp["wrapper"] == ["FSDPLlamaForCausalLM"] * 2  # fully_shard's class: parameters are DTensor shards
+    assert fsdp["rows"] == ddp["rows"] and not set(fsdp["rows"][0]) & set(fsdp["rows"][1])
+    got, want = step_logs(fsdp), step_logs(ddp)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:  # the same batches and the same arithmetic up to the reduction order
+        for key in ("loss", "ce", "kd"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-3, abs=1e-4), (step, key)
+    assert got[4]["ce"] < got[1]["ce"] - 1.0  # it trains
+    # Evaluation while training runs under FSDP too (every rank joins the sharded forward).
+    evals = {name: [h for h in r["log_history"] if "eval_cache_kd_loss" in h] for name, r in (("d", ddp), ("f", fsdp))}
+    assert [h["step"] for h in evals["f"]] == [4]
+    for key in ("eval_cache_kd_loss", "eval_cache_nll", "eval_cache_teacher_agreement"):
+        assert evals["f"][0][key] == pytest.approx(evals["d"][0][key], rel=1e-4), key
+    state = json.loads((tmp_path / "fsdp" / "checkpoint-2" / "logitcache_data_rank1.json").read_text())
+    assert state["rank"] == 1 and state["world_size"] == 2 and state["consumed"] == [4]
+
+    # Stop after step 2 (its checkpoint holds the sharded optimizer and each rank's data position); resume.
+    out = tmp_path / "fsdp"
+    shutil.rmtree(out / "checkpoint-4")
+    resumed = torchrun(out, "--fsdp", "full_shard", "--resume")
+    assert resumed["wrapper"] == ["FSDPLlamaForCausalLM"] * 2
+    assert resumed["global_step"] == 4
+    assert resumed["rows"] == [rows[4:] for rows in fsdp["rows"]]  # exactly the uninterrupted run's steps 3-4
+    again = step_logs(resumed)
+    for step in (3, 4):
+        for key in ("loss", "ce", "kd", "grad_norm"):
+            assert again[step][key] == pytest.approx(got[step][key], rel=1e-5), (step, key)
+    resumed_eval = [h for h in resumed["log_history"] if "eval_cache_kd_loss" in h][-1]
+    assert resumed_eval["eval_cache_kd_loss"] == pytest.approx(evals["f"][0]["eval_cache_kd_loss"], rel=1e-5)
+
+
+def test_an_accelerate_fsdp_config_shards_on_cpu_too(tmp_path):
+    """`accelerate launch --config_file` with distributed_type FSDP (no --fsdp flag): FSDP2 on two CPU ranks."""
+    w = world()
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                      "num_processes: 2\nuse_cpu: true\nmixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n"
+                      "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_state_dict_type: FULL_STATE_DICT\n")
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config), str(ENTRY),
+           "train", "--student", str(w.student), "--cache", str(w.cache), "--loss", "kl", "--out", str(out),
+           "--max-steps", "2", "--batch-size", "2", "--num-workers", "1", "--logging-steps", "1", "--save-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(out / f"wrapper_rank{r}.txt").read_text() for r in range(2)] == ["FSDPLlamaForCausalLM"] * 2
+    rows = [json.loads((out / f"rows_rank{r}.json").read_text()) for r in range(2)]
+    assert len(rows[0]) == len(rows[1]) == 4 and not set(rows[0]) & set(rows[1])
+    result = json.loads((out / "logitcache_train.json").read_text())
+    assert result["world_size"] == 2 and result["global_step"] == 2
