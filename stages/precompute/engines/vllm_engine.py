@@ -11,8 +11,25 @@ the actual token first (it may lie outside the top K) then the top K by rank. To
 mode needs the full distribution, so it needs the pooling path.
 
 Requests go to vLLM as token ids (`{"prompt_token_ids": ...}`), never re-tokenized, in slabs of
-about `slab_tokens` tokens so that returned hidden states stay bounded; on the pooling path the
-next slab runs in vLLM while this process works on the previous one.
+about `slab_tokens` tokens so that returned hidden states stay bounded. One feeder thread hands
+slabs to vLLM in order across `run`/`submit` calls, at most `AHEAD_SLABS` ahead of this process:
+with `engines.run_ahead` (what stage one's shard loop uses) vLLM computes batch i+1 while this
+process makes batch i's targets. On CPU the pooling path's torch work gets the core(s) vLLM's
+worker leaves (`torch_threads`).
+
+The pooling path checks itself at start-up (`pooling_check`): our head's top-K on a few probe
+sequences against vLLM's own `prompt_logprobs`, from a short-lived generate-runner engine that
+runs before the pooling engine starts. A model whose logits vLLM transforms in a way the head
+table does not know (vLLM's Llama honours a config `logit_scale`; ours does not) is refused.
+
+Not done, and why: applying the head and top-K inside vLLM's worker through a
+`vllm.general_plugins` pooler. In 0.32 a model converted for pooling is built with its
+`ParallelLMHead` and `LogitsProcessor` replaced by `StageMissingLayer` (adapters.py,
+`_create_pooling_model_cls`), so a custom pooler on the `convert="embed"` model has no head and no
+logit transform to call. It would need its own architecture per family, registered by the plugin
+(a `*ForCausalLM` subclass that keeps its head and declares `is_pooling_model`), selected through
+`hf_overrides={"architectures": ...}`, and returning (P, 2K+2) fp32 rows per request. That was
+not tried in this round.
 
 Memory defaults on CPU: unless `VLLM_CPU_KVCACHE_SPACE` is set or `kv_cache_memory_bytes` is
 passed, the KV cache gets min(4 GiB, available memory / 4) (vLLM's own CPU default asks for 92%
