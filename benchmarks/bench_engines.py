@@ -22,6 +22,16 @@ over the same texts: a process that loads the model, tokenizes the texts and run
 pass with logits in the same length batches, nothing else. Each is run over `--job-rows` texts
 and over a quarter of them, interleaved, and the start-up is subtracted: ratio = (bare big -
 bare small) / (job big - job small).
+
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python benchmarks/bench_engines.py --whole-job texts.jsonl --job-engine vllm
+
+does the same for `precompute --engine vllm` on the pooling path and on the prompt_logprobs
+path, against a bare vLLM job: load vLLM, tokenize, prefill every text (`max_tokens=1`, no
+logprobs) and apply the LM head (bf16, from the checkpoint) at every position, nothing else.
+"all torch threads" is the pooling path with `torch_threads=0`: this process's torch keeps every
+core instead of the one vLLM's CPU worker leaves.
+The pooling job's start-up includes its head check's short-lived second engine; the small job
+pays it too, so the subtraction removes it.
 """
 
 from __future__ import annotations
@@ -123,6 +133,30 @@ def bare_job(model: str, data: str, rows: int, batch_tokens: int) -> None:
             net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
 
 
+def bare_vllm_job(model: str, data: str, batch_tokens: int) -> None:
+    """The vLLM whole-job limit: load, tokenize, prefill, head at every position; nothing else."""
+    import json
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from logitcache.stages.precompute.engines import build_engine
+    from logitcache.storage.head import head_from_checkpoint
+
+    engine = build_engine("vllm", model, vllm_path="logprobs", max_batch_tokens=batch_tokens)
+    head = head_from_checkpoint(model, dtype=engine.llm.model_config.dtype)
+    tok = AutoTokenizer.from_pretrained(model)
+    with open(data) as f:
+        ids = [tok(json.loads(line)["text"])["input_ids"] for line in f]
+    prompts = [{"prompt_token_ids": x} for x in ids if len(x) >= 2]
+    engine.llm.generate(prompts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+    hidden = torch.randn(4096, head.weight.shape[1], dtype=head.weight.dtype)
+    positions = sum(len(p["prompt_token_ids"]) - 1 for p in prompts)
+    for lo in range(0, positions, 4096):
+        head(hidden[: min(4096, positions - lo)])
+    engine.close()
+
+
 def bench_whole_job(model: str, args) -> None:
     """Whole `precompute --engine hf` processes against bare jobs; see the module docstring."""
     import json
@@ -139,23 +173,36 @@ def bench_whole_job(model: str, args) -> None:
             with open(data[name], "w") as f:
                 f.writelines(lines[:n])
         py, here = sys.executable, os.path.abspath(__file__)
-        jobs = {
-            "bare": lambda size: [py, here, "--bare-job", data[size], "--model", model,
-                                  "--batch-tokens", str(args.batch_tokens)],
-            "hf engine, fused head": lambda size: [py, "-m", "logitcache.pipeline", "precompute", "--teacher", model,
-                                                   "--data", data[size], "--text-field", "text", "--engine", "hf",
-                                                   "--max-batch-tokens", str(args.batch_tokens), "--no-progress",
-                                                   "--top-k", str(args.k), "--out", os.path.join(tmp, "cache")],
-        }
-        jobs["hf engine, unfused head"] = lambda size: jobs["hf engine, fused head"](size) + [
-            "--engine-arg", "fused_head=false"]
+
+        def precompute(size: str, engine: str, *extra: str) -> list[str]:
+            return [py, "-m", "logitcache.pipeline", "precompute", "--teacher", model, "--data", data[size],
+                    "--text-field", "text", "--engine", engine, "--max-batch-tokens", str(args.batch_tokens),
+                    "--no-progress", "--top-k", str(args.k), "--out", os.path.join(tmp, "cache"), *extra]
+
+        bare = [py, here, "--model", model, "--batch-tokens", str(args.batch_tokens)]
+        if args.job_engine == "hf":
+            jobs = {
+                "bare": lambda size: bare + ["--bare-job", data[size]],
+                "hf engine, fused head": lambda size: precompute(size, "hf"),
+                "hf engine, unfused head": lambda size: precompute(size, "hf", "--engine-arg", "fused_head=false"),
+            }
+        else:
+            jobs = {
+                "bare": lambda size: bare + ["--bare-vllm-job", data[size]],
+                "vllm pooling path": lambda size: precompute(size, "vllm", "--engine-arg", "vllm_path=pooling"),
+                "vllm pooling, all torch threads": lambda size: precompute(
+                    size, "vllm", "--engine-arg", "vllm_path=pooling", "--engine-arg", "torch_threads=0"),
+                "vllm logprobs path": lambda size: precompute(size, "vllm", "--engine-arg", "vllm_path=logprobs"),
+            }
         times = {(name, size): [] for name in jobs for size in sizes}
         for _ in range(args.repeats):
             for size in sizes:
                 for name, cmd in jobs.items():  # interleaved: load drifts hit every variant alike
                     subprocess.run(["rm", "-rf", os.path.join(tmp, "cache")], check=True)
                     t0 = time.perf_counter()
-                    subprocess.run(cmd(size), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    done = subprocess.run(cmd(size), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    if done.returncode:
+                        raise SystemExit(f"{name} ({size}) failed:\n{done.stderr[-3000:]}")
                     times[name, size].append(time.perf_counter() - t0)
                     print(f"  {name} ({size}): {times[name, size][-1]:.1f} s", flush=True)
     net = {name: min(times[name, "big"]) - min(times[name, "small"]) for name in jobs}
@@ -166,6 +213,43 @@ def bench_whole_job(model: str, args) -> None:
         print(f"{name:28s} {min(times[name, 'big']):8.1f} {min(times[name, 'small']):8.1f} {net[name]:8.1f} "
               f"{net['bare'] / net[name]:8.2f}   {runs}")
     print(json.dumps({"net_seconds": net}))
+
+
+def bench_topk_micro(args) -> None:
+    """Fused vs unfused head + top-K in this process, CPU time on one thread, interleaved rounds.
+
+    CPU time (`time.process_time`) rather than wall time: on a shared machine other jobs stretch
+    wall time unevenly, while the CPU a single-threaded computation needs moves much less.
+    """
+    from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden
+    from logitcache.storage.head import LMHead
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    rows = args.micro_rows
+    for dtype in (torch.float32, torch.bfloat16):
+        head = LMHead(weight=(torch.randn(args.vocab, args.hidden, generator=gen) * 0.15).to(dtype))
+        hidden = torch.randn(rows, args.hidden, generator=gen).to(dtype)
+        next_ids = torch.randint(0, args.vocab, (rows,), generator=gen)
+        spec = TargetSpec(k=args.k)
+        paths = {
+            "head matmul only": lambda: [head(hidden[lo:lo + 256]) for lo in range(0, rows, 256)],
+            "unfused (head chunk, then topk_targets)": lambda: targets_from_hidden(
+                hidden, head, next_ids, spec, fused=False),
+            "fused (default tiles)": lambda: targets_from_hidden(hidden, head, next_ids, spec, fused=True),
+        }
+        times = {name: [] for name in paths}
+        for name, fn in paths.items():
+            fn()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in paths.items():
+                t0 = time.process_time()
+                fn()
+                times[name].append(time.process_time() - t0)
+        base = min(times["head matmul only"])
+        print(f"\n{rows} rows x H {args.hidden} x V {args.vocab}, k={args.k}, {dtype}, 1 thread, CPU s per round")
+        for name, t in times.items():
+            print(f"{name:42s} {' '.join(f'{x:6.2f}' for x in t)}   head/path {base / min(t):.2f}")
 
 
 def main() -> None:
@@ -181,12 +265,23 @@ def main() -> None:
     parser.add_argument("--engines", default="hf,vllm")
     parser.add_argument("--whole-job", metavar="TEXTS.jsonl", help="time whole precompute jobs over these texts")
     parser.add_argument("--job-rows", type=int, default=120, help="texts in the big whole job (small: a quarter)")
+    parser.add_argument("--job-engine", choices=("hf", "vllm"), default="hf", help="engine of the whole jobs")
+    parser.add_argument("--topk-micro", action="store_true",
+                        help="fused vs unfused head + top-K in-process (CPU time, one thread)")
+    parser.add_argument("--micro-rows", type=int, default=1024, help="rows for --topk-micro")
     parser.add_argument("--model", help=argparse.SUPPRESS)  # --bare-job's model (internal)
     parser.add_argument("--bare-job", metavar="TEXTS.jsonl", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-vllm-job", metavar="TEXTS.jsonl", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.bare_job:
         bare_job(args.model, args.bare_job, 1 << 30, args.batch_tokens)
+        return
+    if args.bare_vllm_job:
+        bare_vllm_job(args.model, args.bare_vllm_job, args.batch_tokens)
+        return
+    if args.topk_micro:
+        bench_topk_micro(args)
         return
     if args.whole_job:
         with tempfile.TemporaryDirectory() as tmp:

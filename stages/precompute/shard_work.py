@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from logitcache.stages.precompute.data import Encoded, RowEncoder, Skipped
-from logitcache.stages.precompute.engines import Engine, Request
+from logitcache.stages.precompute.engines import Engine, Request, run_ahead
 from logitcache.stages.precompute.plan import sequence_seed, shard_rows
 from logitcache.stages.precompute.settings import Targets
 from logitcache.storage import CacheWriter, ShardData
@@ -63,22 +63,30 @@ def compute_shard(engine: Engine, items: list[tuple[int, Encoded]], *, mode: str
             shard's `topk_ids` (-1 padded), `topk_logprobs` and `sample_counts`.
         width: K (or N): the per-position width, used for a shard whose rows were all skipped.
         seed: the run's seed; each sequence's is `sequence_seed(seed, row)`.
-        batch_size: sequences per `engine.run` call.
+        batch_size: sequences per engine call (`engines.run_ahead`).
         text_fields: stored text fields.
         on_batch: called with (sequences, positions) after each engine call (progress).
-        should_stop: polled before each engine call; if it returns True the shard is dropped.
+        should_stop: polled before each batch is handed to the engine; if it returns True the
+            shard is dropped.
 
     Returns:
         The shard, or None when stopped.
     """
+    batches = [items[lo:lo + batch_size] for lo in range(0, len(items), batch_size)]
+    stopped = []
+
+    def requests():  # polled one batch ahead: run_ahead hands batch i+1 over before collecting batch i
+        for batch in batches:
+            if should_stop is not None and should_stop():
+                stopped.append(True)
+                return
+            yield [Request(token_ids=e.token_ids, positions=e.positions, seed=sequence_seed(seed, row))
+                   for row, e in batch]
+
     sequences = []
-    for lo in range(0, len(items), batch_size):
-        if should_stop is not None and should_stop():
-            return None
-        batch = items[lo:lo + batch_size]
-        requests = [Request(token_ids=e.token_ids, positions=e.positions, seed=sequence_seed(seed, row))
-                    for row, e in batch]
-        results = engine.run(requests)
+    # The engine computes the next batch while this thread packs the current one (vLLM: in its
+    # own process, see `engines.run_ahead`); the hf engine runs them in turn.
+    for batch, results in zip(batches, run_ahead(engine, requests())):
         for (row, e), out in zip(batch, results):
             sequences.append(_sequence(row, e, out, mode))
             if sequences[-1]["topk_ids"].shape[1] != width:
@@ -86,6 +94,8 @@ def compute_shard(engine: Engine, items: list[tuple[int, Encoded]], *, mode: str
                                   f"this cache is set up for {width} (--top-k / --samples)")
         if on_batch is not None:
             on_batch(len(batch), sum(len(e.positions) for _, e in batch))
+    if stopped:
+        return None
     if should_stop is not None and should_stop():
         return None
     if not sequences:

@@ -1,7 +1,7 @@
 """Teacher engines on the tiny model: hf vs vLLM (both paths), batching, request checks.
 
     .venv/bin/pytest tests/stages/test_engines.py                          # hf engine only
-    .venv/bin/pytest tests/stages/test_engines.py -m "slow or not slow"     # with vLLM: ~1 min on 2 CPU cores (two start-ups)
+    .venv/bin/pytest tests/stages/test_engines.py -m "slow or not slow"     # with vLLM: ~3 min on 2 CPU cores (five start-ups)
 
 Tolerances. The hf engine runs fp32 on CPU; vLLM runs the bf16 checkpoint in bf16. The
 pooling path's hidden states are bf16 and its head fp32; the logprobs path's logits are bf16
@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from logitcache.pipeline.scratch import toy_corpus
-from logitcache.stages.precompute.engines import Request, TargetSpec, build_engine, default_engine_name
+from logitcache.stages.precompute.engines import Request, TargetSpec, build_engine, default_engine_name, run_ahead
 from logitcache.stages.precompute.engines.hf import length_batches
+from logitcache.stages.precompute.engines.pooling_check import ATOL, compare_topk
 from logitcache.stages.precompute.engines.vllm_engine import token_slabs
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
@@ -247,3 +248,78 @@ def test_vllm_logprobs_path_refuses_sample_mode(tiny_teacher):
 def test_vllm_rejects_requests_longer_than_max_model_len(vllm_pooling_engine):
     with pytest.raises(InvalidDataError, match="max_model_len"):
         vllm_pooling_engine.run([Request(token_ids=[1] * 600, positions=np.array([0]))])
+
+
+# The pooling path's self-check (engines/pooling_check.py).
+
+
+def test_head_check_admits_bf16_noise_and_refuses_a_scale(tiny_teacher, requests_):
+    """bf16 rounding of the head passes the tolerance; a logit scale of 1.1 the table missed does not."""
+    import dataclasses
+
+    import torch
+
+    reqs = requests_[:4]
+    exact = build_engine("hf", str(tiny_teacher[0]), k=16)
+    reference = exact.run(reqs)
+    rounded = copy.copy(exact)
+    rounded.head = dataclasses.replace(exact.head, weight=exact.head.weight.to(torch.bfloat16))
+    assert 0 < compare_topk(rounded.run(reqs), reference, model="tiny") < ATOL
+    scaled = copy.copy(exact)
+    scaled.head = dataclasses.replace(exact.head, logit_scale=1.1)
+    with pytest.raises(ConfigError, match="disagrees with vLLM's own logits.*position"):
+        compare_topk(scaled.run(reqs), reference, model="tiny")
+
+
+@pytest.mark.slow
+def test_vllm_pooling_engine_checked_its_head(vllm_pooling_engine):
+    # The shared engine ran the check at start-up against vLLM's prompt_logprobs, and passed.
+    assert vllm_pooling_engine.head_check_max_diff is not None
+    assert vllm_pooling_engine.head_check_max_diff < ATOL
+
+
+@pytest.mark.slow
+def test_vllm_pooling_refuses_a_logit_scale_its_head_does_not_know(tmp_path, tiny_teacher):
+    """vLLM's Llama multiplies its logits by a config's `logit_scale`; our head table honours that
+    for Cohere only, so without the check this teacher's pooling cache is silently off by the scale."""
+    import json
+    import shutil
+
+    model = tmp_path / "scaled"
+    shutil.copytree(tiny_teacher[0], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "logit_scale": 0.5}))
+    pytest.importorskip("vllm")
+    with pytest.raises(ConfigError, match="disagrees with vLLM's own logits"):
+        build_engine("vllm", str(model), vllm_path="pooling", k=8, max_batch_tokens=1024, max_model_len=512,
+                     kv_cache_memory_bytes=256 << 20, enforce_eager=True)
+
+
+# Keeping vLLM fed: submit ahead, across batches (engines.run_ahead).
+
+
+def test_run_ahead_without_submit_runs_each_batch(hf_engine, requests_):
+    batches = [requests_[:3], requests_[3:4], [], requests_[4:7]]
+    out = list(run_ahead(hf_engine, batches))
+    assert [len(b) for b in out] == [3, 1, 0, 3]
+    for a, b in zip(sum(out, []), hf_engine.run(requests_[:7])):
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+
+
+@pytest.mark.slow
+def test_vllm_run_ahead_matches_one_run(vllm_pooling_engine, requests_):
+    # Tiny slabs: each batch is several slabs, more than AHEAD_SLABS are submitted before the
+    # first is collected, so the feeder must wait for room and resume in order.
+    fed = copy.copy(vllm_pooling_engine)
+    fed.slab_tokens = 40
+    batches = [requests_[i:i + 4] for i in range(0, len(requests_), 4)]
+    out = sum(run_ahead(fed, batches), [])
+    assert len(out) == len(requests_)
+    for a, b in zip(out, vllm_pooling_engine.run(requests_)):
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=0, atol=2e-3, err_msg=name)
+    # Stopping early leaves nothing in flight: the engine still answers the next call.
+    gen = run_ahead(fed, batches)
+    next(gen)
+    gen.close()
+    assert len(fed.run(requests_[:2])) == 2

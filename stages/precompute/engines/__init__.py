@@ -14,10 +14,10 @@ from __future__ import annotations
 import importlib.util
 import inspect
 
-from logitcache.stages.precompute.engines.base import Engine, Request, TargetSpec
+from logitcache.stages.precompute.engines.base import Engine, Request, TargetSpec, run_ahead
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["Engine", "Request", "TargetSpec", "build_engine", "default_engine_name", "ENGINE_NAMES"]
+__all__ = ["Engine", "Request", "TargetSpec", "build_engine", "default_engine_name", "run_ahead", "ENGINE_NAMES"]
 
 ENGINE_NAMES = ("hf", "vllm")
 

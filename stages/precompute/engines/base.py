@@ -8,6 +8,7 @@ sampled ids and log-probs, the actual next token's log-prob, and the tail mass.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,7 +26,8 @@ from logitcache.stages.precompute.sparsify import (
 )
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
-__all__ = ["Request", "Engine", "TargetSpec", "check_requests", "gather_inputs", "targets_from_hidden", "split_rows"]
+__all__ = ["Request", "Engine", "TargetSpec", "check_requests", "gather_inputs", "targets_from_hidden", "split_rows",
+           "run_ahead"]
 
 MODES = ("topk", "sample")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,6 +70,34 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release the model (and any engine process)."""
         ...
+
+
+def run_ahead(engine: Engine, batches: Iterable[list[Request]]) -> Iterator[list[dict[str, np.ndarray]]]:
+    """`engine.run` over batches, each handed to the engine before the previous one's targets are made.
+
+    An engine with `submit(requests) -> Pending` (vLLM) computes batch i+1 in its own process while
+    this one makes batch i's targets, so it never waits on us between batches; any other engine
+    simply runs each batch in turn. Results come out in batch order, one list per batch.
+
+    A consumer that stops early still has the batch already handed over computed (and dropped),
+    so that the engine is left with nothing in flight.
+    """
+    submit = getattr(engine, "submit", None)
+    if submit is None:
+        for batch in batches:
+            yield engine.run(batch)
+        return
+    pending = []  # handed over, not yet collected: at most two
+    try:
+        for batch in batches:
+            pending.append(submit(batch))
+            if len(pending) > 1:
+                yield pending.pop(0).result()
+        while pending:
+            yield pending.pop(0).result()
+    finally:
+        for handed_over in pending:
+            handed_over.result()
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,25 @@ the actual token first (it may lie outside the top K) then the top K by rank. To
 mode needs the full distribution, so it needs the pooling path.
 
 Requests go to vLLM as token ids (`{"prompt_token_ids": ...}`), never re-tokenized, in slabs of
-about `slab_tokens` tokens so that returned hidden states stay bounded; on the pooling path the
-next slab runs in vLLM while this process works on the previous one.
+about `slab_tokens` tokens so that returned hidden states stay bounded. One feeder thread hands
+slabs to vLLM in order across `run`/`submit` calls, at most `AHEAD_SLABS` ahead of this process:
+with `engines.run_ahead` (what stage one's shard loop uses) vLLM computes batch i+1 while this
+process makes batch i's targets. On CPU the pooling path's torch work gets the core(s) vLLM's
+worker leaves (`torch_threads`).
+
+The pooling path checks itself at start-up (`pooling_check`): our head's top-K on a few probe
+sequences against vLLM's own `prompt_logprobs`, from a short-lived generate-runner engine that
+runs before the pooling engine starts. A model whose logits vLLM transforms in a way the head
+table does not know (vLLM's Llama honours a config `logit_scale`; ours does not) is refused.
+
+Not done, and why: applying the head and top-K inside vLLM's worker through a
+`vllm.general_plugins` pooler. In 0.32 a model converted for pooling is built with its
+`ParallelLMHead` and `LogitsProcessor` replaced by `StageMissingLayer` (adapters.py,
+`_create_pooling_model_cls`), so a custom pooler on the `convert="embed"` model has no head and no
+logit transform to call. It would need its own architecture per family, registered by the plugin
+(a `*ForCausalLM` subclass that keeps its head and declares `is_pooling_model`), selected through
+`hf_overrides={"architectures": ...}`, and returning (P, 2K+2) fp32 rows per request. That was
+not tried in this round.
 
 Memory defaults on CPU: unless `VLLM_CPU_KVCACHE_SPACE` is set or `kv_cache_memory_bytes` is
 passed, the KV cache gets min(4 GiB, available memory / 4) (vLLM's own CPU default asks for 92%
@@ -34,6 +51,7 @@ all cores but one, which it leaves to this process (whose torch threads still sp
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -48,13 +66,15 @@ from logitcache.stages.precompute.engines.base import (
     split_rows,
     targets_from_hidden,
 )
+from logitcache.stages.precompute.engines.pooling_check import PROBE_K, compare_topk, probe_token_ids
 from logitcache.storage.head import head_from_checkpoint
 from logitcache.stages.precompute.sparsify import tail_mass
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
-__all__ = ["VLLMEngine", "VLLM_PATHS", "token_slabs", "pooling_gpu_memory_utilization"]
+__all__ = ["VLLMEngine", "Pending", "VLLM_PATHS", "token_slabs", "pooling_gpu_memory_utilization"]
 
 VLLM_PATHS = ("pooling", "logprobs")
+AHEAD_SLABS = 3  # slabs whose outputs may wait for this process (bounds host memory)
 _GiB = 1 << 30
 
 
@@ -81,6 +101,13 @@ class VLLMEngine:
         head_chunk_rows: Rows per head call.
         fused_head: Pooling path, topk mode: head + logsumexp + top-K in one pass over
             vocabulary tiles (`fused_topk`); False builds each chunk's full logits first.
+        verify_head: Pooling path: before starting, check our head against vLLM's own
+            `prompt_logprobs` on a few probe sequences (`pooling_check`; costs one short-lived
+            generate-runner start-up) and refuse a model whose logits vLLM transforms otherwise.
+        torch_threads: CPU pooling path: threads for this process's torch work (the head and
+            top-K). Default: the cores vLLM's CPU worker leaves free (it binds to all but
+            `VLLM_CPU_NUM_OF_RESERVED_CPU`, by default one per tensor-parallel rank); 0 leaves
+            torch's own setting (every core, contending with the worker).
         **llm_kwargs: Passed to `vllm.LLM` (e.g. `enforce_eager`, `gpu_memory_utilization`,
             `kv_cache_memory_bytes`, `tensor_parallel_size`); they override ours.
     """
@@ -103,6 +130,8 @@ class VLLMEngine:
         head_dtype: str | None = None,
         head_chunk_rows: int | None = None,
         fused_head: bool = True,
+        verify_head: bool = True,
+        torch_threads: int | None = None,
         **llm_kwargs,
     ):
         if vllm_path not in VLLM_PATHS:
@@ -115,6 +144,14 @@ class VLLMEngine:
             raise ConfigError(f"head_dtype={head_dtype!r}; expected one of {sorted(TORCH_DTYPES)}")
         import vllm
         from vllm.platforms import current_platform
+
+        reference = None
+        if vllm_path == "pooling" and verify_head:
+            # vLLM's own log-probs for the probes, from a generate-runner engine that is shut
+            # down before the pooling engine starts (one vLLM engine at a time).
+            reference = _reference_rows(
+                model, dtype=dtype, max_batch_tokens=max_batch_tokens, trust_remote_code=trust_remote_code,
+                revision=revision, max_model_len=max_model_len, **llm_kwargs)
 
         self.version = vllm.__version__
         self.spec = spec
@@ -172,6 +209,12 @@ class VLLMEngine:
             llm_kwargs["hf_overrides"] = {**kwargs["hf_overrides"], **llm_kwargs["hf_overrides"]}
         kwargs.update(llm_kwargs)
         self.llm = vllm.LLM(**kwargs)
+        # One thread hands slabs to vLLM in order, across run()/submit() calls (see `submit`).
+        self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-feeder")
+        self._room = threading.Semaphore(AHEAD_SLABS)
+        self._closing = False
+        if on_cpu and vllm_path == "pooling":
+            _give_torch_the_spare_cores(torch_threads, llm_kwargs.get("tensor_parallel_size", 1))
         # The logprobs path generates one token after the prompt, and vLLM counts it.
         self.max_request_tokens = self.llm.model_config.max_model_len - (vllm_path == "logprobs")
         self.logits_width = self.llm.model_config.get_vocab_size()
@@ -190,9 +233,34 @@ class VLLMEngine:
                 raise ConfigError(
                     f"the head loaded from {model!r} is {self.head.width} wide but vLLM's model is {self.logits_width}"
                 )
+        self.head_check_max_diff = None  # nats: the pooling-path check's largest difference
+        if reference is not None:
+            probes, expected = reference
+            requests = [Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes]
+            ours = self._pooling_rows(requests, TargetSpec(k=expected[0]["topk_ids"].shape[1]))
+            try:
+                self.head_check_max_diff = compare_topk(ours, expected, model=model)
+            except ConfigError:
+                self.close()
+                raise
 
     def run(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
         """Sparse targets for each request (see `Engine.run`)."""
+        return self.submit(requests).result()
+
+    def submit(self, requests: list[Request]) -> "Pending":
+        """Hand requests to vLLM now; their targets are made when `.result()` is called.
+
+        vLLM works through submitted slabs in order, in its own process, while this one makes
+        the targets of earlier ones: a caller that submits batch i+1 before collecting batch i
+        keeps vLLM busy across batches and shards (`engines.run_ahead`). At most
+        `AHEAD_SLABS` slabs of outputs wait in memory; every `Pending` must be collected, in
+        submission order.
+
+        Raises:
+            InvalidDataError: a bad request or one longer than `max_request_tokens`, before
+                anything is submitted.
+        """
         checked = check_requests(requests, self.logits_width)
         for i, (ids, _) in enumerate(checked):
             if len(ids) > self.max_request_tokens:
@@ -200,27 +268,51 @@ class VLLMEngine:
                     f"request {i} has {len(ids)} tokens; this engine takes at most {self.max_request_tokens} "
                     f"(max_model_len={self.llm.model_config.max_model_len}); build it with a larger max_model_len"
                 )
+        call = self._encode if self.path == "pooling" else self._generate
         slabs = token_slabs([len(ids) for ids, _ in checked], self.slab_tokens)
+        futures = [(slab, self._feeder.submit(self._bounded, call, [checked[i][0] for i in slab])) for slab in slabs]
+        return Pending(lambda: self._collect(requests, checked, futures))
+
+    def _bounded(self, call, token_ids):
+        # Runs on the feeder thread: wait for room, so outputs never pile up unboundedly.
+        while not self._room.acquire(timeout=0.5):
+            if self._closing:
+                raise RuntimeError("the vLLM engine was closed with requests still submitted")
+        try:
+            return call(token_ids)
+        except BaseException:
+            self._room.release()
+            raise
+
+    def _collect(self, requests, checked, futures) -> list[dict[str, np.ndarray]]:
         results: list[dict[str, np.ndarray]] = []
-        if self.path == "logprobs":
-            for slab in slabs:
-                outputs = self._generate([checked[i][0] for i in slab])
-                for i, out in zip(slab, outputs):
-                    results.append(_rows_from_prompt_logprobs(out.prompt_logprobs, *checked[i], self.spec.k))
-            return results
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            # vLLM computes slab s+1 (in its own process) while this one sparsifies slab s.
-            pending = pool.submit(self._encode, [checked[i][0] for i in slabs[0]]) if slabs else None
-            for s, slab in enumerate(slabs):
-                outputs = pending.result()
-                if s + 1 < len(slabs):
-                    pending = pool.submit(self._encode, [checked[i][0] for i in slabs[s + 1]])
+        for n, (slab, future) in enumerate(futures):
+            try:
+                outputs = future.result()
+            except BaseException:
+                for _, rest in futures[n + 1:]:  # let the feeder drain: they were submitted
+                    rest.add_done_callback(lambda f: f.exception() is None and self._room.release())
+                raise
+            self._room.release()
+            if self.path == "logprobs":
+                results += [_rows_from_prompt_logprobs(out.prompt_logprobs, *checked[i], self.spec.k)
+                            for i, out in zip(slab, outputs)]
+            else:
                 seeds = [requests[i].seed for i in slab]
                 results += self._targets_from_outputs(outputs, [checked[i] for i in slab], seeds)
         return results
 
+    def _pooling_rows(self, requests: list[Request], spec: TargetSpec) -> list[dict[str, np.ndarray]]:
+        """The pooling path's rows for a few requests under another spec (the head check)."""
+        checked = check_requests(requests, self.logits_width)
+        outputs = self._encode([ids for ids, _ in checked])
+        return self._targets_from_outputs(outputs, checked, [0] * len(checked), spec=spec)
+
     def close(self) -> None:
         """Shut down vLLM's engine process."""
+        if getattr(self, "_feeder", None) is not None:
+            self._closing = True
+            self._feeder.shutdown(wait=True, cancel_futures=True)
         if getattr(self, "llm", None) is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
@@ -237,24 +329,66 @@ class VLLMEngine:
         prompts = [{"prompt_token_ids": ids.tolist()} for ids in token_ids]
         return self.llm.generate(prompts, params, use_tqdm=False)
 
-    def _targets_from_outputs(self, outputs, checked, seeds) -> list[dict[str, np.ndarray]]:
+    def _targets_from_outputs(self, outputs, checked, seeds, spec=None) -> list[dict[str, np.ndarray]]:
+        spec = spec or self.spec
         hidden = []
         for (ids, pos), out in zip(checked, outputs):
             data = out.outputs.data
             if data.shape[0] != len(ids):
                 raise RuntimeError(f"vLLM returned {data.shape[0]} hidden states for a {len(ids)}-token prompt")
             hidden.append(data[torch.from_numpy(pos)])
-        next_ids, row_seeds = gather_inputs(checked, seeds, self.spec)
+        next_ids, row_seeds = gather_inputs(checked, seeds, spec)
         rows = targets_from_hidden(
             torch.cat(hidden).to(self.device),
             self.head,
             next_ids,
-            self.spec,
+            spec,
             seeds=row_seeds,
             chunk_rows=self.head_chunk_rows,
             fused=self.fused_head,
         )
         return split_rows(rows, [len(pos) for _, pos in checked])
+
+
+class Pending:
+    """Targets of submitted requests, made on `result()` (see `VLLMEngine.submit`)."""
+
+    def __init__(self, make):
+        self._make = make
+
+    def result(self) -> list[dict[str, np.ndarray]]:
+        """One dict per request, as `Engine.run` returns them."""
+        return self._make()
+
+
+def _give_torch_the_spare_cores(torch_threads: int | None, tensor_parallel: int) -> None:
+    """Set this process's torch threads to the cores vLLM's CPU worker leaves (see `torch_threads`)."""
+    if torch_threads == 0:
+        return
+    if torch_threads is None:
+        if os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+            return  # the user placed the worker; we cannot tell what is left
+        reserved = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU")
+        torch_threads = int(reserved) if reserved else tensor_parallel
+    torch.set_num_threads(max(1, min(torch_threads, os.cpu_count() or 1)))
+
+
+def _reference_rows(model: str, **kwargs) -> tuple[list[list[int]], list[dict[str, np.ndarray]]]:
+    """(probe token ids, vLLM's prompt_logprobs rows at every position of each) for `pooling_check`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, revision=kwargs.get("revision"),
+                                        trust_remote_code=kwargs.get("trust_remote_code", False))
+    width = int(config.get_text_config().vocab_size)
+    engine = VLLMEngine(model, spec=TargetSpec(k=min(PROBE_K, width)), vllm_path="logprobs", **kwargs)
+    try:
+        probes = probe_token_ids(model, revision=kwargs.get("revision"), width=engine.logits_width,
+                                 trust_remote_code=kwargs.get("trust_remote_code", False),
+                                 max_tokens=min(128, engine.max_request_tokens))
+        rows = engine.run([Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes])
+    finally:
+        engine.close()
+    return probes, rows
 
 
 def token_slabs(lengths: list[int], slab_tokens: int) -> list[list[int]]:
