@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml Makefile
 # Test budget. A test that takes more than ~10 s on 2 quiet cores is marked `slow` (subprocess CLI
 # runs, vLLM, Ray, torchrun, the S3 server's fault cases, the 151,936-wide Qwen runs, the demo); so is
 # one that shares such a test's expensive fixture. Expensive things are built once per session and
-# shared (conftest: the tiny teacher, one vLLM engine per path, the Qwen models, the S3 server;
-# trainkit.world(): the stage-two caches), and a fixture only one case needs is requested by that case.
+# shared (conftest: the tiny teacher, one vLLM engine per path, the Qwen models, the S3 server, the
+# fault tests' uninterrupted reference cache; trainkit.world(): the stage-two caches), and a fixture
+# only one case needs is requested by that case. The demo test runs `demo --preset smoke`.
 # Judge a change by CPU seconds, not wall time (the machine is usually shared):
 #   $(PY) -m pytest -p cpu_time tests/...     # a table of CPU seconds per file and the slowest tests
 TEST_TMP ?= $(or $(TMPDIR),/tmp)/logitcache-test-$(shell id -u)

@@ -54,6 +54,10 @@ PRESETS = {
                     teacher_layers=2, teacher_steps=200, student_width=64, student_layers=1, student_steps=40),
     "full": Preset(max_train=6000, max_heldout=600, teacher_vocab=2048, student_vocab=1536, teacher_width=256,
                    teacher_layers=2, teacher_steps=1200, student_width=64, student_layers=1, student_steps=300),
+    # The test suite's run (tests/pipeline/test_demo.py): every step and model of the recipe, on the least
+    # work that still logs two bild coverage points per student and scores ~1,000 held-out positions.
+    "smoke": Preset(max_train=160, max_heldout=40, teacher_vocab=512, student_vocab=384, teacher_width=128,
+                    teacher_layers=1, teacher_steps=40, student_width=64, student_layers=1, student_steps=20),
 }
 STUDENT_LOSSES = ("sft", "kl", "bild", "rskd")  # same tokenizer as the teacher; plus online bild, and uld cross-tokenizer
 ONLINE = "bild online"
@@ -115,10 +119,13 @@ def main(argv=None) -> int:
                                  "and write a report (markdown table + PNG plots).")
     ap.add_argument("--out", default="demo_out", help="working folder; finished steps in it are reused")
     ap.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (~3 minutes)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="the sizes by name, overriding --quick: full (the "
+                    "default), quick, or smoke (the test suite's: every step on the least work, numbers meaningless)")
     args = ap.parse_args(argv)
-    p = PRESETS["quick" if args.quick else "full"]
+    name = args.preset or ("quick" if args.quick else "full")
+    p = PRESETS[name]
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    out = Path(args.out) / ("quick" if args.quick else "full")
+    out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "preset.json"
     if stamp.exists() and json.loads(stamp.read_text()) != asdict(p):

@@ -120,7 +120,7 @@ def write_report(out: Path, models: dict[str, str], preset) -> str:
     paired_note = ("Differences over the same held-out positions (mean of per-position differences ± its standard "
                    "error); a difference within about twice its s.e. is noise. Accuracy and agreement are per "
                    "position 0/1; nll is lower-is-better.")
-    md = (f"# logitcache demo report ({'quick' if preset.max_train < 5000 else 'full'})\n\n"
+    md = (f"# logitcache demo report ({out.name})\n\n"
           f"Corpus: Python standard library, function signature -> {preset.task}, split by file.\n\n"
           f"{mass_line}\n\n"
           f"## Models (held-out)\n\n{table}\n\n{note}\n\n## Paired differences\n\n{paired}\n\n{paired_note}\n\n"

@@ -7,6 +7,8 @@ touch vLLM never starts it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -27,6 +29,27 @@ def tiny_teacher(tmp_path_factory):
     tokenizer = train_tokenizer(toy_corpus(), vocab_size=600, out_dir=out)
     make_tiny_llama(out, tokenizer, hidden_size=256, num_layers=2, num_heads=4, seed=0)
     return out, tokenizer
+
+
+@pytest.fixture(scope="session")
+def reference_cache(tiny_teacher, tmp_path_factory):
+    """(teacher, data, reference): the reference job of tests/precompute_util.py (24 text rows, 12 shards)
+    written by one uninterrupted `logitcache precompute` process with one thread.
+
+    What the fault tests' interrupted-then-resumed runs must equal (test_faults, test_s3_precompute,
+    test_precompute_cli); shared by the session, so it is computed once. Read it, never write to it.
+    """
+    from precompute_util import ONE_THREAD, REF_ROWS, reference_flags, text_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("reference")
+    data = write_jsonl(root / "rows.jsonl", text_rows(REF_ROWS))
+    reference = root / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ONE_THREAD}
+    res = subprocess.run([sys.executable, "-m", "logitcache.pipeline.cli",
+                          *reference_flags(str(tiny_teacher[0]), data, reference)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return str(tiny_teacher[0]), data, reference
 
 
 @pytest.fixture(scope="session")

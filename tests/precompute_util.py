@@ -52,6 +52,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# The shared reference job (conftest's `reference_cache`): 24 text rows, top-8, 2 rows a shard -> 12 shards, so
+# a fault injected after a few shards lands mid-job. One thread: CPU GEMM kernels, and so the last float bit,
+# depend on the thread count, and the interrupted runs compared against it must match it bit for bit.
+REF_ROWS, REF_ROWS_PER_SHARD = 24, 2
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def reference_flags(teacher: str, data: Path | str, out: str | Path) -> list[str]:
+    """`logitcache precompute` arguments of the reference job, writing to `out` (a path or URL)."""
+    return ["precompute", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--engine", "hf",
+            "--text-field", "text", "--top-k", "8", "--rows-per-shard", str(REF_ROWS_PER_SHARD), "--batch-size", "1",
+            "--no-progress"]
+
+
 def text_rows(n: int, seed: int = 3) -> list[dict]:
     """`n` plain rows of 6-30 words (for the job-level tests)."""
     return [{"text": line} for line in toy_corpus(n, seed=seed)]

@@ -1,6 +1,7 @@
-"""The end-to-end demo, quick preset: teacher from scratch, vLLM caches, six students (one online), eval, report.
+"""The end-to-end demo: teacher from scratch, vLLM caches, six students (one online), eval, report.
 
-Marked slow (about 2-4 minutes on 2 cores); `make demo QUICK=1` runs the same thing.
+Runs the demo's own code path with its `smoke` preset (every step and model of `make demo QUICK=1`, on a
+quarter of the corpus and a fifth of the training steps), then reruns it. Marked slow (about 1-2 minutes on 2 cores).
 
     pytest -m slow tests/pipeline/test_demo.py
 """
@@ -14,12 +15,12 @@ import pytest
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    res = subprocess.run([sys.executable, "-m", "logitcache.pipeline.demo", "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=1200)
+    demo = [sys.executable, "-m", "logitcache.pipeline.demo", "--preset", "smoke", "--out", str(tmp_path)]
+    res = subprocess.run(demo, capture_output=True, text=True, env=env, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out = tmp_path / "quick"
+    out = tmp_path / "smoke"
     report = json.loads((out / "report.json").read_text())
     rows = {r["model"]: r for r in report["models"]}
     assert set(rows) == {"teacher", "student sft", "student kl", "student bild", "student bild online", "student rskd",
@@ -47,8 +48,7 @@ def test_quick_demo_end_to_end(tmp_path):
     for cache in ("cache_topk", "cache_sample"):
         assert json.loads((out / cache / "index.json").read_text())["engine"]["name"] == "vllm"
     # A rerun reuses every finished step.
-    again = subprocess.run([sys.executable, "-m", "logitcache.pipeline.demo", "--quick", "--out", str(tmp_path)],
-                           capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run(demo, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and again.stdout.count("[reuse]") >= 10, again.stdout
 
 

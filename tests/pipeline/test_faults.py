@@ -30,8 +30,7 @@ from pathlib import Path
 
 import pytest
 from cli_errors import assert_contract
-from precompute_util import assert_same_cache, text_rows
-from precompute_util import write_jsonl as write_rows
+from precompute_util import REF_ROWS, REF_ROWS_PER_SHARD, assert_same_cache, reference_flags
 from s3server import make_bucket, s3_options, tcp_proxy
 from trainkit import world
 
@@ -167,24 +166,8 @@ def _last_read_shard(cache: Path) -> str:
 # --- disk full ---------------------------------------------------------------------------------------------
 
 
-PRE_ROWS, PRE_PER_SHARD = 24, 2
-
-
-def pre_argv(teacher: str, data: Path, out) -> list[str]:
-    return ["precompute", "--teacher", teacher, "--data", str(data), "--out", str(out), "--engine", "hf",
-            "--text-field", "text", "--top-k", "8", "--rows-per-shard", str(PRE_PER_SHARD), "--batch-size", "1",
-            "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def pre_setup(tiny_teacher, tmp_path_factory):
-    """(teacher, data, a reference cache written by one uninterrupted run)."""
-    root = tmp_path_factory.mktemp("faults")
-    data = write_rows(root / "rows.jsonl", text_rows(PRE_ROWS))
-    reference = root / "reference"
-    rc, text = finish(start(pre_argv(str(tiny_teacher[0]), data, reference), root / "ref.log"), root / "ref.log")
-    assert rc == 0, text
-    return str(tiny_teacher[0]), data, reference
+PRE_ROWS, PRE_PER_SHARD = REF_ROWS, REF_ROWS_PER_SHARD
+pre_argv = reference_flags  # the shared reference job's command, to another --out
 
 
 def _mount_tmpfs(where: Path, size: int) -> bool:
@@ -193,8 +176,8 @@ def _mount_tmpfs(where: Path, size: int) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_disk_full_while_writing_shards_then_resume(pre_setup, tmp_path):
-    teacher, data, reference = pre_setup
+def test_disk_full_while_writing_shards_then_resume(reference_cache, tmp_path):
+    teacher, data, reference = reference_cache
     # tmpfs counts whole pages: a Zarr shard is many small files.
     total = sum(-(-p.stat().st_size // 4096) * 4096 for p in reference.rglob("*") if p.is_file())
     mnt = tmp_path / "small"
@@ -227,10 +210,10 @@ def test_disk_full_while_writing_shards_then_resume(pre_setup, tmp_path):
 BUCKET = "lc-faults"
 
 
-def test_s3_store_gone_mid_precompute_then_back_resumes_identically(pre_setup, s3, tmp_path):
+def test_s3_store_gone_mid_precompute_then_back_resumes_identically(reference_cache, s3, tmp_path):
     import boto3
 
-    teacher, data, reference = pre_setup
+    teacher, data, reference = reference_cache
     endpoint, _ = s3
     make_bucket(endpoint, BUCKET)
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
@@ -263,10 +246,10 @@ def test_s3_store_gone_mid_precompute_then_back_resumes_identically(pre_setup, s
     assert_same_cache(reference, url, storage_options=opts)
 
 
-def test_s3_store_gone_while_training_is_an_error_not_a_hang(pre_setup, s3, tmp_path):
+def test_s3_store_gone_while_training_is_an_error_not_a_hang(reference_cache, s3, tmp_path):
     import boto3
 
-    teacher, data, reference = pre_setup
+    teacher, data, reference = reference_cache
     endpoint, _ = s3
     bucket = BUCKET + "-train"
     make_bucket(endpoint, bucket)

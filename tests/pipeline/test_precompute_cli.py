@@ -1,8 +1,8 @@
-"""`logitcache precompute` as a real process: kill -9 / SIGTERM at a random moment, then rerun;
-the YAML form of the options; the help text.
+"""`logitcache precompute` as a real process: SIGTERM, then kill -9 at a random moment of the rerun, then
+a rerun from YAML that ends with the uninterrupted cache; the YAML form of the options; the help text.
 
     .venv/bin/pytest tests/pipeline/test_precompute_cli.py                   # the fast ones
-    .venv/bin/pytest tests/pipeline/test_precompute_cli.py -m "slow or not slow"   # all: ~1 min on 2 CPU cores (4 subprocesses)
+    .venv/bin/pytest tests/pipeline/test_precompute_cli.py -m "slow or not slow"   # all: ~1 min on 2 CPU cores (3 subprocesses)
 """
 
 from __future__ import annotations
@@ -17,39 +17,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from precompute_util import assert_entries_complete, assert_same_cache, text_rows, write_jsonl
+from precompute_util import ONE_THREAD, REF_ROWS, REF_ROWS_PER_SHARD, assert_entries_complete, assert_same_cache
+from precompute_util import reference_flags as flags
 
 from logitcache.pipeline.cli import _apply_config, build_parser
-from logitcache.stages.precompute.run import EngineSpec, precompute
 from logitcache.storage import open_cache
 from logitcache.storage.errors import CacheIndexError
 
-ROWS, ROWS_PER_SHARD = 40, 2  # 20 shards, so a kill lands mid-run
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_teacher, tmp_path_factory):
-    """(teacher, data, reference cache written in one uninterrupted in-process run)."""
-    root = tmp_path_factory.mktemp("cli")
-    data = write_jsonl(root / "rows.jsonl", text_rows(ROWS))
-    reference = root / "reference"
-    precompute(teacher=str(tiny_teacher[0]), data=str(data), out=str(reference), **options(), progress=False)
-    return str(tiny_teacher[0]), data, reference
-
-
-def options() -> dict:
-    return dict(engine=EngineSpec("hf"), text_field="text", top_k=8, rows_per_shard=ROWS_PER_SHARD, batch_size=1)
-
-
-def flags(teacher, data, out) -> list[str]:
-    return ["precompute", "--teacher", teacher, "--data", str(data), "--out", str(out), "--engine", "hf",
-            "--text-field", "text", "--top-k", "8", "--rows-per-shard", str(ROWS_PER_SHARD), "--batch-size", "1",
-            "--no-progress"]
+ROWS, ROWS_PER_SHARD = REF_ROWS, REF_ROWS_PER_SHARD  # 12 shards, so a signal lands mid-run
 
 
 def start(argv: list[str], log: Path) -> subprocess.Popen:
-    # Same thread settings as this process: CPU GEMM kernels, and so the last float bit, depend on them.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # The reference's thread settings: CPU GEMM kernels, and so the last float bit, depend on them.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ONE_THREAD}
     return subprocess.Popen([sys.executable, "-m", "logitcache.pipeline.cli", *argv], env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
@@ -71,21 +51,35 @@ def assert_no_temporaries(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_equals_uninterrupted(setup, tmp_path):
-    teacher, data, reference = setup
+def test_sigterm_then_kill_9_then_rerun_equals_uninterrupted(reference_cache, tmp_path):
+    """One job stopped twice: SIGTERM (a clean stop), then kill -9 at a random moment of the resumed run."""
+    teacher, data, reference = reference_cache
+    out, log = tmp_path / "cache", tmp_path / "log"
+    total = ROWS // ROWS_PER_SHARD
+
+    # SIGTERM after two shards: exit 143 with a message, the shard in flight discarded or finished.
+    proc = start(flags(teacher, data, out), log)
+    wait_for_shards(proc, out, 2, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()
+    assert "stopped by SIGTERM" in log.read_text() and "Rerun the same command" in log.read_text()
+    assert not (out / "index.json").exists()
+    assert_no_temporaries(out)
+    stopped = assert_entries_complete(out)
+    assert 2 <= stopped < total
+
+    # The same command resumes; kill -9 it anywhere after one more shard.
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
-    out, log = tmp_path / "cache", tmp_path / "log"
     proc = start(flags(teacher, data, out), log)
-    wait_for_shards(proc, out, rng.randint(1, 12), log)
+    wait_for_shards(proc, out, rng.randint(stopped + 1, max(stopped + 1, total - 4)), log)
     time.sleep(rng.uniform(0, 0.1))  # anywhere inside the next shard
     assert proc.poll() is None, f"finished before the kill (seed {seed})"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-
     written = assert_entries_complete(out)
-    assert 1 <= written < ROWS // ROWS_PER_SHARD, f"seed {seed}"
+    assert stopped < written < total, f"seed {seed}"
     with pytest.raises(CacheIndexError, match="unfinished"):
         open_cache(str(out))
 
@@ -100,24 +94,6 @@ def test_kill_9_then_rerun_equals_uninterrupted(setup, tmp_path):
     assert open_cache(str(out)).validate() == []
     assert_same_cache(reference, out)
     assert_no_temporaries(out)
-
-
-@pytest.mark.slow
-def test_sigterm_stops_cleanly_then_rerun_completes(setup, tmp_path):
-    teacher, data, reference = setup
-    out, log = tmp_path / "cache", tmp_path / "log"
-    proc = start(flags(teacher, data, out), log)
-    wait_for_shards(proc, out, 2, log)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()
-    assert "stopped by SIGTERM" in log.read_text() and "Rerun the same command" in log.read_text()
-    assert not (out / "index.json").exists()
-    assert_no_temporaries(out)  # the shard in flight was discarded, or finished
-    assert 2 <= assert_entries_complete(out) < ROWS // ROWS_PER_SHARD
-
-    proc = start(flags(teacher, data, out), log)
-    assert proc.wait() == 0, log.read_text()
-    assert_same_cache(reference, out)
 
 
 def test_yaml_config_equals_flags(tmp_path):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from precompute_util import assert_same_cache, text_rows, write_jsonl
+from precompute_util import ONE_THREAD, REF_ROWS, REF_ROWS_PER_SHARD, assert_same_cache, reference_flags
 from s3server import make_bucket, s3_options
 
 from logitcache.storage import open_cache
@@ -29,33 +29,24 @@ from logitcache.storage.backends import read_shard_files, shard_checksum
 from logitcache.storage.errors import CacheIndexError
 from logitcache.storage.paths import resolve
 
-ROWS, ROWS_PER_SHARD = 24, 2  # 12 zarr shards (folders of many objects), so a kill lands mid-upload
+ROWS, ROWS_PER_SHARD = REF_ROWS, REF_ROWS_PER_SHARD  # 12 zarr shards (folders of many objects): a kill lands mid-upload
 BUCKET, PREFIX = "lc-precompute", "cache"
 URL = f"s3://{BUCKET}/{PREFIX}"
 _ENTRY = re.compile(rf"^{PREFIX}/entries/shard-\d{{5}}\.zarr\.json$")
 # One thread everywhere: CPU GEMM kernels, and so the last float bit, depend on the thread count.
-THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def flags(teacher: str, data: Path | str, out: str) -> list[str]:
-    return ["precompute", "--teacher", teacher, "--data", str(data), "--out", out, "--engine", "hf",
-            "--text-field", "text", "--top-k", "8", "--rows-per-shard", str(ROWS_PER_SHARD), "--batch-size", "1",
-            "--no-progress"]
+THREADS = ONE_THREAD
+flags = reference_flags  # the shared reference job's command, to another --out
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_teacher, tmp_path_factory):
+def setup(tiny_teacher, reference_cache, tmp_path_factory):
     """(teacher, data, a tiny student with the teacher's tokenizer, reference cache written locally)."""
     from logitcache.pipeline.scratch import make_tiny_llama
 
-    root = tmp_path_factory.mktemp("s3-precompute")
-    teacher, tokenizer = tiny_teacher
-    data = write_jsonl(root / "rows.jsonl", text_rows(ROWS))
-    student = make_tiny_llama(root / "student", tokenizer, hidden_size=64, num_layers=1, num_heads=1, seed=1)
-    reference = root / "reference"
-    res = run_cli(flags(str(teacher), data, str(reference)), root / "reference.log", env={})
-    assert res.wait(timeout=120) == 0, (root / "reference.log").read_text()
-    return str(teacher), data, student, reference
+    teacher, data, reference = reference_cache
+    student = make_tiny_llama(tmp_path_factory.mktemp("s3-student"), tiny_teacher[1], hidden_size=64, num_layers=1,
+                              num_heads=1, seed=1)
+    return teacher, data, student, reference
 
 
 def run_cli(argv: list[str], log: Path, *, env: dict) -> subprocess.Popen:
