@@ -380,6 +380,9 @@ def _reference_rows(model: str, **kwargs) -> tuple[list[list[int]], list[dict[st
     config = AutoConfig.from_pretrained(model, revision=kwargs.get("revision"),
                                         trust_remote_code=kwargs.get("trust_remote_code", False))
     width = int(config.get_text_config().vocab_size)
+    # Three short probes, once: compiling the graph (vLLM's default) would cost more than running
+    # them, and eager is the same model code, so its logits differ only by bf16 noise.
+    kwargs.setdefault("enforce_eager", True)
     engine = VLLMEngine(model, spec=TargetSpec(k=min(PROBE_K, width)), vllm_path="logprobs", **kwargs)
     try:
         probes = probe_token_ids(model, revision=kwargs.get("revision"), width=engine.logits_width,
