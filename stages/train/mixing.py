@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from logitcache.stages.train.data import ShardedStream
+from logitcache.stages.train.data import ShardedStream, resume_position
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["MixedStream", "mixture_probabilities", "check_mixable", "BLOCK"]
@@ -175,15 +175,10 @@ class MixedStream(ShardedStream):
         if state.get("version") != STATE_VERSION or "mixture" not in state:
             raise ConfigError("cannot resume: the saved data position is not one of a mixture of caches (was the "
                               "run started with one --cache?)")
-        mine = {"mixture": [s.source.identity for s in self.streams], "probabilities": list(self.probabilities),
-                "seed": self.seed, "shuffle": self.shuffle, "window": self.window, "rank": self.rank,
-                "world_size": self.world_size}
-        for key, value in mine.items():
-            if state.get(key) != value:
-                raise ConfigError(f"cannot resume: the saved data position has {key}={state.get(key)!r}, this run "
-                                  f"has {key}={value!r}")
-        self._num_workers = state["num_workers"]
-        self._consumed = [int(c) for c in state["consumed"]]
+        self._num_workers, self._consumed = resume_position(state, {
+            "mixture": [s.source.identity for s in self.streams], "probabilities": list(self.probabilities),
+            "seed": self.seed, "shuffle": self.shuffle, "window": self.window, "rank": self.rank,
+            "world_size": self.world_size})
 
     def batches_per_rank(self, batch_size: int, num_workers: int, epochs: int) -> int:
         raise ConfigError("--epochs is not defined for a mixture of caches (each cache repeats at its own rate); "
