@@ -38,7 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
-__all__ = ["ShardedStream", "CacheSource", "JsonlSource", "distributed_layout", "resume_position"]
+__all__ = ["ShardedStream", "CacheSource", "JsonlSource", "distributed_layout", "resume_position", "this_worker"]
 
 STATE_VERSION = 1
 
@@ -265,11 +265,7 @@ class ShardedStream(IterableDataset):
     # ---- iteration ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self._num_workers is not None and self._num_workers != num_workers:
-            raise ConfigError(f"the data position was saved with {self._num_workers} DataLoader worker(s) per rank "
-                              f"and this run has {num_workers}; resume with --num-workers {self._num_workers}")
+        worker, num_workers = this_worker(self._num_workers)
         position = self._consumed[worker] if self._consumed else 0
         for item in self.items(worker, num_workers, position):
             position += 1
@@ -329,6 +325,23 @@ class ShardedStream(IterableDataset):
         """Batches each rank's DataLoader yields in `epochs` epochs from the start (workers batch alone)."""
         workers = max(num_workers, 1)
         return sum(math.ceil(epochs * self.part_length(w, workers) / batch_size) for w in range(workers))
+
+
+def this_worker(saved_num_workers: int | None) -> tuple[int, int]:
+    """(worker id, workers per rank) of the DataLoader worker this runs in; (0, 1) outside one.
+
+    Args:
+        saved_num_workers: the workers per rank of a resumed data position, or None (a fresh start).
+
+    Raises:
+        ConfigError: the resumed position was saved with another number of workers (it names both).
+    """
+    info = get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    if saved_num_workers is not None and saved_num_workers != num_workers:
+        raise ConfigError(f"the data position was saved with {saved_num_workers} DataLoader worker(s) per rank "
+                          f"and this run has {num_workers}; resume with --num-workers {saved_num_workers}")
+    return worker, num_workers
 
 
 def resume_position(state: dict, mine: dict) -> tuple[int, list[int]]:
