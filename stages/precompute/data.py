@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from logitcache.storage.errors import ConfigError, InvalidDataError, LogitCacheError
 from logitcache.storage.inputs import KINDS, SKIP_REASONS, Encoded, InputSpec, Skipped, TextEncoder
 
-__all__ = ["InputSpec", "RowEncoder", "Encoded", "Skipped", "SKIP_REASONS", "load_rows", "KINDS"]
+__all__ = ["InputSpec", "RowEncoder", "Encoded", "Skipped", "SKIP_REASONS", "load_rows", "KINDS", "list_data_files"]
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
