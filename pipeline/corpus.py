@@ -28,23 +28,28 @@ def _first_paragraph(doc: str, limit: int) -> str:
     return text[:limit].rsplit(" ", 1)[0] if len(text) > limit else text
 
 
-def function_pairs(source: str, *, max_response_chars: int = 240) -> list[dict]:
-    """All (signature, docstring paragraph) pairs of the functions in one module's source."""
+def _functions(source: str):
+    """(signature prompt, node) for every function in one module's source; nothing for a file that does not parse."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
-        return []
-    pairs = []
+        return
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if not doc or len(doc) < 20:
-                continue
             prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
-            prompt = f"{prefix} {node.name}({ast.unparse(node.args)}):\n"
-            response = _first_paragraph(doc, max_response_chars)
-            if len(response) >= 20:
-                pairs.append({"prompt": prompt, "response": response})
+            yield f"{prefix} {node.name}({ast.unparse(node.args)}):\n", node
+
+
+def function_pairs(source: str, *, max_response_chars: int = 240) -> list[dict]:
+    """All (signature, docstring paragraph) pairs of the functions in one module's source."""
+    pairs = []
+    for prompt, node in _functions(source):
+        doc = ast.get_docstring(node)
+        if not doc or len(doc) < 20:
+            continue
+        response = _first_paragraph(doc, max_response_chars)
+        if len(response) >= 20:
+            pairs.append({"prompt": prompt, "response": response})
     return pairs
 
 
@@ -66,18 +71,8 @@ def call_expression(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
 
 def call_pairs(source: str) -> list[dict]:
     """All (signature, call) pairs of the functions in one module's source with at least one parameter."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return []
-    pairs = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            response = call_expression(node)
-            if not response.endswith("()"):
-                prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
-                pairs.append({"prompt": f"{prefix} {node.name}({ast.unparse(node.args)}):\n", "response": response})
-    return pairs
+    calls = ((prompt, call_expression(node)) for prompt, node in _functions(source))
+    return [{"prompt": prompt, "response": call} for prompt, call in calls if not call.endswith("()")]
 
 
 TASKS = {"call": call_pairs, "docstring": function_pairs}

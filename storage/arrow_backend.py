@@ -100,19 +100,10 @@ def decode_shard(payload: bytes) -> tuple[ShardData, dict]:
                ("topk_ids", "topk_logprobs", "target_logprob", "tail_mass", "sample_counts")
                if name in table.column_names}
     texts = {name: table.column(name).to_pylist() for name in attrs.get("text_fields", [])}
-    shard = ShardData(
-        row_index=table.column("row_index").to_numpy().astype(np.int64),
-        input_ids=input_ids.astype(np.int32, copy=False),
-        token_offsets=tok,
-        positions=positions.astype(np.int32, copy=False),
-        position_offsets=pos,
-        topk_ids=columns["topk_ids"].astype(np.int32, copy=False),
-        topk_logprobs=decode_logprobs(columns["topk_logprobs"], attrs["encoding"]),
-        target_logprob=columns["target_logprob"].astype(np.float32),
-        tail_mass=columns["tail_mass"].astype(np.float32),
-        sample_counts=columns["sample_counts"].astype(np.uint16) if "sample_counts" in columns else None,
-        texts=texts,
-    )
+    columns["topk_logprobs"] = decode_logprobs(columns["topk_logprobs"], attrs["encoding"])
+    shard = ShardData.from_arrays({"row_index": table.column("row_index").to_numpy(), "input_ids": input_ids,
+                                   "token_offsets": tok, "positions": positions, "position_offsets": pos,
+                                   **columns}, texts=texts)
     return shard, attrs
 
 

@@ -14,10 +14,18 @@ import numpy as np
 
 from logitcache.storage.errors import InvalidDataError
 
-__all__ = ["ShardData", "POSITION_FIELDS"]
+__all__ = ["ShardData", "POSITION_FIELDS", "ARRAY_FIELDS"]
 
 # Per-position columns (P rows). `sample_counts` exists only in sample mode.
 POSITION_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_mass", "sample_counts")
+
+# Each array's dtype in memory (the attributes of `ShardData`), whatever a backend stored.
+_DTYPES = {"row_index": np.int64, "input_ids": np.int32, "token_offsets": np.int64, "positions": np.int32,
+           "position_offsets": np.int64, "topk_ids": np.int32, "topk_logprobs": np.float32,
+           "target_logprob": np.float32, "tail_mass": np.float32, "sample_counts": np.uint16}
+ARRAY_FIELDS = tuple(_DTYPES)  # the array attributes, in ShardData's order
+# Always copied (fresh, writable arrays), as both readers did before they shared this table.
+_COPIED = ("row_index", "target_logprob", "tail_mass", "sample_counts")
 
 
 @dataclass
@@ -86,6 +94,18 @@ class ShardData:
         return item
 
     @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], *, texts: dict[str, list[str]] | None = None) -> "ShardData":
+        """A shard from its flat columns by name (as a backend stored them), each cast to its dtype.
+
+        Args:
+            arrays: every attribute's array but `texts`; `topk_logprobs` decoded already
+                (`encoding.decode_logprobs`); `sample_counts` only in sample mode.
+            texts: the text fields, each a list of S strings.
+        """
+        cast = {name: values.astype(_DTYPES[name], copy=name in _COPIED) for name, values in arrays.items()}
+        return cls(**cast, texts=dict(texts or {}))
+
+    @classmethod
     def from_sequences(cls, sequences: list[dict], *, text_fields: tuple[str, ...] = ()) -> "ShardData":
         """Pack per-sequence dicts (the keys of `sequence()`) into flat columns.
 
@@ -108,30 +128,27 @@ class ShardData:
                     raise InvalidDataError(
                         f"sequence {i} (row {seq['row_index']}): {f} has {len(seq[f])} rows, positions has {p}")
 
-        def cat(name, dtype, ndim=1):
+        def cat(name, ndim=1):
             parts = [np.asarray(s[name]) for s in sequences]
             if ndim == 2:
                 widths = {p.shape[1] if p.ndim == 2 else -1 for p in parts}
                 if len(widths) != 1 or -1 in widths:
                     raise InvalidDataError(f"{name}: every sequence needs a (P, K) array with the same K, got {widths}")
-                return np.concatenate(parts).astype(dtype, copy=False).reshape(-1, widths.pop())
-            return np.concatenate([p.reshape(-1) for p in parts]).astype(dtype, copy=False)
+                return np.concatenate(parts).astype(_DTYPES[name], copy=False).reshape(-1, widths.pop())
+            return np.concatenate([p.reshape(-1) for p in parts])
 
         lengths = np.array([len(s["input_ids"]) for s in sequences], dtype=np.int64)
         npos = np.array([len(s["positions"]) for s in sequences], dtype=np.int64)
-        return cls(
-            row_index=np.array([int(s["row_index"]) for s in sequences], dtype=np.int64),
-            input_ids=cat("input_ids", np.int32),
-            token_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            positions=cat("positions", np.int32),
-            position_offsets=np.concatenate([[0], np.cumsum(npos)]).astype(np.int64),
-            topk_ids=cat("topk_ids", np.int32, 2),
-            topk_logprobs=cat("topk_logprobs", np.float32, 2),
-            target_logprob=cat("target_logprob", np.float32),
-            tail_mass=cat("tail_mass", np.float32),
-            sample_counts=cat("sample_counts", np.uint16, 2) if sample else None,
-            texts={f: [str(s[f]) for s in sequences] for f in text_fields},
-        )
+        arrays = {
+            "row_index": np.array([int(s["row_index"]) for s in sequences], dtype=np.int64),
+            "input_ids": cat("input_ids"), "token_offsets": np.concatenate([[0], np.cumsum(lengths)]),
+            "positions": cat("positions"), "position_offsets": np.concatenate([[0], np.cumsum(npos)]),
+            "topk_ids": cat("topk_ids", 2), "topk_logprobs": cat("topk_logprobs", 2),
+            "target_logprob": cat("target_logprob"), "tail_mass": cat("tail_mass"),
+        }
+        if sample:
+            arrays["sample_counts"] = cat("sample_counts", 2)
+        return cls.from_arrays(arrays, texts={f: [str(s[f]) for s in sequences] for f in text_fields})
 
     def validate(self, *, vocab_size: int, where: str = "shard") -> None:
         """Check structure and values before anything is written.

@@ -20,7 +20,7 @@ from zarr.storage import MemoryStore
 
 from logitcache.storage.backend_base import FolderBackend
 from logitcache.storage.encoding import TAIL_MASS_DTYPE, decode_logprobs, encode_logprobs, scalar_dtype
-from logitcache.storage.shard import ShardData
+from logitcache.storage.shard import ARRAY_FIELDS, ShardData
 
 __all__ = ["ZarrBackend", "encode_shard", "decode_shard"]
 
@@ -70,21 +70,10 @@ def decode_shard(files: dict[str, bytes]) -> tuple[ShardData, dict]:
     store = MemoryStore(store_dict={k: cpu.Buffer.from_bytes(v) for k, v in files.items()}, read_only=True)
     group = zarr.open_group(store=store, mode="r", zarr_format=3)
     attrs = dict(group.attrs["logitcache"])
-    get = lambda name: group[name][...]  # noqa: E731
-    shard = ShardData(
-        row_index=get("row_index").astype(np.int64, copy=False),
-        input_ids=get("input_ids").astype(np.int32, copy=False),
-        token_offsets=get("token_offsets").astype(np.int64, copy=False),
-        positions=get("positions").astype(np.int32, copy=False),
-        position_offsets=get("position_offsets").astype(np.int64, copy=False),
-        topk_ids=get("topk_ids").astype(np.int32, copy=False),
-        topk_logprobs=decode_logprobs(get("topk_logprobs"), attrs["encoding"]),
-        target_logprob=get("target_logprob").astype(np.float32),
-        tail_mass=get("tail_mass").astype(np.float32),
-        sample_counts=get("sample_counts").astype(np.uint16) if "sample_counts" in group else None,
-        texts={name: [str(v) for v in get(f"text/{name}")] for name in attrs.get("text_fields", [])},
-    )
-    return shard, attrs
+    arrays = {name: group[name][...] for name in ARRAY_FIELDS if name in group}
+    arrays["topk_logprobs"] = decode_logprobs(arrays["topk_logprobs"], attrs["encoding"])
+    texts = {name: [str(v) for v in group[f"text/{name}"][...]] for name in attrs.get("text_fields", [])}
+    return ShardData.from_arrays(arrays, texts=texts), attrs
 
 
 class ZarrBackend(FolderBackend):

@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from logitcache.storage.errors import ConfigError, InvalidDataError, LogitCacheError
 from logitcache.storage.inputs import KINDS, SKIP_REASONS, Encoded, InputSpec, Skipped, TextEncoder
 
-__all__ = ["InputSpec", "RowEncoder", "Encoded", "Skipped", "SKIP_REASONS", "load_rows", "KINDS"]
+__all__ = ["InputSpec", "RowEncoder", "Encoded", "Skipped", "SKIP_REASONS", "load_rows", "KINDS", "list_data_files"]
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -213,21 +213,8 @@ def _file_problem(f: Path) -> str | None:
 def _load_url(data: str, split: str | None, storage_options: dict | None):
     """A file or folder of data files behind an fsspec URL; fingerprinted by content like local files."""
     import datasets
-    import fsspec
 
-    try:
-        fs, root = fsspec.core.url_to_fs(data, **(storage_options or {}))
-        if fs.isdir(root):
-            files = sorted(f for f in fs.find(root) if Path(f).suffix in _FILE_BUILDERS
-                           and not any(part.startswith(".") for part in Path(f).relative_to(root).parts))
-        elif fs.exists(root):
-            files = [root]
-        else:
-            raise ConfigError(f"--data {data}: no such file or folder")
-    except ConfigError:
-        raise
-    except Exception as e:  # unreachable endpoint, bad credentials, unknown protocol: say where
-        raise ConfigError(f"--data {data}: cannot read ({e.__class__.__name__}: {e})") from None
+    fs, root, files = list_data_files(data, storage_options, suffixes=_FILE_BUILDERS)
     if not files:
         raise ConfigError(f"--data {data}: no {'/'.join(_FILE_BUILDERS)} files found")
     builders = {_FILE_BUILDERS.get(Path(f).suffix) for f in files}
@@ -243,16 +230,45 @@ def _load_url(data: str, split: str | None, storage_options: dict | None):
     if rest:
         spec = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(ds)})[0]
         ds = ds.select(range(spec.from_, spec.to))
-    h = hashlib.sha256()
-    for f in files:
-        content = hashlib.sha256()
-        with fs.open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                content.update(block)
-        rel = Path(f).name if len(files) == 1 and f == root else Path(f).relative_to(root).as_posix()
-        h.update(f"{rel}\0{content.hexdigest()}\n".encode())
     loader = f"files:{_FILE_BUILDERS[Path(files[0]).suffix]}"
-    return ds, {"loader": loader, "fingerprint": h.hexdigest()}
+    return ds, {"loader": loader, "fingerprint": _hash_files(files, root, fs=fs)}
+
+
+def list_data_files(data: str, storage_options: dict | None, *,
+                    suffixes=None) -> tuple[object, str, list[str]]:
+    """The files of `--data`, a file or a folder, local or behind an fsspec URL; hidden paths skipped.
+
+    Args:
+        data: the --data value (a local path is made absolute); messages name it as given.
+        storage_options: options for the URL's fsspec filesystem.
+        suffixes: keep only a folder's files with one of these suffixes (None: all of them); a single
+            file is returned whatever its suffix, for the caller to judge.
+
+    Returns:
+        (fs, root, files): the fsspec filesystem, the path in it without a trailing slash, and the
+        files as sorted paths in it (`[root]` for a single file; possibly empty for a folder).
+
+    Raises:
+        ConfigError: no such file or folder, or it cannot be read (the cause named).
+    """
+    import fsspec
+
+    url = data if "://" in data else os.path.abspath(os.path.expanduser(data))
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        root = root.rstrip("/") or root
+        if fs.isdir(root):
+            files = sorted(f for f in fs.find(root) if (suffixes is None or PurePosixPath(f).suffix in suffixes)
+                           and not any(part.startswith(".") for part in PurePosixPath(f).relative_to(root).parts))
+        elif fs.exists(root):
+            files = [root]
+        else:
+            raise ConfigError(f"--data {data}: no such file or folder")
+    except ConfigError:
+        raise
+    except Exception as e:  # unreachable endpoint, bad credentials, unknown protocol: say where
+        raise ConfigError(f"--data {data}: cannot read ({e.__class__.__name__}: {e})") from None
+    return fs, root, files
 
 
 def _read_files(fs, files: list[str], builder: str, data: str):
@@ -303,14 +319,20 @@ def _data_files(path: Path, data: str) -> list[Path]:
     return files
 
 
-def _hash_files(files: list[Path], root: Path) -> str:
+def _hash_files(files: list, root, *, fs=None) -> str:
+    """sha256 over each file's path below `root` (its name where `root` is the one file) and content.
+
+    Args:
+        files: paths (local, or in `fs`); root: the --data file or folder they came from.
+        fs: the fsspec filesystem they live in; None: local files.
+    """
     h = hashlib.sha256()
     for f in files:
         content = hashlib.sha256()
-        with open(f, "rb") as fh:
+        with (open(f, "rb") if fs is None else fs.open(f, "rb")) as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 content.update(block)
-        rel = f.name if root.is_file() else f.relative_to(root).as_posix()
+        rel = Path(f).name if f == root else Path(f).relative_to(root).as_posix()
         h.update(f"{rel}\0{content.hexdigest()}\n".encode())
     return h.hexdigest()
 

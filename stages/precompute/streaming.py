@@ -30,6 +30,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
+from logitcache.stages.precompute.data import list_data_files
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
 __all__ = ["StreamedRows", "stream_rows", "STREAM_SUFFIXES", "parse_row_range"]
@@ -234,28 +235,10 @@ def stream_rows(data: str, *, split: str | None, max_rows: int | None, storage_o
     Raises:
         ConfigError: no such path, no files, files of several or other kinds, a bad split.
     """
-    import os
-
-    import fsspec
-
     base, start, end = parse_row_range(split, max_rows, data=data)
     if base != "train":
         raise ConfigError(f"--data {data}: files are one 'train' split; got --split {split}")
-    url = data if "://" in data else os.path.abspath(os.path.expanduser(data))
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        root = root.rstrip("/") or root
-        if fs.isdir(root):
-            files = sorted(f for f in fs.find(root) if not any(
-                part.startswith(".") for part in PurePosixPath(f).relative_to(root).parts))
-        elif fs.exists(root):
-            files = [root]
-        else:
-            raise ConfigError(f"--data {data}: no such file or folder")
-    except ConfigError:
-        raise
-    except Exception as e:  # unreachable endpoint, bad credentials, unknown protocol: say where
-        raise ConfigError(f"--data {data}: cannot read ({e.__class__.__name__}: {e})") from None
+    fs, root, files = list_data_files(data, storage_options)
     kinds = {PurePosixPath(f).suffix for f in files}
     if not files or not kinds <= set(STREAM_SUFFIXES) or len(kinds) > 1:
         raise ConfigError(f"--data {data} --streaming: expected files of one kind, .parquet or .jsonl; found "

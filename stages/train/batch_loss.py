@@ -87,6 +87,34 @@ def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None 
     return total, metrics
 
 
+def final_hidden(model, unwrapped, inputs: dict, **forward_kwargs) -> torch.Tensor:
+    """(B, T, H) the decoder's final hidden states, from the model's own forward with `logits_to_keep=1`.
+
+    The model's own forward runs (DDP, FSDP and PEFT wrappers see their call), so its head makes only
+    (B, 1, V) logits; the hidden states are taken from the decoder by a forward hook.
+
+    Args:
+        model: what is called, wrapped or not. unwrapped: the model whose `get_decoder()` is hooked.
+        inputs, forward_kwargs: the call's keyword arguments (e.g. `use_cache=False`).
+    """
+    captured = []
+    hook = unwrapped.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        model(**inputs, logits_to_keep=1, **forward_kwargs)
+    finally:
+        hook.remove()
+    return captured[-1]
+
+
+def head_weights(model, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output embedding's (V, H) weight and (V,) bias (or None), cut to the first `vocab_size` rows (None: all)."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if vocab_size is not None and vocab_size < weight.shape[0]:
+        weight, bias = weight[:vocab_size], None if bias is None else bias[:vocab_size]
+    return weight, bias
+
+
 def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: dict, *,
                     loss: str, options: dict | None = None, ce_weight: float = 1.0, kd_weight: float = 1.0,
                     chunk_size: int | None = None, transform: dict | None = None,

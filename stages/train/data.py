@@ -38,7 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
-__all__ = ["ShardedStream", "CacheSource", "JsonlSource", "distributed_layout"]
+__all__ = ["ShardedStream", "CacheSource", "JsonlSource", "distributed_layout", "resume_position", "this_worker"]
 
 STATE_VERSION = 1
 
@@ -265,11 +265,7 @@ class ShardedStream(IterableDataset):
     # ---- iteration ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self._num_workers is not None and self._num_workers != num_workers:
-            raise ConfigError(f"the data position was saved with {self._num_workers} DataLoader worker(s) per rank "
-                              f"and this run has {num_workers}; resume with --num-workers {self._num_workers}")
+        worker, num_workers = this_worker(self._num_workers)
         position = self._consumed[worker] if self._consumed else 0
         for item in self.items(worker, num_workers, position):
             position += 1
@@ -321,18 +317,48 @@ class ShardedStream(IterableDataset):
         """
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"data position version {state.get('version')!r}; this logitcache writes {STATE_VERSION}")
-        for key, mine in (("source", self.source.identity), ("seed", self.seed), ("shuffle", self.shuffle),
-                          ("window", self.window), ("rank", self.rank), ("world_size", self.world_size)):
-            if state.get(key) != mine:
-                raise ConfigError(f"cannot resume: the saved data position has {key}={state.get(key)!r}, "
-                                  f"this run has {key}={mine!r}")
-        self._num_workers = state["num_workers"]
-        self._consumed = [int(c) for c in state["consumed"]]
+        self._num_workers, self._consumed = resume_position(state, {
+            "source": self.source.identity, "seed": self.seed, "shuffle": self.shuffle, "window": self.window,
+            "rank": self.rank, "world_size": self.world_size})
 
     def batches_per_rank(self, batch_size: int, num_workers: int, epochs: int) -> int:
         """Batches each rank's DataLoader yields in `epochs` epochs from the start (workers batch alone)."""
         workers = max(num_workers, 1)
         return sum(math.ceil(epochs * self.part_length(w, workers) / batch_size) for w in range(workers))
+
+
+def this_worker(saved_num_workers: int | None) -> tuple[int, int]:
+    """(worker id, workers per rank) of the DataLoader worker this runs in; (0, 1) outside one.
+
+    Args:
+        saved_num_workers: the workers per rank of a resumed data position, or None (a fresh start).
+
+    Raises:
+        ConfigError: the resumed position was saved with another number of workers (it names both).
+    """
+    info = get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    if saved_num_workers is not None and saved_num_workers != num_workers:
+        raise ConfigError(f"the data position was saved with {saved_num_workers} DataLoader worker(s) per rank "
+                          f"and this run has {num_workers}; resume with --num-workers {saved_num_workers}")
+    return worker, num_workers
+
+
+def resume_position(state: dict, mine: dict) -> tuple[int, list[int]]:
+    """The (num_workers, consumed per worker) of a saved data position, once it is checked to be this run's.
+
+    Args:
+        state: a reader's `state_dict()`, as saved with the checkpoint.
+        mine: the settings the position depends on, as this run has them ({key: value}, JSON-like).
+
+    Raises:
+        ConfigError: `state` has another value for one of `mine`'s keys (the message names both values).
+    """
+    for key, value in mine.items():
+        if state.get(key) != value:
+            raise ConfigError(f"cannot resume: the saved data position has {key}={state.get(key)!r}, "
+                              f"this run has {key}={value!r}")
+    return state["num_workers"], [int(c) for c in state["consumed"]]
 
 
 def _window_keys(group: list[tuple[int, int, int]]) -> list[tuple[int, int]]:

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from logitcache.stages.train.batch_loss import TEACHER_FIELDS, loss_parts
+from logitcache.stages.train.batch_loss import TEACHER_FIELDS, final_hidden, head_weights, loss_parts
 from logitcache.stages.train.data import ShardedStream
 from logitcache.stages.train.losses import registry
 from logitcache.stages.train.student import collated_batches, load_student
@@ -70,18 +70,9 @@ def row_logits(model, inputs: dict, rows: torch.Tensor, *, vocab_size: int | Non
 
     if head:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        captured = []
-        hook = inner.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
-        try:
-            model(**inputs, logits_to_keep=1)
-        finally:
-            hook.remove()
-        hidden = captured[-1]
+        hidden = final_hidden(model, inner, inputs)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        lm_head = inner.get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        if vocab_size is not None and vocab_size < weight.shape[0]:
-            weight, bias = weight[:vocab_size], None if bias is None else bias[:vocab_size]
+        weight, bias = head_weights(inner, vocab_size)
         transform = logit_transform(inner.config)
         step = chunk_rows(chunk_size, weight.shape[0])
         for start in range(0, rows.shape[0], step):

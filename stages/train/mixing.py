@@ -32,9 +32,9 @@ import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
-from logitcache.stages.train.data import ShardedStream
+from logitcache.stages.train.data import ShardedStream, resume_position, this_worker
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["MixedStream", "mixture_probabilities", "check_mixable", "BLOCK"]
@@ -117,11 +117,7 @@ class MixedStream(ShardedStream):
     # ---- iteration -------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self._num_workers is not None and self._num_workers != num_workers:
-            raise ConfigError(f"the data position was saved with {self._num_workers} DataLoader worker(s) per rank "
-                              f"and this run has {num_workers}; resume with --num-workers {self._num_workers}")
+        worker, num_workers = this_worker(self._num_workers)
         if self._consumed:
             # A DataLoader takes batches from its workers in turn, starting with worker 0. The worker whose
             # turn was next when the run stopped (the first one with the fewest items) plays worker 0's
@@ -175,15 +171,10 @@ class MixedStream(ShardedStream):
         if state.get("version") != STATE_VERSION or "mixture" not in state:
             raise ConfigError("cannot resume: the saved data position is not one of a mixture of caches (was the "
                               "run started with one --cache?)")
-        mine = {"mixture": [s.source.identity for s in self.streams], "probabilities": list(self.probabilities),
-                "seed": self.seed, "shuffle": self.shuffle, "window": self.window, "rank": self.rank,
-                "world_size": self.world_size}
-        for key, value in mine.items():
-            if state.get(key) != value:
-                raise ConfigError(f"cannot resume: the saved data position has {key}={state.get(key)!r}, this run "
-                                  f"has {key}={value!r}")
-        self._num_workers = state["num_workers"]
-        self._consumed = [int(c) for c in state["consumed"]]
+        self._num_workers, self._consumed = resume_position(state, {
+            "mixture": [s.source.identity for s in self.streams], "probabilities": list(self.probabilities),
+            "seed": self.seed, "shuffle": self.shuffle, "window": self.window, "rank": self.rank,
+            "world_size": self.world_size})
 
     def batches_per_rank(self, batch_size: int, num_workers: int, epochs: int) -> int:
         raise ConfigError("--epochs is not defined for a mixture of caches (each cache repeats at its own rate); "

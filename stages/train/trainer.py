@@ -35,7 +35,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from logitcache.stages.train.data import ShardedStream
-from logitcache.stages.train.batch_loss import fused_head_loss, loss_parts, supervised_logits
+from logitcache.stages.train.batch_loss import (final_hidden, fused_head_loss, head_weights, loss_parts,
+                                                 supervised_logits)
 from logitcache.stages.train.loss_settings import loss_weights
 from logitcache.stages.train.losses import registry
 from logitcache.stages.train.stop import StopOnSignal
@@ -322,25 +323,15 @@ class KDTrainer(Trainer):
     def _fused_loss(self, model, inputs):
         """(total, metrics, zero) from the final hidden states and the head (`batch_loss.fused_head_loss`).
 
-        The model's own forward still runs (DDP and PEFT wrappers see their call), with
-        `logits_to_keep=1`, so its head makes (B, 1, V) logits; the final hidden states are taken
-        from its decoder by a forward hook.
+        The hidden states come from `batch_loss.final_hidden`: the model's own forward still runs
+        (DDP and PEFT wrappers see their call), with `logits_to_keep=1`.
         """
         inner = self.accelerator.unwrap_model(model)
-        captured = []
-        hook = inner.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
-        try:
-            model(**model_inputs(inputs), use_cache=False, logits_to_keep=1)
-        finally:
-            hook.remove()
-        hidden = captured[-1]
-        head = inner.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if self.vocab_size is not None and self.vocab_size < weight.shape[0]:
-            weight, bias = weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size]
+        hidden = final_hidden(model, inner, model_inputs(inputs), use_cache=False)
+        weight, bias = head_weights(inner, self.vocab_size)
         rows = inputs["rows"]
         if rows.shape[0] == 0:
-            zero = hidden.sum() * 0.0 + head.weight.sum() * 0.0
+            zero = hidden.sum() * 0.0 + inner.get_output_embeddings().weight.sum() * 0.0
             return None, {}, zero
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         total, metrics = fused_head_loss(hidden, weight, bias, inputs, loss=self.loss_name, options=self.loss_options,

@@ -3,6 +3,9 @@
 Each takes full student logits `s` and full teacher logits `t`, both (N, V), and returns the mean
 over positions. Nothing here is chunked, masked or clever; DKD, NKD, NormKD and BiLD follow the
 authors' published code. Not a test module (pytest only collects test_*.py).
+
+At the end: the inputs the loss tests share (random logits, a top-k cache) and their one
+value-and-gradient comparison against a reference.
 """
 
 import torch
@@ -150,3 +153,47 @@ REFERENCES = {
     "kl": kl, "rkl": rkl, "jsd": jsd, "skl": skl, "srkl": srkl, "topk_kl": kl,
     "dkd": dkd, "nkd": nkd, "normkd": normkd, "bild": bild, "uld": uld, "rskd": rskd,
 }
+
+
+# ---- shared by the loss tests ---------------------------------------------------------------------
+
+F64 = torch.float64
+
+
+def make_logits(n, v, *, seed, dtype=torch.float32, teacher_scale=3.0, student_scale=2.0):
+    """Random (student, teacher) full logits, both (n, v) `dtype`: a peaked teacher, a flatter student."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, v, generator=g, dtype=F64) * teacher_scale
+    s = torch.randn(n, v, generator=g, dtype=F64) * student_scale
+    return s.to(dtype), t.to(dtype)
+
+
+def top_k_cache(t, k):
+    """What stage one stores: the top-k ids (n, k) int64 by teacher log-prob, descending, and those log-probs."""
+    values, ids = t.log_softmax(-1).sort(-1, descending=True)
+    return ids[:, :k], values[:, :k]
+
+
+def assert_same_value_and_gradient(loss, reference, s, *, atol=1e-10, rtol=1e-10, grad_rtol=1e-8):
+    """`loss` and `reference`, each called on its own leaf copy of `s`, agree in value and in gradient.
+
+    Args:
+        loss, reference: callables of student logits (N, V) that return a scalar.
+        s: the student logits (N, V).
+        atol, rtol: the value's tolerances (atol is the gradient's too); None: torch's defaults for the dtype.
+        grad_rtol: the gradient's rtol.
+
+    Returns:
+        (got, want): the two values.
+    """
+    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
+    got, want = loss(x), reference(y)
+    got.backward()
+    want.backward()
+    if atol is None:
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(x.grad, y.grad)
+    else:
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+        torch.testing.assert_close(x.grad, y.grad, atol=atol, rtol=grad_rtol)
+    return got, want

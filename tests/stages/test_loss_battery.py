@@ -30,18 +30,6 @@ F64 = torch.float64
 KD_LOSSES = [name for name, spec in registry.LOSSES.items() if spec.rows is not None]
 
 
-def _logits(n, v, *, seed, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(n, v, generator=g, dtype=F64) * 3.0
-    s = torch.randn(n, v, generator=g, dtype=F64) * 2.0
-    return s.to(dtype), t
-
-
-def _cache(t, k):
-    values, ids = t.log_softmax(-1).sort(-1, descending=True)
-    return ids[:, :k], values[:, :k].float() if t.dtype != F64 else values[:, :k]
-
-
 def _inputs(spec, ids, lp):
     """The loss's per-row batch inputs: counts proportional to the teacher (a huge sample's limit)."""
     return {keyword: torch.where(ids >= 0, lp.exp(), 0.0) for keyword in spec.batch_inputs}
@@ -71,59 +59,49 @@ def test_declaration_is_coherent(name):
 @pytest.mark.parametrize("name", KD_LOSSES)
 def test_full_vocabulary_value_and_gradient_match_the_reference(name):
     spec = registry.get(name)
-    s, t = _logits(5, 40, seed=1)
-    ids, lp = _cache(t, 40)
+    s, t = ref.make_logits(5, 40, seed=1, dtype=F64)
+    ids, lp = ref.top_k_cache(t, 40)
     options = spec.resolve({})
-    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
-    got = _call(name, x, ids, lp, chunk_size=2)
     reference = ref.REFERENCES[name]
     takes = inspect.signature(reference).parameters
-    want = reference(y, t, **{k: v for k, v in options.items() if k in takes})
-    got.backward()
-    want.backward()
-    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(x.grad, y.grad, atol=1e-10, rtol=1e-8)
+    ref.assert_same_value_and_gradient(lambda x: _call(name, x, ids, lp, chunk_size=2),
+                                       lambda y: reference(y, t, **{k: v for k, v in options.items() if k in takes}), s)
 
 
 @pytest.mark.parametrize("name", KD_LOSSES)
 def test_padding_changes_nothing(name):
     """-1 padding after the valid ids (sample mode, folded padded-vocabulary ids) is ignored."""
-    s, t = _logits(4, 50, seed=2)
-    ids, lp = _cache(t, 10)
+    s, t = ref.make_logits(4, 50, seed=2, dtype=F64)
+    ids, lp = ref.top_k_cache(t, 10)
     pad_ids = torch.cat([ids, torch.full((4, 3), -1)], 1)
     pad_lp = torch.cat([lp, torch.zeros(4, 3, dtype=lp.dtype)], 1)
     tail = 1 - lp.exp().sum(-1)
-    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
-    got = _call(name, x, pad_ids, pad_lp, tail_mass=tail)
-    want = _call(name, y, ids, lp, tail_mass=tail)
-    got.backward()
-    want.backward()
-    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(x.grad, y.grad, atol=1e-10, rtol=1e-8)
+    ref.assert_same_value_and_gradient(lambda x: _call(name, x, pad_ids, pad_lp, tail_mass=tail),
+                                       lambda y: _call(name, y, ids, lp, tail_mass=tail), s)
 
 
 @pytest.mark.parametrize("name", KD_LOSSES)
 def test_no_teacher_rows_is_the_cross_entropy_alone(name):
     spec = registry.get(name)
-    s, t = _logits(5, 30, seed=3)
-    ids, lp = _cache(t, 10)
+    s, t = ref.make_logits(5, 30, seed=3, dtype=F64)
+    ids, lp = ref.top_k_cache(t, 10)
     labels = torch.randint(0, 30, (5,), generator=torch.Generator().manual_seed(3))
     none = torch.zeros(0, dtype=torch.long)
-    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
-    total, parts = losses.kd_with_ce(name, x, ids[none], lp[none], labels, ce_weight=0.5, kd_select=none,
-                                     **_inputs(spec, ids[none], lp[none]))
-    want = 0.5 * losses.sft(y, labels=labels)
-    total.backward()
-    want.backward()
-    assert set(parts) == {"ce"}
-    torch.testing.assert_close(total, want)
-    torch.testing.assert_close(x.grad, y.grad)
+    parts = {}
+
+    def kd_with_ce(x):
+        total, parts["parts"] = losses.kd_with_ce(name, x, ids[none], lp[none], labels, ce_weight=0.5,
+                                                  kd_select=none, **_inputs(spec, ids[none], lp[none]))
+        return total
+
+    ref.assert_same_value_and_gradient(kd_with_ce, lambda y: 0.5 * losses.sft(y, labels=labels), s, atol=None)
+    assert set(parts["parts"]) == {"ce"}
 
 
 @pytest.mark.parametrize("name", KD_LOSSES)
 def test_bf16_logits_give_an_fp32_loss_and_a_bf16_gradient(name):
-    s, t = _logits(6, 64, seed=4, dtype=torch.float32)
-    ids, lp = _cache(t.float(), 16)
+    s, t = ref.make_logits(6, 64, seed=4, dtype=torch.float32)
+    ids, lp = ref.top_k_cache(t, 16)
     s16 = s.bfloat16().requires_grad_()
     got = _call(name, s16, ids, lp)
     got.backward()
@@ -138,8 +116,8 @@ def test_bf16_logits_give_an_fp32_loss_and_a_bf16_gradient(name):
 @pytest.mark.parametrize("name", KD_LOSSES)
 def test_declared_defaults_pass_and_out_of_range_values_are_refused(name):
     spec = registry.get(name)
-    s, t = _logits(3, 30, seed=5, dtype=torch.float32)
-    ids, lp = _cache(t.float(), 10)
+    s, t = ref.make_logits(3, 30, seed=5, dtype=torch.float32)
+    ids, lp = ref.top_k_cache(t, 10)
     defaults = {o.name: o.default for o in spec.options}
     assert torch.isfinite(_call(name, s, ids, lp, **defaults))
     for option in spec.options:

@@ -47,13 +47,10 @@ def dkd_rows(student_logits, teacher_ids, teacher_logprobs, *, alpha, beta, temp
     check_range("temperature", temperature, *_POSITIVE)
 
     def row_fn(s, labels, ids, t_lp):
-        dtype = compute_dtype(s.dtype)
-        _, valid = split_padding(ids)
+        dtype, valid, st = _cached_classes(s, labels, ids, temperature)
         lt = masked_log_softmax(t_lp.to(dtype) / temperature, valid)
-        st = student_stats(s, ids, temperature, normalizers=False, labels=labels)
         ls = masked_log_softmax(st.x_k, valid)
-        target = teacher_top1(ids, t_lp)[:, None]
-        other = valid.scatter(1, target, False)
+        target, other = _target_and_others(ids, t_lp, valid)
         # log(1 - p_target) as the log of the other classes' mass: no cancellation near p = 1.
         lt_rest, has_rest = masked_logsumexp(lt, other)
         ls_rest, _ = masked_logsumexp(ls, other)
@@ -85,12 +82,9 @@ def nkd_rows(student_logits, teacher_ids, teacher_logprobs, *, gamma, temperatur
     check_range("temperature", temperature, *_POSITIVE)
 
     def row_fn(s, labels, ids, t_lp):
-        dtype = compute_dtype(s.dtype)
-        _, valid = split_padding(ids)
-        st = student_stats(s, ids, normalizers=False, labels=labels)
+        dtype, valid, st = _cached_classes(s, labels, ids)
         t_lp, s_k = t_lp.to(dtype), st.x_k
-        target = teacher_top1(ids, t_lp)[:, None]
-        other = valid.scatter(1, target, False)
+        target, other = _target_and_others(ids, t_lp, valid)
         lt = masked_log_softmax(t_lp, valid).gather(1, target)[:, 0]
         ls = masked_log_softmax(s_k, valid).gather(1, target)[:, 0]
         lt_n = masked_log_softmax(t_lp / temperature, other)
@@ -119,9 +113,7 @@ def normkd_rows(student_logits, teacher_ids, teacher_logprobs, *, t_norm, tail_m
     check_range("t_norm", t_norm, *_POSITIVE)
 
     def row_fn(s, labels, ids, t_lp):
-        dtype = compute_dtype(s.dtype)
-        _, valid = split_padding(ids)
-        st = student_stats(s, ids, normalizers=False, labels=labels)
+        dtype, valid, st = _cached_classes(s, labels, ids)
         z_t, z_s = t_lp.to(dtype), st.x_k
         t_t = t_norm * _masked_std(z_t, valid)
         t_s = t_norm * _masked_std(z_s, valid)
@@ -130,6 +122,27 @@ def normkd_rows(student_logits, teacher_ids, teacher_logprobs, *, t_norm, tail_m
         return forward_kl(lt, ls, valid) * t_t**2, st, agreement_stats(want_metrics, s, ids, t_lp, st)
 
     return KDRows(row_fn, (teacher_ids, teacher_logprobs))
+
+
+def _cached_classes(s, labels, ids, temperature=1.0):
+    """What each row function starts from: the cached ids of each row as its classes.
+
+    Args:
+        s: (n, V) student logits; labels: (n,) or None; ids: (n, K) cached ids, -1 at padding.
+        temperature: the student's temperature in `student_stats`.
+
+    Returns:
+        (dtype, valid, st): the compute dtype, (n, K) bool of the real ids, and the student's
+        `StudentStats` over the ids at `temperature` (no normalizers).
+    """
+    _, valid = split_padding(ids)
+    return compute_dtype(s.dtype), valid, student_stats(s, ids, temperature, normalizers=False, labels=labels)
+
+
+def _target_and_others(ids, t_lp, valid):
+    """The target class, the teacher's top-1 cached id, as an (n, 1) column index; and the (n, K) bool of the others."""
+    target = teacher_top1(ids, t_lp)[:, None]
+    return target, valid.scatter(1, target, False)
 
 
 def _masked_std(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,7 @@ def _temperature(default: float, help: str = "softmax temperature T of both side
     return Option("temperature", default, help, low=0.0)
 
 
+_SKEW = Option("alpha", 0.1, "skew, 0 <= alpha < 1", low=0.0, high=1.0, low_open=False)  # DistiLLM's skl, srkl
 _TAIL = Option("tail", "bucket", "the teacher mass outside the cache: one extra class, or renormalized away",
                choices=("bucket", "renorm"))
 _DIVERGENCE_MODES = frozenset({TOPK, SAMPLE})
@@ -158,12 +159,10 @@ LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
           _temperature(1.0), _TAIL), modes=_DIVERGENCE_MODES,
          approximates="full-vocabulary JSD(beta) over the K+1 grouped classes"),
     Loss("skl", "divergences:skl_rows", "DistiLLM's skew KL(P || a P + (1 - a) Q) (Ko et al. 2024)",
-         (Option("alpha", 0.1, "skew, 0 <= alpha < 1", low=0.0, high=1.0, low_open=False),
-          _temperature(1.0), _TAIL), modes=_DIVERGENCE_MODES,
+         (_SKEW, _temperature(1.0), _TAIL), modes=_DIVERGENCE_MODES,
          approximates="full-vocabulary skew KL over the K+1 grouped classes"),
     Loss("srkl", "divergences:srkl_rows", "DistiLLM's skew reverse KL(Q || (1 - a) P + a Q)",
-         (Option("alpha", 0.1, "skew, 0 <= alpha < 1", low=0.0, high=1.0, low_open=False),
-          _temperature(1.0), _TAIL), modes=_DIVERGENCE_MODES,
+         (_SKEW, _temperature(1.0), _TAIL), modes=_DIVERGENCE_MODES,
          approximates="full-vocabulary skew reverse KL over the K+1 grouped classes"),
     Loss("topk_kl", "divergences:topk_kl_rows", "KL with both sides renormalized over the cached ids",
          (_temperature(1.0),),
