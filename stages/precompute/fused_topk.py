@@ -21,6 +21,8 @@ The same torch code runs on CPU and CUDA; the tile sizes differ (`default_tiles`
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -54,6 +56,7 @@ def fused_topk_targets(
     *,
     chunk_rows: int | None = None,
     vocab_tile: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Top-K log-probs, the next token's log-prob and the tail mass, straight from hidden states.
 
@@ -64,6 +67,9 @@ def fused_topk_targets(
         k: Entries kept per row, 1 <= k <= V.
         chunk_rows: Rows per chunk; default from `default_tiles`.
         vocab_tile: Vocabulary ids per tile (at least k); default from `default_tiles`.
+        workers: On CPU, threads that fold chunks of rows side by side, each with one torch
+            thread (see `_fold_on_workers`); default `torch.get_num_threads()`. 1 folds every
+            chunk on the calling thread with its own torch threads. Ignored on CUDA.
 
     Returns:
         The fields of `sparsify.topk_targets`: `topk_ids` (n, k) int32 by log-prob descending,
@@ -79,19 +85,48 @@ def fused_topk_targets(
     if n and (int(next_ids.min()) < 0 or int(next_ids.max()) >= vocab):
         raise InvalidDataError(f"next_ids must lie in [0, {vocab}) (the logits width); got "
                                f"[{int(next_ids.min())}, {int(next_ids.max())}]")
-    rows_default, tile_default = default_tiles(device, head.weight.shape[1], vocab)
-    chunk_rows, vocab_tile = chunk_rows or rows_default, max(vocab_tile or tile_default, k)
-    out = {name: [] for name in TOPK_FIELDS}
-    for lo in range(0, n, chunk_rows):
-        h = hidden[lo : lo + chunk_rows].to(device=device, dtype=head.weight.dtype)
-        parts = _fold_chunk(h, head, next_ids[lo : lo + chunk_rows], k,
-                            vocab_tile)
-        for name, value in zip(TOPK_FIELDS, parts):
-            out[name].append(value)
     if n == 0:
         return {"topk_ids": np.zeros((0, k), np.int32), "topk_logprobs": np.zeros((0, k), np.float32),
                 "target_logprob": np.zeros(0, np.float32), "tail_mass": np.zeros(0, np.float32)}
-    return {name: torch.cat(chunks).cpu().numpy() for name, chunks in out.items()}
+    rows_default, tile_default = default_tiles(device, head.weight.shape[1], vocab)
+    chunk_rows, vocab_tile = chunk_rows or rows_default, max(vocab_tile or tile_default, k)
+    workers = 1 if device.type != "cpu" else max(1, workers or torch.get_num_threads())
+    if workers > 1:
+        # Every worker gets rows even when the batch is smaller than workers x chunk_rows.
+        chunk_rows = max(1, min(chunk_rows, -(-n // workers)))
+
+    def fold(lo: int) -> tuple[torch.Tensor, ...]:
+        h = hidden[lo : lo + chunk_rows].to(device=device, dtype=head.weight.dtype)
+        return _fold_chunk(h, head, next_ids[lo : lo + chunk_rows], k, vocab_tile)
+
+    starts = range(0, n, chunk_rows)
+    parts = _fold_on_workers(fold, starts, workers) if workers > 1 and len(starts) > 1 else map(fold, starts)
+    return {name: torch.cat(chunks).cpu().numpy() for name, chunks in zip(TOPK_FIELDS, zip(*parts))}
+
+
+def _fold_on_workers(fold, starts: range, workers: int) -> list[tuple[torch.Tensor, ...]]:
+    """`fold` over every chunk start on `workers` threads, each with one torch thread; in order.
+
+    A tile's folding is a dozen small ops on a (256 x 4096) block. With torch's own threads on
+    them, every op pays an OpenMP fork/join, and on a shared machine each join waits for the
+    slowest thread: measured at 2 threads, the fold's own work cost 1.6x the head matmul in a
+    whole job (benchmarks/RESULTS.md). Here each chunk of rows is folded on one core from start
+    to end, matmul included, and torch ops release the GIL, so the cores work side by side.
+    `torch.set_num_threads` in a worker sets that thread's OpenMP/MKL threads and the default
+    for threads started later; the caller's setting is put back afterwards.
+    """
+    threads = torch.get_num_threads()
+
+    def one_thread(lo: int) -> tuple[torch.Tensor, ...]:
+        torch.set_num_threads(1)
+        with torch.no_grad():  # grad mode is per thread; the caller's does not reach a worker
+            return fold(lo)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="fused-topk") as pool:
+            return list(pool.map(one_thread, starts))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fold_chunk(h: torch.Tensor, head: LMHead, next_ids: torch.Tensor, k: int, tile: int):
@@ -114,9 +149,12 @@ def _fold_chunk(h: torch.Tensor, head: LMHead, next_ids: torch.Tensor, k: int, t
         target = torch.where(inside, x.gather(1, rel.clamp(0, vhi - vlo - 1)[:, None])[:, 0], target)
         tile_v, tile_i = torch.topk(x, min(k, vhi - vlo), dim=-1, sorted=False)
         new_m = torch.maximum(m, tile_v.max(dim=-1, keepdim=True).values)
-        e = (x - new_m).exp_()
-        tile_total = e.sum(dim=-1, keepdim=True)
-        tile_outside = e.scatter_(1, tile_i, 0.0).sum(dim=-1, keepdim=True)
+        # Two passes over the block, both in place (x is not needed again): exp(x - m) with the
+        # tile's own top-K zeroed, summed. That sum is the tile's outside mass, summed directly so
+        # a tiny tail keeps its relative precision; the tile's total adds the top-K's k terms
+        # rather than summing the block a second time.
+        tile_outside = x.sub_(new_m).exp_().scatter_(1, tile_i, 0.0).sum(dim=-1, keepdim=True)
+        tile_total = tile_outside + (tile_v - new_m).exp_().sum(dim=-1, keepdim=True)
         rescale = (m - new_m).exp()  # 0 on the first tile (m = -inf)
         total = total * rescale + tile_total
         outside = outside * rescale + tile_outside

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -120,6 +122,41 @@ def test_empty_input_and_bad_arguments():
         fused_topk_targets(hidden, head, torch.full((48,), 500), 4)
     with pytest.raises(InvalidDataError, match="shape"):
         fused_topk_targets(hidden, head, torch.zeros(3, dtype=torch.long), 4)
+
+
+def test_workers_give_the_same_bits_as_one_thread_and_leave_torch_threads_as_they_were():
+    """Chunks folded on worker threads (one torch thread each) equal the same chunks folded one
+    after another on one thread, bit for bit: the split changes where a chunk runs, not its
+    arithmetic. 45 rows over 2 and 3 workers: chunks shrink so every worker gets rows, and the
+    last is short. The head's weight requires grad, as a model's does."""
+    head, hidden = _llm_like_head(QWEN_WIDTH, seed=7)
+    head = LMHead(weight=head.weight.requires_grad_(), bias=head.bias)
+    hidden, next_ids = hidden[:45], torch.randint(0, QWEN_WIDTH, (45,), generator=torch.Generator().manual_seed(8))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = fused_topk_targets(hidden, head, next_ids, 32, chunk_rows=8, workers=1)
+        # (workers, chunk_rows asked, rows per chunk used): 64 > 45 rows is cut to ceil(45 / workers).
+        for workers, asked, used in [(2, 8, 8), (3, 8, 8), (2, 64, 23), (3, 64, 15)]:
+            ref = fused_topk_targets(hidden, head, next_ids, 32, chunk_rows=used, workers=1)
+            got = fused_topk_targets(hidden, head, next_ids, 32, chunk_rows=asked, workers=workers)
+            for name in ref:
+                np.testing.assert_array_equal(got[name], ref[name], err_msg=f"{name}, {workers} workers x {asked}")
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(2)
+    try:
+        fused_topk_targets(hidden, head, next_ids, 32, chunk_rows=8)  # default: 2 workers
+        assert torch.get_num_threads() == 2, "the caller's torch threads must be put back"
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        worker.start()
+        worker.join()
+        assert seen == [2], "threads started later must get the caller's setting, not the workers' 1"
+    finally:
+        torch.set_num_threads(before)
+    _assert_same_targets(serial, topk_targets(head(hidden), next_ids, 32), head(hidden), atol=2e-5, tail_rtol=1e-4)
 
 
 def test_engines_take_the_fused_path_in_topk_mode_only():
