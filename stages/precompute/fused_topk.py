@@ -8,7 +8,8 @@ vocabulary tiles small enough that a (rows x tile) block of logits stays in cach
 made, folded into running statistics and dropped:
 
 - a running max `m` and sum of exp(x - m) (the online logsumexp of Milakov & Gimelshein 2018);
-- a running top-K: the K best so far merged with the tile's own top-K;
+- a running top-K: the K best so far merged with the tile's own top-K (on CPU, past the first
+  tile, with the tile's candidates found group by group, `_tile_top_above`);
 - the probability mass outside the running top-K, summed directly (the tile's entries outside its
   own top-K, plus whatever the merge evicts) so that a tiny tail keeps its relative precision,
   exactly as `sparsify.topk_targets` promises;
@@ -16,7 +17,9 @@ made, folded into running statistics and dropped:
 
 Results equal `topk_targets(head(hidden), ...)` up to fp32 summation order (ties between equal
 logits may come out in another order). Top-K mode only: sampling needs a CDF over the whole row.
-The same torch code runs on CPU and CUDA; the tile sizes differ (`default_tiles`).
+The same torch code runs on CPU and CUDA; the tile sizes differ (`default_tiles`). On CPU the
+chunks of rows are folded side by side on one worker thread per torch thread, each with a single
+torch thread (`_fold_on_workers`): a tile's dozen small ops would otherwise each pay a fork/join.
 """
 
 from __future__ import annotations
