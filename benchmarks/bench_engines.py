@@ -216,15 +216,20 @@ def bench_whole_job(model: str, args) -> None:
 
 
 def bench_topk_micro(args) -> None:
-    """Fused vs unfused head + top-K in this process, CPU time on one thread, interleaved rounds.
+    """Fused vs unfused head + top-K in this process, at 1 and at 2 torch threads, interleaved rounds.
 
-    CPU time (`time.process_time`) rather than wall time: on a shared machine other jobs stretch
-    wall time unevenly, while the CPU a single-threaded computation needs moves much less.
+    Each path is timed in wall time and in CPU time (`time.process_time`). At 1 thread CPU time
+    is the trustworthy figure: other jobs on a shared machine stretch wall time unevenly, the
+    CPU a single-threaded computation needs much less. At 2 threads wall time is what a job
+    pays (CPU time counts both cores, and spinning OpenMP threads too); the baseline is the head
+    matmul alone at the same thread count, the part a bare forward also pays.
+    "fused, torch threads per op" is the fused pass with `workers=1`: every chunk on the calling
+    thread, each small op split over torch's threads (the behaviour before `_fold_on_workers`).
     """
     from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden
+    from logitcache.stages.precompute.fused_topk import fused_topk_targets
     from logitcache.storage.head import LMHead
 
-    torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     rows = args.micro_rows
     for dtype in (torch.float32, torch.bfloat16):
@@ -236,20 +241,30 @@ def bench_topk_micro(args) -> None:
             "head matmul only": lambda: [head(hidden[lo:lo + 256]) for lo in range(0, rows, 256)],
             "unfused (head chunk, then topk_targets)": lambda: targets_from_hidden(
                 hidden, head, next_ids, spec, fused=False),
-            "fused (default tiles)": lambda: targets_from_hidden(hidden, head, next_ids, spec, fused=True),
+            "fused, torch threads per op": lambda: fused_topk_targets(hidden, head, next_ids, args.k, workers=1),
+            "fused (default: one worker per thread)": lambda: targets_from_hidden(
+                hidden, head, next_ids, spec, fused=True),
         }
-        times = {name: [] for name in paths}
-        for name, fn in paths.items():
-            fn()  # warm-up
+        runs = [(threads, name) for threads in (1, 2) for name in paths
+                if not (threads == 1 and name.startswith("fused, torch threads"))]  # same as default at 1
+        times = {run: [] for run in runs}
+        for threads, name in runs:  # warm-up
+            torch.set_num_threads(threads)
+            paths[name]()
         for _ in range(args.repeats):
-            for name, fn in paths.items():
-                t0 = time.process_time()
-                fn()
-                times[name].append(time.process_time() - t0)
-        base = min(times["head matmul only"])
-        print(f"\n{rows} rows x H {args.hidden} x V {args.vocab}, k={args.k}, {dtype}, 1 thread, CPU s per round")
-        for name, t in times.items():
-            print(f"{name:42s} {' '.join(f'{x:6.2f}' for x in t)}   head/path {base / min(t):.2f}")
+            for threads, name in runs:
+                torch.set_num_threads(threads)
+                w0, c0 = time.perf_counter(), time.process_time()
+                paths[name]()
+                times[threads, name].append((time.perf_counter() - w0, time.process_time() - c0))
+        print(f"\n{rows} rows x H {args.hidden} x V {args.vocab}, k={args.k}, {dtype}; seconds per round "
+              f"(wall / CPU); head/path: head matmul time at the same thread count / path time, best rounds "
+              f"(1 thread: CPU time; 2 threads: wall time)")
+        for threads, name in runs:
+            pick = 1 if threads == 1 else 0
+            base = min(t[pick] for t in times[threads, "head matmul only"])
+            rounds = " ".join(f"{w:6.2f}/{c:5.2f}" for w, c in times[threads, name])
+            print(f"{threads} thr  {name:40s} {rounds}   head/path {base / min(t[pick] for t in times[threads, name]):.2f}")
 
 
 def main() -> None:
@@ -267,7 +282,7 @@ def main() -> None:
     parser.add_argument("--job-rows", type=int, default=120, help="texts in the big whole job (small: a quarter)")
     parser.add_argument("--job-engine", choices=("hf", "vllm"), default="hf", help="engine of the whole jobs")
     parser.add_argument("--topk-micro", action="store_true",
-                        help="fused vs unfused head + top-K in-process (CPU time, one thread)")
+                        help="fused vs unfused head + top-K in-process, at 1 and 2 torch threads (wall and CPU time)")
     parser.add_argument("--micro-rows", type=int, default=1024, help="rows for --topk-micro")
     parser.add_argument("--model", help=argparse.SUPPRESS)  # --bare-job's model (internal)
     parser.add_argument("--bare-job", metavar="TEXTS.jsonl", help=argparse.SUPPRESS)

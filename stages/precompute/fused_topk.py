@@ -8,7 +8,8 @@ vocabulary tiles small enough that a (rows x tile) block of logits stays in cach
 made, folded into running statistics and dropped:
 
 - a running max `m` and sum of exp(x - m) (the online logsumexp of Milakov & Gimelshein 2018);
-- a running top-K: the K best so far merged with the tile's own top-K;
+- a running top-K: the K best so far merged with the tile's own top-K (on CPU, past the first
+  tile, with the tile's candidates found group by group, `_tile_top_above`);
 - the probability mass outside the running top-K, summed directly (the tile's entries outside its
   own top-K, plus whatever the merge evicts) so that a tiny tail keeps its relative precision,
   exactly as `sparsify.topk_targets` promises;
@@ -16,10 +17,14 @@ made, folded into running statistics and dropped:
 
 Results equal `topk_targets(head(hidden), ...)` up to fp32 summation order (ties between equal
 logits may come out in another order). Top-K mode only: sampling needs a CDF over the whole row.
-The same torch code runs on CPU and CUDA; the tile sizes differ (`default_tiles`).
+The same torch code runs on CPU and CUDA; the tile sizes differ (`default_tiles`). On CPU the
+chunks of rows are folded side by side on one worker thread per torch thread, each with a single
+torch thread (`_fold_on_workers`): a tile's dozen small ops would otherwise each pay a fork/join.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -29,6 +34,8 @@ from logitcache.storage.errors import ConfigError, InvalidDataError
 from logitcache.storage.head import LMHead, apply_head
 
 __all__ = ["fused_topk_targets", "default_tiles"]
+
+_GROUP = 32  # ids per group in `_tile_top_above`: a (rows, t / 32, 32) view, amax over the last axis
 
 
 def default_tiles(device: torch.device, hidden_size: int, vocab: int) -> tuple[int, int]:
@@ -54,6 +61,7 @@ def fused_topk_targets(
     *,
     chunk_rows: int | None = None,
     vocab_tile: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Top-K log-probs, the next token's log-prob and the tail mass, straight from hidden states.
 
@@ -64,6 +72,9 @@ def fused_topk_targets(
         k: Entries kept per row, 1 <= k <= V.
         chunk_rows: Rows per chunk; default from `default_tiles`.
         vocab_tile: Vocabulary ids per tile (at least k); default from `default_tiles`.
+        workers: On CPU, threads that fold chunks of rows side by side, each with one torch
+            thread (see `_fold_on_workers`); default `torch.get_num_threads()`. 1 folds every
+            chunk on the calling thread with its own torch threads. Ignored on CUDA.
 
     Returns:
         The fields of `sparsify.topk_targets`: `topk_ids` (n, k) int32 by log-prob descending,
@@ -79,19 +90,48 @@ def fused_topk_targets(
     if n and (int(next_ids.min()) < 0 or int(next_ids.max()) >= vocab):
         raise InvalidDataError(f"next_ids must lie in [0, {vocab}) (the logits width); got "
                                f"[{int(next_ids.min())}, {int(next_ids.max())}]")
-    rows_default, tile_default = default_tiles(device, head.weight.shape[1], vocab)
-    chunk_rows, vocab_tile = chunk_rows or rows_default, max(vocab_tile or tile_default, k)
-    out = {name: [] for name in TOPK_FIELDS}
-    for lo in range(0, n, chunk_rows):
-        h = hidden[lo : lo + chunk_rows].to(device=device, dtype=head.weight.dtype)
-        parts = _fold_chunk(h, head, next_ids[lo : lo + chunk_rows], k,
-                            vocab_tile)
-        for name, value in zip(TOPK_FIELDS, parts):
-            out[name].append(value)
     if n == 0:
         return {"topk_ids": np.zeros((0, k), np.int32), "topk_logprobs": np.zeros((0, k), np.float32),
                 "target_logprob": np.zeros(0, np.float32), "tail_mass": np.zeros(0, np.float32)}
-    return {name: torch.cat(chunks).cpu().numpy() for name, chunks in out.items()}
+    rows_default, tile_default = default_tiles(device, head.weight.shape[1], vocab)
+    chunk_rows, vocab_tile = chunk_rows or rows_default, max(vocab_tile or tile_default, k)
+    workers = 1 if device.type != "cpu" else max(1, workers or torch.get_num_threads())
+    if workers > 1:
+        # Every worker gets rows even when the batch is smaller than workers x chunk_rows.
+        chunk_rows = max(1, min(chunk_rows, -(-n // workers)))
+
+    def fold(lo: int) -> tuple[torch.Tensor, ...]:
+        h = hidden[lo : lo + chunk_rows].to(device=device, dtype=head.weight.dtype)
+        return _fold_chunk(h, head, next_ids[lo : lo + chunk_rows], k, vocab_tile)
+
+    starts = range(0, n, chunk_rows)
+    parts = _fold_on_workers(fold, starts, workers) if workers > 1 and len(starts) > 1 else map(fold, starts)
+    return {name: torch.cat(chunks).cpu().numpy() for name, chunks in zip(TOPK_FIELDS, zip(*parts))}
+
+
+def _fold_on_workers(fold, starts: range, workers: int) -> list[tuple[torch.Tensor, ...]]:
+    """`fold` over every chunk start on `workers` threads, each with one torch thread; in order.
+
+    A tile's folding is a dozen small ops on a (256 x 4096) block. With torch's own threads on
+    them, every op pays an OpenMP fork/join, and on a shared machine each join waits for the
+    slowest thread: measured at 2 threads, the fold's own work cost 1.6x the head matmul in a
+    whole job (benchmarks/RESULTS.md). Here each chunk of rows is folded on one core from start
+    to end, matmul included, and torch ops release the GIL, so the cores work side by side.
+    `torch.set_num_threads` in a worker sets that thread's OpenMP/MKL threads and the default
+    for threads started later; the caller's setting is put back afterwards.
+    """
+    threads = torch.get_num_threads()
+
+    def one_thread(lo: int) -> tuple[torch.Tensor, ...]:
+        torch.set_num_threads(1)
+        with torch.no_grad():  # grad mode is per thread; the caller's does not reach a worker
+            return fold(lo)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="fused-topk") as pool:
+            return list(pool.map(one_thread, starts))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fold_chunk(h: torch.Tensor, head: LMHead, next_ids: torch.Tensor, k: int, tile: int):
@@ -112,11 +152,18 @@ def _fold_chunk(h: torch.Tensor, head: LMHead, next_ids: torch.Tensor, k: int, t
         rel = next_ids - vlo
         inside = (rel >= 0) & (rel < vhi - vlo)
         target = torch.where(inside, x.gather(1, rel.clamp(0, vhi - vlo - 1)[:, None])[:, 0], target)
-        tile_v, tile_i = torch.topk(x, min(k, vhi - vlo), dim=-1, sorted=False)
-        new_m = torch.maximum(m, tile_v.max(dim=-1, keepdim=True).values)
-        e = (x - new_m).exp_()
-        tile_total = e.sum(dim=-1, keepdim=True)
-        tile_outside = e.scatter_(1, tile_i, 0.0).sum(dim=-1, keepdim=True)
+        if best_v.shape[1] == k and h.device.type == "cpu" and (vhi - vlo) % _GROUP == 0:
+            tile_v, tile_i, tile_max = _tile_top_above(x, best_v.min(dim=-1, keepdim=True).values, k)
+        else:
+            tile_v, tile_i = torch.topk(x, min(k, vhi - vlo), dim=-1, sorted=False)
+            tile_max = tile_v.max(dim=-1, keepdim=True).values
+        new_m = torch.maximum(m, tile_max)
+        # Two passes over the block, both in place (x is not needed again): exp(x - m) with the
+        # tile's own top-K zeroed, summed. That sum is the tile's outside mass, summed directly so
+        # a tiny tail keeps its relative precision; the tile's total adds the top-K's k terms
+        # rather than summing the block a second time.
+        tile_outside = x.sub_(new_m).exp_().scatter_(1, tile_i, 0.0).sum(dim=-1, keepdim=True)
+        tile_total = tile_outside + (tile_v - new_m).exp_().sum(dim=-1, keepdim=True)
         rescale = (m - new_m).exp()  # 0 on the first tile (m = -inf)
         total = total * rescale + tile_total
         outside = outside * rescale + tile_outside
@@ -134,3 +181,39 @@ def _fold_chunk(h: torch.Tensor, head: LMHead, next_ids: torch.Tensor, k: int, t
     best_i = best_i.gather(1, order)
     lse = m + total.log()
     return best_i.to(torch.int32), best_v - lse, target - lse[:, 0], (outside / total)[:, 0]
+
+
+def _tile_top_above(x: torch.Tensor, floor: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of a tile that may still enter the running top-K, without a top-K over the tile.
+
+    Once the running top-K holds k entries, only entries above its smallest (`floor`) can enter
+    it; past the first few tiles a row has a handful of them in 4096. So: the max of each group
+    of `_GROUP` ids (a fast, vectorised pass), then the groups whose max clears the floor, then a
+    top-K over those groups' entries only. A full `torch.topk` over the tile costs about a third
+    of the tile's head matmul on CPU; this costs a small fraction of it. Entries left out are
+    below the floor or below k better entries of the same tile, so they are outside the final
+    top-K either way, and their mass goes to the directly summed outside mass as before.
+
+    Args:
+        x: (rows, t) fp32 logits of one tile, t a multiple of `_GROUP`, contiguous.
+        floor: (rows, 1) the smallest logit of each row's running top-K.
+        k: Entries kept per row.
+
+    Returns:
+        (values (rows, j) fp32, ids (rows, j) int64 within the tile, tile max (rows, 1)), j <= k:
+        j is 0 when no row has an entry above its floor; rows with fewer than j such entries
+        fill up with lower ones, which the merge then evicts.
+    """
+    rows, t = x.shape
+    group_max = x.view(rows, t // _GROUP, _GROUP).amax(dim=-1)  # (rows, t / _GROUP)
+    tile_max = group_max.amax(dim=-1, keepdim=True)
+    need = int((group_max > floor).sum(dim=-1).max())  # groups holding a candidate, most in any row
+    if need == 0:
+        return x.new_empty((rows, 0)), torch.empty((rows, 0), dtype=torch.long), tile_max
+    if need * _GROUP * 4 > t:  # candidates everywhere (an early tile): the plain top-K is cheaper
+        values, ids = torch.topk(x, min(k, t), dim=-1, sorted=False)
+        return values, ids, tile_max
+    _, groups = torch.topk(group_max, need, dim=-1, sorted=False)  # (rows, need)
+    ids = (groups[:, :, None] * _GROUP + torch.arange(_GROUP)).view(rows, need * _GROUP)
+    values, slot = torch.topk(x.gather(1, ids), min(k, need * _GROUP), dim=-1, sorted=False)
+    return values, ids.gather(1, slot), tile_max

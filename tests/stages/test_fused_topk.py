@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -67,13 +69,16 @@ def test_fused_matches_unfused_at_qwen_width(tiles):
     "transform", [{"softcap": 30.0, "logit_scale": 0.8}, {"hidden_scale": 0.5}, {}], ids=["capped", "hidden", "plain"]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_matches_unfused_with_transforms_and_dtypes(transform, dtype):
+@pytest.mark.parametrize("vocab_tile", [2048, 3000], ids=["grouped", "plain"])
+def test_fused_matches_unfused_with_transforms_and_dtypes(transform, dtype, vocab_tile):
+    """Tiles of 2048 ids (a multiple of 32) take the grouped candidate search on CPU after the
+    first tile; 3000 the plain per-tile top-K. bf16 logits tie often, at the K-th too."""
     head, hidden = _llm_like_head(20_011, seed=2, **transform)
     head = LMHead(weight=head.weight.to(dtype), bias=head.bias.to(dtype), **transform)
     next_ids = torch.randint(0, 20_011, (hidden.shape[0],), generator=torch.Generator().manual_seed(3))
     logits = head(hidden)
     ref = topk_targets(logits, next_ids, 50)
-    fused = fused_topk_targets(hidden, head, next_ids, 50, chunk_rows=10, vocab_tile=3000)
+    fused = fused_topk_targets(hidden, head, next_ids, 50, chunk_rows=10, vocab_tile=vocab_tile)
     _assert_same_targets(fused, ref, logits, atol=3e-5, tail_rtol=1e-4)
 
 
@@ -88,7 +93,8 @@ def test_tiny_tail_keeps_its_relative_precision():
     head = LMHead(weight=weight, bias=bias)
     hidden = torch.randn(3, hidden_size)
     next_ids = torch.tensor([4321, 17, 5])
-    fused = fused_topk_targets(hidden, head, next_ids, 2, chunk_rows=2, vocab_tile=1000)
+    # 1024-id tiles: past the first, no entry clears the running top-2, so tiles add only mass.
+    fused = fused_topk_targets(hidden, head, next_ids, 2, chunk_rows=2, vocab_tile=1024)
     ref = topk_targets(head(hidden), next_ids, 2)
     exact = (vocab - 2) * np.exp(-30.0) / (1 + np.exp(-5.0) + (vocab - 2) * np.exp(-30.0))
     np.testing.assert_allclose(fused["tail_mass"], exact, rtol=1e-4)
@@ -120,6 +126,41 @@ def test_empty_input_and_bad_arguments():
         fused_topk_targets(hidden, head, torch.full((48,), 500), 4)
     with pytest.raises(InvalidDataError, match="shape"):
         fused_topk_targets(hidden, head, torch.zeros(3, dtype=torch.long), 4)
+
+
+def test_workers_give_the_same_bits_as_one_thread_and_leave_torch_threads_as_they_were():
+    """Chunks folded on worker threads (one torch thread each) equal the same chunks folded one
+    after another on one thread, bit for bit: the split changes where a chunk runs, not its
+    arithmetic. 45 rows over 2 and 3 workers: chunks shrink so every worker gets rows, and the
+    last is short. The head's weight requires grad, as a model's does."""
+    head, hidden = _llm_like_head(QWEN_WIDTH, seed=7)
+    head = LMHead(weight=head.weight.requires_grad_(), bias=head.bias)
+    hidden, next_ids = hidden[:45], torch.randint(0, QWEN_WIDTH, (45,), generator=torch.Generator().manual_seed(8))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = fused_topk_targets(hidden, head, next_ids, 32, chunk_rows=8, workers=1)
+        # (workers, chunk_rows asked, rows per chunk used): 64 > 45 rows is cut to ceil(45 / workers).
+        for workers, asked, used in [(2, 8, 8), (3, 8, 8), (2, 64, 23), (3, 64, 15)]:
+            ref = fused_topk_targets(hidden, head, next_ids, 32, chunk_rows=used, workers=1)
+            got = fused_topk_targets(hidden, head, next_ids, 32, chunk_rows=asked, workers=workers)
+            for name in ref:
+                np.testing.assert_array_equal(got[name], ref[name], err_msg=f"{name}, {workers} workers x {asked}")
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(2)
+    try:
+        fused_topk_targets(hidden, head, next_ids, 32, chunk_rows=8)  # default: 2 workers
+        assert torch.get_num_threads() == 2, "the caller's torch threads must be put back"
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        worker.start()
+        worker.join()
+        assert seen == [2], "threads started later must get the caller's setting, not the workers' 1"
+    finally:
+        torch.set_num_threads(before)
+    _assert_same_targets(serial, topk_targets(head(hidden), next_ids, 32), head(hidden), atol=2e-5, tail_rtol=1e-4)
 
 
 def test_engines_take_the_fused_path_in_topk_mode_only():
