@@ -435,8 +435,8 @@ def pooling_gpu_memory_utilization(total_bytes: int, *, vocab: int, hidden: int,
 
     vLLM reserves `gpu_memory_utilization` of the card up front (0.9 by default). The pooling
     path's head lives in this process on the same card: its weight (V x H) and the fused top-K's
-    working set, a (rows x tile) block of logits in the head's dtype, its fp32 copy and its exp
-    (`fused_topk.default_tiles` on CUDA), plus a (rows x H) block of hidden states.
+    working set, a (rows x tile) block of logits in the head's dtype and its fp32 copy (the exp
+    runs in place; `fused_topk.default_tiles` on CUDA), plus a (rows x H) block of hidden states.
 
     Args:
         total_bytes: The card's memory (`torch.cuda.mem_get_info()[1]`).
@@ -454,7 +454,7 @@ def pooling_gpu_memory_utilization(total_bytes: int, *, vocab: int, hidden: int,
     """
     tile = min(tile, vocab)
     head = vocab * hidden * head_bytes
-    work = rows * tile * (head_bytes + 4 + 4) + rows * hidden * (head_bytes + 4)
+    work = rows * tile * (head_bytes + 4) + rows * hidden * (head_bytes + 4)
     share = vllm_share - (head + work) / total_bytes
     if share < 0.1:
         raise ConfigError(
