@@ -19,6 +19,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "logitcache-hypothesis"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Groups for `make test`'s two workers (`pytest -n 2 --dist loadgroup`): a group runs on one worker.
+
+    Session fixtures are built once per worker, so the tests of one costly fixture stay together on
+    one worker: the two session vLLM engines, the fault tests' reference cache. What must not run twice
+    at once (torchrun's default rendezvous port, a Ray local cluster) is grouped where the tests are,
+    with `@pytest.mark.xdist_group`.
+    """
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        fixtures = set(item.fixturenames)
+        if fixtures & {"vllm_pooling_engine", "vllm_logprobs_engine"}:
+            item.add_marker(pytest.mark.xdist_group("vllm"))
+        elif "reference_cache" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("reference_cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """A tiny Llama teacher directory: byte-level BPE tokenizer (vocab ~600), 2 layers, 256 wide,

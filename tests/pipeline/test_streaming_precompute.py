@@ -108,6 +108,7 @@ def row_group_reads() -> list[tuple[str, int, int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one Ray local cluster at a time
 def test_ray_actors_stream_the_same_slice(tiny_teacher, corpus, tmp_path):
     """Ray actors load the streamed slice themselves (streaming and max_rows reach them; each checks the
     driver's dataset info) and write the cache the single process writes."""

@@ -254,6 +254,7 @@ def test_training_refusals(tmp_path, caches):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # torchrun's default rendezvous port: one run at a time
 def test_ddp_two_processes_mix_and_resume(tmp_path, caches):
     """torchrun, 2 ranks, 2 caches: stopped at a checkpoint and resumed, each rank trains on the batches
     of an uninterrupted run."""

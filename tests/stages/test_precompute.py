@@ -195,6 +195,7 @@ def test_bad_input(teacher, hf_engine, mixed_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one Ray local cluster at a time
 def test_ray_local_cluster_equals_single_process(teacher, hf_engine, mixed_data, s3, tmp_path):
     """Ray actors on a local cluster write the cache the single process writes. DATA and the cache are on an
     S3 server whose endpoint and credentials only `storage_options` carry (nothing in the environment), and

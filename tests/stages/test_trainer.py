@@ -271,6 +271,7 @@ def test_resume_mid_epoch_trains_on_exactly_the_remaining_sequences(tmp_path, mo
 # ---- DDP ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # torchrun's default rendezvous port: one run at a time
 def test_ddp_two_processes_on_cpu_see_disjoint_data(tmp_path):
     w = world()
     out = tmp_path / "ddp"

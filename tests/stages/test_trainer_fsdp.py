@@ -44,6 +44,7 @@ def step_logs(result: dict) -> dict[int, dict]:
     return {h["step"]: h for h in result["log_history"] if "loss" in h}
 
 
+@pytest.mark.xdist_group("torchrun")  # torchrun's default rendezvous port: one run at a time
 def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path):
     ddp = torchrun(tmp_path / "ddp")
     fsdp = torchrun(tmp_path / "fsdp", "--fsdp", "full_shard")
@@ -79,6 +80,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path):
     assert resumed_eval["eval_cache_kd_loss"] == pytest.approx(evals["f"][0]["eval_cache_kd_loss"], rel=1e-5)
 
 
+@pytest.mark.xdist_group("torchrun")  # torchrun's default rendezvous port: one run at a time
 def test_an_accelerate_fsdp_config_shards_on_cpu_too(tmp_path):
     """`accelerate launch --config_file` with distributed_type FSDP (no --fsdp flag): FSDP2 on two CPU ranks."""
     w = world()
