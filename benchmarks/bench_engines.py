@@ -31,7 +31,9 @@ logprobs) and apply the LM head (bf16, from the checkpoint) at every position, n
 "all torch threads" is the pooling path with `torch_threads=0`: this process's torch keeps every
 core instead of the one vLLM's CPU worker leaves.
 The pooling job's start-up includes its head check's short-lived second engine; the small job
-pays it too, so the subtraction removes it.
+pays it too, so the subtraction removes it. `--jobs 'vllm logprobs path'` runs one variant (beside
+the bare job); `--job-engine-arg enforce_eager=true` gives every job, the bare one included, that
+engine option.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def bare_job(model: str, data: str, rows: int, batch_tokens: int) -> None:
             net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
 
 
-def bare_vllm_job(model: str, data: str, batch_tokens: int) -> None:
+def bare_vllm_job(model: str, data: str, batch_tokens: int, **engine_kwargs) -> None:
     """The vLLM whole-job limit: load, tokenize, prefill, head at every position; nothing else."""
     import json
 
@@ -143,7 +145,7 @@ def bare_vllm_job(model: str, data: str, batch_tokens: int) -> None:
     from logitcache.stages.precompute.engines import build_engine
     from logitcache.storage.head import head_from_checkpoint
 
-    engine = build_engine("vllm", model, vllm_path="logprobs", max_batch_tokens=batch_tokens)
+    engine = build_engine("vllm", model, vllm_path="logprobs", max_batch_tokens=batch_tokens, **engine_kwargs)
     head = head_from_checkpoint(model, dtype=engine.llm.model_config.dtype)
     tok = AutoTokenizer.from_pretrained(model)
     with open(data) as f:
@@ -174,12 +176,16 @@ def bench_whole_job(model: str, args) -> None:
                 f.writelines(lines[:n])
         py, here = sys.executable, os.path.abspath(__file__)
 
+        engine_args = [a for kv in args.job_engine_arg for a in ("--engine-arg", kv)]
+
         def precompute(size: str, engine: str, *extra: str) -> list[str]:
             return [py, "-m", "logitcache.pipeline", "precompute", "--teacher", model, "--data", data[size],
                     "--text-field", "text", "--engine", engine, "--max-batch-tokens", str(args.batch_tokens),
-                    "--no-progress", "--top-k", str(args.k), "--out", os.path.join(tmp, "cache"), *extra]
+                    "--no-progress", "--top-k", str(args.k), "--out", os.path.join(tmp, "cache"), *engine_args,
+                    *extra]
 
-        bare = [py, here, "--model", model, "--batch-tokens", str(args.batch_tokens)]
+        bare = [py, here, "--model", model, "--batch-tokens", str(args.batch_tokens),
+                *[a for kv in args.job_engine_arg for a in ("--job-engine-arg", kv)]]
         if args.job_engine == "hf":
             jobs = {
                 "bare": lambda size: bare + ["--bare-job", data[size]],
@@ -194,6 +200,12 @@ def bench_whole_job(model: str, args) -> None:
                     size, "vllm", "--engine-arg", "vllm_path=pooling", "--engine-arg", "torch_threads=0"),
                 "vllm logprobs path": lambda size: precompute(size, "vllm", "--engine-arg", "vllm_path=logprobs"),
             }
+        if args.jobs:
+            wanted = {"bare", *args.jobs.split(",")}
+            unknown = wanted - set(jobs)
+            if unknown:
+                raise SystemExit(f"--jobs: unknown {sorted(unknown)}; expected some of {sorted(jobs)}")
+            jobs = {name: cmd for name, cmd in jobs.items() if name in wanted}
         times = {(name, size): [] for name in jobs for size in sizes}
         for _ in range(args.repeats):
             for size in sizes:
@@ -281,6 +293,10 @@ def main() -> None:
     parser.add_argument("--whole-job", metavar="TEXTS.jsonl", help="time whole precompute jobs over these texts")
     parser.add_argument("--job-rows", type=int, default=120, help="texts in the big whole job (small: a quarter)")
     parser.add_argument("--job-engine", choices=("hf", "vllm"), default="hf", help="engine of the whole jobs")
+    parser.add_argument("--jobs", help="comma-separated whole-job variants to run beside the bare job "
+                        "(default: all of the engine's), e.g. 'vllm logprobs path'")
+    parser.add_argument("--job-engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an --engine-arg for every whole job, the bare vLLM job included (e.g. enforce_eager=true)")
     parser.add_argument("--topk-micro", action="store_true",
                         help="fused vs unfused head + top-K in-process, at 1 and 2 torch threads (wall and CPU time)")
     parser.add_argument("--micro-rows", type=int, default=1024, help="rows for --topk-micro")
@@ -293,7 +309,9 @@ def main() -> None:
         bare_job(args.model, args.bare_job, 1 << 30, args.batch_tokens)
         return
     if args.bare_vllm_job:
-        bare_vllm_job(args.model, args.bare_vllm_job, args.batch_tokens)
+        from logitcache.pipeline.commands.precompute import parse_engine_args
+
+        bare_vllm_job(args.model, args.bare_vllm_job, args.batch_tokens, **parse_engine_args(args.job_engine_arg))
         return
     if args.topk_micro:
         bench_topk_micro(args)
