@@ -6,11 +6,13 @@ Wall-clock durations mean little on a shared machine; CPU time does not grow whe
 
 Children's time counts once they have exited and been waited for (CLI subprocesses, torchrun,
 a vLLM engine process at close); Ray's worker processes are reaped by Ray's own daemons, so a
-Ray test's actors are not counted.
+Ray test's actors are not counted. `CPU_TIME_JSON=path` also writes every test's
+{"nodeid": [cpu s, wall s]} there, to pick the `slow` marks from (see the Makefile's test budget).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import time
@@ -53,3 +55,6 @@ def pytest_terminal_summary(terminalreporter):
     tr.section("slowest tests by CPU")
     for cpu, wall, nodeid in sorted(_slowest, reverse=True)[:25]:
         tr.write_line(f"{cpu:8.1f} cpu {wall:8.1f} wall  {nodeid}")
+    if os.environ.get("CPU_TIME_JSON"):
+        with open(os.environ["CPU_TIME_JSON"], "w") as f:
+            json.dump({nodeid: [cpu, wall] for cpu, wall, nodeid in _slowest}, f, indent=0)
