@@ -17,9 +17,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-# Test runs write nothing into the checkout: byte-code, Hypothesis' example database and pytest's
-# cache go to a folder under the system temp dir (setuptools' build/ of the wheel test goes to pytest's
-# tmp_path). `test` is CI's run: everything but GPU tests, slow ones included (goal < 15 min on 2 cores).
+# Test runs write nothing into the checkout: no byte-code is written (PYTHONDONTWRITEBYTECODE; pip
+# compiled the installed packages' byte-code at install, which every process still reads), Hypothesis'
+# example database and pytest's cache go to a folder under the system temp dir (setuptools' build/ of
+# the wheel test goes to pytest's tmp_path). Not PYTHONPYCACHEPREFIX: it makes Python look for every
+# module's byte-code in that (empty) folder, so each process compiled torch, transformers and vLLM from
+# source: `import torch, transformers.trainer, vllm` took 33 CPU s that way against 11 s, paid again by
+# every CLI subprocess, torchrun rank, vLLM engine process and Ray actor the tests start.
+# `test` is CI's run: everything but GPU tests, slow ones included (goal < 15 min on 2 cores).
 # `test-fast` is the run between edits: the default selection, slow tests skipped (< 3 min on 2 cores).
 # Not met: `make test` took 38.6 min of pytest on a quiet 2-core machine (2026-11-30, one process).
 # TEST_WORKERS=2 runs on two pytest-xdist workers; tests/conftest.py keeps the tests of one costly
@@ -38,7 +43,7 @@ $(STAMP): pyproject.toml Makefile
 #   $(PY) -m pytest -p cpu_time tests/...     # a table of CPU seconds per file and the slowest tests
 TEST_TMP ?= $(or $(TMPDIR),/tmp)/logitcache-test-$(shell id -u)
 TEST_WORKERS ?= 0
-PYTEST   := PYTHONPYCACHEPREFIX=$(TEST_TMP)/pycache HYPOTHESIS_STORAGE_DIRECTORY=$(TEST_TMP)/hypothesis \
+PYTEST   := PYTHONDONTWRITEBYTECODE=1 HYPOTHESIS_STORAGE_DIRECTORY=$(TEST_TMP)/hypothesis \
             $(PY) -m pytest -o cache_dir=$(TEST_TMP)/pytest-cache \
             $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
