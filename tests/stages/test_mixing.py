@@ -281,6 +281,11 @@ def test_ddp_two_processes_mix_and_resume(tmp_path, caches):
         assert len(whole[r]) == 8 and resumed[r] == whole[r][4:]
     state = json.loads((part / "logitcache_data_rank1.json").read_text())
     assert state["rank"] == 1 and sum(state["per_cache"].values()) == 8
+    # Rank 0 drew from cache B before the stop and again after it: B's position was resumed, not restarted.
+    b = str(caches["B"])
+    at_stop = json.loads((part / "checkpoint-2" / "logitcache_data_rank0.json").read_text())
+    at_end = json.loads((part / "logitcache_data_rank0.json").read_text())
+    assert at_stop["per_cache"][b] == 1 and at_end["per_cache"][b] == 2
 
 
 # ---- the command line and YAML -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """FSDP2 on CPU: two gloo ranks under torchrun train the same as DDP, and resume exactly.
 
-    .venv/bin/pytest tests/stages/test_trainer_fsdp.py -m slow   # three torchrun runs, one accelerate launch; ~4 min
+    .venv/bin/pytest tests/stages/test_trainer_fsdp.py -m slow   # three torchrun runs, one accelerate launch; ~3 min
 
 The DDP baseline is `trainkit.ddp_run()`, the run test_trainer.py's DDP test checks too (one launch
 for both when they run in one process).
