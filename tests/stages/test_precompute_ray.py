@@ -15,8 +15,8 @@ import os
 
 import pytest
 import torch
-from precompute_util import MAX_LENGTH, PER_SHARD, ROWS, assert_same_cache, mixed_rows, text_rows, write_jsonl
-from precompute_util import write_parquet_corpus
+from precompute_util import (MAX_LENGTH, PER_SHARD, ROWS, assert_same_cache, mixed_rows, text_rows, write_jsonl,
+                             write_parquet_corpus)
 
 from logitcache.pipeline.cli import main as cli_main
 from logitcache.stages.precompute.engines import build_engine
