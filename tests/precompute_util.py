@@ -100,3 +100,22 @@ def assert_entries_complete(cache: str) -> int:
         payload = read_shard_files(fs, f"{root}/{entry['name']}", entry["backend"])
         assert shard_checksum(entry["backend"], payload) == entry["sha256"], entry["name"]
     return len(entries)
+
+
+# The streaming tests' many-file Parquet dataset: 96 rows in 12 files, row groups of 4 rows (one
+# shard's); their 24-row slice is 6 shards.
+FILES, PER_FILE, ROWS, PER_SHARD = 12, 8, 24, 4
+
+
+def write_parquet_corpus(root: Path) -> Path:
+    """`root`/train-000.parquet .. train-011.parquet: columns text and id, PER_FILE rows each. Returns root."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = text_rows(FILES * PER_FILE, seed=5)
+    for f in range(FILES):
+        part = rows[f * PER_FILE:(f + 1) * PER_FILE]
+        pq.write_table(pa.table({"text": [r["text"] for r in part], "id": list(range(f * PER_FILE, (f + 1) * PER_FILE))}),
+                       root / f"train-{f:03d}.parquet", row_group_size=PER_SHARD)
+    return root

@@ -1,7 +1,8 @@
 """Test helpers for stage two: tiny tokenizers, models, text rows and caches from a real teacher forward pass.
 
 `world()` builds everything once per test process (tests of several files share it) under a
-temporary folder removed at exit. Caches are written with storage's `CacheWriter` from the tiny
+temporary folder removed at exit; so does `ddp_run()`, the one plain two-rank DDP torchrun run
+that the DDP test and the FSDP test's baseline both read. Caches are written with storage's `CacheWriter` from the tiny
 teacher's own logits (top-K of its log-softmax), the way stage one computes them, so these tests
 do not depend on the precompute stage.
 """
@@ -9,7 +10,10 @@ do not depend on the precompute stage.
 import atexit
 import functools
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,3 +139,39 @@ def world() -> World:
     heldout = write_jsonl(root / "heldout.jsonl", text_rows(8, seed=4))
     cache = build_cache(root / "cache", teacher, tok, rows)
     return World(root, teacher, student, padded, other, train, heldout, cache, tok, rows)
+
+
+DDP_ENTRY = Path(__file__).parent / "stages" / "ddp_entry.py"
+
+
+def torchrun_train(out: Path, *extra: str) -> dict:
+    """`logitcache train` on two CPU ranks under torchrun (stages/ddp_entry.py): 4 steps of 2 sequences per
+    rank on the world's cache, checkpoints at steps 2 and 4, evaluation on the cache at step 4.
+
+    Returns logitcache_train.json plus "rows" (each rank's trained row indices, in order) and "wrapper"
+    (the class of the model each rank's steps ran: DDP, or FSDP2's FSDP<Model>).
+    """
+    w = world()
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", str(DDP_ENTRY), "train",
+           "--student", str(w.student), "--cache", str(w.cache), "--loss", "kl", "--out", str(out),
+           "--max-steps", "4", "--batch-size", "2", "--num-workers", "1", "--logging-steps", "1",
+           "--save-steps", "2", "--save-total-limit", "5", "--lr", "1e-2", "--eval-cache", str(w.cache),
+           "--eval-steps", "4", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "logitcache_train.json").read_text())
+    result["rows"] = [json.loads((out / f"rows_rank{r}.json").read_text()) for r in range(2)]
+    result["wrapper"] = [(out / f"wrapper_rank{r}.txt").read_text() for r in range(2)]
+    return result
+
+
+@functools.cache
+def ddp_run() -> tuple[Path, dict]:
+    """(out folder, result) of one plain DDP `torchrun_train`, run once per test process: a torchrun
+    launch costs ~30 CPU s (two ranks importing torch and transformers), and the DDP test's claims
+    (disjoint data, each rank's position in the checkpoint) and the FSDP test's baseline read the same run.
+    Read it, never write to it."""
+    out = world().root / "ddp"
+    shutil.rmtree(out, ignore_errors=True)  # a failed earlier try
+    return out, torchrun_train(out)

@@ -3,6 +3,8 @@ server (moto, loopback), stopped and resumed, gives the cache of one uninterrupt
 of a non-streaming run of the same rows; the resumed job reads fewer bytes than a whole run (counted
 through fsspec, `tests/counting_fs.py`), since it skips the finished shards' row groups.
 
+Ray actors streaming the same slice: tests/stages/test_precompute_ray.py.
+
 A "stopped" job is one of `--num-jobs 3` that wrote its shards and no index; the rerun of the plain
 command resumes it (SIGKILL mid-shard is covered by tests/pipeline/test_s3_precompute.py).
 
@@ -10,17 +12,14 @@ command resumes it (SIGKILL mid-shard is covered by tests/pipeline/test_s3_preco
 """
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from counting_fs import CountingFS
-from precompute_util import assert_same_cache, text_rows
+from precompute_util import FILES, PER_SHARD, ROWS, assert_same_cache, write_parquet_corpus
 from s3server import make_bucket, s3_options
 
 from logitcache.pipeline.cli import main
 from logitcache.storage import open_cache
 
-FILES, PER_FILE, ROWS, PER_SHARD = 12, 8, 24, 4  # 96 rows in 12 files; a 24-row slice is 6 shards
 BUCKET = "lc-stream"
 
 
@@ -30,12 +29,7 @@ def corpus(tmp_path_factory, s3):
     import s3fs
 
     endpoint, _ = s3
-    root = tmp_path_factory.mktemp("stream-corpus")
-    rows = text_rows(FILES * PER_FILE, seed=5)
-    for f in range(FILES):
-        part = rows[f * PER_FILE:(f + 1) * PER_FILE]
-        pq.write_table(pa.table({"text": [r["text"] for r in part], "id": list(range(f * PER_FILE, (f + 1) * PER_FILE))}),
-                       root / f"train-{f:03d}.parquet", row_group_size=PER_SHARD)
+    root = write_parquet_corpus(tmp_path_factory.mktemp("stream-corpus"))
     make_bucket(endpoint, BUCKET)
     s3fs.S3FileSystem(**s3_options(endpoint)).put(str(root), f"{BUCKET}/corpus", recursive=True)
     return root, f"s3://{BUCKET}/corpus", endpoint
@@ -105,30 +99,3 @@ def row_group_reads() -> list[tuple[str, int, int]]:
             out.append((path, start, end))
         seen.add(path)
     return out
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("ray")  # one Ray local cluster at a time
-def test_ray_actors_stream_the_same_slice(tiny_teacher, corpus, tmp_path):
-    """Ray actors load the streamed slice themselves (streaming and max_rows reach them; each checks the
-    driver's dataset info) and write the cache the single process writes."""
-    import os
-
-    import torch
-
-    ray = pytest.importorskip("ray")
-    teacher, _ = tiny_teacher
-    root, _, _ = corpus
-    flags = ["--streaming", "--max-rows", str(ROWS)]
-    # Ray gives a 1-CPU actor OMP_NUM_THREADS=1; the last float bit depends on the thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        precompute(teacher, str(root), tmp_path / "local", *flags)
-        precompute(teacher, str(root), tmp_path / "ray", *flags, "--ray", "--ray-actors", "2")
-    finally:
-        ray.shutdown()
-        torch.set_num_threads(threads)
-    assert_same_cache(tmp_path / "local", tmp_path / "ray")
-    assert open_cache(str(tmp_path / "ray")).index["dataset"]["loader"] == "stream:parquet"

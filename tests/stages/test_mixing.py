@@ -267,7 +267,7 @@ def test_ddp_two_processes_mix_and_resume(tmp_path, caches):
     def run(out, *extra):
         cmd = [str(torchrun), "--nproc-per-node", "2", str(ENTRY), "train", "--student", str(w.student), "--cache",
                str(w.cache), str(caches["B"]), "--cache-weights", "3", "1", "--loss", "kl", "--out", str(out),
-               "--max-steps", "6", "--batch-size", "2", "--num-workers", "1", "--save-steps", "3", *extra]
+               "--max-steps", "4", "--batch-size", "2", "--num-workers", "1", "--save-steps", "2", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [json.loads((out / f"rows_rank{r}.json").read_text()) for r in range(2)]
@@ -275,12 +275,17 @@ def test_ddp_two_processes_mix_and_resume(tmp_path, caches):
     whole = run(tmp_path / "whole")
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "whole", part)
-    shutil.rmtree(part / "checkpoint-6")
+    shutil.rmtree(part / "checkpoint-4")
     resumed = run(part, "--resume")
     for r in range(2):
-        assert len(whole[r]) == 12 and resumed[r] == whole[r][6:]
+        assert len(whole[r]) == 8 and resumed[r] == whole[r][4:]
     state = json.loads((part / "logitcache_data_rank1.json").read_text())
-    assert state["rank"] == 1 and sum(state["per_cache"].values()) == 12
+    assert state["rank"] == 1 and sum(state["per_cache"].values()) == 8
+    # Rank 0 drew from cache B before the stop and again after it: B's position was resumed, not restarted.
+    b = str(caches["B"])
+    at_stop = json.loads((part / "checkpoint-2" / "logitcache_data_rank0.json").read_text())
+    at_end = json.loads((part / "logitcache_data_rank0.json").read_text())
+    assert at_stop["per_cache"][b] == 1 and at_end["per_cache"][b] == 2
 
 
 # ---- the command line and YAML -----------------------------------------------------------------------------

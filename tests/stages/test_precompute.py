@@ -1,19 +1,16 @@
 """Stage one end to end in-process (hf engine on the tiny teacher): input kinds x backends, supervision,
-counts, sample mode, job split + merge, bad input, Ray on a local CPU cluster (DATA and the cache on
-the S3 server, reached through `storage_options` only), and the vLLM engine.
+counts, sample mode, job split + merge, bad input, and the vLLM engine. Ray: test_precompute_ray.py.
 
     .venv/bin/pytest tests/stages/test_precompute.py                       # hf engine, one process
-    .venv/bin/pytest tests/stages/test_precompute.py -m "slow or not slow"  # with Ray (~30 s) and vLLM: ~1.5 min on 2 CPU cores
+    .venv/bin/pytest tests/stages/test_precompute.py -m "slow or not slow"  # with vLLM: ~1 min on 2 CPU cores
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
-import torch
 from precompute_util import (EMPTY_ROWS, LONG_ROW, MAX_LENGTH, MISSING_ROWS, NOT_STRING_ROWS, NUM_ROWS,
                              assert_same_cache, mixed_rows, text_rows, write_jsonl)
 
@@ -192,47 +189,6 @@ def test_bad_input(teacher, hf_engine, mixed_data, tmp_path):
     # trust_remote_code stays off unless asked for, and the index says so.
     result = run(teacher, mixed_data, tmp_path / "ok", hf_engine, text_field="text", max_length=MAX_LENGTH)
     assert result.index["teacher"]["trust_remote_code"] is False
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("ray")  # one Ray local cluster at a time
-def test_ray_local_cluster_equals_single_process(teacher, hf_engine, mixed_data, s3, tmp_path):
-    """Ray actors on a local cluster write the cache the single process writes. DATA and the cache are on an
-    S3 server whose endpoint and credentials only `storage_options` carry (nothing in the environment), and
-    the dataset revision is part of the dataset info each actor checks: both must reach the actors."""
-    ray = pytest.importorskip("ray")
-    import s3fs
-    from s3server import make_bucket, s3_options
-
-    endpoint, _ = s3
-    make_bucket(endpoint, "lc-ray")
-    opts = s3_options(endpoint)
-    data = write_jsonl(tmp_path / "rows.jsonl", text_rows(16))
-    s3fs.S3FileSystem(**opts).put(str(data), "lc-ray/in/rows.jsonl")
-    url, remote_data = "s3://lc-ray/cache", "s3://lc-ray/in/rows.jsonl"
-    common = dict(text_field="text", rows_per_shard=3, batch_size=4)
-    remote = dict(storage_options=opts, data_revision="v1", **common)
-    # Ray gives a 1-CPU actor OMP_NUM_THREADS=1 (unless set); CPU GEMM kernels, and so the last
-    # float bit, depend on the thread count, so the reference runs with the actors' count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        run(teacher, data, tmp_path / "local", hf_engine, **common)
-        # Resume semantics hold on Ray too: two shards are already there.
-        run(teacher, remote_data, url, hf_engine, num_jobs=3, job_index=0, **remote)
-        result = run(teacher, remote_data, url, "hf", ray=True, ray_actors=2, **remote)
-        # An actor's error reaches the driver as our own error type, not wrapped by Ray.
-        with pytest.raises(InvalidDataError, match=r"row 3: field 'text'"):
-            run(teacher, mixed_data, tmp_path / "strict", "hf", ray=True, ray_actors=1, text_field="text",
-                strict=True, max_length=MAX_LENGTH)
-    finally:
-        ray.shutdown()
-        torch.set_num_threads(threads)
-    assert result.finished and sorted(result.written) == [1, 2, 4, 5]
-    cache = open_cache(url, storage_options=opts)
-    assert cache.validate() == [] and cache.index["dataset"]["revision"] == "v1"
-    assert_same_cache(tmp_path / "local", url, storage_options=opts)
 
 
 @pytest.mark.slow

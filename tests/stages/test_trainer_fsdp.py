@@ -1,6 +1,9 @@
 """FSDP2 on CPU: two gloo ranks under torchrun train the same as DDP, and resume exactly.
 
-    .venv/bin/pytest tests/stages/test_trainer_fsdp.py -m slow   # three torchrun runs, one accelerate launch; ~4 min
+    .venv/bin/pytest tests/stages/test_trainer_fsdp.py -m slow   # three torchrun runs, one accelerate launch; ~3 min
+
+The DDP baseline is `trainkit.ddp_run()`, the run test_trainer.py's DDP test checks too (one launch
+for both when they run in one process).
 
 accelerate turns `--fsdp` (or an accelerate FSDP config) into DDP on a multi-process CPU run without
 a word; `trainer.cpu_fsdp` makes it FSDP2 (`fully_shard`), which runs on gloo. These tests check that it really shards (the
@@ -17,27 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainkit import world
-
-ENTRY = Path(__file__).with_name("ddp_entry.py")
+from trainkit import DDP_ENTRY, ddp_run, torchrun_train, world
 pytestmark = pytest.mark.slow
-
-
-def torchrun(out: Path, *extra: str) -> dict:
-    """`logitcache train` on two CPU ranks (ddp_entry.py); returns logitcache_train.json plus rows and wrapper."""
-    w = world()
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", str(ENTRY), "train",
-           "--student", str(w.student), "--cache", str(w.cache), "--loss", "kl", "--out", str(out),
-           "--max-steps", "4", "--batch-size", "2", "--num-workers", "1", "--logging-steps", "1",
-           "--save-steps", "2", "--save-total-limit", "5", "--lr", "1e-2", "--eval-cache", str(w.cache),
-           "--eval-steps", "4", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "logitcache_train.json").read_text())
-    result["rows"] = [json.loads((out / f"rows_rank{r}.json").read_text()) for r in range(2)]
-    result["wrapper"] = [(out / f"wrapper_rank{r}.txt").read_text() for r in range(2)]
-    return result
 
 
 def step_logs(result: dict) -> dict[int, dict]:
@@ -46,8 +30,8 @@ def step_logs(result: dict) -> dict[int, dict]:
 
 @pytest.mark.xdist_group("torchrun")  # torchrun's default rendezvous port: one run at a time
 def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path):
-    ddp = torchrun(tmp_path / "ddp")
-    fsdp = torchrun(tmp_path / "fsdp", "--fsdp", "full_shard")
+    _, ddp = ddp_run()
+    fsdp = torchrun_train(tmp_path / "fsdp", "--fsdp", "full_shard")
     assert ddp["wrapper"] == ["DistributedDataParallel"] * 2
     assert fsdp["wrapper"] == ["FSDPLlamaForCausalLM"] * 2  # fully_shard's class: parameters are DTensor shards
     assert fsdp["rows"] == ddp["rows"] and not set(fsdp["rows"][0]) & set(fsdp["rows"][1])
@@ -68,7 +52,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path):
     # Stop after step 2 (its checkpoint holds the sharded optimizer and each rank's data position); resume.
     out = tmp_path / "fsdp"
     shutil.rmtree(out / "checkpoint-4")
-    resumed = torchrun(out, "--fsdp", "full_shard", "--resume")
+    resumed = torchrun_train(out, "--fsdp", "full_shard", "--resume")
     assert resumed["wrapper"] == ["FSDPLlamaForCausalLM"] * 2
     assert resumed["global_step"] == 4
     assert resumed["rows"] == [rows[4:] for rows in fsdp["rows"]]  # exactly the uninterrupted run's steps 3-4
@@ -89,7 +73,7 @@ def test_an_accelerate_fsdp_config_shards_on_cpu_too(tmp_path):
                       "num_processes: 2\nuse_cpu: true\nmixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n"
                       "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_state_dict_type: FULL_STATE_DICT\n")
     out = tmp_path / "out"
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config), str(ENTRY),
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config), str(DDP_ENTRY),
            "train", "--student", str(w.student), "--cache", str(w.cache), "--loss", "kl", "--out", str(out),
            "--max-steps", "2", "--batch-size", "2", "--num-workers", "1", "--logging-steps", "1", "--save-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
