@@ -412,8 +412,9 @@ def _engine_core_in_this_process(kwargs: dict):
 
     vLLM on CPU starts two processes per engine, each importing torch and vLLM afresh (spawned):
     the EngineCore (scheduler), which spawns the worker (the model). For the head check's three
-    probes, the scheduler needs no process of its own: that saves one of the two imports, about a
-    third of the start-up (benchmarks/RESULTS.md, "vLLM engine start on CPU"). The worker keeps
+    probes, the scheduler needs no process of its own: that saves one of the two imports, 97 s ->
+    52 s of that engine's life on a loaded 2-core machine (benchmarks/RESULTS.md, "vLLM engine start
+    on CPU"). The worker keeps
     its own process (`distributed_executor_backend="mp"`), where vLLM binds its OpenMP threads.
 
     An EngineCore in this process leaves two things behind, both undone on exit: it freezes
@@ -422,7 +423,8 @@ def _engine_core_in_this_process(kwargs: dict):
     """
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu() or kwargs.get("tensor_parallel_size", 1) != 1:
+    if (not current_platform.is_cpu() or kwargs.get("tensor_parallel_size", 1) != 1
+            or kwargs.get("distributed_executor_backend", "mp") != "mp"):
         yield
         return
     import vllm.envs
