@@ -9,8 +9,9 @@ of vLLM's engine process, goes to demo.log):
      "call": a task a small model becomes confident on, so the teacher's top-K holds most of its
      probability, as a fine-tuned LLM's does; the report gives the measured top-K mass).
   2. teacher: a tokenizer and a small Llama built from scratch, trained with `logitcache train --loss sft`.
-  3. caches: `logitcache precompute --engine vllm` over the train split, top-K and sample mode; a top-K
-     cache of the held-out split (for teacher-agreement metrics) with the hf engine.
+  3. caches: `logitcache precompute --engine vllm` over the train split, top-K and sample mode (only the
+     first checks the teacher's head against vLLM's logits); a top-K cache of the held-out split (for
+     teacher-agreement metrics) with the hf engine.
   4. students: one smaller architecture trained from the same initial weights with sft, kl, bild and
      rskd (sampled targets); online bild (`train --online-teacher`: the teacher runs in the loop on
      full logits, on the cached bild student's batches); a student with its own tokenizer trained with uld.
