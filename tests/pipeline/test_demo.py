@@ -13,8 +13,6 @@ import sys
 
 import pytest
 
-from logitcache.stages.precompute.engines.pooling_check import ATOL
-
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
@@ -52,7 +50,8 @@ def test_demo_end_to_end(tmp_path):
     assert {e["name"] for e in engines.values()} == {"vllm"}
     # The top-K cache's engine checked the teacher's head against vLLM's logits; the sample cache's, of the
     # same teacher in the same run, was told not to repeat it (one vLLM start-up fewer), and says so.
-    assert 0 <= engines["cache_topk"]["head_check_max_diff"] < ATOL
+    # (The check passes within ATOL + RTOL x |log-prob| per entry; a head off by a scale is off by nats.)
+    assert 0 <= engines["cache_topk"]["head_check_max_diff"] < 0.5
     assert engines["cache_sample"]["head_check_max_diff"] is None
     assert engines["cache_sample"]["options"]["verify_head"] is False
     # A rerun reuses every finished step.
