@@ -98,9 +98,17 @@ def _vllm_engine(model, **kwargs):
 
 
 @pytest.fixture(scope="session")
-def vllm_pooling_engine(tiny_teacher):
-    """vLLM pooling-path engine (top-K, k=8) on `tiny_teacher`; start-up ~30 s on 2 CPU cores."""
-    engine = _vllm_engine(tiny_teacher[0], vllm_path="pooling", k=8)
+def vllm_pooling_engine(tiny_teacher, vllm_logprobs_engine):
+    """vLLM pooling-path engine (top-K, k=8) on `tiny_teacher`; start-up ~30 s on 2 CPU cores.
+
+    Its start-up head check runs as in a job (the same probes, the same comparison), against vLLM's
+    prompt_logprobs from the session's logprobs-path engine of the same teacher rather than from a
+    reference engine of its own: one vLLM start-up fewer.
+    """
+    from logitcache.stages.precompute.engines.vllm_engine import head_check_reference
+
+    reference = head_check_reference(vllm_logprobs_engine, str(tiny_teacher[0]))
+    engine = _vllm_engine(tiny_teacher[0], vllm_path="pooling", k=8, reference=reference)
     yield engine
     engine.close()
 
@@ -108,8 +116,11 @@ def vllm_pooling_engine(tiny_teacher):
 @pytest.fixture(scope="session")
 def vllm_logprobs_engine(tiny_teacher):
     """vLLM prompt_logprobs-path engine (k=8) on `tiny_teacher`: a second vLLM engine, so it
-    costs another start-up (~30 s on 2 CPU cores)."""
-    engine = _vllm_engine(tiny_teacher[0], vllm_path="logprobs", k=8)
+    costs another start-up (~30 s on 2 CPU cores). It allows the head check's PROBE_K log-probs,
+    so that it also serves as the pooling engine's check reference."""
+    from logitcache.stages.precompute.engines.pooling_check import PROBE_K
+
+    engine = _vllm_engine(tiny_teacher[0], vllm_path="logprobs", k=8, max_logprobs=PROBE_K)
     yield engine
     engine.close()
 

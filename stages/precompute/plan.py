@@ -104,7 +104,7 @@ def writer_from_record(url: str, record: dict, *, storage_options: dict | None =
 
 
 def finalize_cache(writer: CacheWriter, record: dict, *, done: dict[int, dict] | None = None) -> dict:
-    """Write the index from the shard entries: counts summed over shards, engine versions gathered.
+    """Write the index from the shard entries: counts summed over shards, engine versions and head checks gathered.
 
     Args:
         writer: the cache's writer (`writer_from_record`).
@@ -131,6 +131,9 @@ def finalize_cache(writer: CacheWriter, record: dict, *, done: dict[int, dict] |
     metadata = json.loads(json.dumps(record["metadata"]))
     versions = sorted({e["engine_version"] for e in entries})
     metadata["engine"]["version"] = versions[0] if len(versions) == 1 else versions
+    # Verified only if every shard's engine ran the head check (a resumed job may have skipped it).
+    checks = [e.get("head_check_max_diff") for e in entries]
+    metadata["engine"]["head_check_max_diff"] = max(checks) if checks and None not in checks else None
     return writer.finalize(metadata, num_shards=record["num_shards"], counts=counts, done=done)
 
 

@@ -131,6 +131,10 @@ def make_shard(shard_id: int, *, dataset, encoder: RowEncoder, engine: Engine, t
         return None
     extra = {"rows": [a, b], "skipped": dict(sorted(skipped.items())), "truncated": truncated,
              "engine_version": str(engine.version)}
+    # The vLLM pooling path's start-up check of its head (nats); engines without one leave it out.
+    check = getattr(engine, "head_check_max_diff", None)
+    if check is not None:
+        extra["head_check_max_diff"] = float(check)
     return shard, extra
 
 

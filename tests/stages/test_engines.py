@@ -1,7 +1,7 @@
 """Teacher engines on the tiny model: hf vs vLLM (both paths), batching, request checks.
 
     .venv/bin/pytest tests/stages/test_engines.py                          # hf engine only
-    .venv/bin/pytest tests/stages/test_engines.py -m "slow or not slow"     # with vLLM: ~3 min on 2 CPU cores (five start-ups)
+    .venv/bin/pytest tests/stages/test_engines.py -m "slow or not slow"     # with vLLM: ~3 min on 2 CPU cores (four start-ups)
 
 Tolerances. The hf engine runs fp32 on CPU; vLLM runs the bf16 checkpoint in bf16. The
 pooling path's hidden states are bf16 and its head fp32; the logprobs path's logits are bf16
@@ -273,7 +273,8 @@ def test_head_check_admits_bf16_noise_and_refuses_a_scale(tiny_teacher, requests
 
 @pytest.mark.slow
 def test_vllm_pooling_engine_checked_its_head(vllm_pooling_engine):
-    # The shared engine ran the check at start-up against vLLM's prompt_logprobs, and passed.
+    # The shared engine ran the check at start-up against vLLM's prompt_logprobs (the session logprobs
+    # engine's rows, `reference=`: the same probes and comparison as a job's own reference engine), and passed.
     assert vllm_pooling_engine.head_check_max_diff is not None
     assert vllm_pooling_engine.head_check_max_diff < ATOL
 

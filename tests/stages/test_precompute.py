@@ -16,6 +16,7 @@ from precompute_util import (EMPTY_ROWS, LONG_ROW, MAX_LENGTH, MISSING_ROWS, NOT
 
 from logitcache.pipeline.cli import main as cli_main
 from logitcache.stages.precompute.engines import build_engine
+from logitcache.stages.precompute.engines.pooling_check import ATOL
 from logitcache.stages.precompute.plan import finalize_cache, read_job_record, writer_from_record
 from logitcache.stages.precompute.run import EngineSpec, precompute
 from logitcache.storage import open_cache
@@ -168,6 +169,24 @@ def test_job_split_and_merge(teacher, hf_engine, tmp_path):
         run(teacher, data, split, hf_engine, text_field="text", rows_per_shard=3, backend="arrow", top_k=4)
 
 
+def test_index_records_the_head_check_only_when_every_shard_engine_ran_it(teacher, hf_engine, tmp_path):
+    """`engine.head_check_max_diff`: the largest over the shards' engines; null if one of them did not check
+    (a job split across engines, one started with verify_head=false). The real check: test_engines."""
+    import copy
+
+    data = write_jsonl(tmp_path / "rows.jsonl", text_rows(8))
+    checked = {}
+    for diff in (0.02, 0.05):
+        checked[diff] = copy.copy(hf_engine)
+        checked[diff].head_check_max_diff = diff
+    for name, (first, second), want in (("both", (checked[0.05], checked[0.02]), 0.05),
+                                        ("one", (checked[0.02], hf_engine), None)):
+        for job, engine in enumerate((first, second)):
+            result = run(teacher, data, tmp_path / name, engine, text_field="text", num_jobs=2, job_index=job)
+        assert result.finished and result.index["engine"]["head_check_max_diff"] == want, name
+    assert run(teacher, data, tmp_path / "hf", hf_engine, text_field="text").index["engine"]["head_check_max_diff"] is None
+
+
 def test_bad_input(teacher, hf_engine, mixed_data, tmp_path):
     with pytest.raises(InvalidDataError, match=r"row 3: field 'text'.*missing"):
         run(teacher, mixed_data, tmp_path / "a", hf_engine, text_field="text", strict=True, max_length=MAX_LENGTH)
@@ -201,6 +220,9 @@ def test_vllm_engine_writes_valid_cache(teacher, hf_engine, mixed_data, tmp_path
     v, h = open_cache(str(tmp_path / "vllm")), open_cache(str(tmp_path / "hf"))
     assert result.finished and v.validate() == []
     assert v.index["engine"]["name"] == "vllm" and v.fingerprint != h.fingerprint
+    # The pooling engine checked its head at start-up, and the index says so (the hf engine has no check).
+    assert 0 <= v.index["engine"]["head_check_max_diff"] == vllm_pooling_engine.head_check_max_diff < ATOL
+    assert h.index["engine"]["head_check_max_diff"] is None
     top1 = []
     for x, y in zip(v, h):
         np.testing.assert_array_equal(x["input_ids"], y["input_ids"])

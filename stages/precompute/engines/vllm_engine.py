@@ -21,6 +21,10 @@ The pooling path checks itself at start-up (`pooling_check`): our head's top-K o
 sequences against vLLM's own `prompt_logprobs`, from a short-lived generate-runner engine that
 runs before the pooling engine starts. A model whose logits vLLM transforms in a way the head
 table does not know (vLLM's Llama honours a config `logit_scale`; ours does not) is refused.
+On CPU that engine's scheduler runs in this process, its worker in its own, which saves one of
+the two spawned processes (each imports torch and vLLM). A caller that already runs a
+logprobs-path engine of the same teacher passes that engine's rows instead (`reference=`, from
+`head_check_reference`), and no reference engine starts.
 
 Not done, and why: applying the head and top-K inside vLLM's worker through a
 `vllm.general_plugins` pooler. In 0.32 a model converted for pooling is built with its
@@ -50,6 +54,8 @@ all cores but one, which it leaves to this process (whose torch threads still sp
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +77,8 @@ from logitcache.storage.head import head_from_checkpoint
 from logitcache.stages.precompute.sparsify import tail_mass
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
-__all__ = ["VLLMEngine", "Pending", "VLLM_PATHS", "token_slabs", "pooling_gpu_memory_utilization"]
+__all__ = ["VLLMEngine", "Pending", "VLLM_PATHS", "head_check_reference", "token_slabs",
+           "pooling_gpu_memory_utilization"]
 
 VLLM_PATHS = ("pooling", "logprobs")
 AHEAD_SLABS = 3  # slabs whose outputs may wait for this process (bounds host memory)
@@ -104,6 +111,10 @@ class VLLMEngine:
         verify_head: Pooling path: before starting, check our head against vLLM's own
             `prompt_logprobs` on a few probe sequences (`pooling_check`; costs one short-lived
             generate-runner start-up) and refuse a model whose logits vLLM transforms otherwise.
+        reference: Pooling path: vLLM's rows for the check, `(probes, rows)` as
+            `head_check_reference` returns them from a logprobs-path engine of the same teacher
+            that is already running; the check then starts no engine of its own. Ignored
+            when `verify_head` is False.
         torch_threads: CPU pooling path: threads for this process's torch work (the head and
             top-K). Default: the cores vLLM's CPU worker leaves free (it binds to all but
             `VLLM_CPU_NUM_OF_RESERVED_CPU`, by default one per tensor-parallel rank); 0 leaves
@@ -132,6 +143,7 @@ class VLLMEngine:
         fused_head: bool = True,
         verify_head: bool = True,
         torch_threads: int | None = None,
+        reference: tuple[list[list[int]], list[dict[str, np.ndarray]]] | None = None,
         **llm_kwargs,
     ):
         if vllm_path not in VLLM_PATHS:
@@ -145,8 +157,9 @@ class VLLMEngine:
         import vllm
         from vllm.platforms import current_platform
 
-        reference = None
-        if vllm_path == "pooling" and verify_head:
+        if vllm_path != "pooling" or not verify_head:
+            reference = None
+        elif reference is None:
             # vLLM's own log-probs for the probes, from a generate-runner engine that is shut
             # down before the pooling engine starts (one vLLM engine at a time).
             reference = _reference_rows(
@@ -374,7 +387,8 @@ def _give_torch_the_spare_cores(torch_threads: int | None, tensor_parallel: int)
 
 
 def _reference_rows(model: str, **kwargs) -> tuple[list[list[int]], list[dict[str, np.ndarray]]]:
-    """(probe token ids, vLLM's prompt_logprobs rows at every position of each) for `pooling_check`."""
+    """(probe token ids, vLLM's prompt_logprobs rows at every position of each) for `pooling_check`,
+    from a logprobs-path engine started for them and closed."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model, revision=kwargs.get("revision"),
@@ -383,14 +397,76 @@ def _reference_rows(model: str, **kwargs) -> tuple[list[list[int]], list[dict[st
     # Three short probes, once: compiling the graph (vLLM's default) would cost more than running
     # them, and eager is the same model code, so its logits differ only by bf16 noise.
     kwargs.setdefault("enforce_eager", True)
-    engine = VLLMEngine(model, spec=TargetSpec(k=min(PROBE_K, width)), vllm_path="logprobs", **kwargs)
+    with _engine_core_in_this_process(kwargs):
+        engine = VLLMEngine(model, spec=TargetSpec(k=min(PROBE_K, width)), vllm_path="logprobs", **kwargs)
+        try:
+            return head_check_reference(engine, model, revision=kwargs.get("revision"),
+                                        trust_remote_code=kwargs.get("trust_remote_code", False))
+        finally:
+            engine.close()
+
+
+@contextlib.contextmanager
+def _engine_core_in_this_process(kwargs: dict):
+    """On CPU, run a short-lived engine's scheduler (vLLM's EngineCore) in this process.
+
+    vLLM on CPU starts two processes per engine, each importing torch and vLLM afresh (spawned):
+    the EngineCore (scheduler), which spawns the worker (the model). For the head check's three
+    probes, the scheduler needs no process of its own: that saves one of the two imports, 97 s ->
+    52 s of that engine's life on a loaded 2-core machine (benchmarks/RESULTS.md, "vLLM engine start
+    on CPU"). The worker keeps
+    its own process (`distributed_executor_backend="mp"`), where vLLM binds its OpenMP threads.
+
+    An EngineCore in this process leaves two things behind, both undone on exit: it freezes
+    vLLM's environment variables (`vllm.envs.enable_envs_cache`), with multiprocessing off, which
+    would put the next engine's scheduler here too; and it sets torch to one thread.
+    """
+    from vllm.platforms import current_platform
+
+    if (not current_platform.is_cpu() or kwargs.get("tensor_parallel_size", 1) != 1
+            or kwargs.get("distributed_executor_backend", "mp") != "mp"):
+        yield
+        return
+    import vllm.envs
+
+    kwargs.setdefault("distributed_executor_backend", "mp")
+    name = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    saved, threads = os.environ.get(name), torch.get_num_threads()
+    os.environ[name] = "0"
     try:
-        probes = probe_token_ids(model, revision=kwargs.get("revision"), width=engine.logits_width,
-                                 trust_remote_code=kwargs.get("trust_remote_code", False),
-                                 max_tokens=min(128, engine.max_request_tokens))
-        rows = engine.run([Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes])
+        yield
     finally:
-        engine.close()
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+        vllm.envs.disable_envs_cache()
+        torch.set_num_threads(threads)
+
+
+def head_check_reference(engine: "VLLMEngine", model: str, *, revision: str | None = None,
+                         trust_remote_code: bool = False) -> tuple[list[list[int]], list[dict[str, np.ndarray]]]:
+    """vLLM's own rows for the pooling path's head check, from a running logprobs-path engine.
+
+    What a pooling engine computes before it starts (see `pooling_check`), for a caller that
+    already runs a logprobs-path engine of the same teacher and passes the result as
+    `VLLMEngine(..., reference=...)` instead of starting a third engine.
+
+    Args:
+        engine: A logprobs-path `VLLMEngine` of `model`, started with `max_logprobs` of at
+            least `min(PROBE_K, width)` (its own `k` does not matter: a copy asks for that many).
+        model, revision, trust_remote_code: The teacher (its tokenizer makes the probes).
+
+    Returns:
+        (probe token ids, one dict of rows per probe at every position but the last).
+    """
+    if engine.path != "logprobs":
+        raise ConfigError(f"the head check's reference comes from a logprobs-path engine, not {engine.path!r}")
+    probing = copy.copy(engine)
+    probing.spec = TargetSpec(k=min(PROBE_K, engine.logits_width))
+    probes = probe_token_ids(model, revision=revision, width=engine.logits_width,
+                             trust_remote_code=trust_remote_code, max_tokens=min(128, engine.max_request_tokens))
+    rows = probing.run([Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes])
     return probes, rows
 
 
