@@ -7,8 +7,6 @@ touch vLLM never starts it.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -52,21 +50,20 @@ def tiny_teacher(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_cache(tiny_teacher, tmp_path_factory):
     """(teacher, data, reference): the reference job of tests/precompute_util.py (24 text rows, 12 shards)
-    written by one uninterrupted `logitcache precompute` process with one thread.
+    written by one uninterrupted `logitcache precompute`, run in this process as a one-thread process
+    (`run_here`: a process start-up would cost more than the job).
 
     What the fault tests' interrupted-then-resumed runs must equal (test_faults, test_s3_precompute,
-    test_precompute_cli); shared by the session, so it is computed once. Read it, never write to it.
+    test_precompute_cli): those runs are real processes with one thread, so each comparison also holds
+    a process's cache against this one bit for bit. Shared by the session, so it is computed once. Read
+    it, never write to it.
     """
-    from precompute_util import ONE_THREAD, REF_ROWS, reference_flags, text_rows, write_jsonl
+    from precompute_util import REF_ROWS, reference_flags, run_here, text_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("reference")
     data = write_jsonl(root / "rows.jsonl", text_rows(REF_ROWS))
     reference = root / "cache"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ONE_THREAD}
-    res = subprocess.run([sys.executable, "-m", "logitcache.pipeline.cli",
-                          *reference_flags(str(tiny_teacher[0]), data, reference)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert run_here(reference_flags(str(tiny_teacher[0]), data, reference)) == 0
     return str(tiny_teacher[0]), data, reference
 
 
