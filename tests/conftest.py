@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
     """Groups for `make test`'s two workers (`pytest -n 2 --dist loadgroup`): a group runs on one worker.
 
     Session fixtures are built once per worker, so the tests of one costly fixture stay together on
-    one worker: the two session vLLM engines, the fault tests' reference cache. What must not run twice
+    one worker: the two session vLLM engines, the fault tests' reference cache, the 151,936-token world. What must not run twice
     at once (torchrun's default rendezvous port, a Ray local cluster) is grouped where the tests are,
     with `@pytest.mark.xdist_group`.
     """
@@ -33,6 +33,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("vllm"))
         elif "reference_cache" in fixtures:
             item.add_marker(pytest.mark.xdist_group("reference_cache"))
+        elif "big_vocab_world" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("big_vocab_world"))
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +67,18 @@ def reference_cache(tiny_teacher, tmp_path_factory):
     reference = root / "cache"
     assert run_here(reference_flags(str(tiny_teacher[0]), data, reference)) == 0
     return str(tiny_teacher[0]), data, reference
+
+
+@pytest.fixture(scope="session")
+def big_vocab_world(tmp_path_factory):
+    """The folder of tests/big_vocab.py's world (a student, a teacher and a cache at V = 151,936), built once
+    for the session's memory tests (test_fused_head's training peak, test_trainer_eval's evaluation peak),
+    which measure in their own processes and read it with `big_world(folder)`."""
+    from big_vocab import big_world
+
+    root = tmp_path_factory.mktemp("big_vocab")
+    big_world(str(root))
+    return root
 
 
 @pytest.fixture(scope="session")

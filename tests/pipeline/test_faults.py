@@ -13,7 +13,12 @@ already written is lost: a rerun resumes to the result of an uninterrupted run.
   stops with an error, resumes to an identical cache once the store is back; `train --cache s3://`
   stops with an error, never hangs and never skips.
 
-    .venv/bin/python -m pytest tests/pipeline/test_faults.py -m slow -q     # ~6-10 min on 2 shared CPU cores
+A run that takes a signal or loses its store is a real process; the runs that only have to finish the
+job (resumes, reruns, the uninterrupted reference) run in this process as one-thread processes would
+(`precompute_util.run_here`), which saves a start-up (~10 s of CPU importing torch and transformers) each,
+and the disk-full runs are in-process too (an ENOSPC takes the same path through the CLI either way).
+
+    .venv/bin/python -m pytest tests/pipeline/test_faults.py -m slow -q     # ~1-2 min of CPU
 """
 
 from __future__ import annotations

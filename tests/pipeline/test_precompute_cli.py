@@ -2,7 +2,7 @@
 a rerun from YAML that ends with the uninterrupted cache; the YAML form of the options; the help text.
 
     .venv/bin/pytest tests/pipeline/test_precompute_cli.py                   # the fast ones
-    .venv/bin/pytest tests/pipeline/test_precompute_cli.py -m "slow or not slow"   # all: ~1 min on 2 CPU cores (3 subprocesses)
+    .venv/bin/pytest tests/pipeline/test_precompute_cli.py -m "slow or not slow"   # all: ~1 min on 2 CPU cores (2 processes)
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ cache equals an uninterrupted local run, and `logitcache train --cache s3://...`
 The CLI gets plain s3:// URLs; the endpoint and credentials come from the usual AWS variables
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), which botocore, and so s3fs, reads by itself.
 
-    .venv/bin/pytest tests/pipeline/test_s3_precompute.py -m slow    # all (every one runs CLI subprocesses): ~1.5 min on 2 CPU cores
+    .venv/bin/pytest tests/pipeline/test_s3_precompute.py -m slow    # all: ~1 min on 2 CPU cores
+
+The run that is killed is a process; the rest (the rerun, `train`) run in this process as one-thread
+processes would (`precompute_util.run_here`), endpoint and credentials from the environment.
 """
 
 from __future__ import annotations
