@@ -21,9 +21,9 @@ def pytest_collection_modifyitems(config, items):
     """Groups for `make test`'s two workers (`pytest -n 2 --dist loadgroup`): a group runs on one worker.
 
     Session fixtures are built once per worker, so the tests of one costly fixture stay together on
-    one worker: the two session vLLM engines, the fault tests' reference cache, the 151,936-token world. What must not run twice
-    at once (torchrun's default rendezvous port, a Ray local cluster) is grouped where the tests are,
-    with `@pytest.mark.xdist_group`.
+    one worker: the two session vLLM engines, the fault tests' reference cache, the 151,936-token world.
+    What must not run twice at once (torchrun's default rendezvous port, a Ray local cluster) is grouped
+    where the tests are, with `@pytest.mark.xdist_group`.
     """
     for item in items:
         if item.get_closest_marker("xdist_group"):
