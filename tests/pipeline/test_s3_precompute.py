@@ -148,7 +148,8 @@ def test_train_reads_s3_with_dataloader_workers(setup, s3, tmp_path, capsys):
     opts = s3_options(endpoint)
     s3fs.S3FileSystem(**opts).put(str(reference), "lc-shared/cache", recursive=True)
     assert open_cache("s3://lc-shared/cache", storage_options=opts).validate() == []
-    assert train(student, "s3://lc-shared/cache", teacher, tmp_path, env=env, workers=1, capsys=capsys)["global_step"] == 2
+    result = train(student, "s3://lc-shared/cache", teacher, tmp_path, env=env, workers=1, capsys=capsys)
+    assert result["global_step"] == 2
 
 
 @pytest.mark.slow
