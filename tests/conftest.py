@@ -7,8 +7,6 @@ touch vLLM never starts it.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -23,9 +21,9 @@ def pytest_collection_modifyitems(config, items):
     """Groups for `make test`'s two workers (`pytest -n 2 --dist loadgroup`): a group runs on one worker.
 
     Session fixtures are built once per worker, so the tests of one costly fixture stay together on
-    one worker: the two session vLLM engines, the fault tests' reference cache. What must not run twice
-    at once (torchrun's default rendezvous port, a Ray local cluster) is grouped where the tests are,
-    with `@pytest.mark.xdist_group`.
+    one worker: the two session vLLM engines, the fault tests' reference cache, the 151,936-token world.
+    What must not run twice at once (torchrun's default rendezvous port, a Ray local cluster) is grouped
+    where the tests are, with `@pytest.mark.xdist_group`.
     """
     for item in items:
         if item.get_closest_marker("xdist_group"):
@@ -35,6 +33,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("vllm"))
         elif "reference_cache" in fixtures:
             item.add_marker(pytest.mark.xdist_group("reference_cache"))
+        elif "big_vocab_world" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("big_vocab_world"))
 
 
 @pytest.fixture(scope="session")
@@ -52,22 +52,33 @@ def tiny_teacher(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_cache(tiny_teacher, tmp_path_factory):
     """(teacher, data, reference): the reference job of tests/precompute_util.py (24 text rows, 12 shards)
-    written by one uninterrupted `logitcache precompute` process with one thread.
+    written by one uninterrupted `logitcache precompute`, run in this process as a one-thread process
+    (`run_here`: a process start-up would cost more than the job).
 
     What the fault tests' interrupted-then-resumed runs must equal (test_faults, test_s3_precompute,
-    test_precompute_cli); shared by the session, so it is computed once. Read it, never write to it.
+    test_precompute_cli): those runs are real processes with one thread, so each comparison also holds
+    a process's cache against this one bit for bit. Shared by the session, so it is computed once. Read
+    it, never write to it.
     """
-    from precompute_util import ONE_THREAD, REF_ROWS, reference_flags, text_rows, write_jsonl
+    from precompute_util import REF_ROWS, reference_flags, run_here, text_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("reference")
     data = write_jsonl(root / "rows.jsonl", text_rows(REF_ROWS))
     reference = root / "cache"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ONE_THREAD}
-    res = subprocess.run([sys.executable, "-m", "logitcache.pipeline.cli",
-                          *reference_flags(str(tiny_teacher[0]), data, reference)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert run_here(reference_flags(str(tiny_teacher[0]), data, reference)) == 0
     return str(tiny_teacher[0]), data, reference
+
+
+@pytest.fixture(scope="session")
+def big_vocab_world(tmp_path_factory):
+    """The folder of tests/big_vocab.py's world (a student, a teacher and a cache at V = 151,936), built once
+    for the session's memory tests (test_fused_head's training peak, test_trainer_eval's evaluation peak),
+    which measure in their own processes and read it with `big_world(folder)`."""
+    from big_vocab import big_world
+
+    root = tmp_path_factory.mktemp("big_vocab")
+    big_world(str(root))
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,53 @@ def reference_flags(teacher: str, data: Path | str, out: str | Path) -> list[str
     return ["precompute", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--engine", "hf",
             "--text-field", "text", "--top-k", "8", "--rows-per-shard", str(REF_ROWS_PER_SHARD), "--batch-size", "1",
             "--no-progress"]
+
+
+@contextmanager
+def as_one_thread_process(env: dict | None = None):
+    """Run the enclosed code as a CLI process of the reference's settings would: one torch thread and `env`
+    set in `os.environ` (e.g. the AWS_* variables of an S3 endpoint); both restored after.
+
+    A command run in this process (`cli.main`) then writes, bit for bit, what the same command writes as a
+    process with `ONE_THREAD` (the shared reference is written so), without a process start-up (~10 s of
+    CPU importing torch and transformers). Faults that need a process (a signal) still get one.
+    """
+    import torch
+
+    env = {"TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    saved_env = {key: os.environ.get(key) for key in env}
+    threads = torch.get_num_threads()
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    _forget_s3_clients()
+    try:
+        yield
+    finally:
+        _forget_s3_clients()
+        torch.set_num_threads(threads)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _forget_s3_clients() -> None:
+    # fsspec reuses a filesystem built with the same arguments, and an `s3://` URL with no options is
+    # the same arguments whatever AWS_ENDPOINT_URL says: a process reads its environment once, so here
+    # a client built for another endpoint (a stopped proxy) is dropped when the environment changes.
+    import sys
+
+    if "s3fs" in sys.modules:
+        sys.modules["s3fs"].S3FileSystem.clear_instance_cache()
+
+
+def run_here(argv: list[str], env: dict | None = None) -> int:
+    """`logitcache <argv>` in this process, as a one-thread process would run it; returns its exit status."""
+    from logitcache.pipeline import cli
+
+    with as_one_thread_process(env):
+        return cli.main(argv)
 
 
 def text_rows(n: int, seed: int = 3) -> list[dict]:

@@ -13,7 +13,12 @@ already written is lost: a rerun resumes to the result of an uninterrupted run.
   stops with an error, resumes to an identical cache once the store is back; `train --cache s3://`
   stops with an error, never hangs and never skips.
 
-    .venv/bin/python -m pytest tests/pipeline/test_faults.py -m slow -q     # ~6-10 min on 2 shared CPU cores
+A run that takes a signal or loses its store is a real process; the runs that only have to finish the
+job (resumes, reruns, the uninterrupted reference) run in this process as one-thread processes would
+(`precompute_util.run_here`), which saves a start-up (~10 s of CPU importing torch and transformers) each,
+and the disk-full runs are in-process too (an ENOSPC takes the same path through the CLI either way).
+
+    .venv/bin/python -m pytest tests/pipeline/test_faults.py -m slow -q     # ~1-2 min of CPU
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 
 import pytest
 from cli_errors import assert_contract
-from precompute_util import REF_ROWS, REF_ROWS_PER_SHARD, assert_same_cache, reference_flags
+from precompute_util import REF_ROWS, REF_ROWS_PER_SHARD, assert_same_cache, reference_flags, run_here
 from s3server import make_bucket, s3_options, tcp_proxy
 from trainkit import world
 
@@ -82,11 +87,11 @@ def train_argv(cache, out: Path, *extra: str, steps: int = 24) -> list[str]:
             "--logging-steps", "1", "--save-steps", "1000", *extra]
 
 
-def test_sigterm_during_train_checkpoints_and_resume_continues_exactly(tmp_path):
+def test_sigterm_during_train_checkpoints_and_resume_continues_exactly(tmp_path, capsys):
+    """The signal goes to a real `train` process; the resume and the uninterrupted reference run in this process
+    as one-thread processes would (`run_here`), so the weights compared are a process's against this one's."""
     w = world()
-    ref_log, log = tmp_path / "ref.log", tmp_path / "run.log"
-    ref = start(train_argv(w.cache, tmp_path / "ref"), ref_log)
-    out = tmp_path / "run"
+    log, out = tmp_path / "run.log", tmp_path / "run"
     proc = start(train_argv(w.cache, out), log)
     # The Trainer's bar counts optimizer steps ("5/24"): signal once a few have run.
     step = re.compile(r"\b([3-9]|1\d)/24\b")
@@ -105,10 +110,8 @@ def test_sigterm_during_train_checkpoints_and_resume_continues_exactly(tmp_path)
     assert sum(state["consumed"]) == 2 * stopped_at  # data position and weights are of the same step
     assert not (out / "logitcache_train.json").exists()  # a stopped run does not pose as a finished one
 
-    rc, text = finish(start(train_argv(w.cache, out, "--resume"), log), log)
-    assert rc == 0, text
-    rc, ref_text = finish(ref, ref_log)
-    assert rc == 0, ref_text
+    assert run_here(train_argv(w.cache, out, "--resume")) == 0, capsys.readouterr().err
+    assert run_here(train_argv(w.cache, tmp_path / "ref")) == 0, capsys.readouterr().err
     result = json.loads((out / "logitcache_train.json").read_text())
     assert result["global_step"] == 24
     expected = json.loads((tmp_path / "ref" / "logitcache_train.json").read_text())
@@ -176,7 +179,8 @@ def _mount_tmpfs(where: Path, size: int) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_disk_full_while_writing_shards_then_resume(reference_cache, tmp_path):
+def test_disk_full_while_writing_shards_then_resume(reference_cache, tmp_path, capsys):
+    """Both runs in this process (`run_here`): an ENOSPC takes the same path through the CLI as in a process."""
     teacher, data, reference = reference_cache
     # tmpfs counts whole pages: a Zarr shard is many small files.
     total = sum(-(-p.stat().st_size // 4096) * 4096 for p in reference.rglob("*") if p.is_file())
@@ -184,9 +188,9 @@ def test_disk_full_while_writing_shards_then_resume(reference_cache, tmp_path):
     if not _mount_tmpfs(mnt, total // 2 // 4096 * 4096):
         pytest.skip("cannot mount a tmpfs here (needs root); the disk-full case is not simulated")
     try:
-        log = tmp_path / "full.log"
-        rc, text = finish(start(pre_argv(teacher, data, mnt / "cache"), log), log)
-        assert_contract(rc, text, "precompute", ("No space left on device", "shard-"))
+        capsys.readouterr()
+        rc = run_here(pre_argv(teacher, data, mnt / "cache"))
+        assert_contract(rc, capsys.readouterr().err, "precompute", ("No space left on device", "shard-"))
         # Nothing partial is visible: every recorded shard is complete, and there is no index.
         from precompute_util import assert_entries_complete
 
@@ -196,7 +200,8 @@ def test_disk_full_while_writing_shards_then_resume(reference_cache, tmp_path):
             open_cache(str(mnt / "cache"))
         # Space is back: the same command resumes and ends with the uninterrupted cache.
         subprocess.run(["mount", "-o", f"remount,size={4 * total + (1 << 20)}", str(mnt)], check=True)
-        rc, text = finish(start(pre_argv(teacher, data, mnt / "cache"), log), log)
+        rc = run_here(pre_argv(teacher, data, mnt / "cache"))
+        text = capsys.readouterr().err
         assert rc == 0, text
         assert f"{written} already written" in text
         assert_same_cache(reference, mnt / "cache")
@@ -210,7 +215,7 @@ def test_disk_full_while_writing_shards_then_resume(reference_cache, tmp_path):
 BUCKET = "lc-faults"
 
 
-def test_s3_store_gone_mid_precompute_then_back_resumes_identically(reference_cache, s3, tmp_path):
+def test_s3_store_gone_mid_precompute_then_back_resumes_identically(reference_cache, s3, tmp_path, capsys):
     import boto3
 
     teacher, data, reference = reference_cache
@@ -238,7 +243,9 @@ def test_s3_store_gone_mid_precompute_then_back_resumes_identically(reference_ca
         assert written < PRE_ROWS // PRE_PER_SHARD
 
         proxy.start()  # back, with its data
-        rc, text = finish(start(pre_argv(teacher, data, url), log, env), log)
+        capsys.readouterr()
+        rc = run_here(pre_argv(teacher, data, url), env)  # in this process: the fault needed one, the resume does not
+        text = capsys.readouterr().err
         assert rc == 0, text
         assert f"{written} already written" in text, text
     opts = s3_options(endpoint)

@@ -5,7 +5,10 @@ cache equals an uninterrupted local run, and `logitcache train --cache s3://...`
 The CLI gets plain s3:// URLs; the endpoint and credentials come from the usual AWS variables
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), which botocore, and so s3fs, reads by itself.
 
-    .venv/bin/pytest tests/pipeline/test_s3_precompute.py -m slow    # all (every one runs CLI subprocesses): ~1.5 min on 2 CPU cores
+    .venv/bin/pytest tests/pipeline/test_s3_precompute.py -m slow    # all: ~1 min on 2 CPU cores
+
+The run that is killed is a process; the rest (the rerun, `train`) run in this process as one-thread
+processes would (`precompute_util.run_here`), endpoint and credentials from the environment.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from precompute_util import ONE_THREAD, REF_ROWS, REF_ROWS_PER_SHARD, assert_same_cache, reference_flags
+from precompute_util import ONE_THREAD, REF_ROWS, REF_ROWS_PER_SHARD, assert_same_cache, reference_flags, run_here
 from s3server import make_bucket, s3_options
 
 from logitcache.storage import open_cache
@@ -86,7 +89,7 @@ def assert_entries_complete(url: str, storage_options: dict) -> int:
 
 
 @pytest.mark.slow
-def test_s3_kill_9_then_rerun_equals_local_and_trains(setup, s3, tmp_path):
+def test_s3_kill_9_then_rerun_equals_local_and_trains(setup, s3, tmp_path, capsys):
     import boto3
 
     teacher, data, student, reference = setup
@@ -110,9 +113,11 @@ def test_s3_kill_9_then_rerun_equals_local_and_trains(setup, s3, tmp_path):
     with pytest.raises(CacheIndexError, match="unfinished"):
         open_cache(URL, storage_options=opts)
 
-    proc = run_cli(flags(teacher, data, URL), log, env=env)
-    assert proc.wait(timeout=120) == 0, log.read_text()
-    assert f"{written} already written" in log.read_text(), f"seed {seed}"
+    capsys.readouterr()
+    rc = run_here(flags(teacher, data, URL), env)  # in this process: only the kill needed one
+    text = capsys.readouterr().err
+    assert rc == 0, text
+    assert f"{written} already written" in text, f"seed {seed}"
 
     cache = open_cache(URL, storage_options=opts)
     assert cache.validate() == []
@@ -128,12 +133,12 @@ def test_s3_kill_9_then_rerun_equals_local_and_trains(setup, s3, tmp_path):
         assert rel in ("index.json", "job.json", "README.md") or rel.startswith("entries/") or rel.split("/")[0] in named, key
 
     # Stage two streams it straight from the bucket.
-    result = train(student, URL, teacher, tmp_path, env=env, workers=0)
+    result = train(student, URL, teacher, tmp_path, env=env, workers=0, capsys=capsys)
     assert result["global_step"] == 2 and cache.fingerprint in json.dumps(result["cache"]), result
 
 
-@pytest.mark.slow  # its setup is a CLI precompute, then a CLI train: ~35 s of CPU
-def test_train_reads_s3_with_dataloader_workers(setup, s3, tmp_path):
+@pytest.mark.slow  # shares the reference cache's setup (a precompute)
+def test_train_reads_s3_with_dataloader_workers(setup, s3, tmp_path, capsys):
     """A finished local cache uploaded as is (the way one shares it) trains with DataLoader workers."""
     import s3fs
 
@@ -143,46 +148,39 @@ def test_train_reads_s3_with_dataloader_workers(setup, s3, tmp_path):
     opts = s3_options(endpoint)
     s3fs.S3FileSystem(**opts).put(str(reference), "lc-shared/cache", recursive=True)
     assert open_cache("s3://lc-shared/cache", storage_options=opts).validate() == []
-    assert train(student, "s3://lc-shared/cache", teacher, tmp_path, env=env, workers=1)["global_step"] == 2
+    result = train(student, "s3://lc-shared/cache", teacher, tmp_path, env=env, workers=1, capsys=capsys)
+    assert result["global_step"] == 2
 
 
 @pytest.mark.slow
-def test_data_from_s3_equals_the_local_file(setup, s3, tmp_path, monkeypatch, capsys):
+def test_data_from_s3_equals_the_local_file(setup, s3, tmp_path, capsys):
     """`--data s3://...` (what docker/precompute-job.yaml passes): the same rows, fingerprint and cache as the
     local file, since a data file's fingerprint is its bytes, wherever it lies. The CLI runs in this
     process (a subprocess start-up costs more than the run), credentials from the environment."""
     import s3fs
-    import torch
-
-    from logitcache.pipeline.cli import main as cli_main
 
     teacher, data, _, reference = setup
     endpoint, env = s3
     make_bucket(endpoint, "lc-data")
     s3fs.S3FileSystem(**s3_options(endpoint)).put(str(data), "lc-data/in/rows.jsonl")
-    for key, value in {**env, **THREADS}.items():
-        monkeypatch.setenv(key, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the reference's process: the last float bit depends on it
-    try:
-        assert cli_main(flags(teacher, "s3://lc-data/in/rows.jsonl", str(tmp_path / "cache"))) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_here(flags(teacher, "s3://lc-data/in/rows.jsonl", str(tmp_path / "cache")), env) == 0
     cache, local = open_cache(str(tmp_path / "cache")), open_cache(str(reference))
     assert cache.index["dataset"]["source"] == "s3://lc-data/in/rows.jsonl"
     assert cache.index["dataset"]["fingerprint"] == local.index["dataset"]["fingerprint"]
     assert_same_cache(reference, tmp_path / "cache")
     # A missing object is our error, naming the URL.
     capsys.readouterr()
-    assert cli_main(flags(teacher, "s3://lc-data/in/nope.jsonl", str(tmp_path / "c2"))) == 2
+    assert run_here(flags(teacher, "s3://lc-data/in/nope.jsonl", str(tmp_path / "c2")), env) == 2
     assert "s3://lc-data/in/nope.jsonl: no such file" in capsys.readouterr().err
 
 
-def train(student: Path, url: str, teacher: str, tmp_path: Path, *, env: dict, workers: int) -> dict:
-    """`logitcache train --loss kl` for 2 steps from the cache at `url`; returns logitcache_train.json."""
-    out, log = tmp_path / "student", tmp_path / "train.log"
-    proc = run_cli(["train", "--student", str(student), "--cache", url, "--teacher", teacher, "--loss", "kl",
-                    "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--logging-steps", "1",
-                    "--num-workers", str(workers)], log, env=env)
-    assert proc.wait(timeout=180) == 0, log.read_text()
+def train(student: Path, url: str, teacher: str, tmp_path: Path, *, env: dict, workers: int, capsys) -> dict:
+    """`logitcache train --loss kl` for 2 steps from the cache at `url`, in this process (credentials and
+    endpoint from the environment, as a process reads them); returns logitcache_train.json."""
+    out = tmp_path / "student"
+    capsys.readouterr()
+    rc = run_here(["train", "--student", str(student), "--cache", url, "--teacher", teacher, "--loss", "kl",
+                   "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--logging-steps", "1",
+                   "--num-workers", str(workers)], env)
+    assert rc == 0, capsys.readouterr().err
     return json.loads((out / "logitcache_train.json").read_text())

@@ -98,7 +98,7 @@ def test_evaluation_through_the_head_in_chunks_equals_the_model_logits(loss):
 
 
 _EVAL_PEAK = r"""
-import json, sys
+import gc, json, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 from big_vocab import big_world
@@ -110,34 +110,37 @@ from logitcache.stages.train.evaluate import evaluate_source
 w = big_world(sys.argv[2])
 model = AutoModelForCausalLM.from_pretrained(w["student"], dtype=torch.float32)
 source = CacheSource(w["cache"], to_item=SameTokenizerTargets(w["vocab"]))
-open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
-before = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
-found = evaluate_source(model, source, pad_id=1, vocab_size=w["vocab"], batch_size=8, head=sys.argv[3] == "head",
-                        chunk_size=64)
-peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
-print(json.dumps({"growth": peak - before, "tokens": w["tokens"], "vocab": w["vocab"], "kd_loss": found["kd_loss"]}))
+out = {"tokens": w["tokens"], "vocab": w["vocab"]}
+for mode in ("head", "logits"):
+    gc.collect()
+    open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
+    before = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    found = evaluate_source(model, source, pad_id=1, vocab_size=w["vocab"], batch_size=8, head=mode == "head",
+                            chunk_size=64)
+    peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+    out[mode] = {"growth": peak - before, "kd_loss": found["kd_loss"]}
+print(json.dumps(out))
 """
 
 
 @pytest.mark.slow
-def test_evaluation_of_a_152k_vocabulary_student_never_builds_the_full_logits(tmp_path):
+def test_evaluation_of_a_152k_vocabulary_student_never_builds_the_full_logits(big_vocab_world):
     """Evaluation while training (and `logitcache eval`) at V = 151,936, batches of 8 x 128 tokens: peak RSS
     growth below half a (B, T, V) fp32 logits tensor (622 MB); through the model's logits (the yardstick) more
     than one. Chunks of 64 rows, as in test_fused_head's training peak: the automatic chunk (~128 MiB of fp32
     logits) is a fifth of this small batch's logits, and the chunk's logits, log-softmax and loss buffers
     (measured 454 MB growth) would hide the difference; at 8 x 2,048 tokens it is 1/80 of them.
-    Fresh processes; glibc returns freed tensors at once (see test_fused_head)."""
+    One fresh process (glibc returns freed tensors at once, see test_fused_head): the head first, then the
+    yardstick, whose growth what the first left behind can only lower."""
     if sys.platform != "linux" or not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux's resettable peak RSS")
     here = os.path.dirname(os.path.dirname(__file__))  # tests/: trainkit, big_vocab
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = {}
-    for mode in ("head", "logits"):
-        proc = subprocess.run([sys.executable, "-c", _EVAL_PEAK, here, str(tmp_path / "world"), mode],
-                              capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    logits_bytes = out["head"]["tokens"] * out["head"]["vocab"] * 4
+    proc = subprocess.run([sys.executable, "-c", _EVAL_PEAK, here, str(big_vocab_world)], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    logits_bytes = out["tokens"] * out["vocab"] * 4
     assert out["logits"]["growth"] > logits_bytes, out
     assert out["head"]["growth"] < 0.5 * logits_bytes, out
     assert out["head"]["kd_loss"] == pytest.approx(out["logits"]["kd_loss"], rel=1e-5)
