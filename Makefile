@@ -30,11 +30,12 @@ $(STAMP): pyproject.toml Makefile
 # (22.2 min with the install; 40.3 min of pytest before the byte-code fix above and fewer vLLM starts,
 # torchrun launches and CLI processes), so the 15-minute goal is not met yet; `make test-fast` 3.0 min.
 # `make test` prints its 25 slowest tests, which is where to cut next.
-# TEST_WORKERS=2 runs on two pytest-xdist workers; tests/conftest.py keeps the tests of one costly
-# session fixture (the vLLM engines, the fault tests' reference cache) on one worker, and torchrun and
-# Ray tests one at a time. It is not the default: on 2 cores it took 45.8 min (measured before the
-# byte-code fix; the first 15 under another job's load): the slow tests' subprocesses (vLLM engines,
-# torchrun ranks, Ray actors, CLI runs) already fill both cores and contend when two such tests overlap.
+# Tests run on two pytest-xdist workers (TEST_WORKERS=2, the default; TEST_WORKERS=0 runs one process):
+# tests/conftest.py keeps the tests of one costly session fixture (the vLLM engines, the fault tests'
+# reference cache, the 152k world) on one worker, and torchrun and Ray tests one at a time. Before the
+# byte-code fix two workers were no faster (45.8 min, partly under another job's load); since then
+# much of a slow test is one core's work (vLLM's CPU worker binds to all cores but one; a CLI
+# subprocess imports on one core), which the other worker can overlap.
 #
 # Test budget. A test that takes more than ~10 s on 2 quiet cores is marked `slow` (subprocess CLI
 # runs, vLLM, Ray, torchrun, the S3 server's fault cases, the 151,936-wide Qwen runs, the demo); so is
@@ -45,7 +46,7 @@ $(STAMP): pyproject.toml Makefile
 # Judge a change by CPU seconds, not wall time (the machine is usually shared):
 #   $(PY) -m pytest -p cpu_time tests/...     # a table of CPU seconds per file and the slowest tests
 TEST_TMP ?= $(or $(TMPDIR),/tmp)/logitcache-test-$(shell id -u)
-TEST_WORKERS ?= 0
+TEST_WORKERS ?= 2
 PYTEST   := PYTHONDONTWRITEBYTECODE=1 HYPOTHESIS_STORAGE_DIRECTORY=$(TEST_TMP)/hypothesis \
             $(PY) -m pytest -o cache_dir=$(TEST_TMP)/pytest-cache \
             $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
