@@ -26,10 +26,10 @@ $(STAMP): pyproject.toml Makefile
 # every CLI subprocess, torchrun rank, vLLM engine process and Ray actor the tests start.
 # `test` is CI's run: everything but GPU tests, slow ones included (goal < 15 min on 2 cores).
 # `test-fast` is the run between edits: the default selection, slow tests skipped (< 3 min on 2 cores).
-# Measured from a fresh clone on a quiet 2-core machine (2026-11-30): `make test` 17.1 min of pytest
-# (22.2 min with the install; 40.3 min of pytest before the byte-code fix above and fewer vLLM starts,
-# torchrun launches and CLI processes), so the 15-minute goal is not met yet; `make test-fast` 3.0 min.
-# `make test` prints its 25 slowest tests, which is where to cut next.
+# Measured from a fresh clone on a quiet 2-core machine (2026-11-30): `make test` 12.4 min of pytest on
+# two workers (17.7 min with the install; one process, TEST_WORKERS=0: 17.1 min; 40.3 min of pytest
+# before the byte-code fix above and fewer vLLM starts, torchrun launches and CLI processes);
+# `make test-fast` 3.0 min in one process. `make test` prints its 25 slowest tests: where to cut next.
 # Tests run on two pytest-xdist workers (TEST_WORKERS=2, the default; TEST_WORKERS=0 runs one process):
 # tests/conftest.py keeps the tests of one costly session fixture (the vLLM engines, the fault tests'
 # reference cache, the 152k world) on one worker, and torchrun and Ray tests one at a time. Before the
