@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 # Measured from a fresh clone on a quiet 2-core machine (2026-11-30): `make test` 12.4 min of pytest on
 # two workers (17.7 min with the install; one process, TEST_WORKERS=0: 17.1 min; 40.3 min of pytest
 # before the byte-code fix above and fewer vLLM starts, torchrun launches and CLI processes);
-# `make test-fast` 3.0 min in one process. `make test` prints its 25 slowest tests: where to cut next.
+# `make test-fast` 2.2 min on two workers (3.0 in one). `make test` prints its 25 slowest tests: where to cut next.
 # Tests run on two pytest-xdist workers (TEST_WORKERS=2, the default; TEST_WORKERS=0 runs one process):
 # tests/conftest.py keeps the tests of one costly session fixture (the vLLM engines, the fault tests'
 # reference cache, the 152k world) on one worker, and torchrun and Ray tests one at a time. Before the
