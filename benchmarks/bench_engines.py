@@ -201,7 +201,7 @@ def bench_whole_job(model: str, args) -> None:
                 "vllm logprobs path": lambda size: precompute(size, "vllm", "--engine-arg", "vllm_path=logprobs"),
             }
         if args.jobs:
-            wanted = {"bare", *args.jobs.split(",")}
+            wanted = {"bare", *args.jobs}
             unknown = wanted - set(jobs)
             if unknown:
                 raise SystemExit(f"--jobs: unknown {sorted(unknown)}; expected some of {sorted(jobs)}")
@@ -293,8 +293,9 @@ def main() -> None:
     parser.add_argument("--whole-job", metavar="TEXTS.jsonl", help="time whole precompute jobs over these texts")
     parser.add_argument("--job-rows", type=int, default=120, help="texts in the big whole job (small: a quarter)")
     parser.add_argument("--job-engine", choices=("hf", "vllm"), default="hf", help="engine of the whole jobs")
-    parser.add_argument("--jobs", help="comma-separated whole-job variants to run beside the bare job "
-                        "(default: all of the engine's), e.g. 'vllm logprobs path'")
+    parser.add_argument("--jobs", action="append", metavar="NAME",
+                        help="a whole-job variant to run beside the bare job, once per variant (names hold "
+                        "commas, so repeat the flag); default: all of the engine's, e.g. 'vllm logprobs path'")
     parser.add_argument("--job-engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an --engine-arg for every whole job, the bare vLLM job included (e.g. enforce_eager=true)")
     parser.add_argument("--topk-micro", action="store_true",

@@ -324,3 +324,30 @@ def test_vllm_run_ahead_matches_one_run(vllm_pooling_engine, requests_):
     next(gen)
     gen.close()
     assert len(fed.run(requests_[:2])) == 2
+
+
+def test_shard_batches_go_longest_first_and_the_shard_stays_in_row_order(hf_engine, requests_):
+    from logitcache.stages.precompute.shard_work import compute_shard
+    from logitcache.storage.inputs import Encoded
+
+    items = [(row, Encoded(token_ids=list(r.token_ids), positions=r.positions, texts={}, truncated=False))
+             for row, r in zip(range(100, 200, 7), requests_)]
+    handed = []
+
+    class Recording:  # the real engine; only what it is handed is noted
+        version = hf_engine.version
+
+        def run(self, requests):
+            handed.append([len(r.token_ids) for r in requests])
+            return hf_engine.run(requests)
+
+    shard = compute_shard(Recording(), items, mode="topk", width=K, seed=0, batch_size=3, text_fields=())
+    lengths = sum(handed, [])
+    assert lengths == sorted((len(e.token_ids) for _, e in items), reverse=True)  # longest first
+    assert [len(b) for b in handed][:-1] == [3] * (len(handed) - 1)
+    assert shard.row_index.tolist() == [row for row, _ in items]  # packed in row order
+    alone = hf_engine.run(list(requests_[: len(items)]))
+    starts = shard.position_offsets
+    for i, want in enumerate(alone):
+        got = shard.topk_logprobs[starts[i]:starts[i + 1]]
+        np.testing.assert_allclose(got, want["topk_logprobs"], rtol=0, atol=1e-4)
