@@ -28,7 +28,8 @@ def pytest_collection_modifyitems(config, items):
 
     First (`tryfirst`): a worker's xdist plugin reads the marks in this same hook, to send a group to
     one worker, and it is registered after this file, so a plain hook of ours ran after it and added
-    marks that nothing read: each worker built the vLLM engines (~110 s of set-up each under load).
+    marks that nothing read: both workers built the vLLM engines (~110 s of set-up each under load).
+    tests/test_xdist_groups.py checks it (pytest 9.2 breaks the grouping too: pyproject pins pytest < 9.2).
     """
     for item in items:
         if item.get_closest_marker("xdist_group"):
