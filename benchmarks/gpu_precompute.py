@@ -2,12 +2,21 @@
 
     python benchmarks/gpu_precompute.py                    # one H100/H200, ~5 min; prints a table + JSON
     python benchmarks/gpu_precompute.py --shapes 1.5b --tokens 2048 --seqs 2   # a quick look
-    .venv/bin/python benchmarks/gpu_precompute.py --smoke      # CPU, a tiny shape: checks the script runs
+    .venv/bin/python benchmarks/gpu_precompute.py --smoke      # CPU, a tiny body, V = 4,096: checks the script runs
+
+Where logitcache is not installed (the lent GPU machine: its python3 has torch and transformers,
+nothing can be installed), from the checkout's root. pyproject.toml maps the folders pipeline/,
+stages/ and storage/ to `logitcache.*` (a namespace with no folder of its own, so PYTHONPATH=.
+does not do); a folder of links to them does:
+
+    mkdir -p /tmp/lc/logitcache && ln -sfn "$PWD/pipeline" "$PWD/stages" "$PWD/storage" /tmp/lc/logitcache/
+    PYTHONPATH=/tmp/lc python3 benchmarks/gpu_precompute.py
 
 Prepared as a one-shot run for a lent GPU machine: PyTorch and transformers only (no vLLM, no
-zarr, no downloads). For each shape (Qwen2-1.5B and Qwen2-7B configs, random bf16 weights,
-logits width 151,936) and `--seqs` x `--tokens` tokens (8 x 2048 by default), every position
-supervised, it times:
+zarr, no downloads; tests/test_gpu_scripts.py runs `--smoke` that way, with those blocked). For
+each shape (Qwen2-1.5B and Qwen2-7B configs, random bf16 weights, logits width `--vocab`, 151,936
+by default) and `--seqs` x `--tokens` tokens (8 x 2048 by default), every position supervised,
+it times:
 
 - **bare forward**: `model(input_ids).logits`, the whole (tokens x V) logits in bf16; the limit.
 - **hf engine, unfused**: the body, then our head a chunk of rows at a time, each chunk's fp32
@@ -38,7 +47,7 @@ SHAPES = {
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, tie_word_embeddings=False),
 }
-VOCAB = 151_936
+VOCAB = 151_936  # Qwen2's logits width
 SMOKE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, tie_word_embeddings=True)
 
@@ -69,13 +78,13 @@ def bench_shape(name: str, args) -> list[dict]:
     from logitcache.stages.precompute.head import head_from_model
 
     device = "cpu" if args.smoke else "cuda"
-    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=max(4096, args.tokens),
+    config = Qwen2Config(vocab_size=args.vocab, max_position_embeddings=max(4096, args.tokens),
                          **(SMOKE if args.smoke else SHAPES[name]))
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     head = head_from_model(model)
-    ids = torch.randint(0, VOCAB, (args.seqs, args.tokens), device=device)
+    ids = torch.randint(0, args.vocab, (args.seqs, args.tokens), device=device)
     next_ids = torch.roll(ids, -1, dims=1).reshape(-1)
     spec = TargetSpec(mode="topk", k=args.k)
     positions = args.seqs * args.tokens
@@ -131,14 +140,16 @@ def main() -> None:
     parser.add_argument("--shapes", default="1.5b,7b", help="comma-separated: 1.5b, 7b")
     parser.add_argument("--seqs", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="logits width (default Qwen2's, 151,936)")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--smoke", action="store_true",
-                        help="CPU, a tiny body, 2 x 64 tokens, no torch.compile: does the script run")
+                        help="CPU, a tiny body, V = 4,096, 2 x 64 tokens, no torch.compile: does the script run")
     args = parser.parse_args()
     if args.smoke:
-        args.shapes, args.seqs, args.tokens, args.repeats, args.no_compile = "1.5b", 2, 64, 1, True
+        # V = 4,096: a bf16 matmul 151,936 wide takes seconds on a CPU, and the smoke checks that it runs.
+        args.shapes, args.vocab, args.seqs, args.tokens, args.repeats, args.no_compile = "1.5b", 4096, 2, 64, 1, True
     elif not torch.cuda.is_available():
         raise SystemExit("gpu_precompute.py needs a CUDA GPU (or --smoke on CPU)")
     import transformers

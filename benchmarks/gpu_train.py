@@ -3,8 +3,15 @@
     python benchmarks/gpu_train.py                    # one H200/H100: Qwen2.5-0.5B shape, 8 x 2,048 tokens, bf16
     python benchmarks/gpu_train.py --smoke            # any machine (CPU too): tiny shapes, checks the script runs
 
+Where logitcache is not installed (the lent GPU machine), from the checkout's root, as for
+gpu_precompute.py (see there why a folder of links):
+
+    mkdir -p /tmp/lc/logitcache && ln -sfn "$PWD/pipeline" "$PWD/stages" "$PWD/storage" /tmp/lc/logitcache/
+    PYTHONPATH=/tmp/lc python3 benchmarks/gpu_train.py --out $OUT/gpu_train.json
+
 A prepared script for a lent GPU (about 3-5 minutes on an H100/H200; needs torch and transformers,
-no vLLM or zarr, nothing downloaded). The student has Qwen2.5-0.5B's shape (24 layers, hidden 896,
+no vLLM or zarr, nothing downloaded; tests/test_gpu_scripts.py runs `--smoke` with those blocked).
+The student has Qwen2.5-0.5B's shape (24 layers, hidden 896,
 14 heads with 2 KV heads, MLP 4,864, tied embeddings, V = 151,936) with random weights, in bf16,
 SDPA attention; a batch is 8 sequences of 2,048 random tokens whose last 1,536 are supervised. The
 cache is the top-32 of a random long-tailed teacher at every supervised position (timings do not
@@ -17,7 +24,7 @@ Modes, interleaved round by round on the same batches:
     kl_fused, bild_fused   the same through `fused_head_loss` (the (B, T, V) logits never exist)
     sft_fused       our CE alone through the fused head
 
-Prints and writes benchmarks/out/gpu_train.json: median s/step, peak GiB (torch.cuda.max_memory_allocated
+Prints and writes `--out` (benchmarks/out/gpu_train.json): median s/step, peak GiB (torch.cuda.max_memory_allocated
 over the mode's steps), and both relative to hf_sft. The numbers to beat, from the issue: on an H100,
 naive cached BiLD took 1.70x the SFT step and cached KL 1.27x.
 """
@@ -53,6 +60,7 @@ def main():
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode and round")
+    p.add_argument("--out", type=Path, default=OUT / "gpu_train.json", help="where the JSON result goes")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = dict(QWEN25_05B)
@@ -96,8 +104,8 @@ def main():
               "time_relative_to_hf_sft": {m: med[m] / med["hf_sft"] for m in MODES},
               "peak_relative_to_hf_sft": {m: (gib[m] / gib["hf_sft"]) if gib["hf_sft"] else None for m in MODES},
               "total_seconds": time.perf_counter() - started}
-    OUT.mkdir(exist_ok=True)
-    (OUT / "gpu_train.json").write_text(json.dumps(result, indent=1))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1, default=str))
     print(f"{result['setup']['device']}: student {layers}x{hidden}, V = {vocab}, {a.batch}x{a.seq} tokens "
           f"({result['setup']['supervised_per_step']} supervised), bf16; median of {len(wall['hf_sft'])} steps")
     for m in MODES:

@@ -1,28 +1,46 @@
 """The logitcache format: sparse teacher targets in Zarr v3 or Parquet shards, with a JSON index.
 
 This package stands alone: a reader of a shared cache needs nothing else from logitcache.
+
+    from logitcache.storage import open_cache, CacheWriter, ConfigError
+
+Names are imported on first use (PEP 562), as scipy and transformers do: importing one submodule
+(`logitcache.storage.head`, `.errors`) does not import zarr, pyarrow or fsspec. The lent GPU machine
+has no zarr, and `logitcache --help` need not pay for the backends.
 """
 
-from logitcache.storage import layout
-from logitcache.storage.backend_base import Backend, FolderBackend, SingleFileBackend
-from logitcache.storage.backends import BACKENDS, get_backend, shard_name
-from logitcache.storage.cache import Cache, open_cache
-from logitcache.storage.convert import convert_cache
-from logitcache.storage.encoding import COMPACT_STEP, ENCODINGS, decode_logprobs, encode_logprobs
-from logitcache.storage.errors import (CacheIndexError, ConfigError, FormatVersionError, InvalidDataError,
-                                       LogitCacheError, ShardError, UnsafePathError)
-from logitcache.storage.fingerprint import tokenizer_fingerprint
-from logitcache.storage.index import FORMAT_VERSION, chain_fingerprint, read_index
-from logitcache.storage.paths import atomic_write_bytes, resolve, safe_join
-from logitcache.storage.shard import ShardData
-from logitcache.storage.writer import CacheWriter
+import importlib
 
-__all__ = [
-    "BACKENDS", "COMPACT_STEP", "ENCODINGS", "FORMAT_VERSION",
-    "Backend", "SingleFileBackend", "FolderBackend", "get_backend", "layout",
-    "resolve", "safe_join", "atomic_write_bytes",
-    "Cache", "CacheWriter", "convert_cache", "ShardData", "open_cache", "read_index", "shard_name",
-    "chain_fingerprint", "tokenizer_fingerprint", "encode_logprobs", "decode_logprobs",
-    "LogitCacheError", "CacheIndexError", "ShardError", "FormatVersionError", "UnsafePathError",
-    "InvalidDataError", "ConfigError",
-]
+# The public names, by the submodule that defines them (one declaration: `__all__` is read from it).
+_EXPORTS = {
+    "layout": ("layout",),  # a submodule itself
+    "backend_base": ("Backend", "SingleFileBackend", "FolderBackend"),
+    "backends": ("BACKENDS", "get_backend", "shard_name"),
+    "cache": ("Cache", "open_cache"),
+    "convert": ("convert_cache",),
+    "encoding": ("COMPACT_STEP", "ENCODINGS", "encode_logprobs", "decode_logprobs"),
+    "errors": ("LogitCacheError", "CacheIndexError", "ShardError", "FormatVersionError", "UnsafePathError",
+               "InvalidDataError", "ConfigError"),
+    "fingerprint": ("tokenizer_fingerprint",),
+    "index": ("FORMAT_VERSION", "chain_fingerprint", "read_index"),
+    "paths": ("resolve", "safe_join", "atomic_write_bytes"),
+    "shard": ("ShardData",),
+    "writer": ("CacheWriter",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    imported = importlib.import_module(f"{__name__}.{module}")
+    value = imported if module == name else getattr(imported, name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

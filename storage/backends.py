@@ -10,17 +10,59 @@ See `backend_base` for the interface a backend implements.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, MutableMapping
+from typing import TYPE_CHECKING
+
 from logitcache.storage import layout
-from logitcache.storage.arrow_backend import ArrowBackend
-from logitcache.storage.backend_base import Backend
 from logitcache.storage.errors import ConfigError, ShardError
-from logitcache.storage.paths import atomic_rename, is_local
-from logitcache.storage.zarr_backend import ZarrBackend
+
+if TYPE_CHECKING:
+    from logitcache.storage.backend_base import Backend
 
 __all__ = ["BACKENDS", "get_backend", "shard_name", "write_shard_files", "read_shard_files", "shard_checksum"]
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (ZarrBackend(), ArrowBackend())}
+class BackendRegistry(MutableMapping):
+    """{name: Backend}, each declared as ``"module:Class"`` and built on first use.
+
+    Its names cost nothing (the CLI's `--backend` choices, the index check), and a backend's module
+    is imported only when that backend is used: zarr is imported by a Zarr cache, not by a Parquet job,
+    `logitcache --help`, or a machine without zarr (the lent GPU machine). A `Backend` instance may be
+    set directly (a third-party backend, the contract suite's test backends).
+    """
+
+    def __init__(self, declared: dict[str, str]):
+        self._entries: dict[str, str | Backend] = dict(declared)
+
+    def __getitem__(self, name: str) -> Backend:
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            module, _, cls = entry.partition(":")
+            entry = self._entries[name] = getattr(importlib.import_module(module), cls)()
+        return entry
+
+    def __setitem__(self, name: str, backend: Backend) -> None:
+        self._entries[name] = backend
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __contains__(self, name: object) -> bool:  # without building the backend
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self._entries)})"
+
+
+BACKENDS = BackendRegistry({"zarr": "logitcache.storage.zarr_backend:ZarrBackend",
+                            "arrow": "logitcache.storage.arrow_backend:ArrowBackend"})
 
 
 def get_backend(name: str) -> Backend:
@@ -47,6 +89,9 @@ def write_shard_files(fs, path: str, backend: str, payload) -> tuple[str, int]:
     upload of an interrupted run; it becomes visible only when its entry, written after the upload,
     and then the index name it. Readers never list a cache: they open what the index names.
     """
+    # Here, not at the top: `logitcache --help` reads BACKENDS' names, and this would add fsspec to it.
+    from logitcache.storage.paths import atomic_rename, is_local
+
     impl = get_backend(backend)
     local = is_local(fs)
     target = layout.temporary_path(path) if local else path

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "logitcache-hypothesis"))
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Groups for `make test`'s two workers (`pytest -n 2 --dist loadgroup`): a group runs on one worker.
 
@@ -24,6 +25,11 @@ def pytest_collection_modifyitems(config, items):
     one worker: the two session vLLM engines, the fault tests' reference cache, the 151,936-token world.
     What must not run twice at once (torchrun's default rendezvous port, a Ray local cluster) is grouped
     where the tests are, with `@pytest.mark.xdist_group`.
+
+    First (`tryfirst`): a worker's xdist plugin reads the marks in this same hook, to send a group to
+    one worker, and it is registered after this file, so a plain hook of ours ran after it and added
+    marks that nothing read: both workers built the vLLM engines (~110 s of set-up each under load).
+    tests/test_xdist_groups.py checks it (pytest 9.2 breaks the grouping too: pyproject pins pytest < 9.2).
     """
     for item in items:
         if item.get_closest_marker("xdist_group"):
@@ -47,6 +53,25 @@ def tiny_teacher(tmp_path_factory):
     tokenizer = train_tokenizer(toy_corpus(), vocab_size=600, out_dir=out)
     make_tiny_llama(out, tokenizer, hidden_size=256, num_layers=2, num_heads=4, seed=0)
     return out, tokenizer
+
+
+# Stage one's test files (test_precompute, test_precompute_ray): the teacher's path, and one hf engine
+# per file.
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    return str(tiny_teacher[0])
+
+
+@pytest.fixture(scope="module")
+def hf_engine(teacher):
+    """One hf engine (top-`precompute_util.K`) for the module; `precompute` leaves an injected engine open."""
+    from logitcache.stages.precompute.engines import build_engine
+    from precompute_util import K
+
+    engine = build_engine("hf", teacher, k=K)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")

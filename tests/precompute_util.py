@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from logitcache.pipeline.scratch import toy_corpus
+from logitcache.stages.precompute.run import EngineSpec, precompute
 from logitcache.storage import open_cache
 from logitcache.storage import resolve
 from logitcache.storage.backends import read_shard_files, shard_checksum
@@ -20,6 +21,17 @@ LONG_ROW = 1
 MISSING_ROWS, NOT_STRING_ROWS, EMPTY_ROWS = (3, 8, 11), (5, 9), (10,)
 NUM_ROWS = 14
 MAX_LENGTH = 48  # good rows fit, LONG_ROW does not
+
+# Top-K of the stage-one tests' hf engine (conftest's `hf_engine`) and of `run`'s jobs.
+K = 8
+
+
+def run(teacher, data, out, engine, **kw):
+    """`precompute` with `engine` a name (started by the run; by each actor on Ray) or a started engine (left
+    open): top-`K`, 4 rows a shard and no progress bar unless `kw` says otherwise."""
+    kw = {"top_k": K, "rows_per_shard": 4, "progress": False, **kw}
+    engine = EngineSpec(engine) if isinstance(engine, str) else EngineSpec.of(engine)
+    return precompute(teacher=teacher, data=str(data), out=str(out), engine=engine, **kw)
 
 
 def _good(i: int, words: list[str], long: bool = False) -> dict:

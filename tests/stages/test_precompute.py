@@ -11,45 +11,24 @@ import json
 
 import numpy as np
 import pytest
-from precompute_util import (EMPTY_ROWS, LONG_ROW, MAX_LENGTH, MISSING_ROWS, NOT_STRING_ROWS, NUM_ROWS,
-                             assert_same_cache, mixed_rows, text_rows, write_jsonl)
+from precompute_util import (EMPTY_ROWS, LONG_ROW, MAX_LENGTH, MISSING_ROWS, NOT_STRING_ROWS, NUM_ROWS, K,
+                             assert_same_cache, mixed_rows, run, text_rows, write_jsonl)
 
 from logitcache.pipeline.cli import main as cli_main
 from logitcache.stages.precompute.engines import build_engine
 from logitcache.stages.precompute.engines.pooling_check import ATOL
 from logitcache.stages.precompute.plan import finalize_cache, read_job_record, writer_from_record
-from logitcache.stages.precompute.run import EngineSpec, precompute
 from logitcache.storage import open_cache
 from logitcache.storage.errors import CacheIndexError, ConfigError, InvalidDataError
 
-K = 8
+# `teacher` and `hf_engine` (top-K) are conftest's fixtures; `run` is precompute_util's.
 FIELDS = {"text": dict(text_field="text"), "prompt_response": dict(prompt_field="prompt", response_field="response"),
           "chat": dict(messages_field="messages")}
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    return str(tiny_teacher[0])
-
-
-@pytest.fixture(scope="module")
-def hf_engine(teacher):
-    """One hf engine (top-8) for the module; `precompute` uses an injected engine and leaves it open."""
-    engine = build_engine("hf", teacher, k=K)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
 def mixed_data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "mixed.jsonl", mixed_rows())
-
-
-def run(teacher, data, out, engine, **kw):
-    """`precompute` with `engine` a name (started by the run) or a started engine (left open)."""
-    kw = {"top_k": K, "rows_per_shard": 4, "progress": False, **kw}
-    engine = EngineSpec(engine) if isinstance(engine, str) else EngineSpec.of(engine)
-    return precompute(teacher=teacher, data=str(data), out=str(out), engine=engine, **kw)
 
 
 def expected_chat_positions(tokenizer, messages, max_length):

@@ -15,17 +15,16 @@ import os
 
 import pytest
 import torch
-from precompute_util import (MAX_LENGTH, PER_SHARD, ROWS, assert_same_cache, mixed_rows, text_rows, write_jsonl,
-                             write_parquet_corpus)
+from precompute_util import (MAX_LENGTH, PER_SHARD, ROWS, K, assert_same_cache, mixed_rows, run, text_rows,
+                             write_jsonl, write_parquet_corpus)
 
 from logitcache.pipeline.cli import main as cli_main
-from logitcache.stages.precompute.engines import build_engine
-from logitcache.stages.precompute.run import EngineSpec, precompute
 from logitcache.storage import open_cache
 from logitcache.storage.errors import InvalidDataError
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray local cluster at a time
-K = 8
+# `teacher` and `hf_engine` (top-K, for the single-process runs) are conftest's fixtures; `run` is precompute_util's
+# (an engine name is started by the run, by each actor on Ray).
 
 
 @pytest.fixture(scope="module")
@@ -56,26 +55,6 @@ def ray_cluster():
         torch.set_num_threads(threads)
         _, alive = psutil.wait_procs(spawned, timeout=60)
         assert not alive, f"Ray left processes running after shutdown: {[p.pid for p in alive]}"
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    return str(tiny_teacher[0])
-
-
-@pytest.fixture(scope="module")
-def hf_engine(teacher):
-    """One hf engine (top-8) for the single-process runs; `precompute` leaves an injected engine open."""
-    engine = build_engine("hf", teacher, k=K)
-    yield engine
-    engine.close()
-
-
-def run(teacher, data, out, engine, **kw):
-    """`precompute` with `engine` a name (started by the run; by each actor on Ray) or a started engine."""
-    kw = {"top_k": K, "rows_per_shard": 4, "progress": False, **kw}
-    engine = EngineSpec(engine) if isinstance(engine, str) else EngineSpec.of(engine)
-    return precompute(teacher=teacher, data=str(data), out=str(out), engine=engine, **kw)
 
 
 def test_ray_local_cluster_equals_single_process(ray_cluster, teacher, hf_engine, s3, tmp_path):
