@@ -34,6 +34,11 @@ The pooling job's start-up includes its head check's short-lived second engine; 
 pays it too, so the subtraction removes it. `--jobs 'vllm logprobs path'` runs one variant (beside
 the bare job); `--job-engine-arg enforce_eager=true` gives every job, the bare one included, that
 engine option.
+
+    .venv/bin/python benchmarks/bench_engines.py --head-widths 256,1536,3584 --vocab 151680 --micro-rows 512
+
+times the fused head against the head matmul alone at several hidden sizes (1 thread, CPU time):
+what the fold adds per logit does not grow with H, the matmul does.
 """
 
 from __future__ import annotations
@@ -279,6 +284,48 @@ def bench_topk_micro(args) -> None:
             print(f"{threads} thr  {name:40s} {rounds}   head/path {base / min(t[pick] for t in times[threads, name]):.2f}")
 
 
+def bench_head_widths(args) -> None:
+    """The fused head against the head matmul alone at several hidden sizes: 1 torch thread, CPU time.
+
+    The test teacher is 256 wide. A real teacher is 1,536 (Qwen2-1.5B) to 3,584 (Qwen2-7B) or
+    more, and the head's matmul costs 2 H flops per logit while the fused fold's work per logit
+    (compare, exp, sum) does not grow with H. So how much the fold adds depends on H; this measures
+    it at each width in `--head-widths`, `--micro-rows` rows, V = `--vocab`, rounds interleaved (the
+    first round is a warm-up and is not counted). The baseline is one (rows x V) matmul, what a
+    bare forward's `lm_head` does.
+    """
+    from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden
+    from logitcache.stages.precompute.fused_topk import fused_topk_targets
+    from logitcache.storage.head import LMHead
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    rows, spec = args.micro_rows, TargetSpec(k=args.k)
+    print(f"{rows} rows x V {args.vocab}, k={args.k}, fp32, 1 torch thread; CPU seconds per round; "
+          f"ratio = one-matmul time / path time, best counted rounds")
+    for width in (int(h) for h in args.head_widths.split(",")):
+        head = LMHead(weight=torch.randn(args.vocab, width, generator=gen) * (2.5 / width ** 0.5))
+        hidden = torch.randn(rows, width, generator=gen)
+        next_ids = torch.randint(0, args.vocab, (rows,), generator=gen)
+        paths = {
+            "head matmul, one (rows x V)": lambda: head(hidden),
+            "head matmul, 256-row chunks": lambda: [head(hidden[lo:lo + 256]) for lo in range(0, rows, 256)],
+            "unfused (head chunk, then topk_targets)": lambda: targets_from_hidden(
+                hidden, head, next_ids, spec, fused=False),
+            "fused": lambda: fused_topk_targets(hidden, head, next_ids, args.k),
+        }
+        times = {name: [] for name in paths}
+        for _ in range(args.repeats + 1):
+            for name, path in paths.items():
+                c0 = time.process_time()
+                path()
+                times[name].append(time.process_time() - c0)
+        base = min(times["head matmul, one (rows x V)"][1:])
+        for name, t in times.items():
+            rounds = " ".join(f"{x:6.2f}" for x in t[1:])
+            print(f"H {width:5d}  {name:42s} {rounds}   {base / min(t[1:]):.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -300,7 +347,9 @@ def main() -> None:
                         help="an --engine-arg for every whole job, the bare vLLM job included (e.g. enforce_eager=true)")
     parser.add_argument("--topk-micro", action="store_true",
                         help="fused vs unfused head + top-K in-process, at 1 and 2 torch threads (wall and CPU time)")
-    parser.add_argument("--micro-rows", type=int, default=1024, help="rows for --topk-micro")
+    parser.add_argument("--micro-rows", type=int, default=1024, help="rows for --topk-micro and --head-widths")
+    parser.add_argument("--head-widths", metavar="H,H,...",
+                        help="the fused head vs the head matmul alone at these hidden sizes (1 thread, CPU time)")
     parser.add_argument("--model", help=argparse.SUPPRESS)  # --bare-job's model (internal)
     parser.add_argument("--bare-job", metavar="TEXTS.jsonl", help=argparse.SUPPRESS)
     parser.add_argument("--bare-vllm-job", metavar="TEXTS.jsonl", help=argparse.SUPPRESS)
@@ -316,6 +365,9 @@ def main() -> None:
         return
     if args.topk_micro:
         bench_topk_micro(args)
+        return
+    if args.head_widths:
+        bench_head_widths(args)
         return
     if args.whole_job:
         with tempfile.TemporaryDirectory() as tmp:
