@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from logitcache.stages.precompute.fused_topk import fused_topk_targets
+from logitcache.stages.precompute.fused_topk import fused_kernel_choice, fused_topk_targets
 from logitcache.storage.head import LMHead
 from logitcache.stages.precompute.sparsify import (
     SAMPLE_FIELDS,
@@ -175,6 +175,7 @@ def targets_from_hidden(
     seeds: np.ndarray | None = None,
     chunk_rows: int | None = None,
     fused: bool = True,
+    fused_kernel: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Apply the head and sparsify, a chunk of rows at a time.
 
@@ -192,11 +193,18 @@ def targets_from_hidden(
         chunk_rows: Rows per head call; defaults to 64M logits (128 MiB in bf16), or to
             `fused_topk.default_tiles` when fused.
         fused: Use the fused head + top-K in topk mode.
+        fused_kernel: Which fused implementation (`fused_topk.fused_kernel_choice`): "auto" runs
+            the Triton kernel (`fused_topk_triton`, which ignores `chunk_rows`) on CUDA, the torch
+            tile fold elsewhere; "triton" or "torch" forces one.
 
     Returns:
         The `sparsify` fields, n rows each.
     """
     if fused and spec.mode == "topk":
+        if fused_kernel_choice(fused_kernel, head.weight.device, spec.k) == "triton":
+            from logitcache.stages.precompute.fused_topk_triton import triton_topk_targets
+
+            return triton_topk_targets(hidden, head, next_ids, spec.k)
         return fused_topk_targets(hidden, head, next_ids, spec.k, chunk_rows=chunk_rows)
     n = hidden.shape[0]
     chunk_rows = chunk_rows or max(1, (1 << 26) // head.width)

@@ -23,6 +23,7 @@ from logitcache.stages.precompute.engines.base import (
     split_rows,
     targets_from_hidden,
 )
+from logitcache.stages.precompute.fused_topk import fused_kernel_choice
 from logitcache.storage.head import head_from_model, verify_head
 from logitcache.storage.errors import ConfigError
 
@@ -46,6 +47,8 @@ class HFEngine:
         attn_implementation: Passed to `from_pretrained` ("sdpa", "eager", ...).
         fused_head: In topk mode, head + logsumexp + top-K in one pass over vocabulary tiles
             (`fused_topk`); False builds each chunk's full logits first (the reference path).
+        fused_kernel: Which fused head: "auto" (the Triton kernel of `fused_topk_triton` on
+            CUDA, the torch tile fold on CPU), "triton" or "torch" to force one.
     """
 
     name = "hf"
@@ -63,6 +66,7 @@ class HFEngine:
         head_chunk_rows: int | None = None,
         attn_implementation: str | None = None,
         fused_head: bool = True,
+        fused_kernel: str = "auto",
     ):
         import transformers
         from transformers import AutoModelForCausalLM
@@ -79,6 +83,9 @@ class HFEngine:
         self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         self.head_chunk_rows = head_chunk_rows
         self.fused_head = fused_head
+        # Checked before the model loads: a bad name, or "triton" where it cannot run, fails fast.
+        fused_kernel_choice(fused_kernel, self.device, spec.k if spec.mode == "topk" else None)
+        self.fused_kernel = fused_kernel
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model = AutoModelForCausalLM.from_pretrained(
             model,
@@ -105,7 +112,7 @@ class HFEngine:
             next_ids, seeds = gather_inputs(items, [requests[i].seed for i in batch], self.spec)
             rows = targets_from_hidden(
                 self._hidden_rows(items), self.head, next_ids, self.spec, seeds=seeds, chunk_rows=self.head_chunk_rows,
-                fused=self.fused_head,
+                fused=self.fused_head, fused_kernel=self.fused_kernel,
             )
             for i, out in zip(batch, split_rows(rows, [len(pos) for _, pos in items])):
                 results[i] = out

@@ -1,0 +1,194 @@
+"""The Triton kernel of the fused head (`fused_topk_triton`) against the unfused path, on CPU.
+
+CPU tensors run the kernel's own source under Triton's interpreter (a GPU compiles the same
+function), in one child process for the module (`triton_interpreter`: the interpreter must be on
+before triton is first imported). What is checked is the kernel's arithmetic: blocks, masks,
+splits, the packed keys, the merges and the directly summed tail. Not checked: that it compiles
+for a GPU, and its speed. The interpreter is slow, so grids are a few programs.
+
+    .venv/bin/python -m pytest tests/stages/test_fused_topk_triton.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from logitcache.stages.precompute.engines import build_engine  # noqa: E402
+from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden  # noqa: E402
+from logitcache.stages.precompute.fused_topk import TRITON_MAX_K, fused_kernel_choice  # noqa: E402
+from logitcache.stages.precompute.fused_topk_triton import triton_topk_targets  # noqa: E402
+from logitcache.stages.precompute.sparsify import topk_targets  # noqa: E402
+from logitcache.storage.errors import ConfigError, InvalidDataError  # noqa: E402
+from logitcache.storage.head import LMHead  # noqa: E402
+from triton_interpreter import interpreter_pool, triton_topk  # noqa: E402
+
+# Small blocks keep the interpreter's grid to a few programs; tl.dot needs >= 16 per side.
+SMALL = dict(block_rows=16, block_vocab=32, block_hidden=32)
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """`triton_topk_targets` with the kernel run by Triton's interpreter, in a child process."""
+    with interpreter_pool() as pool:
+        yield lambda *args, **kwargs: pool.submit(triton_topk, *args, **kwargs).result()
+
+
+def _peaked_head(vocab: int, hidden: int = 48, rows: int = 16, seed: int = 0, dtype=torch.float32,
+                 **transform) -> tuple[LMHead, torch.Tensor]:
+    """A head with an LLM-like row shape: a Zipf-like per-id bias (ids shuffled) plus a random
+    projection, so a few ids dominate and the tail past the top-K still holds a good part of the
+    mass (the top-K merges and the tail sum both matter)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(vocab, hidden, generator=g) * 0.35).to(dtype)
+    bias = (-1.2 * torch.log1p(torch.randperm(vocab, generator=g).float())).to(dtype)
+    return LMHead(weight=weight, bias=bias, **transform), torch.randn(rows, hidden, generator=g)
+
+
+def _check(got: dict, head: LMHead, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, *,
+           atol: float = 2e-5, tail_rtol: float = 1e-4) -> dict:
+    """`got` against `topk_targets(head(hidden))`: same log-probs, target, tail; every id carries
+    its own log-prob, ids are distinct, and the kept sets differ only by ties at the K-th."""
+    logits = head(hidden)
+    ref = topk_targets(logits, next_ids, k)
+    for name in ("topk_ids", "topk_logprobs", "target_logprob", "tail_mass"):
+        assert got[name].dtype == ref[name].dtype and got[name].shape == ref[name].shape, name
+    np.testing.assert_allclose(got["topk_logprobs"], ref["topk_logprobs"], rtol=0, atol=atol)
+    np.testing.assert_allclose(got["target_logprob"], ref["target_logprob"], rtol=0, atol=atol)
+    np.testing.assert_allclose(got["tail_mass"], ref["tail_mass"], rtol=tail_rtol, atol=1e-9)
+    full = torch.log_softmax(logits.double(), dim=-1).numpy()
+    picked = np.take_along_axis(full, got["topk_ids"].astype(np.int64), 1)
+    np.testing.assert_allclose(picked, got["topk_logprobs"], rtol=0, atol=atol)
+    assert all(len(set(row)) == len(row) for row in got["topk_ids"].tolist())
+    for row, (a, b) in enumerate(zip(got["topk_ids"].tolist(), ref["topk_ids"].tolist())):
+        for i in set(a) ^ set(b):
+            assert abs(full[row, i] - ref["topk_logprobs"][row, -1]) <= atol, (row, i)
+    return ref
+
+
+@pytest.mark.parametrize("inserts", [None, 0, 64], ids=["default", "always-sort", "always-insert"])
+def test_long_tail_ragged_vocab_and_a_split_shorter_than_k(inserts, interpreted):
+    """V = 197 in 32-wide subtiles (the last is 5 wide), 4 splits of 64 ids: the last split holds
+    5 < K = 8 ids, so its running top-8 keeps -inf fillers that the final merge must drop. 13
+    rows in a 16-row block: 3 rows of padding. H = 48 in 32-wide steps: a masked last step.
+    `inserts` = 0 merges every subtile by sorting, 64 (> any count) every one by insertion; the
+    default picks per subtile. All three must give the same answer."""
+    head, hidden = _peaked_head(197, hidden=48, rows=13, seed=1)
+    next_ids = torch.randint(0, 197, (13,), generator=torch.Generator().manual_seed(2))
+    got = interpreted(hidden, head, next_ids, 8, splits=4, inserts=inserts, **SMALL)
+    ref = _check(got, head, hidden, next_ids, 8)
+    assert 0.05 < np.median(ref["tail_mass"]) < 0.9, "the tail must matter for this test to mean anything"
+    assert (got["topk_ids"] >= 192).any(), "the short split must contribute to some row's top-K"
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_k_not_a_power_of_two(k, interpreted):
+    """K = 5 and 12 run as 8 and 16 and are cut in the merge; K = 1 takes tl.topk's max path."""
+    head, hidden = _peaked_head(160, hidden=32, rows=16, seed=3)
+    next_ids = torch.randint(0, 160, (16,), generator=torch.Generator().manual_seed(4))
+    got = interpreted(hidden, head, next_ids, k, splits=2, **SMALL)
+    _check(got, head, hidden, next_ids, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bias_softcap_and_scales(dtype, interpreted):
+    """Bias, hidden_scale before the matmul, logit_scale and a tanh softcap after it, as
+    `apply_head` computes them; in bf16 the kernel rounds where torch rounds, so even ties agree."""
+    transform = dict(softcap=4.0, logit_scale=1.7, hidden_scale=0.6)
+    head, hidden = _peaked_head(150, hidden=64, rows=16, seed=5, dtype=dtype, **transform)
+    assert head(hidden).float().abs().max() > 3.0, "the cap must bend some logits"
+    next_ids = torch.randint(0, 150, (16,), generator=torch.Generator().manual_seed(6))
+    got = interpreted(hidden, head, next_ids, 8, splits=2, **SMALL)
+    _check(got, head, hidden, next_ids, 8)
+
+
+def test_no_bias_fp16(interpreted):
+    head, hidden = _peaked_head(96, hidden=32, rows=16, seed=7, dtype=torch.float16)
+    head = LMHead(weight=head.weight)
+    next_ids = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(8))
+    got = interpreted(hidden, head, next_ids, 4, splits=1, **SMALL)
+    _check(got, head, hidden, next_ids, 4)
+
+
+def test_tiny_tail_keeps_its_relative_precision(interpreted):
+    """One id carries all but ~3e-11 of the mass: 1 - sum(top-K) is 0 in fp32. The kernel sums
+    the outside mass directly (across subtiles, skipped merges and splits), like `topk_targets`."""
+    vocab, hidden_size = 300, 16
+    bias = torch.full((vocab,), -30.0)
+    bias[217] = 0.0
+    bias[40] = -5.0  # a second id, kept in the top-2
+    head = LMHead(weight=torch.zeros(vocab, hidden_size), bias=bias)
+    hidden = torch.randn(3, hidden_size)
+    next_ids = torch.tensor([217, 40, 5])
+    got = interpreted(hidden, head, next_ids, 2, splits=2, **SMALL)
+    exact = (vocab - 2) * np.exp(-30.0) / (1 + np.exp(-5.0) + (vocab - 2) * np.exp(-30.0))
+    assert 1e-11 < exact < 1e-10
+    np.testing.assert_allclose(got["tail_mass"], exact, rtol=1e-5)
+    assert got["topk_ids"].tolist() == [[217, 40]] * 3
+    _check(got, head, hidden, next_ids, 2, atol=1e-5, tail_rtol=1e-5)  # ulp(30) = 2e-6
+
+
+def test_next_token_at_every_edge_of_tiles_and_splits(interpreted):
+    """The next token at a subtile's first and last id, at split edges (95 | 96), at 0 and V-1,
+    and in the 2-wide last subtile: its logit is picked up in exactly one split."""
+    vocab = 130  # subtiles [0, 32) ... [96, 128), [128, 130); splits [0, 96), [96, 130)
+    head, hidden = _peaked_head(vocab, hidden=32, rows=16, seed=9)
+    next_ids = torch.tensor([0, 31, 32, 63, 64, 95, 96, 97, 127, 128, 129, 1, 33, 100, 128, 129])
+    got = interpreted(hidden, head, next_ids, 8, splits=2, **SMALL)
+    _check(got, head, hidden, next_ids, 8)
+
+
+def test_empty_input_and_bad_arguments():
+    head, hidden = _peaked_head(64, hidden=16, rows=4)
+    empty = triton_topk_targets(hidden[:0], head, torch.zeros(0, dtype=torch.long), 4)
+    assert empty["topk_ids"].shape == (0, 4) and empty["topk_ids"].dtype == np.int32
+    with pytest.raises(ConfigError, match="k=65"):
+        triton_topk_targets(hidden, head, torch.zeros(4, dtype=torch.long), 65)
+    with pytest.raises(InvalidDataError, match=r"\[0, 64\)"):
+        triton_topk_targets(hidden, head, torch.full((4,), 64), 4)
+    with pytest.raises(ConfigError, match="power of two"):
+        triton_topk_targets(hidden, head, torch.zeros(4, dtype=torch.long), 4, block_rows=24)
+    wide, _ = _peaked_head(600, hidden=16, rows=4)
+    with pytest.raises(ConfigError, match=f"at most {TRITON_MAX_K}"):
+        triton_topk_targets(hidden, wide, torch.zeros(4, dtype=torch.long), TRITON_MAX_K + 1)
+    import triton
+
+    if not triton.knobs.runtime.interpret:  # this process compiles: CPU tensors are refused, not crashed on
+        with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+            triton_topk_targets(hidden, head, torch.zeros(4, dtype=torch.long), 4)
+
+
+def test_which_kernel_runs():
+    """auto: Triton on CUDA, the torch fold on CPU; 'triton' is refused where it cannot run."""
+    assert fused_kernel_choice("auto", "cpu", 32) == "torch"
+    assert fused_kernel_choice("torch", "cuda", 32) == "torch"
+    assert fused_kernel_choice("auto", "cuda", 32) == "triton"  # triton is importable here
+    assert fused_kernel_choice("auto", "cuda", TRITON_MAX_K + 1) == "torch"
+    assert fused_kernel_choice("triton", "cuda", 32) == "triton"
+    with pytest.raises(ConfigError, match="CUDA"):
+        fused_kernel_choice("triton", "cpu", 32)
+    with pytest.raises(ConfigError, match=f"K = {TRITON_MAX_K}"):
+        fused_kernel_choice("triton", "cuda", TRITON_MAX_K + 1)
+    with pytest.raises(ConfigError, match="expected one of"):
+        fused_kernel_choice("cuda", "cuda", 32)
+    head, hidden = _peaked_head(500, hidden=16, rows=8)
+    next_ids = torch.arange(8)
+    spec = TargetSpec(mode="topk", k=4)
+    auto = targets_from_hidden(hidden, head, next_ids, spec)  # CPU: the torch fold
+    forced = targets_from_hidden(hidden, head, next_ids, spec, fused_kernel="torch")
+    for name in auto:
+        np.testing.assert_array_equal(auto[name], forced[name])
+    with pytest.raises(ConfigError, match="CUDA"):
+        targets_from_hidden(hidden, head, next_ids, spec, fused_kernel="triton")
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_engines_refuse_a_bad_fused_kernel_before_loading_anything(engine, tmp_path):
+    """The option is checked before any model loads or engine starts (the model path is empty)."""
+    with pytest.raises(ConfigError, match="fused_kernel='gpu'"):
+        build_engine(engine, str(tmp_path), fused_kernel="gpu")
+    with pytest.raises(ConfigError, match="CUDA"):
+        build_engine(engine, str(tmp_path), device="cpu", fused_kernel="triton")
