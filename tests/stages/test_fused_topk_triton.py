@@ -34,6 +34,7 @@ SMALL = dict(block_rows=16, block_vocab=32, block_hidden=32)
 def interpreted():
     """`triton_topk_targets` with the kernel run by Triton's interpreter, in a child process."""
     with interpreter_pool() as pool:
+        pool.submit(int).result()  # start the child (torch, triton) here, not in the first test
         yield lambda *args, **kwargs: pool.submit(triton_topk, *args, **kwargs).result()
 
 
@@ -69,26 +70,26 @@ def _check(got: dict, head: LMHead, hidden: torch.Tensor, next_ids: torch.Tensor
     return ref
 
 
-@pytest.mark.parametrize("inserts", [None, 0, 64], ids=["default", "always-sort", "always-insert"])
+@pytest.mark.parametrize("inserts", [None, 64], ids=["default", "always-insert"])
 def test_long_tail_ragged_vocab_and_a_split_shorter_than_k(inserts, interpreted):
-    """V = 197 in 32-wide subtiles (the last is 5 wide), 4 splits of 64 ids: the last split holds
+    """V = 133 in 32-wide subtiles (the last is 5 wide), 3 splits of 64 ids: the last split holds
     5 < K = 8 ids, so its running top-8 keeps -inf fillers that the final merge must drop. 13
     rows in a 16-row block: 3 rows of padding. H = 48 in 32-wide steps: a masked last step.
-    `inserts` = 0 merges every subtile by sorting, 64 (> any count) every one by insertion; the
-    default picks per subtile. All three must give the same answer."""
-    head, hidden = _peaked_head(197, hidden=48, rows=13, seed=1)
-    next_ids = torch.randint(0, 197, (13,), generator=torch.Generator().manual_seed(2))
-    got = interpreted(hidden, head, next_ids, 8, splits=4, inserts=inserts, **SMALL)
+    At this size the default (`inserts` = 4) merges most subtiles by sorting; `inserts` = 64
+    (more than any count) merges every one by insertion. Both must give the same answer."""
+    head, hidden = _peaked_head(133, hidden=48, rows=13, seed=1)
+    next_ids = torch.randint(0, 133, (13,), generator=torch.Generator().manual_seed(2))
+    got = interpreted(hidden, head, next_ids, 8, splits=3, inserts=inserts, **SMALL)
     ref = _check(got, head, hidden, next_ids, 8)
     assert 0.05 < np.median(ref["tail_mass"]) < 0.9, "the tail must matter for this test to mean anything"
-    assert (got["topk_ids"] >= 192).any(), "the short split must contribute to some row's top-K"
+    assert (got["topk_ids"] >= 128).any(), "the short split must contribute to some row's top-K"
 
 
 @pytest.mark.parametrize("k", [1, 5, 12])
 def test_k_not_a_power_of_two(k, interpreted):
     """K = 5 and 12 run as 8 and 16 and are cut in the merge; K = 1 takes tl.topk's max path."""
-    head, hidden = _peaked_head(160, hidden=32, rows=16, seed=3)
-    next_ids = torch.randint(0, 160, (16,), generator=torch.Generator().manual_seed(4))
+    head, hidden = _peaked_head(100, hidden=32, rows=16, seed=3)
+    next_ids = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(4))
     got = interpreted(hidden, head, next_ids, k, splits=2, **SMALL)
     _check(got, head, hidden, next_ids, k)
 
@@ -98,9 +99,9 @@ def test_bias_softcap_and_scales(dtype, interpreted):
     """Bias, hidden_scale before the matmul, logit_scale and a tanh softcap after it, as
     `apply_head` computes them; in bf16 the kernel rounds where torch rounds, so even ties agree."""
     transform = dict(softcap=4.0, logit_scale=1.7, hidden_scale=0.6)
-    head, hidden = _peaked_head(150, hidden=64, rows=16, seed=5, dtype=dtype, **transform)
+    head, hidden = _peaked_head(100, hidden=64, rows=16, seed=5, dtype=dtype, **transform)
     assert head(hidden).float().abs().max() > 3.0, "the cap must bend some logits"
-    next_ids = torch.randint(0, 150, (16,), generator=torch.Generator().manual_seed(6))
+    next_ids = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(6))
     got = interpreted(hidden, head, next_ids, 8, splits=2, **SMALL)
     _check(got, head, hidden, next_ids, 8)
 

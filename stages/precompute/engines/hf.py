@@ -68,12 +68,15 @@ class HFEngine:
         fused_head: bool = True,
         fused_kernel: str = "auto",
     ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Checked first: a bad name, or "triton" where it cannot run, fails before anything loads.
+        fused_kernel_choice(fused_kernel, self.device, spec.k if spec.mode == "topk" else None)
+        self.fused_kernel = fused_kernel
         import transformers
         from transformers import AutoModelForCausalLM
 
         self.version = transformers.__version__
         self.spec = spec
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         elif dtype in TORCH_DTYPES:
@@ -83,9 +86,6 @@ class HFEngine:
         self.max_batch_tokens = max_batch_tokens or (16384 if self.device.type == "cuda" else 4096)
         self.head_chunk_rows = head_chunk_rows
         self.fused_head = fused_head
-        # Checked before the model loads: a bad name, or "triton" where it cannot run, fails fast.
-        fused_kernel_choice(fused_kernel, self.device, spec.k if spec.mode == "topk" else None)
-        self.fused_kernel = fused_kernel
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model = AutoModelForCausalLM.from_pretrained(
             model,
