@@ -3,6 +3,7 @@
     python benchmarks/gpu_precompute.py                    # one H100/H200, ~6 min (see below); a table + JSON
     python benchmarks/gpu_precompute.py --shapes 1.5b --tokens 2048 --seqs 2   # a quick look
     .venv/bin/python benchmarks/gpu_precompute.py --smoke      # CPU, a tiny body, V = 4,096: checks the script runs
+    .venv/bin/python benchmarks/gpu_precompute.py --dry-run-cpu   # CPU: the GPU rows' code, interpreted
 
 Where logitcache is not installed (the lent GPU machine: its python3 has torch and transformers,
 nothing can be installed), from the checkout's root. pyproject.toml maps the folders pipeline/,
@@ -26,7 +27,7 @@ it times:
 - **hf engine, fused, Triton kernel**: the body, then `fused_topk_triton.triton_topk_targets`
   (the logits live only in registers), with its untuned default blocks; what the engine runs on
   CUDA by default (`fused_kernel="auto"`).
-- **Triton sweep** (first shape only): the same with 3 other (BM, BN, splits) choices.
+- **Triton sweep** (first shape only): the same with 4 other (BM, BN, splits, inserts) choices.
 - **fused, torch.compile**: the torch fold with each tile's fold compiled (skipped with the
   reason if compilation fails).
 
@@ -36,7 +37,7 @@ against the unfused output (top-K log-probs within bf16 noise) so a fast wrong k
 
 Time on one H200, estimated (not measured: no GPU was lent when this was written): model set-up
 ~5 s (1.5B) and ~15 s (7B); ~40 timed or warm-up runs per shape at ~0.1 s (1.5B) and ~0.5 s (7B);
-Triton compiles ~30-60 s each (5: one per shape, one per sweep row), torch.compile ~1-2 min per shape.
+Triton compiles ~30-60 s each (6: one per shape, one per sweep row), torch.compile ~1-2 min per shape.
 About 6 min in all. The optional rows (sweep, torch.compile) are skipped, and say so, once the run
 has taken `--budget-s` (420 s), so the script ends within 8 minutes even if compiles are slow.
 
@@ -90,8 +91,9 @@ def _timed(fn, repeats: int, warm: int = 2) -> float:
     return statistics.median(times)
 
 
-# (block_rows, block_vocab, splits) tried beside the defaults on the first shape; untuned guesses.
-SWEEP = [(128, 128, None), (64, 256, None), (64, 128, 2)]
+# (block_rows, block_vocab, splits, inserts) tried beside the defaults (64, 128, auto, 4) on the first
+# shape; untuned guesses. inserts: the most candidates a subtile may have and still merge by insertion.
+SWEEP = [(128, 128, None, 4), (64, 256, None, 4), (64, 128, 2, 4), (64, 128, None, 16)]
 
 
 def _diff(a: dict, b: dict) -> float:
@@ -105,9 +107,10 @@ def bench_shape(name: str, args, started: float, sweep: bool) -> list[dict]:
     from logitcache.stages.precompute.fused_topk import fused_topk_targets
     from logitcache.stages.precompute.head import head_from_model
 
-    device = "cpu" if args.smoke else "cuda"
+    on_cpu = args.smoke or args.dry_run_cpu
+    device = "cpu" if on_cpu else "cuda"
     config = Qwen2Config(vocab_size=args.vocab, max_position_embeddings=max(4096, args.tokens),
-                         **(SMOKE if args.smoke else SHAPES[name]))
+                         **(SMOKE if on_cpu else SHAPES[name]))
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
@@ -158,13 +161,14 @@ def bench_shape(name: str, args, started: float, sweep: bool) -> list[dict]:
     row("hf engine, fused, torch tile fold", lambda: engine(True), args.repeats)
     if args.smoke:
         rows.append(_interpreter_smoke(model, head, spec))
-    elif row("hf engine, fused, Triton kernel", lambda: engine(True, kernel="triton"), args.repeats):
-        for bm, bn, splits in SWEEP if sweep else []:
-            label = f"  Triton BM={bm} BN={bn} splits={splits or 'auto'}"
+    elif row("hf engine, fused, Triton kernel", lambda: engine(True, kernel="triton", blocks=None if device == "cuda"
+                                                              else {}), args.repeats):  # the engines refuse CPU
+        for bm, bn, splits, inserts in SWEEP if sweep else []:
+            label = f"  Triton BM={bm} BN={bn} splits={splits or 'auto'} inserts={inserts}"
             if time.perf_counter() - started > args.budget_s:
                 rows.append({"shape": name, "path": label, "seconds": None, "error": "skipped (--budget-s)"})
                 continue
-            blocks = {"block_rows": bm, "block_vocab": bn, "splits": splits}
+            blocks = {"block_rows": bm, "block_vocab": bn, "splits": splits, "inserts": inserts}
             row(label, lambda: engine(True, blocks=blocks), max(1, args.repeats - 2), warm=1)
     try:
         if args.no_compile:
@@ -183,10 +187,10 @@ def bench_shape(name: str, args, started: float, sweep: bool) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - report why compile did not get there, keep the other rows
         rows.append({"shape": name, "path": "hf engine, fused + torch.compile", "seconds": None,
                      "error": f"{type(e).__name__}: {str(e)[:200]}"})
-    for row in rows:
-        timed = row["seconds"] and not row.get("interpreted")  # the smoke's interpreter row: another size
-        row["tokens_per_s"] = positions / row["seconds"] if timed else None
-        row["of_bare"] = bare_s / row["seconds"] if timed else None
+    for r in rows:
+        timed = r["seconds"] and not r.get("interpreted")  # the smoke's interpreter row: another size
+        r["tokens_per_s"] = positions / r["seconds"] if timed else None
+        r["of_bare"] = bare_s / r["seconds"] if timed else None
     del model, head
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -228,18 +232,25 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, a tiny body, V = 4,096, 2 x 64 tokens, no torch.compile: does the script run")
+    parser.add_argument("--dry-run-cpu", action="store_true",
+                        help="CPU, a tiny body, 1 x 16 tokens, --vocab 256, K = 8: every GPU row, the Triton ones "
+                             "and the sweep under Triton's interpreter (~6 min here): does the GPU path's code run")
     args = parser.parse_args()
-    if args.smoke:
-        # The smoke's Triton row runs the kernel under Triton's interpreter, which must be on
-        # before triton is first imported (by transformers or by our kernel's module).
+    if args.smoke or args.dry_run_cpu:
+        # The Triton rows run the kernel under Triton's interpreter, which must be on before
+        # triton is first imported (by transformers or by our kernel's module).
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.smoke:
         # V = 4,096: a bf16 matmul 151,936 wide takes seconds on a CPU, and the smoke checks that it runs.
         args.shapes, args.vocab, args.seqs, args.tokens, args.repeats, args.no_compile = "1.5b", 4096, 2, 64, 1, True
+    elif args.dry_run_cpu:
+        args.shapes, args.seqs, args.tokens, args.repeats, args.no_compile = "1.5b", 1, 16, 1, True
+        args.vocab, args.k = 256, 8
     elif not torch.cuda.is_available():
-        raise SystemExit("gpu_precompute.py needs a CUDA GPU (or --smoke on CPU)")
+        raise SystemExit("gpu_precompute.py needs a CUDA GPU (or --smoke / --dry-run-cpu on CPU)")
     import transformers
 
-    name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
+    name = "cpu" if args.smoke or args.dry_run_cpu else torch.cuda.get_device_name()
     print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}")
     rows = []
     started = time.perf_counter()
@@ -250,7 +261,7 @@ def main() -> None:
             secs = f"{row['seconds']:.3f}" if row["seconds"] else "-"
             tps = f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] else row.get("error", "-")
             ratio = f"{row['of_bare']:.2f}" if row["of_bare"] else "-"
-            print(f"{row['shape']:5s} {row['path']:38s} {secs:>8s} s {tps:>14s} tok/s {ratio:>5s}", flush=True)
+            print(f"{row['shape']:5s} {row['path']:44s} {secs:>8s} s {tps:>14s} tok/s {ratio:>5s}", flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
     print(json.dumps(rows))
 
