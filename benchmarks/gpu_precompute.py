@@ -91,9 +91,9 @@ def _timed(fn, repeats: int, warm: int = 2) -> float:
     return statistics.median(times)
 
 
-# (block_rows, block_vocab, splits, inserts) tried beside the defaults (64, 128, auto, 4) on the first
+# (block_rows, block_vocab, splits, inserts) tried beside the defaults (64, 128, auto, 8) on the first
 # shape; untuned guesses. inserts: the most candidates a subtile may have and still merge by insertion.
-SWEEP = [(128, 128, None, 4), (64, 256, None, 4), (64, 128, 2, 4), (64, 128, None, 16)]
+SWEEP = [(128, 128, None, 8), (64, 256, None, 8), (64, 128, 2, 8), (64, 128, None, 16)]
 
 
 def _diff(a: dict, b: dict) -> float:

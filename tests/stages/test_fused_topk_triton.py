@@ -70,13 +70,13 @@ def _check(got: dict, head: LMHead, hidden: torch.Tensor, next_ids: torch.Tensor
     return ref
 
 
-@pytest.mark.parametrize("inserts", [None, 64], ids=["default", "always-insert"])
+@pytest.mark.parametrize("inserts", [0, 2, 64], ids=["always-sort", "mixed", "always-insert"])
 def test_long_tail_ragged_vocab_and_a_split_shorter_than_k(inserts, interpreted):
     """V = 133 in 32-wide subtiles (the last is 5 wide), 3 splits of 64 ids: the last split holds
     5 < K = 8 ids, so its running top-8 keeps -inf fillers that the final merge must drop. 13
     rows in a 16-row block: 3 rows of padding. H = 48 in 32-wide steps: a masked last step.
-    At this size the default (`inserts` = 4) merges most subtiles by sorting; `inserts` = 64
-    (more than any count) merges every one by insertion. Both must give the same answer."""
+    `inserts` = 0 merges every subtile by sorting, 64 (more than any count) every one by
+    insertion, 2 each by whichever its candidate count picks. All must give the same answer."""
     head, hidden = _peaked_head(133, hidden=48, rows=13, seed=1)
     next_ids = torch.randint(0, 133, (13,), generator=torch.Generator().manual_seed(2))
     got = interpreted(hidden, head, next_ids, 8, splits=3, inserts=inserts, **SMALL)
