@@ -6,7 +6,8 @@ before triton is first imported). What is checked is the kernel's arithmetic: bl
 splits, the packed keys, the merges and the directly summed tail. Not checked: that it compiles
 for a GPU, and its speed. The interpreter is slow, so grids are a few programs.
 
-    .venv/bin/python -m pytest tests/stages/test_fused_topk_triton.py -q
+    .venv/bin/python -m pytest tests/stages/test_fused_topk_triton.py -q           # ~50 s on 2 busy cores
+    .venv/bin/python -m pytest tests/stages/test_fused_topk_triton.py -q -m slow   # K = 32 over 8,229 ids
 """
 
 from __future__ import annotations
@@ -140,6 +141,19 @@ def test_next_token_at_every_edge_of_tiles_and_splits(interpreted):
     next_ids = torch.tensor([0, 31, 32, 63, 64, 95, 96, 97, 127, 128, 129, 1, 33, 100, 128, 129])
     got = interpreted(hidden, head, next_ids, 8, splits=2, **SMALL)
     _check(got, head, hidden, next_ids, 8)
+
+
+@pytest.mark.slow
+def test_k32_over_eight_thousand_ids_in_bf16(interpreted):
+    """Closer to real work (30-50 s of interpreter): K = 32 over V = 8,229 (not a multiple of 64),
+    bf16 with a softcap, 129 subtiles in one split, so the running top-32 is merged ~130 times,
+    mostly by insertion once the split is under way."""
+    head, hidden = _peaked_head(8229, hidden=64, rows=16, seed=13, dtype=torch.bfloat16, softcap=30.0)
+    next_ids = torch.randint(0, 8229, (16,), generator=torch.Generator().manual_seed(14))
+    next_ids[:3] = torch.tensor([0, 8228, 8192])
+    got = interpreted(hidden, head, next_ids, 32, block_rows=16, block_vocab=64, block_hidden=32, splits=1)
+    ref = _check(got, head, hidden, next_ids, 32)
+    assert 0.05 < np.median(ref["tail_mass"]) < 0.9
 
 
 def test_empty_input_and_bad_arguments():
