@@ -19,7 +19,7 @@ only in registers: a split-V kernel, in the manner of flash-decoding.
 - Merge, three ways, chosen per subtile by its candidates (entries above their row's running
   KP-th key), counted for the busiest row of the block: none, and the whole subtile is outside
   mass; up to `INSERTS` (the usual case once a split is under way), and each row's best remaining
-  candidate replaces its running minimum, that many rounds of two reductions; more (a split's
+  candidate replaces its running minimum, that many rounds of a max and two selects; more (a split's
   first subtiles), and `tl.topk` of the subtile is joined with the running top-KP and `tl.topk`
   taken again: two bitonic sorting networks over int64 keys, the kernel's most expensive step.
 - Each program writes its rows' m, outside mass, target logit and KP keys for its split; a small
@@ -171,9 +171,10 @@ def _fused_topk_kernel(
             best = merged
         elif most > 0:
             # A few (the usual case once a split is under way): each row's best remaining
-            # candidate replaces its running minimum if larger, `most` times. Two reductions a
-            # round instead of two sorting networks. An entry put in is never the one taken out
-            # in a later round (later candidates are smaller), so only old entries are evicted.
+            # candidate replaces its running minimum if larger, `most` times: a max and two
+            # selects a round instead of two sorting networks. An entry put in is never the one
+            # taken out in a later round (later candidates are smaller), so only old entries are
+            # evicted.
             cand = tl.where(key > floor[:, None], key, lowest)
             for _ in range(most):
                 top1 = tl.max(cand, axis=1)
