@@ -200,6 +200,37 @@ def test_which_kernel_runs():
         targets_from_hidden(hidden, head, next_ids, spec, fused_kernel="triton")
 
 
+def test_auto_falls_back_to_the_torch_fold_when_the_kernel_fails(monkeypatch):
+    """A kernel that does not compile on some GPU must not end a long job under "auto": a warning,
+    the torch fold for this call and the next ("torch" is handed back). An explicit "triton", or
+    an error that is not Triton's, is raised. CPU stands in for CUDA here: the choice and the
+    kernel are replaced (a compile failure needs a GPU)."""
+    import triton.runtime.errors
+
+    import logitcache.stages.precompute.engines.base as base
+    import logitcache.stages.precompute.fused_topk_triton as fused_topk_triton
+
+    head, hidden = _peaked_head(500, hidden=16, rows=8)
+    next_ids, spec = torch.arange(8), TargetSpec(mode="topk", k=4)
+    want = targets_from_hidden(hidden, head, next_ids, spec, fused_kernel="torch")
+
+    def fails(*args, **kwargs):
+        raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(base, "fused_kernel_choice", lambda kernel, device, k: "torch" if kernel == "torch" else "triton")
+    monkeypatch.setattr(fused_topk_triton, "triton_topk_targets", fails)
+    with pytest.warns(RuntimeWarning, match="OutOfResources.*torch tile fold"):
+        got, kernel = base.targets_or_fallback(hidden, head, next_ids, spec, fused_kernel="auto")
+    assert kernel == "torch"
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        base.targets_or_fallback(hidden, head, next_ids, spec, fused_kernel="triton")
+    monkeypatch.setattr(fused_topk_triton, "triton_topk_targets", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        base.targets_or_fallback(hidden, head, next_ids, spec, fused_kernel="auto")
+
+
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_engines_refuse_a_bad_fused_kernel_before_loading_anything(engine, tmp_path):
     """The option is checked before any model loads or engine starts (the model path is empty)."""

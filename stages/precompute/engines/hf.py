@@ -21,7 +21,7 @@ from logitcache.stages.precompute.engines.base import (
     check_requests,
     gather_inputs,
     split_rows,
-    targets_from_hidden,
+    targets_or_fallback,
 )
 from logitcache.stages.precompute.fused_topk import fused_kernel_choice
 from logitcache.storage.head import head_from_model, verify_head
@@ -110,7 +110,7 @@ class HFEngine:
         for batch in length_batches([len(ids) for ids, _ in checked], self.max_batch_tokens):
             items = [checked[i] for i in batch]
             next_ids, seeds = gather_inputs(items, [requests[i].seed for i in batch], self.spec)
-            rows = targets_from_hidden(
+            rows, self.fused_kernel = targets_or_fallback(
                 self._hidden_rows(items), self.head, next_ids, self.spec, seeds=seeds, chunk_rows=self.head_chunk_rows,
                 fused=self.fused_head, fused_kernel=self.fused_kernel,
             )

@@ -70,7 +70,7 @@ from logitcache.stages.precompute.engines.base import (
     check_requests,
     gather_inputs,
     split_rows,
-    targets_from_hidden,
+    targets_or_fallback,
 )
 from logitcache.stages.precompute.fused_topk import FUSED_KERNELS, fused_kernel_choice
 from logitcache.stages.precompute.engines.pooling_check import PROBE_K, compare_topk, probe_token_ids
@@ -363,7 +363,7 @@ class VLLMEngine:
                 raise RuntimeError(f"vLLM returned {data.shape[0]} hidden states for a {len(ids)}-token prompt")
             hidden.append(data[torch.from_numpy(pos)])
         next_ids, row_seeds = gather_inputs(checked, seeds, spec)
-        rows = targets_from_hidden(
+        rows, self.fused_kernel = targets_or_fallback(
             torch.cat(hidden).to(self.device),
             self.head,
             next_ids,
