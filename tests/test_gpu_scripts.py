@@ -112,7 +112,9 @@ def test_smoke_run_there(name, links, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     if name == "gpu_precompute":
         rows = json.loads(res.stdout.splitlines()[-1])
-        assert {r["path"] for r in rows} >= {"bare forward (limit)", "hf engine, unfused", "hf engine, fused"}
+        # The Triton row runs under Triton's interpreter there (at 16 rows x 256 ids).
+        assert {r["path"] for r in rows} >= {"bare forward (limit)", "hf engine, unfused",
+                                             "hf engine, fused, torch tile fold", "Triton kernel, interpreter, 16 x 256"}
         assert all(r["seconds"] > 0 for r in rows if r["path"] != "hf engine, fused + torch.compile")
     else:
         result = json.loads((tmp_path / "gpu_train.json").read_text())

@@ -134,7 +134,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "student's micro-batch)")
     g.add_argument("--max-batch-tokens", type=int, metavar="N", help="engine token budget per forward pass")
     g.add_argument("--engine-arg", dest="engine_args", action="append", metavar="KEY=VALUE",
-                   help="extra engine option, repeatable (e.g. vllm_path=logprobs); in YAML a mapping `engine_args:`")
+                   help="extra engine option, repeatable (e.g. vllm_path=logprobs; fused_kernel=auto|triton|torch picks "
+                        "the fused head + top-K: the Triton kernel on a GPU or the torch tile fold); in YAML a mapping "
+                        "`engine_args:`")
 
     g = p.add_argument_group("several jobs or machines")
     g.add_argument("--num-jobs", type=int, default=1, metavar="N",

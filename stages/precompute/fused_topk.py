@@ -17,13 +17,16 @@ made, folded into running statistics and dropped:
 
 Results equal `topk_targets(head(hidden), ...)` up to fp32 summation order (ties between equal
 logits may come out in another order). Top-K mode only: sampling needs a CDF over the whole row.
-The same torch code runs on CPU and CUDA; the tile sizes differ (`default_tiles`). On CPU the
+The same torch code runs on CPU and CUDA; the tile sizes differ (`default_tiles`). On CUDA the
+engines run the Triton kernel of `fused_topk_triton` instead by default (`fused_kernel_choice`),
+which keeps each tile's logits in registers rather than in HBM. On CPU the
 chunks of rows are folded side by side on one worker thread per torch thread, each with a single
 torch thread (`_fold_on_workers`): a tile's dozen small ops would otherwise each pay a fork/join.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -33,7 +36,12 @@ from logitcache.stages.precompute.sparsify import TOPK_FIELDS
 from logitcache.storage.errors import ConfigError, InvalidDataError
 from logitcache.storage.head import LMHead, apply_head
 
-__all__ = ["fused_topk_targets", "default_tiles"]
+__all__ = ["fused_topk_targets", "default_tiles", "fused_kernel_choice", "FUSED_KERNELS", "TRITON_MAX_K"]
+
+# Which implementation folds the fused head (engine option `fused_kernel`): "triton" is the
+# kernel of `fused_topk_triton` (CUDA), "torch" the tile fold here, "auto" the kernel where it runs.
+FUSED_KERNELS = ("auto", "triton", "torch")
+TRITON_MAX_K = 256  # the kernel keeps K (padded to a power of two) int64 keys per row in registers
 
 _GROUP = 32  # ids per group in `_tile_top_above`: a (rows, t / 32, 32) view, amax over the last axis
 
@@ -50,6 +58,42 @@ def default_tiles(device: torch.device, hidden_size: int, vocab: int) -> tuple[i
     if device.type == "cuda":
         return 4096, min(vocab, 16384)
     return 256, min(vocab, 4096)
+
+
+def fused_kernel_choice(kernel: str, device: torch.device | str, k: int | None = None) -> str:
+    """Which implementation of the fused head runs: "triton" or "torch".
+
+    "auto" takes the Triton kernel on CUDA where `triton` is importable and K fits it, else the
+    torch tile fold (on CPU the fold is the tuned path, see benchmarks/RESULTS.md). "triton" is
+    refused where the kernel cannot run rather than quietly replaced.
+
+    Args:
+        kernel: One of `FUSED_KERNELS`.
+        device: Where the head's weight lives.
+        k: Entries kept per row; None skips the check of K against `TRITON_MAX_K`.
+
+    Raises:
+        ConfigError: an unknown name, or "triton" without CUDA, without triton, or with K too large.
+    """
+    if kernel not in FUSED_KERNELS:
+        raise ConfigError(f"fused_kernel={kernel!r}; expected one of {FUSED_KERNELS}")
+    if kernel == "torch":
+        return "torch"
+    on_cuda = torch.device(device).type == "cuda"
+    has_triton = importlib.util.find_spec("triton") is not None
+    fits = k is None or k <= TRITON_MAX_K
+    if kernel == "auto":
+        return "triton" if on_cuda and has_triton and fits else "torch"
+    if not on_cuda:
+        raise ConfigError(f"fused_kernel='triton' needs a CUDA device for the head; it is on {device}. "
+                          "Use 'auto' or 'torch'")
+    if not has_triton:
+        raise ConfigError("fused_kernel='triton' needs the `triton` package, which is not installed; "
+                          "use 'auto' or 'torch'")
+    if not fits:
+        raise ConfigError(f"fused_kernel='triton' keeps at most K = {TRITON_MAX_K} per row; got k={k}. "
+                          "Use 'auto' or 'torch'")
+    return "triton"
 
 
 @torch.no_grad()

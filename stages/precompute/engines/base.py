@@ -8,6 +8,8 @@ sampled ids and log-probs, the actual next token's log-prob, and the tail mass.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from logitcache.stages.precompute.fused_topk import fused_topk_targets
+from logitcache.stages.precompute.fused_topk import fused_kernel_choice, fused_topk_targets
 from logitcache.storage.head import LMHead
 from logitcache.stages.precompute.sparsify import (
     SAMPLE_FIELDS,
@@ -27,7 +29,7 @@ from logitcache.stages.precompute.sparsify import (
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
 __all__ = ["Request", "Engine", "TargetSpec", "check_requests", "gather_inputs", "targets_from_hidden", "split_rows",
-           "run_ahead"]
+           "run_ahead", "targets_or_fallback"]
 
 MODES = ("topk", "sample")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -175,6 +177,7 @@ def targets_from_hidden(
     seeds: np.ndarray | None = None,
     chunk_rows: int | None = None,
     fused: bool = True,
+    fused_kernel: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Apply the head and sparsify, a chunk of rows at a time.
 
@@ -192,11 +195,18 @@ def targets_from_hidden(
         chunk_rows: Rows per head call; defaults to 64M logits (128 MiB in bf16), or to
             `fused_topk.default_tiles` when fused.
         fused: Use the fused head + top-K in topk mode.
+        fused_kernel: Which fused implementation (`fused_topk.fused_kernel_choice`): "auto" runs
+            the Triton kernel (`fused_topk_triton`, which ignores `chunk_rows`) on CUDA, the torch
+            tile fold elsewhere; "triton" or "torch" forces one.
 
     Returns:
         The `sparsify` fields, n rows each.
     """
     if fused and spec.mode == "topk":
+        if fused_kernel_choice(fused_kernel, head.weight.device, spec.k) == "triton":
+            from logitcache.stages.precompute.fused_topk_triton import triton_topk_targets
+
+            return triton_topk_targets(hidden, head, next_ids, spec.k)
         return fused_topk_targets(hidden, head, next_ids, spec.k, chunk_rows=chunk_rows)
     n = hidden.shape[0]
     chunk_rows = chunk_rows or max(1, (1 << 26) // head.width)
@@ -215,6 +225,45 @@ def targets_from_hidden(
                 )
             )
     return {name: np.concatenate([p[name] for p in parts]) for name in spec.fields}
+
+
+def targets_or_fallback(
+    hidden: torch.Tensor, head: LMHead, next_ids: torch.Tensor, spec: TargetSpec, *, fused_kernel: str, **kwargs
+) -> tuple[dict[str, np.ndarray], str]:
+    """`targets_from_hidden`, and the `fused_kernel` for the engine's next call.
+
+    With "auto", a Triton kernel that fails to compile or launch (it is new and was not compiled
+    on every GPU it may meet) does not end an hours-long job: a warning says why, this call and
+    the later ones take the torch tile fold (returned as "torch"). An explicit "triton" raises.
+
+    Args:
+        hidden, head, next_ids, spec: As `targets_from_hidden`. fused_kernel: the engine's option.
+        **kwargs: Further `targets_from_hidden` arguments (seeds, chunk_rows, fused).
+
+    Returns:
+        (the `sparsify` fields, the `fused_kernel` to pass next time).
+    """
+    try:
+        return targets_from_hidden(hidden, head, next_ids, spec, fused_kernel=fused_kernel, **kwargs), fused_kernel
+    except Exception as e:
+        if fused_kernel != "auto" or not _raised_in_triton(e):
+            raise
+        warnings.warn(f"the Triton fused head failed ({type(e).__name__}: {str(e)[:500]}); this engine uses the "
+                      "torch tile fold from now on (fused_kernel='torch')", RuntimeWarning, stacklevel=2)
+        return targets_from_hidden(hidden, head, next_ids, spec, fused_kernel="torch", **kwargs), "torch"
+
+
+def _raised_in_triton(error: BaseException) -> bool:
+    """Whether `error` is Triton's or came out of Triton's code (its compiler raises plain
+    RuntimeErrors from MLIR passes), not out of ours or torch's."""
+    if any(cls.__module__.split(".")[0] == "triton" for cls in type(error).__mro__):
+        return True
+    tb = error.__traceback__
+    while tb is not None:
+        if f"{os.sep}triton{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def split_rows(rows: dict[str, np.ndarray], counts: list[int]) -> list[dict[str, np.ndarray]]:

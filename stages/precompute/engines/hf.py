@@ -21,8 +21,9 @@ from logitcache.stages.precompute.engines.base import (
     check_requests,
     gather_inputs,
     split_rows,
-    targets_from_hidden,
+    targets_or_fallback,
 )
+from logitcache.stages.precompute.fused_topk import fused_kernel_choice
 from logitcache.storage.head import head_from_model, verify_head
 from logitcache.storage.errors import ConfigError
 
@@ -46,6 +47,8 @@ class HFEngine:
         attn_implementation: Passed to `from_pretrained` ("sdpa", "eager", ...).
         fused_head: In topk mode, head + logsumexp + top-K in one pass over vocabulary tiles
             (`fused_topk`); False builds each chunk's full logits first (the reference path).
+        fused_kernel: Which fused head: "auto" (the Triton kernel of `fused_topk_triton` on
+            CUDA, the torch tile fold on CPU), "triton" or "torch" to force one.
     """
 
     name = "hf"
@@ -63,13 +66,17 @@ class HFEngine:
         head_chunk_rows: int | None = None,
         attn_implementation: str | None = None,
         fused_head: bool = True,
+        fused_kernel: str = "auto",
     ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Checked first: a bad name, or "triton" where it cannot run, fails before anything loads.
+        fused_kernel_choice(fused_kernel, self.device, spec.k if spec.mode == "topk" else None)
+        self.fused_kernel = fused_kernel
         import transformers
         from transformers import AutoModelForCausalLM
 
         self.version = transformers.__version__
         self.spec = spec
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         elif dtype in TORCH_DTYPES:
@@ -103,9 +110,9 @@ class HFEngine:
         for batch in length_batches([len(ids) for ids, _ in checked], self.max_batch_tokens):
             items = [checked[i] for i in batch]
             next_ids, seeds = gather_inputs(items, [requests[i].seed for i in batch], self.spec)
-            rows = targets_from_hidden(
+            rows, self.fused_kernel = targets_or_fallback(
                 self._hidden_rows(items), self.head, next_ids, self.spec, seeds=seeds, chunk_rows=self.head_chunk_rows,
-                fused=self.fused_head,
+                fused=self.fused_head, fused_kernel=self.fused_kernel,
             )
             for i, out in zip(batch, split_rows(rows, [len(pos) for _, pos in items])):
                 results[i] = out

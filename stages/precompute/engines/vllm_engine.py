@@ -70,8 +70,9 @@ from logitcache.stages.precompute.engines.base import (
     check_requests,
     gather_inputs,
     split_rows,
-    targets_from_hidden,
+    targets_or_fallback,
 )
+from logitcache.stages.precompute.fused_topk import FUSED_KERNELS, fused_kernel_choice
 from logitcache.stages.precompute.engines.pooling_check import PROBE_K, compare_topk, probe_token_ids
 from logitcache.storage.head import head_from_checkpoint
 from logitcache.stages.precompute.sparsify import tail_mass
@@ -108,6 +109,9 @@ class VLLMEngine:
         head_chunk_rows: Rows per head call.
         fused_head: Pooling path, topk mode: head + logsumexp + top-K in one pass over
             vocabulary tiles (`fused_topk`); False builds each chunk's full logits first.
+        fused_kernel: Pooling path: which fused head, "auto" (the Triton kernel of
+            `fused_topk_triton` when the head is on CUDA, the torch tile fold on CPU), "triton"
+            or "torch" to force one.
         verify_head: Pooling path: before starting, check our head against vLLM's own
             `prompt_logprobs` on a few probe sequences (`pooling_check`; costs one short-lived
             generate-runner start-up) and refuse a model whose logits vLLM transforms otherwise.
@@ -141,6 +145,7 @@ class VLLMEngine:
         head_dtype: str | None = None,
         head_chunk_rows: int | None = None,
         fused_head: bool = True,
+        fused_kernel: str = "auto",
         verify_head: bool = True,
         torch_threads: int | None = None,
         reference: tuple[list[list[int]], list[dict[str, np.ndarray]]] | None = None,
@@ -154,6 +159,12 @@ class VLLMEngine:
             )
         if head_dtype is not None and head_dtype not in TORCH_DTYPES:
             raise ConfigError(f"head_dtype={head_dtype!r}; expected one of {sorted(TORCH_DTYPES)}")
+        # Before any engine starts: a bad name, or "triton" where the pooling head cannot run it.
+        if fused_kernel not in FUSED_KERNELS:
+            raise ConfigError(f"fused_kernel={fused_kernel!r}; expected one of {FUSED_KERNELS}")
+        if vllm_path == "pooling":
+            head_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            fused_kernel_choice(fused_kernel, head_device, spec.k if spec.mode == "topk" else None)
         import vllm
         from vllm.platforms import current_platform
 
@@ -171,6 +182,7 @@ class VLLMEngine:
         self.path = vllm_path
         self.head_chunk_rows = head_chunk_rows
         self.fused_head = fused_head
+        self.fused_kernel = fused_kernel
         on_cpu = current_platform.is_cpu()
         batch_tokens = max_batch_tokens or 8192
         self.slab_tokens = slab_tokens or 4 * batch_tokens
@@ -351,7 +363,7 @@ class VLLMEngine:
                 raise RuntimeError(f"vLLM returned {data.shape[0]} hidden states for a {len(ids)}-token prompt")
             hidden.append(data[torch.from_numpy(pos)])
         next_ids, row_seeds = gather_inputs(checked, seeds, spec)
-        rows = targets_from_hidden(
+        rows, self.fused_kernel = targets_or_fallback(
             torch.cat(hidden).to(self.device),
             self.head,
             next_ids,
@@ -359,6 +371,7 @@ class VLLMEngine:
             seeds=row_seeds,
             chunk_rows=self.head_chunk_rows,
             fused=self.fused_head,
+            fused_kernel=self.fused_kernel,
         )
         return split_rows(rows, [len(pos) for _, pos in checked])
 
