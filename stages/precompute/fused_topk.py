@@ -125,18 +125,10 @@ def fused_topk_targets(
         `topk_logprobs` (n, k) float32, `target_logprob` (n,) float32, `tail_mass` (n,) float32.
     """
     n, vocab = hidden.shape[0], head.width
-    if not 1 <= k <= vocab:
-        raise ConfigError(f"k={k} must be between 1 and the logits width {vocab}")
     device = head.weight.device
-    next_ids = next_ids.to(device)
-    if tuple(next_ids.shape) != (n,):
-        raise InvalidDataError(f"next_ids has shape {tuple(next_ids.shape)}; expected ({n},), one per hidden row")
-    if n and (int(next_ids.min()) < 0 or int(next_ids.max()) >= vocab):
-        raise InvalidDataError(f"next_ids must lie in [0, {vocab}) (the logits width); got "
-                               f"[{int(next_ids.min())}, {int(next_ids.max())}]")
+    next_ids = check_fused_inputs(hidden, head, next_ids, k)
     if n == 0:
-        return {"topk_ids": np.zeros((0, k), np.int32), "topk_logprobs": np.zeros((0, k), np.float32),
-                "target_logprob": np.zeros(0, np.float32), "tail_mass": np.zeros(0, np.float32)}
+        return empty_targets(k)
     rows_default, tile_default = default_tiles(device, head.weight.shape[1], vocab)
     chunk_rows, vocab_tile = chunk_rows or rows_default, max(vocab_tile or tile_default, k)
     workers = 1 if device.type != "cpu" else max(1, workers or torch.get_num_threads())
@@ -151,6 +143,30 @@ def fused_topk_targets(
     starts = range(0, n, chunk_rows)
     parts = _fold_on_workers(fold, starts, workers) if workers > 1 and len(starts) > 1 else map(fold, starts)
     return {name: torch.cat(chunks).cpu().numpy() for name, chunks in zip(TOPK_FIELDS, zip(*parts))}
+
+
+def check_fused_inputs(hidden: torch.Tensor, head: LMHead, next_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """The checks both fused heads (this fold and the Triton kernel) make; `next_ids` on the head's device.
+
+    Raises:
+        ConfigError: k outside [1, V]. InvalidDataError: next_ids not (n,) or outside [0, V).
+    """
+    n, vocab = hidden.shape[0], head.width
+    if not 1 <= k <= vocab:
+        raise ConfigError(f"k={k} must be between 1 and the logits width {vocab}")
+    next_ids = next_ids.to(device=head.weight.device, dtype=torch.int64)
+    if tuple(next_ids.shape) != (n,):
+        raise InvalidDataError(f"next_ids has shape {tuple(next_ids.shape)}; expected ({n},), one per hidden row")
+    if n and (int(next_ids.min()) < 0 or int(next_ids.max()) >= vocab):
+        raise InvalidDataError(f"next_ids must lie in [0, {vocab}) (the logits width); got "
+                               f"[{int(next_ids.min())}, {int(next_ids.max())}]")
+    return next_ids
+
+
+def empty_targets(k: int) -> dict[str, np.ndarray]:
+    """The `sparsify.topk_targets` fields for zero rows, correctly typed."""
+    return {"topk_ids": np.zeros((0, k), np.int32), "topk_logprobs": np.zeros((0, k), np.float32),
+            "target_logprob": np.zeros(0, np.float32), "tail_mass": np.zeros(0, np.float32)}
 
 
 def _fold_on_workers(fold, starts: range, workers: int) -> list[tuple[torch.Tensor, ...]]:

@@ -45,9 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from logitcache.stages.precompute.fused_topk import TRITON_MAX_K
+from logitcache.stages.precompute.fused_topk import TRITON_MAX_K, check_fused_inputs, empty_targets
 from logitcache.stages.precompute.sparsify import TOPK_FIELDS
-from logitcache.storage.errors import ConfigError, InvalidDataError
+from logitcache.storage.errors import ConfigError
 from logitcache.storage.head import LMHead
 
 __all__ = ["triton_topk_targets", "default_blocks"]
@@ -258,20 +258,12 @@ def triton_topk_targets(
         `target_logprob` (n,) float32, `tail_mass` (n,) float32.
     """
     n, vocab = hidden.shape[0], head.width
-    if not 1 <= k <= vocab:
-        raise ConfigError(f"k={k} must be between 1 and the logits width {vocab}")
+    next_ids = check_fused_inputs(hidden, head, next_ids, k)
     if k > TRITON_MAX_K:
         raise ConfigError(f"k={k}: the Triton top-K keeps at most {TRITON_MAX_K} per row; use fused_kernel='torch'")
     device = head.weight.device
-    next_ids = next_ids.to(device=device, dtype=torch.int64)
-    if tuple(next_ids.shape) != (n,):
-        raise InvalidDataError(f"next_ids has shape {tuple(next_ids.shape)}; expected ({n},), one per hidden row")
-    if n and (int(next_ids.min()) < 0 or int(next_ids.max()) >= vocab):
-        raise InvalidDataError(f"next_ids must lie in [0, {vocab}) (the logits width); got "
-                               f"[{int(next_ids.min())}, {int(next_ids.max())}]")
     if n == 0:
-        return {"topk_ids": np.zeros((0, k), np.int32), "topk_logprobs": np.zeros((0, k), np.float32),
-                "target_logprob": np.zeros(0, np.float32), "tail_mass": np.zeros(0, np.float32)}
+        return empty_targets(k)
     kp = _next_pow2(k)
     cfg = default_blocks(device, min(n, _MAX_ROWS_PER_LAUNCH), vocab, k)
     given = {"block_rows": block_rows, "block_vocab": block_vocab, "block_hidden": block_hidden, "splits": splits,
