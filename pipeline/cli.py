@@ -24,6 +24,7 @@ import yaml
 
 from logitcache.pipeline.options import DeprecatedAlias, check_options, warn_deprecated
 from logitcache.storage.errors import ConfigError, LogitCacheError, io_failure
+from logitcache.storage.redact import REDACTED, credentials_in, redact_text
 
 __all__ = ["main", "build_parser"]
 
@@ -117,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("LOGITCACHE_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    secrets = credentials_in(argv)
     try:
         parser = build_parser()
         args, from_config = _parse_with_config(parser, argv)
+        secrets |= credentials_in([], _storage_options(getattr(args, "storage_options", None)))
         sub_parser = parser._subparsers._group_actions[0].choices[args.command]
         check_options(args.command, sub_parser, args, from_config)
         return int(args._run(args) or 0)
@@ -132,9 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress_bars()
         if error is None or debug:
             raise  # a bug (or --debug): the traceback is the useful output
-        print(f"logitcache{' ' + command if command else ''}: error: {one_line(str(error))}", file=sys.stderr,
-              flush=True)
+        message = redact_text(one_line(str(error)))
+        for secret in sorted(secrets, key=len, reverse=True):  # a credential quoted outside a URL (a client naming a bucket "key:secret@b")
+            message = message.replace(secret, REDACTED)
+        print(f"logitcache{' ' + command if command else ''}: error: {message}", file=sys.stderr, flush=True)
         return 2
+
+
+def _storage_options(given) -> dict:
+    """--storage-option as given (KEY=VALUE strings, or a config's mapping) -> {key: value}, values as text."""
+    if isinstance(given, dict):
+        return given
+    return dict(str(item).partition("=")[::2] for item in given or ())
 
 
 def user_error(e: BaseException) -> LogitCacheError | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 from logitcache.storage.encoding import COMPACT_STEP
+from logitcache.storage.redact import redact_url
 
 __all__ = ["CARD_NAME", "dataset_card"]
 
@@ -59,7 +60,7 @@ def dataset_card(index: dict, *, repo_id: str | None = None, top_k_mass: float |
     lines = [
         *header, "", f"# Teacher logits of {teacher}", "",
         f"A logitcache cache: {what} of **{teacher}** over "
-        f"{index['dataset'].get('source')} ({index['inputs'].get('kind')} inputs, supervision: "
+        f"{redact_url(str(index['dataset'].get('source')))} ({index['inputs'].get('kind')} inputs, supervision: "
         f"{index['inputs'].get('supervision', 'see inputs')}).", "",
         "| | |", "|---|---|",
         f"| teacher | `{teacher}` (revision `{index['teacher'].get('revision')}`) |",

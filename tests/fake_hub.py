@@ -151,3 +151,28 @@ def fake_hub(repos: dict[str, str], *, revisions: set[str] = frozenset()):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class LocalHub:
+    """A stand-in for `huggingface_hub.HfApi` that 'uploads' into a local folder (the network is not here).
+
+    It applies `ignore_patterns` as the hub client does, so the folder is what the repo would hold.
+    """
+
+    def __init__(self, root):
+        self.root, self.calls = root, []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, *, folder_path, repo_id, ignore_patterns, **kw):
+        import fnmatch
+        import shutil
+
+        self.calls.append(("upload_folder", repo_id, kw))
+        for d, _, files in os.walk(folder_path):
+            for f in files:
+                rel = os.path.relpath(os.path.join(d, f), folder_path)
+                if not any(fnmatch.fnmatch(rel, p) for p in ignore_patterns):
+                    os.makedirs(os.path.dirname(os.path.join(self.root, rel)) or self.root, exist_ok=True)
+                    shutil.copy(os.path.join(d, f), os.path.join(self.root, rel))

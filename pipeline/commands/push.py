@@ -13,7 +13,8 @@ Others then train straight from the repo:
   logitcache train --cache hf://datasets/REPO_ID --student ... --loss kl --out ./student
 
 A cache written with --format parquet is also a plain dataset: datasets.load_dataset(REPO_ID).
-Credentials: `huggingface-cli login` or HF_TOKEN (or --token).
+Credentials: `hf auth login` (the Hub's own login), the HF_TOKEN variable, or --token-file FILE.
+A token is never taken on the command line, where `ps` and the shell's history would show it.
 """
 
 
@@ -23,11 +24,37 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("cache", help="a finished local cache folder")
     p.add_argument("repo_id", metavar="REPO_ID", help="dataset repo, e.g. me/qwen-logits")
     p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--token", help="Hugging Face token (default: the logged-in one or HF_TOKEN)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="a file holding the Hugging Face token (default: HF_TOKEN, else the Hub's login)")
+    p.add_argument("--token", action=_RefuseToken, help=argparse.SUPPRESS)
     p.add_argument("--revision", help="branch to upload to (default: main)")
     p.add_argument("--mass-shards", type=int, default=8, metavar="N",
                    help="shards read to measure the mean stored probability for the card (default 8; 0: skip)")
     return p
+
+
+class _RefuseToken(argparse.Action):
+    """`--token VALUE` is refused without echoing VALUE: a token on the command line is in `ps` and history."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from logitcache.storage.errors import ConfigError
+
+        raise ConfigError("push: --token is not taken on the command line (`ps` and the shell's history show "
+                          "it); use HF_TOKEN, `hf auth login`, or --token-file FILE")
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path` (surrounding whitespace dropped). Raises ConfigError: unreadable or empty."""
+    from logitcache.storage.errors import ConfigError
+
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"push --token-file {path}: cannot read ({e.strerror})") from None
+    if not token:
+        raise ConfigError(f"push --token-file {path}: the file is empty")
+    return token
 
 
 def push_cache(cache: str, repo_id: str, *, api=None, private: bool = False, token: str | None = None,
@@ -40,6 +67,7 @@ def push_cache(cache: str, repo_id: str, *, api=None, private: bool = False, tok
     Raises:
         ConfigError: not a local folder, or not a finished cache (via `open_cache`).
     """
+    import json
     import os
 
     import numpy as np
@@ -47,11 +75,15 @@ def push_cache(cache: str, repo_id: str, *, api=None, private: bool = False, tok
     from logitcache.storage import open_cache
     from logitcache.storage.card import CARD_NAME, dataset_card
     from logitcache.storage.errors import ConfigError
+    from logitcache.storage.redact import redact_text
 
     if "://" in cache or not os.path.isdir(cache):
         raise ConfigError(f"push CACHE: {cache} is not a local folder; push uploads a local cache "
                           f"(copy a remote one here first)")
     opened = open_cache(cache)
+    if redact_text(json.dumps(opened.index)) != json.dumps(opened.index):
+        raise ConfigError(f"push: {cache}/index.json records a URL with credentials (written by an older "
+                          f"logitcache); remove them from its dataset section before sharing the cache")
     mass = None
     if mass_shards > 0:
         tails = [shard.tail_mass for _, shard in opened.iter_shards(list(range(min(mass_shards, len(opened.shards)))))]
@@ -73,7 +105,8 @@ def push_cache(cache: str, repo_id: str, *, api=None, private: bool = False, tok
 
 
 def run(args) -> int:
-    push_cache(args.cache, args.repo_id, private=args.private, token=args.token, revision=args.revision,
+    token = read_token_file(args.token_file) if args.token_file else None  # None: HF_TOKEN or the login
+    push_cache(args.cache, args.repo_id, private=args.private, token=token, revision=args.revision,
                mass_shards=args.mass_shards)
     print(f"pushed {args.cache} to https://huggingface.co/datasets/{args.repo_id}; train from it with "
           f"--cache hf://datasets/{args.repo_id}")

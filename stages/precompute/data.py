@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from logitcache.storage.errors import ConfigError, InvalidDataError, LogitCacheError
 from logitcache.storage.inputs import KINDS, SKIP_REASONS, Encoded, InputSpec, Skipped, TextEncoder
+from logitcache.storage.redact import redact_url
 
 __all__ = ["InputSpec", "RowEncoder", "Encoded", "Skipped", "SKIP_REASONS", "load_rows", "KINDS", "list_data_files"]
 
@@ -127,7 +128,7 @@ def load_rows(data: str, *, split: str | None = None, config_name: str | None = 
     if max_rows is not None and max_rows < len(ds):
         ds = ds.select(range(max_rows))
         info["max_rows"] = max_rows
-    info = {"source": str(data), "split": split, "config_name": config_name, "num_rows": len(ds), **info}
+    info = {"source": redact_url(str(data)), "split": split, "config_name": config_name, "num_rows": len(ds), **info}
     if revision is not None:
         info["revision"] = revision
     return ds, info
@@ -164,7 +165,7 @@ def _load_streaming(data: str, path: Path, *, split, config_name, revision, stor
         for row in taken:  # the rows themselves: a hub id without a pinned revision may change
             h.update(json.dumps(row, sort_keys=True, default=str).encode())
         info = {"loader": "hub:streaming", "fingerprint": h.hexdigest()}
-    info = {"source": str(data), "split": split, "config_name": config_name, "num_rows": len(rows), **info}
+    info = {"source": redact_url(str(data)), "split": split, "config_name": config_name, "num_rows": len(rows), **info}
     if max_rows is not None:
         info["max_rows"] = max_rows
     if revision is not None:

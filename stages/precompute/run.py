@@ -39,6 +39,7 @@ from logitcache.stages.precompute.shard_work import ShardWriterThread, make_shar
 from logitcache.storage import FORMAT_VERSION, CacheWriter, chain_fingerprint, read_index, tokenizer_fingerprint
 from logitcache.storage.errors import ConfigError
 from logitcache.storage.fingerprint import tokenizer_identity
+from logitcache.storage.redact import redact_text
 
 __all__ = ["precompute", "PrecomputeResult", "FINGERPRINT_PARTS", "EngineSpec"]
 
@@ -268,7 +269,7 @@ def _tokenizer_limit(tokenizer) -> int:
 
 
 def _say(message: str) -> None:
-    print(f"precompute: {message}", file=sys.stderr, flush=True)
+    print(f"precompute: {redact_text(message)}", file=sys.stderr, flush=True)
 
 
 class _Progress:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from logitcache.stages.precompute.data import InputSpec
 from logitcache.stages.precompute.engines import Engine, build_engine, default_engine_name
 from logitcache.storage.errors import ConfigError
+from logitcache.storage.redact import is_credential_key
 
 __all__ = ["Targets", "EngineSpec", "JobSettings", "DEFAULT_TOP_K", "DEFAULT_SAMPLES"]
 
@@ -109,8 +110,10 @@ class EngineSpec:
         return self if self.name is not None else replace(self, name=default_engine_name())
 
     def describe(self) -> dict:
-        """The index's `engine` section (and its fingerprint part)."""
-        return {"name": self.name, "dtype": self.dtype, "options": dict(self.options)}
+        """The index's `engine` section (and its fingerprint part); an option holding a credential
+        (vLLM's `hf_token`) is left out: the index is shared, and a token says nothing of the targets."""
+        options = {k: v for k, v in self.options.items() if not is_credential_key(k)}
+        return {"name": self.name, "dtype": self.dtype, "options": options}
 
     def start(self, teacher: str, targets: Targets, *, revision: str | None, trust_remote_code: bool) -> Engine:
         """The running engine: the one given, or a new one (the only place a name becomes an engine)."""

@@ -15,6 +15,7 @@ import os
 
 from logitcache.stages.train.losses import registry
 from logitcache.storage.errors import ConfigError
+from logitcache.storage.redact import redact_text
 
 __all__ = ["check_tokenizer", "check_cache_teacher", "check_loss_fits_cache", "student_vocab_size"]
 
@@ -69,7 +70,7 @@ def check_tokenizer(index: dict, tokenizer, *, loss: str, student: str, cache: s
 def _warn(message: str) -> None:
     import sys
 
-    print(f"train: warning: {message}", file=sys.stderr, flush=True)
+    print(f"train: warning: {redact_text(message)}", file=sys.stderr, flush=True)
 
 
 def _normalize(name: str) -> str:

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from logitcache.storage.errors import ConfigError, InvalidDataError
+from logitcache.storage.redact import redact_url
 
 __all__ = ["ShardedStream", "CacheSource", "JsonlSource", "distributed_layout", "resume_position", "this_worker"]
 
@@ -131,7 +132,7 @@ class JsonlSource:
         if rows == 0:
             raise ConfigError(f"{self.path}: no JSON lines in the file")
         self.offsets, self.shard_sizes, self.rows_per_shard = offsets, sizes, rows_per_shard
-        self.identity = {"data": self.path, "rows": rows}
+        self.identity = {"data": redact_url(self.path), "rows": rows}  # saved in checkpoints: no credentials
 
     def load(self, j: int) -> list[dict]:
         import fsspec

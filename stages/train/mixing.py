@@ -36,6 +36,7 @@ from torch.utils.data import IterableDataset
 
 from logitcache.stages.train.data import ShardedStream, resume_position, this_worker
 from logitcache.storage.errors import ConfigError
+from logitcache.storage.redact import redact_url
 
 __all__ = ["MixedStream", "mixture_probabilities", "check_mixable", "BLOCK"]
 
@@ -272,7 +273,7 @@ def open_mixture(urls: Sequence[str], *, weights: Sequence[float] | None, loss: 
                               f"another tokenizer (--loss {loss}) trains from one cache at a time")
         streams.append(ShardedStream(CacheSource(cache, to_item=targets), seed=seed, window=window, epochs=None,
                                      rank=rank, world_size=world_size))
-    stream = MixedStream(streams, weights=weights, seed=seed, names=urls)
+    stream = MixedStream(streams, weights=weights, seed=seed, names=[redact_url(u) for u in urls])  # saved in checkpoints
     index = caches[0].index
     temperature = (float(index["sparsification"].get("temperature", 1.0))
                    if index["sparsification"]["mode"] == "sample" else None)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 from logitcache.stages.train.loss_settings import loss_settings
 from logitcache.storage.errors import ConfigError
+from logitcache.storage.redact import is_credential_key, redact_options, redact_text
 
 __all__ = ["TrainSettings", "train", "loss_settings", "RESULT_NAME"]
 
@@ -279,7 +280,7 @@ def train(s: TrainSettings) -> dict:
         trainer.save_model(s.out)
     with open(os.path.join(s.out, data_state_name(rank)), "w") as f:
         json.dump(stream.state_dict(), f)
-    result = {"settings": asdict(s), "loss": {"name": s.loss, **ls}, "student_vocab_size": vocab,
+    result = {"settings": _recorded(s), "loss": {"name": s.loss, **ls}, "student_vocab_size": vocab,
               "cache": cache_info, "data": s.data, "world_size": world_size, "max_steps": args.max_steps,
               "fused_head": trainer.fused_head,
               "global_step": trainer.state.global_step, "sequences_per_rank": stream.consumed(),
@@ -293,10 +294,26 @@ def train(s: TrainSettings) -> dict:
                                   storage_options=s.storage_options)
         result["eval"] = {"data": s.eval_data, **evaluate_source(model, eval_source, pad_id=pad_id, vocab_size=vocab,
                                                                  batch_size=s.batch_size, device=args.device)}
+    result = _redact_urls(result)
     if trainer.is_world_process_zero():
         with open(os.path.join(s.out, RESULT_NAME), "w") as f:
             json.dump(result, f, indent=1, default=str)
     return result
+
+
+def _recorded(s: TrainSettings) -> dict:
+    """The settings as `logitcache_train.json` records them: the student folder is shared, so storage
+    options keep only harmless values (`storage.redact`)."""
+    return {**asdict(s), "storage_options": redact_options(s.storage_options)}
+
+
+def _redact_urls(value):
+    """`value` (JSON-like) with the credentials of every URL in its strings and keys hidden."""
+    if isinstance(value, dict):
+        return {_redact_urls(k): _redact_urls(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact_urls(v) for v in value]
+    return redact_text(value) if isinstance(value, str) else value
 
 
 # TrainingArguments that `train` sets from its own flags (or `training_arguments` itself): not for --hf-arg.
@@ -331,6 +348,9 @@ def check_hf_args(hf_args: dict, own: dict) -> dict:
             raise ConfigError(f"--hf-arg {key}=...: logitcache streams its own data and fixes {key}")
         if key not in fields:
             raise ConfigError(f"--hf-arg {key}=...: transformers' TrainingArguments has no field {key!r}")
+        if is_credential_key(key):  # HF Trainer pickles its arguments into every checkpoint
+            raise ConfigError(f"--hf-arg {key}=...: a credential is not taken here (every checkpoint's "
+                              f"training_args.bin would hold it); use `hf auth login` or HF_TOKEN")
     return dict(hf_args)
 
 
@@ -418,4 +438,4 @@ def _local_tokenizer(index: dict, s: TrainSettings):
 
 
 def _say(message: str) -> None:
-    print(f"train: {message}", file=sys.stderr, flush=True)
+    print(f"train: {redact_text(message)}", file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from fake_hub import LocalHub
 from synthetic import TEXT_FIELDS, VOCAB, make_sequence, metadata
 
 from logitcache.pipeline.cli import main
@@ -92,31 +93,6 @@ def test_convert_rejects_unknown_or_missing_backend(cache_dir, tmp_path, capsys)
     assert main(["convert", cache_dir, str(tmp_path / "x")]) == 2
     assert "--backend is required" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-
-
-class LocalHub:
-    """A stand-in for `huggingface_hub.HfApi` that 'uploads' into a local folder (the network is not here).
-
-    It applies `ignore_patterns` as the hub client does, so the folder is what the repo would hold.
-    """
-
-    def __init__(self, root):
-        self.root, self.calls = root, []
-
-    def create_repo(self, repo_id, **kw):
-        self.calls.append(("create_repo", repo_id, kw))
-
-    def upload_folder(self, *, folder_path, repo_id, ignore_patterns, **kw):
-        import fnmatch
-        import shutil
-
-        self.calls.append(("upload_folder", repo_id, kw))
-        for d, _, files in os.walk(folder_path):
-            for f in files:
-                rel = os.path.relpath(os.path.join(d, f), folder_path)
-                if not any(fnmatch.fnmatch(rel, p) for p in ignore_patterns):
-                    os.makedirs(os.path.dirname(os.path.join(self.root, rel)) or self.root, exist_ok=True)
-                    shutil.copy(os.path.join(d, f), os.path.join(self.root, rel))
 
 
 def test_parquet_alias_then_push_with_a_card_and_load_it_back(cache_dir, tmp_path):
