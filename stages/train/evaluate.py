@@ -20,7 +20,7 @@ import torch
 from logitcache.stages.train.batch_loss import TEACHER_FIELDS, final_hidden, head_weights, loss_parts
 from logitcache.stages.train.data import ShardedStream
 from logitcache.stages.train.losses import registry
-from logitcache.stages.train.student import collated_batches, load_student
+from logitcache.stages.train.student import collated_batches, fused_head_problem, load_student
 
 __all__ = ["ECE_BINS", "expected_calibration_error", "evaluate_batches", "evaluate_source", "kd_loss_for", "row_logits"]
 
@@ -62,7 +62,7 @@ def row_logits(model, inputs: dict, rows: torch.Tensor, *, vocab_size: int | Non
     Args:
         inputs: the model's inputs. rows: (N,) int64 rows of the flattened (B*T) positions.
         vocab_size: the logits columns to keep (see `checks`); None keeps all.
-        head: apply the head here (see `trainer.fused_head_problem`).
+        head: apply the head here (see `student.fused_head_problem`).
         chunk_size: rows per chunk; None: `chunking.chunk_rows` (about 128 MiB of fp32 logits).
     """
     from logitcache.stages.train.losses.chunking import chunk_rows
@@ -100,7 +100,7 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
             kd_loss on batches with teacher targets; None skips it. A loss that reads other batch
             fields (rskd's sample_counts) gets them from the batch.
         head, chunk_size: see `row_logits`; head None: wherever the model allows it
-            (`trainer.fused_head_problem`), so evaluation never builds the (B, T, V) logits either.
+            (`student.fused_head_problem`), so evaluation never builds the (B, T, V) logits either.
 
     Returns:
         sequences, positions, nll (mean), perplexity, accuracy, ece; with teacher targets also
@@ -111,8 +111,6 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
         ["agree": (teacher_positions,) bool]}.
     """
     if head is None:
-        from logitcache.stages.train.trainer import fused_head_problem
-
         head = fused_head_problem(model) is None
     model.eval()
     nll, n, seqs = 0.0, 0, 0

@@ -113,8 +113,8 @@ def train(s: TrainSettings) -> dict:
     from logitcache.stages.train.collate import Collator
     from logitcache.stages.train.data import CacheSource, JsonlSource, ShardedStream
     from logitcache.stages.train.losses import registry
-    from logitcache.stages.train.student import load_student
-    from logitcache.stages.train.trainer import KDTrainer, data_state_name, packing_problem, training_arguments
+    from logitcache.stages.train.student import load_student, packing_problem
+    from logitcache.stages.train.trainer import KDTrainer, data_state_name, training_arguments
     from logitcache.storage import open_cache
 
     # 1. Settings.

@@ -40,11 +40,12 @@ from logitcache.stages.train.batch_loss import (final_hidden, fused_head_loss, h
 from logitcache.stages.train.loss_settings import loss_weights
 from logitcache.stages.train.losses import registry
 from logitcache.stages.train.stop import StopOnSignal
+from logitcache.stages.train.student import fused_head_problem
 from logitcache.storage.head import logit_transform
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["KDTrainer", "training_arguments", "data_state_name", "fused_head_problem", "packing_problem",
-           "model_inputs", "loss_parts", "supervised_logits", "cpu_fsdp"]
+__all__ = ["KDTrainer", "training_arguments", "data_state_name", "model_inputs", "loss_parts", "supervised_logits",
+           "cpu_fsdp"]
 
 
 def data_state_name(rank: int) -> str:
@@ -83,42 +84,6 @@ def pass_through(shard) -> None:
 def model_inputs(batch: dict) -> dict:
     """The model's inputs from a collated batch: input_ids and attention_mask, or position_ids when packed."""
     return {name: batch[name] for name in ("input_ids", "attention_mask", "position_ids") if name in batch}
-
-
-# Attention implementations that keep packed items apart given position_ids alone (see `collate`).
-PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-
-
-def packing_problem(model) -> str | None:
-    """Why `model` cannot train on packed rows (`Collator(pack=True)`), or None if it can."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if impl not in PACKED_ATTENTION:
-        return (f"its attention implementation {impl!r} does not separate packed items by position_ids; "
-                f"load it with one of {', '.join(PACKED_ATTENTION)}")
-    return None
-
-
-def fused_head_problem(model, args: TrainingArguments | None = None) -> str | None:
-    """Why `model` cannot train with the fused head and loss, or None if it can.
-
-    The fused path reads the head's weight outside the model's forward and applies it itself, so
-    it needs a plain linear head (not a PEFT-wrapped or quantized one), a decoder to hook and a
-    forward that takes `logits_to_keep`, and whole (not sharded) parameters: not FSDP or DeepSpeed.
-    """
-    import inspect
-
-    if args is not None and (args.fsdp or args.deepspeed):
-        return "FSDP and DeepSpeed shard the head's weight outside the forward"
-    if hasattr(model, "get_base_model"):  # a peft model: its forward passes logits_to_keep on
-        model = model.get_base_model()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or type(head) is not torch.nn.Linear:
-        return f"the output embedding is {type(head).__name__}, not a plain torch.nn.Linear"
-    if not hasattr(model, "get_decoder") or model.get_decoder() is model:
-        return f"{type(model).__name__} has no decoder module to take the final hidden states from"
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        return f"{type(model).__name__}.forward takes no logits_to_keep"
-    return None
 
 
 def cpu_fsdp(trainer) -> None:

@@ -115,7 +115,8 @@ def test_trainer_fused_and_unfused_steps_agree(tmp_path):
 
     from logitcache.stages.train.alignment import SameTokenizerTargets
     from logitcache.stages.train.collate import Collator
-    from logitcache.stages.train.trainer import KDTrainer, fused_head_problem, training_arguments
+    from logitcache.stages.train.student import fused_head_problem
+    from logitcache.stages.train.trainer import KDTrainer, training_arguments
     from logitcache.storage import open_cache
 
     w = world()

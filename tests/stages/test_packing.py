@@ -13,7 +13,8 @@ from trainkit import world
 from logitcache.stages.train.alignment import SameTokenizerTargets
 from logitcache.stages.train.collate import Collator
 from logitcache.stages.train.run import TrainSettings, train
-from logitcache.stages.train.trainer import KDTrainer, packing_problem, training_arguments
+from logitcache.stages.train.student import packing_problem
+from logitcache.stages.train.trainer import KDTrainer, training_arguments
 from logitcache.storage import open_cache
 from logitcache.storage.errors import ConfigError
 
