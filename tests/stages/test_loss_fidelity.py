@@ -121,9 +121,7 @@ def test_rskd_teacher_is_its_fixed_point(temperature, tau):
 
 def test_bild_trains_without_the_label_cross_entropy_by_default():
     """The BiLD paper's official recipe trains on the BiLD loss alone (no label CE)."""
-    settings = loss_settings("bild", temperature=None, top_k=None, tail=None, options={}, ce_weight=None,
-                             kd_weight=None, uld_lambda=None)
-    assert (settings["ce_weight"], settings["kd_weight"]) == (0.0, 1.0)
-    kl = loss_settings("kl", temperature=None, top_k=None, tail=None, options={}, ce_weight=None, kd_weight=None,
-                       uld_lambda=None)
-    assert (kl["ce_weight"], kl["kd_weight"]) == (1.0, 1.0)
+    bild = loss_settings("bild")
+    assert (bild.ce_weight, bild.kd_weight) == (0.0, 1.0)
+    kl = loss_settings("kl")
+    assert (kl.ce_weight, kl.kd_weight) == (1.0, 1.0)

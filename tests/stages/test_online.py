@@ -15,6 +15,7 @@ from trainkit import world
 from logitcache.pipeline.cli import main
 from logitcache.stages.train.alignment import TextExample
 from logitcache.stages.train.collate import Collator
+from logitcache.stages.train.loss_settings import loss_settings
 from logitcache.stages.train.online import OnlineTeacher
 from logitcache.stages.train.trainer import loss_parts, supervised_logits
 
@@ -50,7 +51,7 @@ def test_online_targets_compute_the_full_vocabulary_loss(loss, options, referenc
 
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     s = supervised_logits(logits, batch["rows"], vocab).detach().requires_grad_(True)
-    total, _ = loss_parts(s, online, loss=loss, options=options, ce_weight=0.0)
+    total, _ = loss_parts(s, online, loss_settings(loss, options=options, ce_weight=0.0))
     (grad,) = torch.autograd.grad(total, s)
 
     with torch.no_grad():
