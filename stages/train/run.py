@@ -184,7 +184,7 @@ def train(s: TrainSettings) -> dict:
     eval_sources = _eval_sources(s, reader)
 
     # 4. Trainer.
-    args = _training_arguments(s, data.stream, rank=rank, world_size=world_size, evaluates=bool(eval_sources))
+    args = _training_arguments(s, data.stream, rank=rank, world_size=world_size)
     online = None
     if s.online_teacher is not None:
         from logitcache.stages.train.online import load_online_teacher
@@ -270,7 +270,7 @@ def _eval_sources(s: TrainSettings, reader) -> dict:
     return sources
 
 
-def _training_arguments(s: TrainSettings, stream, *, rank: int, world_size: int, evaluates: bool):
+def _training_arguments(s: TrainSettings, stream, *, rank: int, world_size: int):
     """The run's TrainingArguments: the flags', --hf-arg's, and the number of optimizer steps (from --epochs).
 
     Raises:
@@ -287,7 +287,7 @@ def _training_arguments(s: TrainSettings, stream, *, rank: int, world_size: int,
                warmup_steps=s.warmup, lr_scheduler_type=s.scheduler, seed=s.seed, bf16=s.bf16,
                logging_steps=s.logging_steps, save_steps=s.save_steps, save_total_limit=s.save_total_limit,
                report_to=s.report_to, dataloader_num_workers=s.num_workers, deepspeed=s.deepspeed, fsdp=s.fsdp)
-    if s.eval_steps is not None and evaluates:
+    if s.eval_steps is not None:  # `check` made sure there is something to evaluate
         own.update(eval_strategy="steps", eval_steps=s.eval_steps, per_device_eval_batch_size=s.batch_size)
     if s.gradient_checkpointing:
         # Non-reentrant: gradients reach the adapters even where the frozen embeddings need none.

@@ -7,8 +7,6 @@ test_losses.py have flat tails, where the old approximations were exact by const
 Teachers and students come from tests/llm_tails.py; caches are stage one's own top-K rows.
 """
 
-import importlib.util
-from pathlib import Path
 
 import llm_tails
 import pytest
@@ -18,9 +16,7 @@ import torch.nn.functional as F
 from logitcache.stages.train import losses
 from logitcache.stages.train.run import loss_settings
 
-_spec = importlib.util.spec_from_file_location("loss_reference", Path(__file__).with_name("loss_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+import loss_reference as ref  # tests/stages/loss_reference.py (on the path: pyproject's pythonpath)
 
 ROWS, K = 12, 32
 

@@ -3,9 +3,7 @@
     .venv/bin/python -m pytest tests/stages/test_online.py -q
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +17,7 @@ from logitcache.stages.train.loss_settings import loss_settings
 from logitcache.stages.train.online import OnlineTeacher
 from logitcache.stages.train.trainer import loss_parts, supervised_logits
 
-# --import-mode=importlib puts no test folder on sys.path: load the sibling reference by path.
-_spec = importlib.util.spec_from_file_location("loss_reference", Path(__file__).with_name("loss_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+import loss_reference as ref  # tests/stages/loss_reference.py (on the path: pyproject's pythonpath)
 
 
 def _batch_and_models():
