@@ -20,10 +20,10 @@ from its workers in turn, so the worker whose turn was next plays worker 0's par
 a run stopped and resumed yields the batches of an uninterrupted one, in order, with any number of
 ranks and workers.
 
-Which caches mix (`sources.check_mixable`, where the mixture is opened): one teacher vocabulary (the same ids mean the same tokens),
-one mode (topk or sample), one K unless the loss keeps the first k of each (`--top-k`), and one
-sampling temperature for sample-mode caches. A student with another tokenizer (ULD) reads one
-cache at a time.
+Which caches mix (`sources.check_mixable`, where a mixture is opened): one teacher vocabulary (the
+same ids mean the same tokens), one mode (topk or sample), one K unless the loss keeps the first k
+of each (`--top-k`), and one sampling temperature for sample-mode caches. A student with another
+tokenizer (ULD) reads one cache at a time.
 """
 
 from __future__ import annotations

@@ -220,7 +220,8 @@ def _mixture(urls: Sequence[str], *, weights: Sequence[float] | None, plan: Loss
         _check(cache.index, url, plan=plan, teacher=teacher)
         check_tokenizer(cache.index, reader.tokenizer, needs_same_tokenizer=True, student=reader.student, cache=url,
                         reader=f"--loss {plan.name} on a mixture of caches",
-                        advice=f"A student with another tokenizer (--loss {plan.name}) trains from one cache at a time.")
+                        advice=f"A student with another tokenizer (--loss {plan.name}) trains from one cache at a "
+                               f"time.")
         streams.append(ShardedStream(CacheSource(cache, to_item=targets), seed=seed, window=window, epochs=None,
                                      rank=rank, world_size=world_size))
     stream = MixedStream(streams, weights=weights, seed=seed, names=urls)

@@ -152,7 +152,8 @@ def test_loss_parts_fuses_ce_into_the_kd_pass(loss, kw):
              "teacher_ids": ids[kd_select], "teacher_logprobs": lp[kd_select],
              "tail_mass": (1 - lp.exp().sum(-1))[kd_select], "sample_counts": torch.randint(1, 5, (5, k), generator=g)}
     fused, separate = s.clone().requires_grad_(), s.clone().requires_grad_()
-    total, logged = loss_parts(fused, batch, loss_settings(loss, options=kw, ce_weight=0.5, kd_weight=2.0), chunk_size=4)
+    plan = loss_settings(loss, options=kw, ce_weight=0.5, kd_weight=2.0)
+    total, logged = loss_parts(fused, batch, plan, chunk_size=4)
     want_logged = {}
     ce = sft(separate, labels=batch["next_ids"], metrics=want_logged)
     extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
