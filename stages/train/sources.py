@@ -77,22 +77,18 @@ def open_training_data(caches: Sequence[str], *, data: str | None, weights: Sequ
     """Open the training data (module docstring) and split it by rank.
 
     Args:
-        caches: the --cache URLs (none: train from `data`, a jsonl). data: --data.
-        weights: --cache-weights. plan: the run's loss. teacher: --teacher (None: any).
+        caches: the --cache URLs (none: train from `data`, a jsonl). data: --data (a jsonl, or the
+            text one cache re-tokenizes; `TrainSettings.check` refuses it beside a mixture).
+        weights: --cache-weights, for a mixture. plan: the run's loss. teacher: --teacher (None: any).
         seed, window, epochs, rank, world_size: as for `ShardedStream`.
 
     Raises:
         ConfigError: a cache that does not fit the loss, the teacher or the student (see the checks),
-            caches that cannot be mixed, or --data where it is not read.
+            caches that cannot be mixed, or --data beside a cache with the student's tokenizer.
     """
     layout = dict(seed=seed, window=window, rank=rank, world_size=world_size)
     if len(caches) > 1:
-        if data is not None:
-            raise ConfigError("--data is for --loss sft or one cache re-tokenized for another student; a mixture "
-                              "of caches reads their token ids, so drop --data")
         return _mixture(caches, weights=weights, plan=plan, teacher=teacher, reader=reader, **layout)
-    if weights is not None:
-        raise ConfigError("--cache-weights weighs several caches (--cache A B); give more than one --cache")
     if not caches:
         return TrainingData(ShardedStream(jsonl_source(data, reader=reader), epochs=epochs, **layout), None, None)
     url, = caches
