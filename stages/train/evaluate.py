@@ -46,13 +46,13 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(total)
 
 
+# The KD term reported by default, and for a loss without one (sft): forward KL alone.
+FORWARD_KL = loss_settings("kl").weighted(0.0, 1.0)
+
+
 def kd_term(plan: LossPlan) -> LossPlan:
-    """The KD term evaluation reports as kd_loss: `plan`'s alone (weights 0 and 1), or forward KL for a loss
-    without one (sft)."""
-    return (plan if plan.distills else loss_settings("kl")).weighted(0.0, 1.0)
-
-
-FORWARD_KL = kd_term(loss_settings("kl"))
+    """The KD term evaluation reports as kd_loss: `plan`'s alone (weights 0 and 1), or `FORWARD_KL`."""
+    return plan.weighted(0.0, 1.0) if plan.distills else FORWARD_KL
 
 
 def row_logits(model, inputs: dict, rows: torch.Tensor, *, vocab_size: int | None, head: bool,
