@@ -21,7 +21,7 @@ __all__ = ["check_tokenizer", "check_cache_teacher", "check_loss_fits_cache", "s
 
 
 
-def check_tokenizer(index: dict, tokenizer, *, needs_same_tokenizer: bool, student: str, cache: str, reader: str,
+def check_tokenizer(index: dict, tokenizer, *, needs_same_tokenizer: bool, student: str, cache: str, read_by: str,
                     advice: str = "", teacher_tokenizer=None, warn=None) -> bool:
     """Check the student tokenizer against the cache's. Returns True when the cached ids mean the same
     tokens to the student (train on them directly), False when they do not (ULD re-tokenizes).
@@ -37,7 +37,7 @@ def check_tokenizer(index: dict, tokenizer, *, needs_same_tokenizer: bool, stude
         needs_same_tokenizer: the reader takes the cached ids as student ids (a loss that needs the
             teacher's tokenizer, a mixture, teacher agreement), so other tokens are refused.
         student, cache: names for messages.
-        reader: what reads the ids, for the message ("--loss kl", "--eval-cache").
+        read_by: what reads the ids, for the message ("--loss kl", "--eval-cache").
         advice: the message's last sentence: what to do instead.
         teacher_tokenizer: the teacher's tokenizer when it can be loaded (exact ids in errors).
         warn: called with each difference's message (default: print to stderr).
@@ -53,7 +53,7 @@ def check_tokenizer(index: dict, tokenizer, *, needs_same_tokenizer: bool, stude
     if not same and needs_same_tokenizer:
         cached = index["tokenizer"]
         raise ConfigError(
-            f"{reader} reads the cache's teacher token ids as student token ids, so every cached id must mean "
+            f"{read_by} reads the cache's teacher token ids as student token ids, so every cached id must mean "
             f"the same token to the student. Student {student} ({len(tokenizer)} tokens) vs cache {cache} (teacher "
             f"{index['teacher'].get('name_or_path')}, {cached['vocab_size']} tokens): {'; '.join(conflicts)}. "
             f"{advice}".rstrip())

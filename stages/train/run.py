@@ -164,7 +164,7 @@ def train(s: TrainSettings) -> dict:
                          ce_weight=s.ce_weight, kd_weight=s.kd_weight, uld_lambda=s.uld_lambda)
     if s.online_teacher is not None and plan.keep_k is not None:
         raise ConfigError(f"--top-k keeps the first k cached ids; --online-teacher supplies the whole vocabulary "
-                          f"instead, so --top-k applies only to losses that take it (bild), not --loss {s.loss}")
+                          f"instead, so --top-k applies only to losses that take it (bild), not --loss {plan.name}")
     last = _last_checkpoint(s.out, resume=s.resume)
     # torchrun's variables, which TrainingArguments reads too (checked against it in step 4).
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

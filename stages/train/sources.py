@@ -97,7 +97,7 @@ def open_training_data(caches: Sequence[str], *, data: str | None, weights: Sequ
     _check(index, url, plan=plan, teacher=teacher)
     has_text = data is not None or bool(index.get("text_fields"))
     same = check_tokenizer(index, reader.tokenizer, needs_same_tokenizer=plan.loss.needs_teacher_tokenizer,
-                           student=reader.student, cache=url, reader=f"--loss {plan.name}",
+                           student=reader.student, cache=url, read_by=f"--loss {plan.name}",
                            advice=_uld_advice(has_text), teacher_tokenizer=_local_tokenizer(index, reader))
     if same and data is not None:
         raise ConfigError("--data is read for --loss sft without a cache, or as the text a student with another "
@@ -120,7 +120,7 @@ def eval_cache_source(url: str, *, reader: Reader, flag: str) -> CacheSource:
     """
     cache = open_cache(url, storage_options=reader.storage_options)
     check_tokenizer(cache.index, reader.tokenizer, needs_same_tokenizer=True, student=reader.student, cache=url,
-                    reader=flag, advice="Teacher agreement and kd_loss compare token ids: evaluate on a cache made "
+                    read_by=flag, advice="Teacher agreement and kd_loss compare token ids: evaluate on a cache made "
                     "with the student's tokenizer.")
     return CacheSource(cache, to_item=SameTokenizerTargets(reader.vocab, max_length=reader.max_length))
 
@@ -215,7 +215,7 @@ def _mixture(urls: Sequence[str], *, weights: Sequence[float] | None, plan: Loss
     for url, cache in zip(urls, caches):
         _check(cache.index, url, plan=plan, teacher=teacher)
         check_tokenizer(cache.index, reader.tokenizer, needs_same_tokenizer=True, student=reader.student, cache=url,
-                        reader=f"--loss {plan.name} on a mixture of caches",
+                        read_by=f"--loss {plan.name} on a mixture of caches",
                         advice=f"A student with another tokenizer (--loss {plan.name}) trains from one cache at a "
                                f"time.")
         streams.append(ShardedStream(CacheSource(cache, to_item=targets), seed=seed, window=window, epochs=None,
