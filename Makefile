@@ -21,21 +21,15 @@ $(STAMP): pyproject.toml Makefile
 # compiled the installed packages' byte-code at install, which every process still reads), Hypothesis'
 # example database and pytest's cache go to a folder under the system temp dir (setuptools' build/ of
 # the wheel test goes to pytest's tmp_path). Not PYTHONPYCACHEPREFIX: it makes Python look for every
-# module's byte-code in that (empty) folder, so each process compiled torch, transformers and vLLM from
-# source: `import torch, transformers.trainer, vllm` took 33 CPU s that way against 11 s, paid again by
-# every CLI subprocess, torchrun rank, vLLM engine process and Ray actor the tests start.
+# module's byte-code in that (empty) folder, so each process (CLI subprocess, torchrun rank, vLLM engine
+# process, Ray actor) compiles torch, transformers and vLLM from source.
 # `test` is CI's run: everything but GPU tests, slow ones included (goal < 15 min on 2 cores).
 # `test-fast` is the run between edits: the default selection, slow tests skipped (< 3 min on 2 cores).
-# Measured from a fresh clone on a quiet 2-core machine (2026-11-30): `make test` 12.4 min of pytest on
-# two workers (17.7 min with the install; one process, TEST_WORKERS=0: 17.1 min; 40.3 min of pytest
-# before the byte-code fix above and fewer vLLM starts, torchrun launches and CLI processes);
-# `make test-fast` 2.2 min on two workers (3.0 in one). `make test` prints its 25 slowest tests: where to cut next.
+# `make test` prints its 25 slowest tests: where to cut next. Measured times: benchmarks/RESULTS.md,
+# "The test suite's time".
 # Tests run on two pytest-xdist workers (TEST_WORKERS=2, the default; TEST_WORKERS=0 runs one process):
 # tests/conftest.py keeps the tests of one costly session fixture (the vLLM engines, the fault tests'
-# reference cache, the 152k world) on one worker, and torchrun and Ray tests one at a time. Before the
-# byte-code fix two workers were no faster (45.8 min, partly under another job's load); since then
-# much of a slow test is one core's work (vLLM's CPU worker binds to all cores but one; a CLI
-# subprocess imports on one core), which the other worker can overlap.
+# reference cache, the 152k world) on one worker, and torchrun and Ray tests one at a time.
 #
 # Test budget. A test that takes more than ~10 s on 2 quiet cores is marked `slow` (subprocess CLI
 # runs, vLLM, Ray, torchrun, the S3 server's fault cases, the 151,936-wide Qwen runs, the demo); so is

@@ -40,6 +40,7 @@ def main():
     from logitcache.stages.train.alignment import TextExample
     from logitcache.stages.train.collate import Collator
     from logitcache.stages.train.data import JsonlSource, ShardedStream
+    from logitcache.stages.train.loss_settings import loss_settings
     from logitcache.stages.train.student import load_student
     from logitcache.stages.train.trainer import KDTrainer, training_arguments
 
@@ -57,7 +58,7 @@ def main():
     collate = {"padded": Collator(pad_id=student.pad_id), "packed": Collator(pad_id=student.pad_id, pack=True)}
     trainer = KDTrainer(model=student.model, args=training_arguments(str(work / "out"), max_steps=1, report_to="none",
                                                                      use_cpu=True),
-                        loss="sft", vocab_size=student.vocab_size)
+                        plan=loss_settings("sft"), vocab_size=student.vocab_size)
     opt = torch.optim.AdamW(student.model.parameters(), lr=1e-5)
 
     def step(batch):

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from logitcache.stages.train.batch_loss import fused_head_loss, loss_parts, supervised_logits
+from logitcache.stages.train.loss_settings import loss_settings
 
 OUT = Path(__file__).parent / "out"
 
@@ -103,18 +104,17 @@ def add_cache(batches: list[dict], teacher, k: int) -> None:
 def step_fn(mode: str, student, teacher, opt, *, optimizer_step: bool = True, chunk_size: int | None = None):
     """One optimizer step of `mode` on a batch (without `optimizer_step`: forward and backward into
     the existing, zeroed .grad buffers, i.e. the loss step alone)."""
-    kinds = {"sft": ("sft", {}, 1.0, 0.0), "kl": ("kl", {}, 0.0, 1.0), "kl+ce": ("kl", {}, 1.0, 1.0),
-             "bild": ("bild", {"top_k": 8}, 0.0, 1.0), "bild+ce": ("bild", {"top_k": 8}, 1.0, 1.0)}
+    kinds = {"sft": loss_settings("sft"), "kl": loss_settings("kl", ce_weight=0.0), "kl+ce": loss_settings("kl"),
+             "bild": loss_settings("bild", top_k=8), "bild+ce": loss_settings("bild", top_k=8, ce_weight=1.0)}
 
     def run(b):
         opt.zero_grad(set_to_none=optimizer_step)
         if mode.endswith("_fused"):
-            name, options, ce_w, kd_w = kinds[mode[: -len("_fused")]]
             hidden = student.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b["rows"])
             head = student.get_output_embeddings()
-            loss, _ = fused_head_loss(hidden, head.weight, head.bias, b, loss=name, options=options, ce_weight=ce_w,
-                                      kd_weight=kd_w, chunk_size=chunk_size)
+            loss, _ = fused_head_loss(hidden, head.weight, head.bias, b, kinds[mode[: -len("_fused")]],
+                                      chunk_size=chunk_size)
         elif mode == "ce_sft":
             s = supervised_logits(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                   b["rows"], None)
@@ -133,10 +133,9 @@ def step_fn(mode: str, student, teacher, opt, *, optimizer_step: bool = True, ch
             kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
             loss = torch.nn.functional.cross_entropy(s.float(), b["next_ids"]) + kl
         else:
-            name, options, ce_w, kd_w = kinds[mode]
             s = supervised_logits(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                   b["rows"], None)
-            loss, _ = loss_parts(s, b, loss=name, options=options, ce_weight=ce_w, kd_weight=kd_w)
+            loss, _ = loss_parts(s, b, kinds[mode])
         loss.backward()
         if optimizer_step:
             opt.step()

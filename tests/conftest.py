@@ -9,7 +9,13 @@ from __future__ import annotations
 import os
 import tempfile
 
+import datasets  # noqa: F401
 import pytest
+
+# `datasets` binds its log handler to the sys.stderr it first sees. Imported here, that is pytest's
+# session-long capture; imported first inside a test's capsys/capfd, it would keep that test's stream,
+# closed after it, and every later `datasets` log line would print a "Logging error" traceback into
+# whichever test runs then (test_bad_inputs' one-line contract failed so after test_train_remote).
 
 # No model hub from tests: everything is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

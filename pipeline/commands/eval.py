@@ -47,12 +47,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from logitcache.pipeline.commands.precompute import parse_storage_options
     from logitcache.stages.train.evaluate import evaluate
+    from logitcache.stages.train.loss_settings import loss_settings
 
+    plan = loss_settings(args.loss, temperature=args.temperature)  # an unknown loss fails here, before any load
     result = evaluate(args.model, data=args.data, cache=args.cache, batch_size=args.batch_size,
                       max_sequences=args.max_sequences, max_length=args.max_length, device=args.device,
                       trust_remote_code=args.trust_remote_code, per_position=args.positions is not None,
-                      storage_options=parse_storage_options(args.storage_options), loss=args.loss,
-                      loss_options={} if args.temperature is None else {"temperature": args.temperature})
+                      storage_options=parse_storage_options(args.storage_options), plan=plan)
     if args.positions is not None:
         import numpy as np
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from logitcache.stages.precompute.files import list_data_files
 from logitcache.storage.errors import ConfigError, InvalidDataError, LogitCacheError
 from logitcache.storage.inputs import KINDS, SKIP_REASONS, Encoded, InputSpec, Skipped, TextEncoder
 from logitcache.storage.redact import redact_url
 
-__all__ = ["InputSpec", "RowEncoder", "Encoded", "Skipped", "SKIP_REASONS", "load_rows", "KINDS", "list_data_files"]
+__all__ = ["InputSpec", "RowEncoder", "Encoded", "Skipped", "SKIP_REASONS", "load_rows", "KINDS"]
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -233,43 +234,6 @@ def _load_url(data: str, split: str | None, storage_options: dict | None):
         ds = ds.select(range(spec.from_, spec.to))
     loader = f"files:{_FILE_BUILDERS[Path(files[0]).suffix]}"
     return ds, {"loader": loader, "fingerprint": _hash_files(files, root, fs=fs)}
-
-
-def list_data_files(data: str, storage_options: dict | None, *,
-                    suffixes=None) -> tuple[object, str, list[str]]:
-    """The files of `--data`, a file or a folder, local or behind an fsspec URL; hidden paths skipped.
-
-    Args:
-        data: the --data value (a local path is made absolute); messages name it as given.
-        storage_options: options for the URL's fsspec filesystem.
-        suffixes: keep only a folder's files with one of these suffixes (None: all of them); a single
-            file is returned whatever its suffix, for the caller to judge.
-
-    Returns:
-        (fs, root, files): the fsspec filesystem, the path in it without a trailing slash, and the
-        files as sorted paths in it (`[root]` for a single file; possibly empty for a folder).
-
-    Raises:
-        ConfigError: no such file or folder, or it cannot be read (the cause named).
-    """
-    import fsspec
-
-    url = data if "://" in data else os.path.abspath(os.path.expanduser(data))
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        root = root.rstrip("/") or root
-        if fs.isdir(root):
-            files = sorted(f for f in fs.find(root) if (suffixes is None or PurePosixPath(f).suffix in suffixes)
-                           and not any(part.startswith(".") for part in PurePosixPath(f).relative_to(root).parts))
-        elif fs.exists(root):
-            files = [root]
-        else:
-            raise ConfigError(f"--data {data}: no such file or folder")
-    except ConfigError:
-        raise
-    except Exception as e:  # unreachable endpoint, bad credentials, unknown protocol: say where
-        raise ConfigError(f"--data {data}: cannot read ({e.__class__.__name__}: {e})") from None
-    return fs, root, files
 
 
 def _read_files(fs, files: list[str], builder: str, data: str):

@@ -30,7 +30,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from logitcache.stages.precompute.data import list_data_files
+from logitcache.stages.precompute.files import list_data_files
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
 __all__ = ["StreamedRows", "stream_rows", "STREAM_SUFFIXES", "parse_row_range"]

@@ -1,7 +1,8 @@
 """The loss of one collated batch: ce_weight * CE + kd_weight * KD over its supervised rows.
 
-    total, metrics = loss_parts(s, batch, loss="kl", ce_weight=1.0, kd_weight=1.0)       # s: (N, V) logits
-    total, metrics = fused_head_loss(hidden, weight, None, batch, loss="kl", ...)        # hidden: (N, H)
+    plan = loss_settings("kl")                                              # see `loss_settings`
+    total, metrics = loss_parts(s, batch, plan)                             # s: (N, V) logits
+    total, metrics = fused_head_loss(hidden, weight, None, batch, plan)     # hidden: (N, H)
 
 `loss_parts` takes the student's logits at the supervised rows. `fused_head_loss` takes the
 student's final hidden states there and the LM head instead, and applies the head a chunk of rows
@@ -19,9 +20,9 @@ does for logits.
 
 import torch
 
-from logitcache.stages.train.losses import kd_with_ce, registry, sft
+from logitcache.stages.train.loss_settings import LossPlan
+from logitcache.stages.train.losses import kd_with_ce, sft
 from logitcache.stages.train.losses.chunking import chunk_rows
-from logitcache.storage.errors import ConfigError
 from logitcache.storage.head import apply_head
 
 __all__ = ["loss_parts", "supervised_logits", "fused_head_loss", "TEACHER_FIELDS"]
@@ -45,37 +46,33 @@ def supervised_logits(logits: torch.Tensor, rows: torch.Tensor, vocab_size: int 
     return flat.index_select(0, rows)
 
 
-def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None = None, ce_weight: float = 1.0,
-               kd_weight: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_parts(s: torch.Tensor, batch: dict, plan: LossPlan, *,
+               chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ce_weight * CE + kd_weight * KD over a batch's supervised rows, and the metrics to log.
 
     Args:
         s: (N, V) student logits at the batch's supervised rows (`supervised_logits`).
         batch: the collated batch (see `collate`): next_ids (N,), and for KD teacher_ids (N_kd, K),
             teacher_logprobs (N_kd, K), tail_mass (N_kd,), kd_select (N_kd,), [sample_counts].
-        loss: a loss declared in `losses.registry` ("sft": CE alone, and kd_weight must be 0).
-        options: the loss's keyword options.
-        ce_weight, kd_weight: as decided by `settings.loss_weights`.
+        plan: the loss, its options and weights (`loss_settings`); sft is CE alone.
 
     Returns:
         0-dim float32 total, and {name: 0-dim detached mean over rows}: ce, accuracy, kd, and the
         loss's own metrics (top1_agreement, bild_coverage). A term at weight 0 is not computed and
         not logged; neither is kd for a batch without teacher rows.
     """
-    spec = registry.get(loss)
-    if spec.rows is None and kd_weight:
-        raise ConfigError(f"loss {loss!r} has no KD term; kd_weight={kd_weight} must be 0")
+    ce_weight, kd_weight = plan.ce_weight, plan.kd_weight
     metrics: dict[str, torch.Tensor] = {}
     if kd_weight and batch["teacher_ids"].shape[0] > 0:
         teacher_ids = batch["teacher_ids"]
         # One pass over the vocabulary per row for both terms (see `losses.kd_with_ce`). Same
         # tokenizer: a teacher row for every supervised row, in order (kd_select is 0..N-1).
         kd_select = None if teacher_ids.shape[0] == s.shape[0] else batch["kd_select"]
-        extra = {keyword: batch[key] for keyword, key in spec.batch_inputs.items()}
-        total, parts = kd_with_ce(loss, s, teacher_ids, batch["teacher_logprobs"], batch["next_ids"],
+        extra = {keyword: batch[key] for keyword, key in plan.loss.batch_inputs.items()}
+        total, parts = kd_with_ce(plan.name, s, teacher_ids, batch["teacher_logprobs"], batch["next_ids"],
                                   ce_weight=ce_weight, kd_weight=kd_weight, kd_select=kd_select,
                                   tail_mass=batch["tail_mass"], chunk_size=chunk_size, metrics=metrics,
-                                  **extra, **(options or {}))
+                                  **extra, **plan.options)
         # ce, kd; accuracy, and the loss's own: top1_agreement (every loss that reads teacher ids), bild_coverage
         metrics.update(parts)
         return total, metrics
@@ -115,9 +112,8 @@ def head_weights(model, vocab_size: int | None) -> tuple[torch.Tensor, torch.Ten
     return weight, bias
 
 
-def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: dict, *,
-                    loss: str, options: dict | None = None, ce_weight: float = 1.0, kd_weight: float = 1.0,
-                    chunk_size: int | None = None, transform: dict | None = None,
+def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: dict,
+                    plan: LossPlan, *, chunk_size: int | None = None, transform: dict | None = None,
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`loss_parts(apply_head(hidden, weight, bias, **transform), batch, ...)` without the (N, V) logits.
 
@@ -126,16 +122,16 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             rows, in the order of `batch["next_ids"]`; float32/bfloat16/float16.
         weight: (V, H) the output embedding (tied or not), already sliced to the V columns training
             uses. bias: (V,) or None.
-        batch: as for `loss_parts`.
+        batch, plan: as for `loss_parts`.
         chunk_size: rows per chunk (None: `chunking.chunk_rows`, about 128 MiB of fp32 logits).
         transform: `storage.head.logit_transform(config)`: hidden_scale, logit_scale, softcap.
-        loss, options, ce_weight, kd_weight: as for `loss_parts`.
 
     Returns:
         As `loss_parts`: 0-dim float32 total (differentiable in hidden, weight and bias) and the
         detached metrics, means over the batch's rows.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
+    ce_weight, kd_weight = plan.ce_weight, plan.kd_weight
     rows = chunk_rows(chunk_size, vocab)
     transform = dict(transform or {})
     teacher = kd_weight and "teacher_ids" in batch and batch["teacher_ids"].shape[0] > 0
@@ -174,8 +170,7 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             h = h_all[start:stop].detach().requires_grad_(want_grad)
             with torch.set_grad_enabled(want_grad):
                 s = apply_head(h, leaf_w, leaf_b, **transform)
-                chunk_total, chunk_metrics = loss_parts(s, sub, loss=loss, options=options, ce_weight=ce_w,
-                                                        kd_weight=kd_w, chunk_size=rows)
+                chunk_total, chunk_metrics = loss_parts(s, sub, plan.weighted(ce_w, kd_w), chunk_size=rows)
                 if want_grad:
                     wrt = [h, leaf_w] + ([leaf_b] if leaf_b is not None else [])
                     grads = torch.autograd.grad(chunk_total, wrt)

@@ -13,6 +13,7 @@ and cached teacher entries at ids at or above it are folded into the tail mass (
 
 import os
 
+from logitcache.stages.train.loss_settings import LossPlan
 from logitcache.stages.train.losses import registry
 from logitcache.storage.errors import ConfigError
 from logitcache.storage.redact import redact_text
@@ -21,8 +22,8 @@ __all__ = ["check_tokenizer", "check_cache_teacher", "check_loss_fits_cache", "s
 
 
 
-def check_tokenizer(index: dict, tokenizer, *, loss: str, student: str, cache: str, has_text: bool,
-                    teacher_tokenizer=None, warn=None) -> bool:
+def check_tokenizer(index: dict, tokenizer, *, needs_same_tokenizer: bool, student: str, cache: str, read_by: str,
+                    advice: str = "", teacher_tokenizer=None, warn=None) -> bool:
     """Check the student tokenizer against the cache's. Returns True when the cached ids mean the same
     tokens to the student (train on them directly), False when they do not (ULD re-tokenizes).
 
@@ -34,33 +35,29 @@ def check_tokenizer(index: dict, tokenizer, *, loss: str, student: str, cache: s
     Args:
         index: the cache's index.
         tokenizer: the student's tokenizer.
-        loss: the loss name; student, cache: names for messages.
-        has_text: the cache stores its text or --data gives it (what ULD re-tokenizes).
+        needs_same_tokenizer: the reader takes the cached ids as student ids (a loss that needs the
+            teacher's tokenizer, a mixture, teacher agreement), so other tokens are refused.
+        student, cache: names for messages.
+        read_by: what reads the ids, for the message ("--loss kl", "--eval-cache").
+        advice: the message's last sentence: what to do instead.
         teacher_tokenizer: the teacher's tokenizer when it can be loaded (exact ids in errors).
         warn: called with each difference's message (default: print to stderr).
 
     Raises:
-        ConfigError: a same-tokenizer loss whose cached ids mean other tokens to the student, naming the
-            first differing ids; `--loss uld` is suggested where it applies.
+        ConfigError: `needs_same_tokenizer` and cached ids that mean other tokens to the student,
+            naming the first differing ids.
     """
     from logitcache.storage.fingerprint import compare_tokenizers
 
     conflicts, differences = compare_tokenizers(index["tokenizer"], tokenizer, teacher_tokenizer=teacher_tokenizer)
     same = not conflicts
-    # A loss needs the teacher's tokenizer unless its declaration says otherwise (a safe default:
-    # a new loss cannot be fed teacher ids that mean other tokens by being left off a list).
-    if not same and registry.get(loss).needs_teacher_tokenizer:
+    if not same and needs_same_tokenizer:
         cached = index["tokenizer"]
-        if has_text:
-            advice = "For a student with another tokenizer use --loss uld (it re-tokenizes the cached text)."
-        else:
-            advice = ("A student with another tokenizer needs --loss uld, which re-tokenizes the text: this cache "
-                      "stores none, so give the source data as --data.")
         raise ConfigError(
-            f"--loss {loss} reads the cache's teacher token ids as student token ids, so every cached id must mean "
+            f"{read_by} reads the cache's teacher token ids as student token ids, so every cached id must mean "
             f"the same token to the student. Student {student} ({len(tokenizer)} tokens) vs cache {cache} (teacher "
             f"{index['teacher'].get('name_or_path')}, {cached['vocab_size']} tokens): {'; '.join(conflicts)}. "
-            f"{advice}")
+            f"{advice}".rstrip())
     if same:
         for message in differences:
             (warn or _warn)(f"student tokenizer ({student}) vs cache {cache}: {message}")
@@ -100,8 +97,8 @@ _MODE_USE = {"topk": "the teacher's top-K ids in rank order",
              "sample": "ids drawn from the teacher, with draw counts"}
 
 
-def check_loss_fits_cache(index: dict, loss: str, *, top_k: int | None, cache: str) -> None:
-    """Refuse a loss the cache's sparsification cannot feed.
+def check_loss_fits_cache(index: dict, plan: LossPlan, *, cache: str) -> None:
+    """Refuse a loss the cache's sparsification cannot feed (`plan.top_k`: --top-k as given).
 
     Raises:
         ConfigError: a cache mode the loss's declaration does not list (rskd needs sample mode's
@@ -109,7 +106,7 @@ def check_loss_fits_cache(index: dict, loss: str, *, top_k: int | None, cache: s
             --top-k above the cache's K.
     """
     mode, k = index["sparsification"]["mode"], index["sparsification"]["k"]
-    spec = registry.get(loss)
+    spec, loss, top_k = plan.loss, plan.name, plan.top_k
     if spec.rows is not None and mode not in spec.modes:
         wanted = " or ".join(f"a {m}-mode cache ({_MODE_USE[m]})" for m in _MODE_USE if m in spec.modes)
         others = [name for name, other in registry.LOSSES.items() if mode in other.modes]

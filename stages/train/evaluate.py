@@ -19,10 +19,11 @@ import torch
 
 from logitcache.stages.train.batch_loss import TEACHER_FIELDS, final_hidden, head_weights, loss_parts
 from logitcache.stages.train.data import ShardedStream
-from logitcache.stages.train.losses import registry
-from logitcache.stages.train.student import collated_batches, load_student
+from logitcache.stages.train.loss_settings import LossPlan, loss_settings
+from logitcache.stages.train.student import collated_batches, fused_head_problem, load_student
 
-__all__ = ["ECE_BINS", "expected_calibration_error", "evaluate_batches", "evaluate_source", "kd_loss_for", "row_logits"]
+__all__ = ["ECE_BINS", "expected_calibration_error", "evaluate_batches", "evaluate_source", "kd_term", "row_logits",
+           "FORWARD_KL"]
 
 ECE_BINS = 15
 
@@ -45,9 +46,13 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(total)
 
 
-def kd_loss_for(loss: str) -> str:
-    """The loss whose KD term evaluation reports: `loss` itself, or forward KL for one without a KD term (sft)."""
-    return loss if registry.get(loss).rows is not None else "kl"
+# The KD term reported by default, and for a loss without one (sft): forward KL alone.
+FORWARD_KL = loss_settings("kl").weighted(0.0, 1.0)
+
+
+def kd_term(plan: LossPlan) -> LossPlan:
+    """The KD term evaluation reports as kd_loss: `plan`'s alone (weights 0 and 1), or `FORWARD_KL`."""
+    return plan.weighted(0.0, 1.0) if plan.distills else FORWARD_KL
 
 
 def row_logits(model, inputs: dict, rows: torch.Tensor, *, vocab_size: int | None, head: bool,
@@ -62,7 +67,7 @@ def row_logits(model, inputs: dict, rows: torch.Tensor, *, vocab_size: int | Non
     Args:
         inputs: the model's inputs. rows: (N,) int64 rows of the flattened (B*T) positions.
         vocab_size: the logits columns to keep (see `checks`); None keeps all.
-        head: apply the head here (see `trainer.fused_head_problem`).
+        head: apply the head here (see `student.fused_head_problem`).
         chunk_size: rows per chunk; None: `chunking.chunk_rows` (about 128 MiB of fp32 logits).
     """
     from logitcache.stages.train.losses.chunking import chunk_rows
@@ -89,37 +94,34 @@ def row_logits(model, inputs: dict, rows: torch.Tensor, *, vocab_size: int | Non
 
 @torch.no_grad()
 def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", per_position: bool = False,
-                     kd_loss: str | None = "kl", kd_options: dict | None = None, head: bool | None = None,
-                     chunk_size: int | None = None) -> dict:
+                     kd: LossPlan | None = FORWARD_KL, head: bool | None = None, chunk_size: int | None = None) -> dict:
     """Metrics of `model` over collated batches (see `collate`), a chunk of supervised rows at a time.
 
     Args:
         per_position: also return each position's scores, in batch order, so that two models scored
             on the same batches can be compared position by position (paired standard errors).
-        kd_loss, kd_options: the registry loss (and its options) whose KD term is reported as
-            kd_loss on batches with teacher targets; None skips it. A loss that reads other batch
-            fields (rskd's sample_counts) gets them from the batch.
+        kd: the loss plan (`kd_term`) whose KD term is reported as kd_loss on batches with teacher
+            targets; None skips it. A loss that reads other batch fields (rskd's sample_counts)
+            gets them from the batch.
         head, chunk_size: see `row_logits`; head None: wherever the model allows it
-            (`trainer.fused_head_problem`), so evaluation never builds the (B, T, V) logits either.
+            (`student.fused_head_problem`), so evaluation never builds the (B, T, V) logits either.
 
     Returns:
         sequences, positions, nll (mean), perplexity, accuracy, ece; with teacher targets also
         teacher_positions, teacher_agreement (student top-1 == teacher top-1), teacher_accuracy
         (teacher top-1 == the actual next token, the ceiling of agreement-driven accuracy) and,
-        with `kd_loss`, kd_loss (the mean over teacher rows of that loss's KD term). With
+        with `kd`, kd_loss (the mean over teacher rows of that loss's KD term). With
         `per_position`, "per_position": {"nll": (positions,) float32, "correct": (positions,) bool,
         ["agree": (teacher_positions,) bool]}.
     """
     if head is None:
-        from logitcache.stages.train.trainer import fused_head_problem
-
         head = fused_head_problem(model) is None
     model.eval()
     nll, n, seqs = 0.0, 0, 0
     conf, correct, agree, teacher_right, nlls = [], [], [], [], []
     kd_sum, kd_rows = 0.0, 0
     # Batch fields the loss reads besides the top-K (rskd: sample_counts); a cache without them has no kd_loss.
-    needs = list(registry.get(kd_loss).batch_inputs.values()) if kd_loss is not None else []
+    needs = list(kd.loss.batch_inputs.values()) if kd is not None else []
     for batch in batches:
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         rows, next_all = batch["rows"].to(device), batch["next_ids"].to(device)
@@ -149,9 +151,8 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
             t_top = ids.gather(1, torch.where(ids >= 0, t_lp, -math.inf).argmax(-1, keepdim=True))[:, 0]
             agree.append((top[sel] == t_top).cpu().numpy())
             teacher_right.append((next_ids[sel] == t_top).cpu().numpy())
-            if kd_loss is not None and ids.shape[0] and all(k in part for k in needs):
-                _, parts = loss_parts(s, {**part, "next_ids": next_ids}, loss=kd_loss, options=kd_options,
-                                      ce_weight=0.0, kd_weight=1.0)
+            if kd is not None and ids.shape[0] and all(k in part for k in needs):
+                _, parts = loss_parts(s, {**part, "next_ids": next_ids}, kd)
                 kd_sum += parts["kd"].item() * ids.shape[0]
                 kd_rows += ids.shape[0]
     conf_all = np.concatenate(conf) if conf else np.zeros(0)
@@ -177,24 +178,22 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
 
 def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch_size: int = 8,
                     max_sequences: int | None = None, device="cpu", per_position: bool = False,
-                    kd_loss: str | None = "kl", kd_options: dict | None = None, head: bool | None = None,
-                    chunk_size: int | None = None) -> dict:
+                    kd: LossPlan | None = FORWARD_KL, head: bool | None = None, chunk_size: int | None = None) -> dict:
     """`evaluate_batches` over a `CacheSource` or `JsonlSource`, in order, in this process."""
     stream = ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1)
     batches = collated_batches(stream, pad_id=pad_id, batch_size=batch_size, max_sequences=max_sequences)
     return evaluate_batches(model, batches, vocab_size=vocab_size, device=device, per_position=per_position,
-                            kd_loss=kd_loss, kd_options=kd_options, head=head,
-                            chunk_size=chunk_size)
+                            kd=kd, head=head, chunk_size=chunk_size)
 
 
 def evaluate(model: str, *, data: str | None = None, cache: str | None = None, batch_size: int = 8,
              max_sequences: int | None = None, max_length: int | None = None, device: str | None = None,
              trust_remote_code: bool = False, per_position: bool = False, storage_options: dict | None = None,
-             loss: str = "kl", loss_options: dict | None = None) -> dict:
+             plan: LossPlan | None = None) -> dict:
     """Load `model` and evaluate it on a jsonl (`data`) and/or a cache's sequences (`cache`), local or
     fsspec URLs (`storage_options` reach fsspec).
 
-    `loss` and `loss_options` choose the KD loss reported on the cache (`kd_loss_for(loss)`).
+    `plan` chooses the KD loss reported on the cache (`kd_term(plan)`; None: forward KL).
 
     Returns:
         {"model": str, "data": {path, metrics...}, "cache": {path, teacher, metrics...}}, each of the
@@ -204,35 +203,23 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     Raises:
         ConfigError: neither data nor cache, an unloadable model, or a cache with another tokenizer.
     """
-    from logitcache.stages.train.alignment import SameTokenizerTargets, TextExample
-    from logitcache.stages.train.checks import check_tokenizer
-    from logitcache.stages.train.data import CacheSource, JsonlSource
-    from logitcache.storage import open_cache
+    from logitcache.stages.train.sources import Reader, eval_cache_source, jsonl_source
     from logitcache.storage.errors import ConfigError
 
     if data is None and cache is None:
         raise ConfigError("eval needs --data, --cache or both")
-    kd_loss = kd_loss_for(loss)  # an unknown loss name fails here, before anything is read
-    if kd_loss == loss:
-        registry.get(loss).resolve(loss_options or {})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
-    net, tokenizer, vocab, pad_id = student.model, student.tokenizer, student.vocab_size, student.pad_id
-    max_length = max_length or student.max_length
-    kwargs = dict(pad_id=pad_id, vocab_size=vocab, batch_size=batch_size, max_sequences=max_sequences, device=device,
-                  per_position=per_position, kd_loss=kd_loss, kd_options=loss_options if kd_loss == loss else None)
+    reader = Reader(model, student.tokenizer, student.vocab_size, max_length or student.max_length,
+                    storage_options=storage_options, trust_remote_code=trust_remote_code)
+    kwargs = dict(pad_id=student.pad_id, vocab_size=student.vocab_size, batch_size=batch_size,
+                  max_sequences=max_sequences, device=device, per_position=per_position,
+                  kd=FORWARD_KL if plan is None else kd_term(plan))
     out = {"model": model}
     if data is not None:
-        source = JsonlSource(data, to_item=TextExample(tokenizer, max_length=max_length, where=data),
-                             storage_options=storage_options)
-        out["data"] = {"path": data, **evaluate_source(net, source, **kwargs)}
+        out["data"] = {"path": data, **evaluate_source(student.model, jsonl_source(data, reader=reader), **kwargs)}
     if cache is not None:
-        index = open_cache(cache, storage_options=storage_options).index
-        if not check_tokenizer(index, tokenizer, loss="eval", student=model, cache=cache, has_text=False):
-            raise ConfigError(f"--cache {cache}: its token ids mean other tokens to {model}'s tokenizer; teacher "
-                              f"agreement compares token ids, so it needs the same vocabulary")
-        source = CacheSource(cache, to_item=SameTokenizerTargets(vocab, max_length=max_length),
-                             storage_options=storage_options)
-        out["cache"] = {"path": cache, "teacher": index["teacher"].get("name_or_path"),
-                        **evaluate_source(net, source, **kwargs)}
+        source = eval_cache_source(cache, reader=reader, flag="eval --cache")
+        out["cache"] = {"path": cache, "teacher": source.cache.index["teacher"].get("name_or_path"),
+                        **evaluate_source(student.model, source, **kwargs)}
     return out

@@ -20,10 +20,10 @@ from its workers in turn, so the worker whose turn was next plays worker 0's par
 a run stopped and resumed yields the batches of an uninterrupted one, in order, with any number of
 ranks and workers.
 
-Which caches mix (`check_mixable`): one teacher vocabulary (the same ids mean the same tokens),
-one mode (topk or sample), one K unless the loss keeps the first k of each (`--top-k`), and one
-sampling temperature for sample-mode caches. A student with another tokenizer (ULD) reads one
-cache at a time.
+Which caches mix (`sources.check_mixable`, where a mixture is opened): one teacher vocabulary (the
+same ids mean the same tokens), one mode (topk or sample), one K unless the loss keeps the first k
+of each (`--top-k`), and one sampling temperature for sample-mode caches. A student with another
+tokenizer (ULD) reads one cache at a time.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ from torch.utils.data import IterableDataset
 
 from logitcache.stages.train.data import ShardedStream, resume_position, this_worker
 from logitcache.storage.errors import ConfigError
-from logitcache.storage.redact import redact_url
 
-__all__ = ["MixedStream", "mixture_probabilities", "check_mixable", "BLOCK"]
+__all__ = ["MixedStream", "mixture_probabilities", "BLOCK"]
 
 BLOCK = 4096  # draws per generator: the resume cost is one bincount per block before the position
 MIX_TAG = 0x6D6978  # "mix": keeps the draws' seeds apart from the shard-order and window seeds
@@ -180,105 +179,3 @@ class MixedStream(ShardedStream):
     def batches_per_rank(self, batch_size: int, num_workers: int, epochs: int) -> int:
         raise ConfigError("--epochs is not defined for a mixture of caches (each cache repeats at its own rate); "
                           "give --max-steps")
-
-
-# ---- which caches mix --------------------------------------------------------------------------------
-
-def check_mixable(indexes: dict[str, dict], *, keep_k: int | None) -> None:
-    """Refuse caches that cannot feed one loss together; the message names the two caches and the difference.
-
-    Args:
-        indexes: {cache name (URL): its index}, in --cache order.
-        keep_k: the first k ids kept of every row (`--top-k` for losses that cut the cached ids), or None.
-
-    Raises:
-        ConfigError: different teacher vocabularies (ids that mean other tokens), modes, K (unless
-            `keep_k` cuts every cache to one k) or sampling temperatures.
-    """
-    (first, a), *rest = indexes.items()
-    for other, b in rest:
-        pair = f"--cache {first} and --cache {other} cannot be mixed"
-        problem = _vocabulary_difference(a["tokenizer"], b["tokenizer"])
-        if problem:
-            raise ConfigError(f"{pair}: their teachers' token ids differ ({problem}); mixed caches must share one "
-                              f"vocabulary, since the loss reads every cached id as the same student token")
-        sa, sb = a["sparsification"], b["sparsification"]
-        if sa["mode"] != sb["mode"]:
-            raise ConfigError(f"{pair}: {first} is a {sa['mode']}-mode cache and {other} a {sb['mode']}-mode cache; "
-                              f"a loss reads one kind of target (mix caches of one --mode)")
-        if sa["k"] != sb["k"] and keep_k is None:
-            hint = (f"; give --top-k {min(sa['k'], sb['k'])} to use the top-{min(sa['k'], sb['k'])} of each"
-                    if sa["mode"] == "topk" else "")
-            raise ConfigError(f"{pair}: {first} stores K = {sa['k']} ids per position and {other} K = {sb['k']}; "
-                              f"a batch holds one K{hint}")
-        ta, tb = sa.get("temperature", 1.0), sb.get("temperature", 1.0)
-        if sa["mode"] == "sample" and ta != tb:
-            raise ConfigError(f"{pair}: {first} was sampled at temperature {ta} and {other} at {tb}; the loss "
-                              f"corrects for one sampling temperature")
-
-
-def _vocabulary_difference(a: dict, b: dict) -> str | None:
-    """How two caches' `tokenizer` sections disagree on what ids mean, or None."""
-    if a.get("vocab_size") != b.get("vocab_size"):
-        return f"{a.get('vocab_size')} vs {b.get('vocab_size')} token ids"
-    if "vocab_blocks" in a and "vocab_blocks" in b:
-        from logitcache.storage.fingerprint import VOCAB_BLOCK
-
-        for block, (x, y) in enumerate(zip(a["vocab_blocks"], b["vocab_blocks"])):
-            if x != y:
-                lo = block * VOCAB_BLOCK
-                return f"ids {lo}..{min(lo + VOCAB_BLOCK, a['vocab_size']) - 1} do not all mean the same tokens"
-        for i, token in a.get("added_tokens", {}).items():
-            if b.get("added_tokens", {}).get(i, token) != token:
-                return f"id {i} is {token!r} in one and {b['added_tokens'][i]!r} in the other"
-        return None
-    if a.get("fingerprint") != b.get("fingerprint"):
-        return "an older index records only the tokenizer fingerprint, and the two differ"
-    return None
-
-
-def open_mixture(urls: Sequence[str], *, weights: Sequence[float] | None, loss: str, top_k: int | None,
-                 keep_k: int | None, teacher: str | None, student: str, tokenizer, vocab: int, max_length: int | None,
-                 seed: int, window: int, rank: int, world_size: int, storage_options: dict | None = None,
-                 teacher_tokenizer=None) -> tuple[MixedStream, dict, float | None]:
-    """Open `urls`, refuse what cannot be mixed (`check_mixable`, then each cache against the loss and the
-    student, as for one cache), and build the `MixedStream`.
-
-    Returns:
-        (stream, cache_info for logitcache_train.json, the caches' sampling temperature or None).
-
-    Raises:
-        ConfigError: see `check_mixable`, `checks.check_*`; a student that does not share the caches'
-            tokenizer (ULD reads one cache at a time).
-    """
-    from logitcache.stages.train.alignment import SameTokenizerTargets
-    from logitcache.stages.train.checks import check_cache_teacher, check_loss_fits_cache, check_tokenizer
-    from logitcache.stages.train.data import CacheSource
-    from logitcache.storage import open_cache
-
-    urls = list(urls)
-    if len(set(urls)) != len(urls):
-        raise ConfigError(f"--cache names the same cache twice ({', '.join(urls)}); give it once with a larger "
-                          f"--cache-weights value")
-    caches = [open_cache(url, storage_options=storage_options) for url in urls]
-    check_mixable({url: c.index for url, c in zip(urls, caches)}, keep_k=keep_k)
-    targets = SameTokenizerTargets(vocab, max_length=max_length, keep_k=keep_k)
-    streams = []
-    for url, cache in zip(urls, caches):
-        check_cache_teacher(cache.index, teacher, cache=url)
-        check_loss_fits_cache(cache.index, loss, top_k=top_k, cache=url)
-        if not check_tokenizer(cache.index, tokenizer, loss=loss, student=student, cache=url, has_text=False,
-                               teacher_tokenizer=teacher_tokenizer):
-            raise ConfigError(f"--cache {url}: the student {student} reads its ids as other tokens; a student with "
-                              f"another tokenizer (--loss {loss}) trains from one cache at a time")
-        streams.append(ShardedStream(CacheSource(cache, to_item=targets), seed=seed, window=window, epochs=None,
-                                     rank=rank, world_size=world_size))
-    stream = MixedStream(streams, weights=weights, seed=seed, names=[redact_url(u) for u in urls])  # saved in checkpoints
-    index = caches[0].index
-    temperature = (float(index["sparsification"].get("temperature", 1.0))
-                   if index["sparsification"]["mode"] == "sample" else None)
-    info = {"mixture": [{"url": url, "probability": p, "fingerprint": c.fingerprint, "teacher": c.index["teacher"],
-                         "mode": c.mode, "k": c.k, "sequences": len(c)}
-                        for url, c, p in zip(urls, caches, stream.probabilities)],
-            "same_tokenizer": True}
-    return stream, info, temperature

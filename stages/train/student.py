@@ -1,8 +1,9 @@
-"""The student as training and evaluation both load it, and the batches evaluation reads.
+"""The student as training and evaluation both load it, what it can run, and the batches evaluation reads.
 
     student = load_student("Qwen/Qwen2.5-0.5B", dtype="bfloat16")
     student.model, student.tokenizer, student.vocab_size, student.pad_id, student.max_length
     for batch in collated_batches(items, pad_id=student.pad_id, batch_size=8): ...
+    fused_head_problem(student.model) or packing_problem(student.model)   # None: it can
 """
 
 from collections.abc import Iterable, Iterator
@@ -14,7 +15,7 @@ from logitcache.stages.train.checks import student_vocab_size
 from logitcache.stages.train.collate import Collator
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["DTYPES", "Student", "load_student", "collated_batches"]
+__all__ = ["DTYPES", "Student", "load_student", "collated_batches", "fused_head_problem", "packing_problem"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,3 +90,42 @@ def collated_batches(items: Iterable[dict], *, pad_id: int, batch_size: int,
             chunk = []
     if chunk:
         yield collate(chunk)
+
+
+# Attention implementations that keep packed items apart given position_ids alone (see `collate`).
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def packing_problem(model) -> str | None:
+    """Why `model` cannot train on packed rows (`Collator(pack=True)`), or None if it can."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl not in PACKED_ATTENTION:
+        return (f"its attention implementation {impl!r} does not separate packed items by position_ids; "
+                f"load it with one of {', '.join(PACKED_ATTENTION)}")
+    return None
+
+
+def fused_head_problem(model, args=None) -> str | None:
+    """Why `model` cannot train with the fused head and loss, or None if it can.
+
+    The fused path reads the head's weight outside the model's forward and applies it itself, so
+    it needs a plain linear head (not a PEFT-wrapped or quantized one), a decoder to hook and a
+    forward that takes `logits_to_keep`, and whole (not sharded) parameters: not FSDP or DeepSpeed.
+
+    Args:
+        args: the run's `TrainingArguments` (its fsdp and deepspeed settings), or None.
+    """
+    import inspect
+
+    if args is not None and (args.fsdp or args.deepspeed):
+        return "FSDP and DeepSpeed shard the head's weight outside the forward"
+    if hasattr(model, "get_base_model"):  # a peft model: its forward passes logits_to_keep on
+        model = model.get_base_model()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or type(head) is not torch.nn.Linear:
+        return f"the output embedding is {type(head).__name__}, not a plain torch.nn.Linear"
+    if not hasattr(model, "get_decoder") or model.get_decoder() is model:
+        return f"{type(model).__name__} has no decoder module to take the final hidden states from"
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return f"{type(model).__name__}.forward takes no logits_to_keep"
+    return None

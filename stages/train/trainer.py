@@ -2,7 +2,7 @@
 
     args = training_arguments("out/", max_steps=1000, per_device_train_batch_size=8)
     trainer = KDTrainer(model=student, args=args, train_dataset=stream, data_collator=Collator(pad_id),
-                        processing_class=tokenizer, loss="bild", loss_options={"top_k": 8}, vocab_size=len(tokenizer))
+                        processing_class=tokenizer, plan=loss_settings("bild", top_k=8), vocab_size=len(tokenizer))
     trainer.train(resume_from_checkpoint=True)
 
 Everything else is the stock Trainer (accelerate, DeepSpeed/FSDP, checkpoints, loggers); on
@@ -37,14 +37,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from logitcache.stages.train.data import ShardedStream
 from logitcache.stages.train.batch_loss import (final_hidden, fused_head_loss, head_weights, loss_parts,
                                                  supervised_logits)
-from logitcache.stages.train.loss_settings import loss_weights
-from logitcache.stages.train.losses import registry
+from logitcache.stages.train.loss_settings import LossPlan
 from logitcache.stages.train.stop import StopOnSignal
+from logitcache.stages.train.student import fused_head_problem
 from logitcache.storage.head import logit_transform
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["KDTrainer", "training_arguments", "data_state_name", "fused_head_problem", "packing_problem",
-           "model_inputs", "loss_parts", "supervised_logits", "cpu_fsdp"]
+__all__ = ["KDTrainer", "training_arguments", "data_state_name", "model_inputs", "loss_parts", "supervised_logits",
+           "cpu_fsdp"]
 
 
 def data_state_name(rank: int) -> str:
@@ -83,42 +83,6 @@ def pass_through(shard) -> None:
 def model_inputs(batch: dict) -> dict:
     """The model's inputs from a collated batch: input_ids and attention_mask, or position_ids when packed."""
     return {name: batch[name] for name in ("input_ids", "attention_mask", "position_ids") if name in batch}
-
-
-# Attention implementations that keep packed items apart given position_ids alone (see `collate`).
-PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-
-
-def packing_problem(model) -> str | None:
-    """Why `model` cannot train on packed rows (`Collator(pack=True)`), or None if it can."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if impl not in PACKED_ATTENTION:
-        return (f"its attention implementation {impl!r} does not separate packed items by position_ids; "
-                f"load it with one of {', '.join(PACKED_ATTENTION)}")
-    return None
-
-
-def fused_head_problem(model, args: TrainingArguments | None = None) -> str | None:
-    """Why `model` cannot train with the fused head and loss, or None if it can.
-
-    The fused path reads the head's weight outside the model's forward and applies it itself, so
-    it needs a plain linear head (not a PEFT-wrapped or quantized one), a decoder to hook and a
-    forward that takes `logits_to_keep`, and whole (not sharded) parameters: not FSDP or DeepSpeed.
-    """
-    import inspect
-
-    if args is not None and (args.fsdp or args.deepspeed):
-        return "FSDP and DeepSpeed shard the head's weight outside the forward"
-    if hasattr(model, "get_base_model"):  # a peft model: its forward passes logits_to_keep on
-        model = model.get_base_model()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or type(head) is not torch.nn.Linear:
-        return f"the output embedding is {type(head).__name__}, not a plain torch.nn.Linear"
-    if not hasattr(model, "get_decoder") or model.get_decoder() is model:
-        return f"{type(model).__name__} has no decoder module to take the final hidden states from"
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        return f"{type(model).__name__}.forward takes no logits_to_keep"
-    return None
 
 
 def cpu_fsdp(trainer) -> None:
@@ -170,10 +134,8 @@ class KDTrainer(Trainer):
     """Trainer for cached distillation (and plain SFT on the same batches).
 
     Args:
-        loss: a loss declared in `losses.registry`; "sft" trains on the labels alone.
-        loss_options: keyword arguments of the loss (temperature, top_k, tail, ...).
-        ce_weight, kd_weight: total = ce_weight * CE + kd_weight * KD (CE is skipped at weight 0);
-            None: the loss's default (`loss_settings.loss_weights`).
+        plan: the loss, its options and total = ce_weight * CE + kd_weight * KD (`loss_settings`;
+            CE is skipped at weight 0; sft trains on the labels alone).
         vocab_size: the logits columns to use (see `checks`); None uses all.
         chunk_size: rows per loss chunk (None: automatic).
         eval_sources: {name: `CacheSource` or `JsonlSource`} evaluated by `evaluate` (every
@@ -193,8 +155,7 @@ class KDTrainer(Trainer):
 
     online_teacher = None  # see __init__; a class default for trainers built without it
 
-    def __init__(self, *args, loss: str, loss_options: dict | None = None, ce_weight: float | None = None,
-                 kd_weight: float | None = None, vocab_size: int | None = None, chunk_size: int | None = None,
+    def __init__(self, *args, plan: LossPlan, vocab_size: int | None = None, chunk_size: int | None = None,
                  fused_head: bool = True, eval_sources: dict | None = None, eval_pad_id: int = 0,
                  online_teacher=None, **kwargs):
         if eval_sources:
@@ -202,13 +163,7 @@ class KDTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.eval_sources, self.eval_pad_id = dict(eval_sources or {}), eval_pad_id
         self.online_teacher = online_teacher
-        spec = registry.get(loss)  # an unknown name or option fails here, not at step one
-        spec.resolve(loss_options or {})
-        self.loss_name = loss
-        self.loss_options, self.chunk_size = dict(loss_options or {}), chunk_size
-        weights = loss_weights(loss, ce_weight, kd_weight)
-        self.ce_weight, self.kd_weight = weights["ce_weight"], weights["kd_weight"]
-        self.vocab_size = vocab_size
+        self.plan, self.chunk_size, self.vocab_size = plan, chunk_size, vocab_size
         self.fused_head = fused_head and fused_head_problem(self.model, self.args) is None
         # compute_loss normalizes by `num_items_in_batch` itself; this makes the Trainer count and pass it.
         self.model_accepts_loss_kwargs = True
@@ -265,18 +220,16 @@ class KDTrainer(Trainer):
         ECE and, with teacher targets, teacher agreement and kd_loss (this trainer's KD loss; see `evaluate`)."""
         if not self.eval_sources:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        from logitcache.stages.train.evaluate import evaluate_source, kd_loss_for
+        from logitcache.stages.train.evaluate import evaluate_source, kd_term
 
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         metrics = {}
-        # The training loss's KD term on held-out teacher targets (forward KL when training SFT).
-        kd_loss = kd_loss_for(self.loss_name)
-        kd_options = self.loss_options if kd_loss == self.loss_name else None
+        kd = kd_term(self.plan)  # the training loss's KD term on held-out teacher targets (forward KL for SFT)
         for name, source in self.eval_sources.items():
             found = evaluate_source(model, source, pad_id=self.eval_pad_id, vocab_size=self.vocab_size,
                                     batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-                                    kd_loss=kd_loss, kd_options=kd_options, head=self.fused_head)
+                                    kd=kd, head=self.fused_head)
             metrics.update({f"{metric_key_prefix}_{name}_{key}": float(value) for key, value in found.items()})
         model.train(was_training)
         self.log(metrics)
@@ -334,15 +287,13 @@ class KDTrainer(Trainer):
             zero = hidden.sum() * 0.0 + inner.get_output_embeddings().weight.sum() * 0.0
             return None, {}, zero
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        total, metrics = fused_head_loss(hidden, weight, bias, inputs, loss=self.loss_name, options=self.loss_options,
-                                         ce_weight=self.ce_weight, kd_weight=self.kd_weight,
-                                         chunk_size=self.chunk_size, transform=logit_transform(inner.config))
+        total, metrics = fused_head_loss(hidden, weight, bias, inputs, self.plan, chunk_size=self.chunk_size,
+                                         transform=logit_transform(inner.config))
         return total, metrics, None
 
     def loss_parts(self, s: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`loss_parts` with this trainer's loss and weights."""
-        return loss_parts(s, batch, loss=self.loss_name, options=self.loss_options, ce_weight=self.ce_weight,
-                          kd_weight=self.kd_weight, chunk_size=self.chunk_size)
+        """`loss_parts` with this trainer's loss plan."""
+        return loss_parts(s, batch, self.plan, chunk_size=self.chunk_size)
 
     # ---- logging --------------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import datasets  # noqa: F401  (imported outside capfd: its log handler keeps the stream it first sees)
 import pytest
 import yaml
 from fake_hub import LocalHub

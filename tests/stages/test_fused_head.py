@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from logitcache.stages.train.batch_loss import fused_head_loss, loss_parts
+from logitcache.stages.train.loss_settings import loss_settings
 from logitcache.stages.train.losses import LOSSES
 from logitcache.storage.head import apply_head
 
@@ -47,11 +48,11 @@ def run_both(name, options, hidden, weight, bias, batch, *, transform, ce_weight
     out = []
     for fused in (True, False):
         h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
-        kw = dict(loss=name, options=options, ce_weight=ce_weight, kd_weight=kd_weight)
+        plan = loss_settings(name, options=options, ce_weight=ce_weight, kd_weight=kd_weight)
         if fused:
-            total, metrics = fused_head_loss(h, w, b, batch, chunk_size=chunk_size, transform=transform, **kw)
+            total, metrics = fused_head_loss(h, w, b, batch, plan, chunk_size=chunk_size, transform=transform)
         else:
-            total, metrics = loss_parts(apply_head(h, w, b, **transform), batch, **kw)
+            total, metrics = loss_parts(apply_head(h, w, b, **transform), batch, plan)
         (total * 0.5).backward()  # a grad_output other than 1
         out.append((total.detach(), metrics, (h.grad, w.grad, b.grad)))
     return out
@@ -104,7 +105,7 @@ def test_ce_weight_zero_skips_rows_without_teacher_and_no_grad_mode_runs():
     for g, w in zip(got_g, want_g):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        total, _ = fused_head_loss(hidden, weight, bias, batch, loss="kl", ce_weight=0.0, kd_weight=1.0, chunk_size=3)
+        total, _ = fused_head_loss(hidden, weight, bias, batch, loss_settings("kl", ce_weight=0.0), chunk_size=3)
     torch.testing.assert_close(total, want)
 
 
@@ -115,7 +116,8 @@ def test_trainer_fused_and_unfused_steps_agree(tmp_path):
 
     from logitcache.stages.train.alignment import SameTokenizerTargets
     from logitcache.stages.train.collate import Collator
-    from logitcache.stages.train.trainer import KDTrainer, fused_head_problem, training_arguments
+    from logitcache.stages.train.student import fused_head_problem
+    from logitcache.stages.train.trainer import KDTrainer, training_arguments
     from logitcache.storage import open_cache
 
     w = world()
@@ -128,7 +130,7 @@ def test_trainer_fused_and_unfused_steps_agree(tmp_path):
         assert fused_head_problem(model) is None
         trainer = KDTrainer(model=model, args=training_arguments(str(tmp_path / str(fused)), max_steps=1,
                                                                  report_to="none", use_cpu=True),
-                            loss="bild", loss_options={"top_k": 4}, vocab_size=v, chunk_size=7, fused_head=fused)
+                            plan=loss_settings("bild", top_k=4), vocab_size=v, chunk_size=7, fused_head=fused)
         assert trainer.fused_head is fused
         loss = trainer.compute_loss(model, batch)
         loss.backward()

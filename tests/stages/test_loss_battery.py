@@ -9,7 +9,6 @@ and a bf16 gradient; the declared defaults are accepted and values out of the de
 refused; the declaration's fields are coherent.
 """
 
-import importlib.util
 import inspect
 import math
 import re
@@ -22,9 +21,7 @@ from logitcache.stages.train import losses
 from logitcache.stages.train.losses import registry
 from logitcache.storage.errors import ConfigError
 
-_spec = importlib.util.spec_from_file_location("loss_reference", Path(__file__).with_name("loss_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+import loss_reference as ref  # tests/stages/loss_reference.py (on the path: pyproject's pythonpath)
 
 F64 = torch.float64
 KD_LOSSES = [name for name, spec in registry.LOSSES.items() if spec.rows is not None]

@@ -7,8 +7,6 @@ test_losses.py have flat tails, where the old approximations were exact by const
 Teachers and students come from tests/llm_tails.py; caches are stage one's own top-K rows.
 """
 
-import importlib.util
-from pathlib import Path
 
 import llm_tails
 import pytest
@@ -18,9 +16,7 @@ import torch.nn.functional as F
 from logitcache.stages.train import losses
 from logitcache.stages.train.run import loss_settings
 
-_spec = importlib.util.spec_from_file_location("loss_reference", Path(__file__).with_name("loss_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+import loss_reference as ref  # tests/stages/loss_reference.py (on the path: pyproject's pythonpath)
 
 ROWS, K = 12, 32
 
@@ -121,9 +117,7 @@ def test_rskd_teacher_is_its_fixed_point(temperature, tau):
 
 def test_bild_trains_without_the_label_cross_entropy_by_default():
     """The BiLD paper's official recipe trains on the BiLD loss alone (no label CE)."""
-    settings = loss_settings("bild", temperature=None, top_k=None, tail=None, options={}, ce_weight=None,
-                             kd_weight=None, uld_lambda=None)
-    assert (settings["ce_weight"], settings["kd_weight"]) == (0.0, 1.0)
-    kl = loss_settings("kl", temperature=None, top_k=None, tail=None, options={}, ce_weight=None, kd_weight=None,
-                       uld_lambda=None)
-    assert (kl["ce_weight"], kl["kd_weight"]) == (1.0, 1.0)
+    bild = loss_settings("bild")
+    assert (bild.ce_weight, bild.kd_weight) == (0.0, 1.0)
+    kl = loss_settings("kl")
+    assert (kl.ce_weight, kl.kd_weight) == (1.0, 1.0)

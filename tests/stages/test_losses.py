@@ -3,7 +3,6 @@
 Run: .venv/bin/pytest tests/stages/test_losses.py
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -21,10 +20,7 @@ from logitcache.stages.train.losses import LOSSES, get_loss
 from logitcache.stages.train.losses.student_stats import student_stats
 from logitcache.storage.errors import ConfigError, InvalidDataError, LogitCacheError
 
-# --import-mode=importlib puts no test folder on sys.path: load the sibling reference by path.
-_spec = importlib.util.spec_from_file_location("loss_reference", Path(__file__).with_name("loss_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+import loss_reference as ref  # tests/stages/loss_reference.py (on the path: pyproject's pythonpath)
 
 F64 = torch.float64
 make_logits, top_k_cache = ref.make_logits, ref.top_k_cache

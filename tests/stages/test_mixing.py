@@ -19,8 +19,9 @@ from trainkit import build_cache, text_rows, world
 
 from logitcache.stages.train.collate import Collator
 from logitcache.stages.train.data import ShardedStream
-from logitcache.stages.train.mixing import BLOCK, MixedStream, check_mixable, mixture_probabilities
+from logitcache.stages.train.mixing import BLOCK, MixedStream, mixture_probabilities
 from logitcache.stages.train.run import TrainSettings, train
+from logitcache.stages.train.sources import check_mixable
 from logitcache.stages.train.trainer import KDTrainer
 from logitcache.storage import open_cache
 from logitcache.storage.errors import ConfigError

@@ -3,9 +3,7 @@
     .venv/bin/python -m pytest tests/stages/test_online.py -q
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +13,11 @@ from trainkit import world
 from logitcache.pipeline.cli import main
 from logitcache.stages.train.alignment import TextExample
 from logitcache.stages.train.collate import Collator
+from logitcache.stages.train.loss_settings import loss_settings
 from logitcache.stages.train.online import OnlineTeacher
 from logitcache.stages.train.trainer import loss_parts, supervised_logits
 
-# --import-mode=importlib puts no test folder on sys.path: load the sibling reference by path.
-_spec = importlib.util.spec_from_file_location("loss_reference", Path(__file__).with_name("loss_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+import loss_reference as ref  # tests/stages/loss_reference.py (on the path: pyproject's pythonpath)
 
 
 def _batch_and_models():
@@ -50,7 +46,7 @@ def test_online_targets_compute_the_full_vocabulary_loss(loss, options, referenc
 
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     s = supervised_logits(logits, batch["rows"], vocab).detach().requires_grad_(True)
-    total, _ = loss_parts(s, online, loss=loss, options=options, ce_weight=0.0)
+    total, _ = loss_parts(s, online, loss_settings(loss, options=options, ce_weight=0.0))
     (grad,) = torch.autograd.grad(total, s)
 
     with torch.no_grad():

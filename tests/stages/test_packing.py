@@ -12,8 +12,10 @@ from trainkit import world
 
 from logitcache.stages.train.alignment import SameTokenizerTargets
 from logitcache.stages.train.collate import Collator
+from logitcache.stages.train.loss_settings import loss_settings
 from logitcache.stages.train.run import TrainSettings, train
-from logitcache.stages.train.trainer import KDTrainer, packing_problem, training_arguments
+from logitcache.stages.train.student import packing_problem
+from logitcache.stages.train.trainer import KDTrainer, training_arguments
 from logitcache.storage import open_cache
 from logitcache.storage.errors import ConfigError
 
@@ -51,7 +53,7 @@ def test_packed_loss_and_gradient_equal_padded(tmp_path, attn, fused):
         assert packing_problem(model) is None
         trainer = KDTrainer(model=model, args=training_arguments(str(tmp_path / f"{pack}"), max_steps=1,
                                                                  report_to="none", use_cpu=True),
-                            loss="kl", vocab_size=len(w.tokenizer), fused_head=fused)
+                            plan=loss_settings("kl"), vocab_size=len(w.tokenizer), fused_head=fused)
         loss = trainer.compute_loss(model, Collator(pad_id=0, pack=pack)(its))
         loss.backward()
         out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -68,7 +70,7 @@ def test_without_position_ids_the_items_would_attend_across(tmp_path):
     w = world()
     model = AutoModelForCausalLM.from_pretrained(w.student, dtype=torch.float32, attn_implementation="sdpa")
     trainer = KDTrainer(model=model, args=training_arguments(str(tmp_path), max_steps=1, report_to="none",
-                                                             use_cpu=True), loss="kl", vocab_size=len(w.tokenizer))
+                                                             use_cpu=True), plan=loss_settings("kl"), vocab_size=len(w.tokenizer))
     batch = Collator(pad_id=0, pack=True)(items())
     with torch.no_grad():
         good = trainer.compute_loss(model, batch)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from trainkit import build_cache, ddp_run, world
 
+from logitcache.stages.train.loss_settings import loss_settings
 from logitcache.stages.train.run import TrainSettings, train
 from logitcache.stages.train.trainer import KDTrainer
 from logitcache.storage.errors import ConfigError
@@ -120,8 +121,7 @@ def test_compute_loss_slices_padded_columns():
     logits[..., v:] = 50.0
     model = lambda **kw: SimpleNamespace(logits=logits)  # noqa: E731
     trainer = KDTrainer.__new__(KDTrainer)  # the loss only: no model, no data
-    trainer.loss_name, trainer.loss_options, trainer.chunk_size = "kl", {}, None
-    trainer.ce_weight, trainer.kd_weight, trainer._sums, trainer._weights = 1.0, 1.0, {}, {}
+    trainer.plan, trainer.chunk_size, trainer._sums, trainer._weights = loss_settings("kl"), None, {}, {}
     trainer.vocab_size, trainer.fused_head = v, False
     got = trainer.compute_loss(model, batch)
     s = logits.reshape(-1, v + 13)[batch["rows"], :v]
@@ -152,7 +152,8 @@ def test_loss_parts_fuses_ce_into_the_kd_pass(loss, kw):
              "teacher_ids": ids[kd_select], "teacher_logprobs": lp[kd_select],
              "tail_mass": (1 - lp.exp().sum(-1))[kd_select], "sample_counts": torch.randint(1, 5, (5, k), generator=g)}
     fused, separate = s.clone().requires_grad_(), s.clone().requires_grad_()
-    total, logged = loss_parts(fused, batch, loss=loss, options=kw, ce_weight=0.5, kd_weight=2.0, chunk_size=4)
+    plan = loss_settings(loss, options=kw, ce_weight=0.5, kd_weight=2.0)
+    total, logged = loss_parts(fused, batch, plan, chunk_size=4)
     want_logged = {}
     ce = sft(separate, labels=batch["next_ids"], metrics=want_logged)
     extra = {"counts": batch["sample_counts"]} if loss == "rskd" else {}
@@ -279,3 +280,46 @@ def test_ddp_two_processes_on_cpu_see_disjoint_data():
     for r in range(2):
         state = json.loads((out / "checkpoint-2" / f"logitcache_data_rank{r}.json").read_text())
         assert state["rank"] == r and state["world_size"] == 2 and state["consumed"] == [4]
+
+
+def test_a_held_out_cache_of_another_tokenizer_gets_the_tokenizer_refusal(tmp_path, capsys):
+    """`eval --cache` and `train --eval-cache` with a model whose tokenizer is not the cache's: the tokenizer
+    refusal, naming the first id that means another token (they once stopped on "unknown loss 'eval'")."""
+    from logitcache.pipeline.cli import main
+
+    w = world()
+    with pytest.raises(ConfigError, match="--eval-cache reads the cache's teacher token ids") as e:
+        train(settings(tmp_path, student=str(w.other_student), cache=None, loss="sft", data=str(w.train),
+                       eval_cache=str(w.cache), eval_steps=1))
+    assert "id " in str(e.value) and "unknown loss" not in str(e.value)
+    assert not (tmp_path / "out").exists()  # refused before the trainer was built
+    assert main(["eval", "--model", str(w.other_student), "--cache", str(w.cache), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "eval --cache reads the cache's teacher token ids" in err and "unknown loss" not in err
+
+
+def test_settings_are_decided_once_before_anything_loads(tmp_path):
+    """Frozen settings, `cache` always a tuple, and the settings-only refusals before the student is loaded."""
+    import dataclasses
+
+    one = TrainSettings(student="nowhere", out="o", cache="a", max_steps=1)
+    assert one.cache == ("a",) and TrainSettings(student="s", out="o", cache=["a", "b"]).cache == ("a", "b")
+    assert TrainSettings(student="s", out="o", loss="sft", data="d.jsonl").cache == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        one.cache = ("b",)
+    for kw, match in ((dict(cache_weights=[1.0]), "more than one --cache"), (dict(lora_alpha=4.0), "need --lora-r"),
+                      (dict(eval_steps=0), "--eval-steps must be a positive integer")):
+        with pytest.raises(ConfigError, match=match):  # a student "nowhere" would fail later, on loading
+            train(dataclasses.replace(one, **kw))
+
+
+def test_the_loss_plan_decides_top_k_once():
+    """--top-k is BiLD's k for BiLD and keep-k for the others; the cache's draw temperature reaches rskd alone."""
+    bild, kl = loss_settings("bild", top_k=4), loss_settings("kl", top_k=4)
+    assert (bild.options["top_k"], bild.keep_k, bild.top_k) == (4, None, 4)
+    assert (kl.keep_k, kl.top_k, "top_k" in kl.options) == (4, 4, False)
+    assert kl.reading(0.5) is kl and kl.record()["options"] == {}
+    rskd = loss_settings("rskd").reading(0.5)
+    assert rskd.options["sample_temperature"] == 0.5 and rskd.record()["options"] == {"sample_temperature": 0.5}
+    with pytest.raises(ConfigError, match="--top-k does not apply to --loss sft"):
+        loss_settings("sft", top_k=4)

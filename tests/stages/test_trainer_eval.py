@@ -80,15 +80,16 @@ def test_evaluation_through_the_head_in_chunks_equals_the_model_logits(loss):
 
     from logitcache.stages.train.alignment import SameTokenizerTargets
     from logitcache.stages.train.data import CacheSource
-    from logitcache.stages.train.evaluate import evaluate_source
+    from logitcache.stages.train.evaluate import evaluate_source, kd_term
+    from logitcache.stages.train.loss_settings import loss_settings
 
     w = world()
     model = AutoModelForCausalLM.from_pretrained(w.padded_student, dtype=torch.float32)
     v = len(w.tokenizer)
     source = CacheSource(str(w.cache), to_item=SameTokenizerTargets(v))
     options = {"top_k": 4} if loss == "bild" else {}
-    got, want = (evaluate_source(model, source, pad_id=0, vocab_size=v, batch_size=5, per_position=True, kd_loss=loss,
-                                 kd_options=options, head=head, **kw)
+    got, want = (evaluate_source(model, source, pad_id=0, vocab_size=v, batch_size=5, per_position=True,
+                                 kd=kd_term(loss_settings(loss, options=options)), head=head, **kw)
                  for head, kw in ((True, {"chunk_size": 7}), (False, {})))
     assert got["positions"] == want["positions"] > 7 * 5 and got["teacher_positions"] == want["teacher_positions"]
     for key in ("nll", "accuracy", "ece", "teacher_agreement", "teacher_accuracy", "kd_loss"):

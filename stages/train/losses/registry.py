@@ -3,7 +3,7 @@
 A loss is a per-chunk function (its *row function*, see `fused.KDRows`) plus one `Loss` entry in
 `LOSSES` below. Everything else reads the entry: `logitcache train --loss` takes its choices and
 help from it, `checks` refuses a cache mode the loss does not read or a student of another
-tokenizer when the loss needs the teacher's, `run.loss_settings` validates options against it and
+tokenizer when the loss needs the teacher's, `loss_settings` validates options against it and
 takes the default CE/KD weights from it, and `functions` builds the public callable (`kl(...)`,
 `bild(...)`) from it. See docs/LOSSES.md for a worked example of adding one.
 
