@@ -9,7 +9,8 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY stages ./stages
 COPY storage ./storage
-RUN pip install --no-cache-dir ".[s3]"
+# What train's documented flags need: peft (--lora-r), tensorboard and wandb (--report-to), deepspeed (--deepspeed).
+RUN pip install --no-cache-dir ".[s3,lora,train-extras]"
 
 ENTRYPOINT ["logitcache"]
 CMD ["train", "--help"]

@@ -5,8 +5,9 @@
 
 Every command lives in `logitcache.pipeline.commands.<name>` with `add_parser(subparsers)` and
 `run(args) -> int`, and imports its heavy dependencies inside `run`, so `--help` stays fast.
-Commands that take many settings also accept `--config FILE.yaml`; flags given on the command line
-override the file.
+Commands that take many settings (precompute, train) also accept `--config FILE.yaml`; flags given
+on the command line override the file. Every command takes `--print-config`: it checks the options
+and the rules between them with nothing loaded, and prints the resolved settings as that YAML.
 
 Errors (docs/ERRORS.md): every failure a user can cause or fix is a `LogitCacheError`, printed as one
 line `logitcache <command>: error: ...` after any progress bar is closed, with exit status 2. Other
@@ -56,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # command not built yet
         sub_parser = module.add_parser(sub)
-        sub_parser.set_defaults(_run=module.run)
+        sub_parser.add_argument("--print-config", action="store_true",
+                                help="check every option and the rules between them without loading a model or "
+                                     "reading data, print the resolved settings as YAML (credentials redacted) "
+                                     "that --config reads back, and exit")
+        sub_parser.set_defaults(_run=module.run, _check=getattr(module, "check", None))
     return parser
 
 
@@ -124,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         args, from_config = _parse_with_config(parser, argv)
         secrets |= credentials_in([], _storage_options(getattr(args, "storage_options", None)))
         sub_parser = parser._subparsers._group_actions[0].choices[args.command]
-        check_options(args.command, sub_parser, args, from_config)
+        check_options(args.command, sub_parser, args, from_config, open_paths=not args.print_config)
+        if args.print_config:
+            if args._check is not None:
+                args._check(args)  # the command's rules between options
+            print(yaml.safe_dump(resolved_options(sub_parser, args), sort_keys=False), end="")
+            return 0
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         _close_progress_bars()
@@ -140,6 +150,34 @@ def main(argv: list[str] | None = None) -> int:
             message = message.replace(secret, REDACTED)
         print(f"logitcache{' ' + command if command else ''}: error: {message}", file=sys.stderr, flush=True)
         return 2
+
+
+def resolved_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """{option: value} of a parsed command as `--config` YAML takes it: plain YAML values, KEY=VALUE
+    lists as mappings, and storage options with their credentials redacted (`storage.redact`)."""
+    from logitcache.pipeline.commands.precompute import parse_storage_options
+    from logitcache.storage.redact import redact_options
+
+    out = {}
+    for action in parser._actions:
+        dest = action.dest
+        if dest in ("help", "config", "print_config") or dest.startswith("_") or not hasattr(args, dest):
+            continue
+        value = _plain(getattr(args, dest))
+        if dest == "storage_options" and value is not None:
+            value = redact_options(parse_storage_options(value))
+        elif isinstance(value, list) and value and all(isinstance(v, list) and len(v) == 2 for v in value):
+            value = dict(value)  # --hf-arg / --loss-option KEY=VALUE pairs
+        out[dest] = value
+    return out
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _storage_options(given) -> dict:

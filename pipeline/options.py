@@ -110,7 +110,7 @@ def flag_name(action: argparse.Action) -> str:
 
 
 def check_options(command: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
-                  from_config: dict | None = None) -> None:
+                  from_config: dict | None = None, *, open_paths: bool = True) -> None:
     """Refuse any option value that is of the wrong type, out of range, or a path of the wrong kind.
 
     Args:
@@ -118,6 +118,8 @@ def check_options(command: str, parser: argparse.ArgumentParser, args: argparse.
         parser: that subcommand's parser (its actions declare types and choices).
         args: the parsed options, flags and `--config` values merged.
         from_config: {dest: value} read from `--config`, to say where a bad value came from.
+        open_paths: whether a model path must exist here (False for `--print-config`, which checks
+            a command line written for another machine).
 
     Raises:
         ConfigError: naming the option, its value, and what was expected.
@@ -142,7 +144,7 @@ def check_options(command: str, parser: argparse.ArgumentParser, args: argparse.
             if problem is None and dest in ranges and isinstance(one, (int, float)) and not isinstance(one, bool):
                 problem = ranges[dest].problem(one)
             if problem is None and dest in paths and isinstance(one, str):
-                problem = _path_problem(paths[dest], one)
+                problem = _path_problem(paths[dest], one, must_exist=open_paths)
             if problem and len(values) > 1:
                 name = f"{flag_name(action)} {one if isinstance(one, str) else repr(one)}{where}"
             if problem:
@@ -176,14 +178,14 @@ def _is_url(value: str) -> bool:
     return "://" in value
 
 
-def _path_problem(kind: str, value: str) -> str | None:
+def _path_problem(kind: str, value: str, *, must_exist: bool = True) -> str | None:
     if _is_url(value):
         return None
     path = os.path.expanduser(value)
     if kind == "model":
         if os.path.isfile(path):
             return "is a file; expected a model folder (config.json, weights, tokenizer) or a hub id"
-        if not os.path.exists(path) and not _is_hub_id(value):
+        if must_exist and not os.path.exists(path) and not _is_hub_id(value):
             return "no such folder, and not a hub model id (owner/name); check the path"
     elif kind == "out_dir":
         if os.path.exists(path) and not os.path.isdir(path):

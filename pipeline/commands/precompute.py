@@ -194,6 +194,16 @@ def parse_storage_options(values) -> dict | None:
     return options
 
 
+def check(args) -> None:
+    """Every rule between options, with nothing loaded (`--print-config`): the targets, the jobs."""
+    from logitcache.stages.precompute.plan import owned_shards
+    from logitcache.stages.precompute.settings import Targets
+
+    Targets.resolve(mode=args.mode, top_k=args.top_k, samples=args.samples, temperature=args.temperature,
+                    seed=args.seed)
+    owned_shards(0, args.num_jobs, args.job_index)
+
+
 def run(args) -> int:
     from logitcache.stages.precompute.run import EngineSpec, precompute
 

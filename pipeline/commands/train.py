@@ -185,12 +185,13 @@ def _as_dict(value) -> dict:
     return dict(value.items() if isinstance(value, dict) else value)
 
 
-def run(args) -> int:
-    from logitcache.stages.train.run import TrainSettings, train
+def settings(args):
+    """The command line as `TrainSettings`."""
+    from logitcache.stages.train.run import TrainSettings
 
     from logitcache.pipeline.commands.precompute import parse_storage_options
 
-    settings = TrainSettings(
+    return TrainSettings(
         student=args.student, out=args.out, loss=args.loss, cache=args.cache, data=args.data, teacher=args.teacher,
         cache_weights=args.cache_weights, storage_options=parse_storage_options(args.storage_options),
         online_teacher=args.online_teacher,
@@ -208,7 +209,19 @@ def run(args) -> int:
         report_to=args.report_to, resume=args.resume, eval_data=args.eval_data, eval_cache=args.eval_cache,
         eval_steps=args.eval_steps, deepspeed=args.deepspeed,
         fsdp=args.fsdp, hf_args=_as_dict(args.hf_args), trust_remote_code=args.trust_remote_code)
-    result = train(settings)
+
+
+def check(args) -> None:
+    """Every rule between options, with nothing loaded (`--print-config`)."""
+    from logitcache.stages.train.run import decide
+
+    decide(settings(args))
+
+
+def run(args) -> int:
+    from logitcache.stages.train.run import train
+
+    result = train(settings(args))
     if result.get("stopped_by"):  # SIGTERM/SIGINT: a checkpoint was saved; exit as the signal would
         import signal
 

@@ -34,7 +34,7 @@ from logitcache.stages.train.loss_settings import loss_settings
 from logitcache.storage.errors import ConfigError
 from logitcache.storage.redact import is_credential_key, redact_options, redact_text
 
-__all__ = ["TrainSettings", "train", "loss_settings", "RESULT_NAME"]
+__all__ = ["TrainSettings", "train", "decide", "loss_settings", "RESULT_NAME"]
 
 RESULT_NAME = "logitcache_train.json"
 
@@ -160,12 +160,7 @@ def train(s: TrainSettings) -> dict:
     from logitcache.stages.train.trainer import KDTrainer, data_state_name
 
     # 1. Settings, the loss plan, the rank.
-    s.check()
-    plan = loss_settings(s.loss, temperature=s.temperature, top_k=s.top_k, tail=s.tail, options=s.loss_options,
-                         ce_weight=s.ce_weight, kd_weight=s.kd_weight, uld_lambda=s.uld_lambda)
-    if s.online_teacher is not None and plan.keep_k is not None:
-        raise ConfigError(f"--top-k keeps the first k cached ids; --online-teacher supplies the whole vocabulary "
-                          f"instead, so --top-k applies only to losses that take it (bild), not --loss {plan.name}")
+    plan = decide(s)
     last = _last_checkpoint(s.out, resume=s.resume)
     # torchrun's variables, which TrainingArguments reads too (checked against it in step 4).
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -246,6 +241,23 @@ def _redact_urls(value):
     if isinstance(value, (list, tuple)):
         return [_redact_urls(v) for v in value]
     return redact_text(value) if isinstance(value, str) else value
+
+
+def decide(s: TrainSettings):
+    """Every refusal the settings alone can give, and the run's `LossPlan`; nothing is loaded (also
+    `train --print-config`).
+
+    Raises:
+        ConfigError: naming the flags.
+    """
+    s.check()
+    plan = loss_settings(s.loss, temperature=s.temperature, top_k=s.top_k, tail=s.tail, options=s.loss_options,
+                         ce_weight=s.ce_weight, kd_weight=s.kd_weight, uld_lambda=s.uld_lambda)
+    if s.online_teacher is not None and plan.keep_k is not None:
+        raise ConfigError(f"--top-k keeps the first k cached ids; --online-teacher supplies the whole vocabulary "
+                          f"instead, so --top-k applies only to losses that take it (bild), not --loss {plan.name}")
+    check_hf_args(s.hf_args, {})
+    return plan
 
 
 def _last_checkpoint(out: str, *, resume: bool) -> str | None:

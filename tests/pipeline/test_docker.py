@@ -96,3 +96,15 @@ def test_image_tag_and_version_floors_match_the_code():
             assert Version(importlib.metadata.version(name)) >= low, name  # this machine runs what it declares
         except importlib.metadata.PackageNotFoundError:
             pass
+
+
+def test_train_image_has_what_train_flags_need():
+    """--lora-r needs peft, --report-to tensorboard/wandb and --deepspeed their packages: the image installs them."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    text = (ROOT / "docker" / "train.Dockerfile").read_text()
+    installed = text.split('pip install --no-cache-dir ".[', 1)[1].split("]", 1)[0].split(",")
+    packages = {dep.split(">")[0].split("=")[0] for name in installed for dep in extras[name]}
+    assert {"peft", "tensorboard", "wandb", "deepspeed", "s3fs"} <= packages
+
