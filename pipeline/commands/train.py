@@ -80,7 +80,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "environment (AWS_*, GOOGLE_*, HF_TOKEN)")
     g.add_argument("--loss", default="kl", metavar="NAME", choices=registry.names(),
                    help=f"{', '.join(registry.names())} (default: kl; each is described under 'losses' below)")
-    g.add_argument("--out", required=True, metavar="DIR", help="output directory (model, checkpoints, metrics)")
+    g.add_argument("--out", "--output-dir", "--output_dir", required=True, metavar="DIR", help="output directory (model, checkpoints, metrics)")
     g.add_argument("--data", metavar="D", help="jsonl rows with 'messages' (a chat, through the student's chat template; "
                    "assistant turns supervised), 'prompt'/'response' or 'text': the training data of --loss sft "
                    "without a cache, or the text a student with another tokenizer re-tokenizes if the cache stores none")
@@ -109,22 +109,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--uld-lambda", type=float, metavar="λ", help="ULD's weight: total = CE + λ * ULD (default 1.5)")
 
     g = p.add_argument_group("schedule")
-    g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (or give --epochs)")
-    g.add_argument("--epochs", type=int, metavar="E", help="passes over the data (or give --max-steps)")
+    g.add_argument("--max-steps", "--max_steps", type=int, metavar="N", help="optimizer steps (or give --epochs)")
+    g.add_argument("--epochs", "--num-train-epochs", "--num_train_epochs", type=int, metavar="E", help="passes over the data (or give --max-steps)")
     # TrainingArguments' own names first; the short ones stay as aliases.
-    g.add_argument("--per-device-train-batch-size", "--batch-size", dest="batch_size", type=int, default=8, metavar="B",
+    g.add_argument("--per-device-train-batch-size", "--per_device_train_batch_size", "--batch-size", dest="batch_size", type=int, default=8, metavar="B",
                    help="STUDENT TRAINING: sequences per device and micro-batch (default 8). "
                    "(`precompute --batch-size` is the teacher's inference batch)")
-    g.add_argument("--gradient-accumulation-steps", "--grad-accum", dest="grad_accum", type=int, default=1,
+    g.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps", "--grad-accum", dest="grad_accum", type=int, default=1,
                    metavar="G", help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--learning-rate", "--lr", dest="lr", type=float, default=1e-4, metavar="LR",
+    g.add_argument("--learning-rate", "--learning_rate", "--lr", dest="lr", type=float, default=1e-4, metavar="LR",
                    help="peak learning rate (default 1e-4)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    g.add_argument("--warmup", type=float, default=0.0, help="linear warm-up: steps if >= 1, else a share of all "
+    g.add_argument("--weight-decay", "--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--warmup", "--warmup-steps", "--warmup_steps", "--warmup-ratio", "--warmup_ratio", type=float, default=0.0, help="linear warm-up: steps if >= 1, else a share of all "
                    "steps (default 0)")
-    g.add_argument("--scheduler", default="cosine", help="transformers lr_scheduler_type (default cosine)")
+    g.add_argument("--scheduler", "--lr-scheduler-type", "--lr_scheduler_type", default="cosine", help="transformers lr_scheduler_type (default cosine)")
     g.add_argument("--seed", type=int, default=0, metavar="S", help="data order and the Trainer's random state (default 0)")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out, if any")
+    g.add_argument("--resume", "--resume-from-checkpoint", "--resume_from_checkpoint", action="store_true", help="continue from the last checkpoint in --out, if any")
 
     g = p.add_argument_group("LoRA (peft): train low-rank adapters instead of every weight")
     g.add_argument("--lora-r", type=int, metavar="R", help="adapter rank; turns LoRA on")
@@ -138,7 +138,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data and system")
     g.add_argument("--max-length", type=int, metavar="L", help="truncate sequences (default: the model's context)")
-    g.add_argument("--num-workers", type=int, default=1, help="DataLoader workers per process (default 1); "
+    g.add_argument("--num-workers", "--dataloader-num-workers", "--dataloader_num_workers", type=int, default=1, help="DataLoader workers per process (default 1); "
                    "resuming needs the same number")
     g.add_argument("--shuffle-window", type=int, default=2, metavar="SHARDS",
                    help="shards read and shuffled together per worker (default 2)")
@@ -147,7 +147,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--student-revision", metavar="REV", help="hub revision (branch, tag or commit) of --student")
     g.add_argument("--attn-implementation", metavar="NAME",
                    help="transformers attention: sdpa, eager, flash_attention_2, ... (default: transformers')")
-    g.add_argument("--gradient-checkpointing", action="store_true",
+    g.add_argument("--gradient-checkpointing", "--gradient_checkpointing", action="store_true",
                    help="recompute activations in backward: less memory, about a third more compute")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     g.add_argument("--pack", action="store_true",
@@ -158,15 +158,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="apply the LM head inside the loss, a chunk of supervised rows at a time, so the full "
                    "(batch, length, vocabulary) logits are never built (default: on where the model allows it; "
                    "--no-fused-head uses the model's own logits)")
-    g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
-    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep (default 2)")
-    g.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
-    g.add_argument("--report-to", default="none", help="tensorboard, wandb, ... (default none)")
+    g.add_argument("--save-steps", "--save_steps", type=int, default=500, help="checkpoint every N steps (default 500)")
+    g.add_argument("--save-total-limit", "--save_total_limit", type=int, default=2, help="checkpoints to keep (default 2)")
+    g.add_argument("--logging-steps", "--logging_steps", type=int, default=10, help="log every N steps (default 10)")
+    g.add_argument("--report-to", "--report_to", default="none", help="tensorboard, wandb, ... (default none)")
     g.add_argument("--eval-data", metavar="D", help="held-out jsonl ('messages', 'prompt'/'response' or 'text' rows) "
                    "evaluated after training (into logitcache_train.json), and every --eval-steps while training")
     g.add_argument("--eval-cache", metavar="CACHE", help="held-out cache (the student's tokenizer) evaluated every "
                    "--eval-steps: adds teacher agreement")
-    g.add_argument("--eval-steps", type=int, metavar="N", help="evaluate --eval-data/--eval-cache every N steps "
+    g.add_argument("--eval-steps", "--eval_steps", type=int, metavar="N", help="evaluate --eval-data/--eval-cache every N steps "
                    "(perplexity, accuracy, ECE, teacher agreement; logged like the loss, e.g. to TensorBoard)")
     g.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config (passed to transformers)")
     g.add_argument("--fsdp", metavar="SPEC", help="shard parameters, gradients and optimizer state over the ranks "

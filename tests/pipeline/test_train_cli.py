@@ -107,3 +107,32 @@ def test_yaml_takes_every_name_of_an_option(tmp_path):
         config.write_text(yaml.safe_dump({"student": "s", "cache": "c", "out": "o", **names}))
         args, _ = _parse_with_config(build_parser(), ["train", "--config", str(config)])
         assert (args.batch_size, args.lr, args.grad_accum) == (3, 0.002, 5)
+
+
+def test_transformers_spellings_of_training_arguments():
+    """A command line copied from the HF docs runs unchanged: every underscore spelling `train` takes is a real
+    TrainingArguments field, and means the same setting as logitcache's own flag."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from logitcache.pipeline.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    spellings = {o.lstrip("-") for a in train._actions for o in a.option_strings if "_" in o}
+    # warmup_ratio: transformers 4's field for a share of the steps (5 reads a float warmup_steps < 1 so).
+    assert spellings - {"warmup_ratio"} <= {f.name for f in dataclasses.fields(TrainingArguments)}, spellings
+    assert {"per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
+            "logging_steps", "save_steps", "eval_steps", "report_to", "dataloader_num_workers",
+            "gradient_accumulation_steps", "max_steps", "num_train_epochs", "output_dir",
+            "resume_from_checkpoint"} <= spellings
+    base = ["train", "--student", "s", "--cache", "c", "--loss", "kl"]
+    hf = parser.parse_args([*base, "--output_dir", "o", "--per_device_train_batch_size", "4", "--learning_rate", "3e-5",
+                            "--lr_scheduler_type", "linear", "--warmup_ratio", "0.1", "--num_train_epochs", "2",
+                            "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "0", "--report_to",
+                            "tensorboard", "--logging_steps", "5", "--save_steps", "50", "--resume_from_checkpoint"])
+    own = parser.parse_args([*base, "--out", "o", "--batch-size", "4", "--lr", "3e-5", "--scheduler", "linear",
+                             "--warmup", "0.1", "--epochs", "2", "--grad-accum", "2", "--num-workers", "0",
+                             "--report-to", "tensorboard", "--logging-steps", "5", "--save-steps", "50", "--resume"])
+    assert vars(hf) == vars(own)
