@@ -102,9 +102,11 @@ PATH_RULES: dict[str, dict[str, str]] = {
 
 def flag_name(action: argparse.Action) -> str:
     """How the user writes an option: `--max-steps`, every name of one with aliases
-    (`--learning-rate/--lr`), or a positional's metavar/name (`CACHE`)."""
+    (`--learning-rate/--lr`), or a positional's metavar/name (`CACHE`). transformers' underscore
+    spellings (`--learning_rate`) are left out: they are the same names written the other way."""
     if action.option_strings:
-        longs = [s for s in action.option_strings if s.startswith("--")] or list(action.option_strings)
+        longs = ([s for s in action.option_strings if s.startswith("--") and "_" not in s]
+                 or list(action.option_strings))
         return "/".join(sorted(longs, key=len, reverse=True))
     return action.metavar if isinstance(action.metavar, str) else action.dest.upper()
 
