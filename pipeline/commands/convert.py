@@ -22,13 +22,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
+def execute(args) -> dict:
+    """The command's work; returns the new cache's index."""
     from logitcache.storage import ConfigError, convert_cache
 
     if args.backend is None:
         raise ConfigError(f"convert: --backend is required ({' or '.join(BACKENDS)})")
     backend = "arrow" if args.backend == "parquet" else args.backend  # the name users look for
-    index = convert_cache(args.src, args.dst, backend=backend, encoding=args.encoding)
+    return convert_cache(args.src, args.dst, backend=backend, encoding=args.encoding)
+
+
+def run(args) -> int:
+    index = execute(args)
     print(f"wrote {args.dst}: {len(index['shards'])} shard(s), {sum(e['bytes'] for e in index['shards'])} bytes, "
           f"backend={index['backend']} encoding={index['encoding']['name']}")
     return 0

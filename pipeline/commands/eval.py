@@ -44,7 +44,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
+def execute(args) -> dict:
+    """The command's work; returns the metrics (`logitcache.pipeline.api.evaluate`), after writing
+    --positions if asked."""
     from logitcache.pipeline.commands.precompute import parse_storage_options
     from logitcache.stages.train.evaluate import evaluate
     from logitcache.stages.train.loss_settings import loss_settings
@@ -61,6 +63,11 @@ def run(args) -> int:
                   for name, values in result[part].pop("per_position").items()}
         with open(args.positions, "wb") as f:
             np.savez(f, **arrays)
+    return result
+
+
+def run(args) -> int:
+    result = execute(args)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

@@ -63,13 +63,18 @@ def plot_mass(mass, k: int, path: str) -> None:
     plt.close(fig)
 
 
-def run(args) -> int:
+def execute(args) -> dict:
+    """The command's work: the summary `--json` prints (after drawing --plot if asked)."""
     from logitcache.storage import open_cache
 
-    cache = open_cache(args.cache)
-    summary, mass = summarize(cache, args.max_shards)
+    summary, mass = summarize(open_cache(args.cache), args.max_shards)
     if args.plot:
         plot_mass(mass, summary["top_k"], args.plot)
+    return summary
+
+
+def run(args) -> int:
+    summary = execute(args)
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0

@@ -14,11 +14,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
+def execute(args) -> dict:
+    """The command's work; returns the finished cache's index."""
     from logitcache.stages.precompute.plan import finalize_cache, read_job_record, writer_from_record
 
     record = read_job_record(args.cache)
-    index = finalize_cache(writer_from_record(args.cache, record), record)
+    return finalize_cache(writer_from_record(args.cache, record), record)
+
+
+def run(args) -> int:
+    index = execute(args)
     counts = index["counts"]
     print(f"merged {args.cache}: {len(index['shards'])} shard(s), {counts['sequences']} sequences, "
           f"{counts['positions']} positions, {counts['skipped']} row(s) skipped, {counts['truncated']} truncated "

@@ -204,7 +204,8 @@ def check(args) -> None:
     owned_shards(0, args.num_jobs, args.job_index)
 
 
-def run(args) -> int:
+def execute(args):
+    """The command's work; returns the `PrecomputeResult` (`logitcache.pipeline.api.precompute`)."""
     from logitcache.stages.precompute.run import EngineSpec, precompute
 
     engine = EngineSpec(name=args.engine, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
@@ -221,6 +222,11 @@ def run(args) -> int:
         trust_remote_code=args.trust_remote_code, revision=args.revision, ray=args.ray,
         ray_address=args.ray_address, ray_actors=args.ray_actors, progress=args.progress,
         streaming=args.streaming, max_rows=args.max_rows)
+    return result
+
+
+def run(args) -> int:
+    result = execute(args)
     if result.stopped_by:
         return 128 + signal.Signals[result.stopped_by].value
     return 0

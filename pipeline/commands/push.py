@@ -104,10 +104,15 @@ def push_cache(cache: str, repo_id: str, *, api=None, private: bool = False, tok
     return card
 
 
-def run(args) -> int:
+def execute(args) -> str:
+    """The command's work; returns the dataset card it wrote and uploaded."""
     token = read_token_file(args.token_file) if args.token_file else None  # None: HF_TOKEN or the login
-    push_cache(args.cache, args.repo_id, private=args.private, token=token, revision=args.revision,
-               mass_shards=args.mass_shards)
+    return push_cache(args.cache, args.repo_id, private=args.private, token=token, revision=args.revision,
+                      mass_shards=args.mass_shards)
+
+
+def run(args) -> int:
+    execute(args)
     print(f"pushed {args.cache} to https://huggingface.co/datasets/{args.repo_id}; train from it with "
           f"--cache hf://datasets/{args.repo_id}")
     return 0

@@ -218,10 +218,15 @@ def check(args) -> None:
     decide(settings(args))
 
 
-def run(args) -> int:
+def execute(args) -> dict:
+    """The command's work; returns what `logitcache_train.json` holds (`logitcache.pipeline.api.train`)."""
     from logitcache.stages.train.run import train
 
-    result = train(settings(args))
+    return train(settings(args))
+
+
+def run(args) -> int:
+    result = execute(args)
     if result.get("stopped_by"):  # SIGTERM/SIGINT: a checkpoint was saved; exit as the signal would
         import signal
 

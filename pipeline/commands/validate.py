@@ -13,15 +13,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
+def execute(args) -> dict:
+    """The command's work: {"problems": one line per bad shard, "shards", "sequences", "positions"}."""
     from logitcache.storage import open_cache
 
     cache = open_cache(args.cache)
-    problems = cache.validate()
+    return {"problems": cache.validate(), "shards": len(cache.shards), "sequences": len(cache),
+            "positions": cache.index["counts"]["positions"]}
+
+
+def run(args) -> int:
+    result = execute(args)
+    problems = result["problems"]
     for line in problems:
         print(f"BAD  {line}")
     if problems:
-        print(f"{len(problems)} of {len(cache.shards)} shard(s) failed validation")
+        print(f"{len(problems)} of {result['shards']} shard(s) failed validation")
         return 1
-    print(f"OK   {len(cache.shards)} shard(s), {len(cache)} sequences, {cache.index['counts']['positions']} positions")
+    print(f"OK   {result['shards']} shard(s), {result['sequences']} sequences, {result['positions']} positions")
     return 0

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from doc_commands import commands_in, parse_logitcache
+from doc_commands import commands_in, fenced_blocks, parse_logitcache
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -31,3 +31,24 @@ def test_readme_links_and_make_targets_exist():
     makefile = (ROOT / "Makefile").read_text()
     for target in set(re.findall(r"\bmake (\w+)", text)):
         assert re.search(rf"^{target}:", makefile, re.M), f"README uses `make {target}`, not in the Makefile"
+
+
+def test_python_section_calls_real_functions_with_real_options():
+    """The README's Python block: each `api.f(...)` is a function of `logitcache.pipeline.api`, and each keyword
+    one of that command's option names."""
+    import ast
+
+    from logitcache.pipeline import api
+    from logitcache.pipeline.cli import build_parser
+
+    blocks = [text for _, _, text in fenced_blocks(README, ("python",))]
+    assert blocks, "the README has no python block"
+    parsers = build_parser()._subparsers._group_actions[0].choices
+    calls = [node for text in blocks for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", None) == "api"]
+    assert {c.func.attr for c in calls} >= {"precompute", "train", "evaluate", "open_cache"}
+    for call in calls:
+        assert call.func.attr in api.__all__, call.func.attr
+        if call.func.attr != "open_cache":
+            command = {"evaluate": "eval"}.get(call.func.attr, call.func.attr)
+            assert {k.arg for k in call.keywords} <= set(api.keywords(parsers[command])), call.func.attr
