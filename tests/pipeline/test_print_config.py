@@ -111,3 +111,20 @@ def test_print_config_redacts_credentials(capsys):
                  "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out.split("cache: s3://bucket/cache\n", 1)[1])
     assert printed["storage_options"] == {"key": "<redacted>", "client_kwargs": {"endpoint_url": "http://minio:9000"}}
+
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_examples_cover_the_main_runs():
+    text = "\n".join(p.read_text() for p in EXAMPLES)
+    assert {"precompute", "train"} == {p.name.split("-")[0] for p in EXAMPLES}
+    assert "loss: bild" in text and "lora_r:" in text and "pack: true" in text and "cache_weights:" in text
+    assert "loss: uld" in text
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_config_passes_print_config(path, capsys):
+    command = path.name.split("-")[0]
+    assert f"logitcache {command} --config examples/{path.name}" in path.read_text()  # its own run line
+    assert main([command, "--config", str(path), "--print-config"]) == 0, capsys.readouterr().err
