@@ -11,6 +11,10 @@
     cache = api.open_cache("./cache")                            # the reader any trainer can use
     for shard_id, shard in cache.iter_shards(): ...
 
+    kd = api.cached_kd("./cache", tokenizer=tok, logits_width=model.config.vocab_size, loss="kl")
+    # in your own transformers.Trainer (or loop): train_dataset=kd.dataset, data_collator=kd.collator,
+    # and in compute_loss: kd.loss(model(**kd.model_inputs(inputs)).logits, inputs)
+
 Keyword arguments are the command's options in snake_case (`top_k`, `storage_options`,
 `per_device_train_batch_size`: any of an option's names), the same names a `--config` YAML takes;
 `logitcache <command> --help` lists them. They pass the same checks as the command line, in the same
@@ -20,10 +24,13 @@ computed instead of printing it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from logitcache.storage import open_cache
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["precompute", "merge", "train", "evaluate", "validate", "inspect", "convert", "push", "open_cache"]
+__all__ = ["precompute", "merge", "train", "evaluate", "validate", "inspect", "convert", "push", "open_cache",
+           "cached_kd", "CachedKD"]
 
 
 def precompute(**options):
@@ -64,6 +71,80 @@ def convert(**options) -> dict:
 def push(**options) -> str:
     """`logitcache push`: returns the dataset card it uploaded (the token: HF_TOKEN, the login, or token_file)."""
     return _run("push", options)
+
+
+@dataclass(frozen=True)
+class CachedKD:
+    """A cache ready for a trainer of your own (`cached_kd`).
+
+    Attributes:
+        dataset: a torch IterableDataset of the cache's sequences (shuffled by shard window, split by
+            rank and DataLoader worker; `state_dict()` is its resume position).
+        collator: pads a list of its items into a batch (`stages.train.collate`).
+        plan: the loss and its options (`loss_settings`).
+        vocab: the student logits' columns the loss reads.
+    """
+
+    dataset: object
+    collator: object
+    plan: object
+    vocab: int
+
+    @staticmethod
+    def model_inputs(batch: dict) -> dict:
+        """What the model's forward takes from a batch: input_ids and attention_mask (or position_ids)."""
+        from logitcache.stages.train.trainer import model_inputs
+
+        return model_inputs(batch)
+
+    def loss(self, logits, batch: dict):
+        """The batch's loss, 0-dim: ce_weight * CE + kd_weight * KD over its supervised positions.
+
+        Args:
+            logits: (B, T, W) the student's output on `model_inputs(batch)`, W >= vocab.
+        """
+        from logitcache.stages.train.batch_loss import loss_parts, supervised_logits
+
+        if batch["rows"].shape[0] == 0:  # nothing supervised: a zero that keeps the graph
+            return logits.sum() * 0.0
+        return loss_parts(supervised_logits(logits, batch["rows"], self.vocab), batch, self.plan)[0]
+
+
+def cached_kd(cache: str, *, tokenizer, logits_width: int, loss: str = "kl", top_k: int | None = None,
+              temperature: float | None = None, loss_options: dict | None = None, max_length: int | None = None,
+              storage_options: dict | None = None, seed: int = 0, epochs: int | None = None) -> CachedKD:
+    """One cache as a dataset, a collator and a loss for a trainer of your own, checked as `train` checks
+    it (the loss against the cache's mode and K, the tokenizer against the cache's).
+
+    Args:
+        cache: a cache folder or URL. tokenizer: the student's (it must read the cache's ids as the
+            teacher's tokens; another tokenizer needs `train --loss uld`). logits_width: the student
+            logits' width (`model.config.vocab_size`). loss, top_k, temperature, loss_options: as
+            `train --loss ...`. epochs: passes over the cache (None: without end; give the trainer
+            max_steps).
+
+    Raises:
+        ConfigError: what `train` would refuse.
+    """
+    import os
+
+    from logitcache.stages.train.checks import student_vocab_size
+    from logitcache.stages.train.collate import Collator
+    from logitcache.stages.train.loss_settings import loss_settings
+    from logitcache.stages.train.sources import Reader, open_training_data
+
+    plan = loss_settings(loss, temperature=temperature, top_k=top_k, options=loss_options)
+    if not plan.loss.needs_teacher_tokenizer:
+        raise ConfigError(f"cached_kd: --loss {loss} re-tokenizes the cache for another tokenizer; use "
+                          f"`logitcache train` for it")
+    vocab = student_vocab_size(tokenizer, logits_width, student="the student")
+    reader = Reader("the student", tokenizer, vocab, max_length, storage_options)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    data = open_training_data([cache], data=None, weights=None, plan=plan, teacher=None, reader=reader, seed=seed,
+                              window=2, epochs=epochs, rank=rank, world_size=world_size)
+    plan = plan.reading(data.sample_temperature)  # rskd: the temperature the cache was drawn at
+    pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    return CachedKD(data.stream, Collator(pad), plan, vocab)
 
 
 def keywords(parser) -> dict[str, str]:

@@ -16,7 +16,7 @@ from logitcache.storage.errors import ConfigError
 
 def test_one_function_per_command():
     names = {"eval": "evaluate"}
-    assert {names.get(c, c) for c in COMMANDS} | {"open_cache"} == set(api.__all__)
+    assert {names.get(c, c) for c in COMMANDS} | {"open_cache", "cached_kd", "CachedKD"} == set(api.__all__)
 
 
 def test_storage_commands_return_results(tmp_path, capsys):
@@ -51,3 +51,41 @@ def test_the_same_checks_as_the_command_line():
         api.precompute(teacher=str(w.teacher), data="d.jsonl", out="/tmp/never", topk=8)
     with pytest.raises(ConfigError, match=r"validate\(\): cache required"):
         api.validate()
+
+
+def test_a_plain_transformers_trainer_trains_from_a_cache(tmp_path):
+    """The cache in someone else's trainer: a plain `transformers.Trainer` subclass (not logitcache's), with
+    `cached_kd`'s dataset, collator and loss, trains a few steps; its loss is the one `KDTrainer` computes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from logitcache.stages.train.batch_loss import loss_parts, supervised_logits
+    from logitcache.stages.train.loss_settings import loss_settings
+
+    w = world()
+    tokenizer = AutoTokenizer.from_pretrained(str(w.student))
+    model = AutoModelForCausalLM.from_pretrained(str(w.student))
+    kd = api.cached_kd(str(w.cache), tokenizer=tokenizer, logits_width=model.config.vocab_size, loss="kl")
+
+    class MyTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**kd.model_inputs(inputs))
+            loss = kd.loss(outputs.logits, inputs)
+            return (loss, outputs) if return_outputs else loss
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to=[], remove_unused_columns=False, save_strategy="no", use_cpu=True,
+                             dataloader_num_workers=0, logging_steps=1)
+    trainer = MyTrainer(model=model, args=args, train_dataset=kd.dataset, data_collator=kd.collator)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 3 and len(losses) == 3 and all(0 < x < 50 for x in losses)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+    batch = kd.collator([item for _, item in zip(range(4), iter(kd.dataset))])
+    logits = model(**kd.model_inputs(batch)).logits
+    ours = loss_parts(supervised_logits(logits, batch["rows"], len(tokenizer)), batch, loss_settings("kl"))[0]
+    assert torch.allclose(kd.loss(logits, batch), ours)
+    with pytest.raises(ConfigError, match="uld"):
+        api.cached_kd(str(w.cache), tokenizer=tokenizer, logits_width=model.config.vocab_size, loss="uld")
