@@ -9,7 +9,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help=HELP, description=HELP + ". Reads the jobs' record (job.json) and their "
                        "shard entries, refuses missing shards (naming them), overlapping rows or shards from "
                        "other settings, and writes the index. Safe to run again.",
-                       epilog="example: logitcache merge ./cache   |   logitcache merge s3://bucket/cache")
+                       epilog="examples:\n  logitcache merge ./cache\n  logitcache merge s3://bucket/cache",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", help="cache folder or fsspec URL")
     return p
 

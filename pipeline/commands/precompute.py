@@ -38,10 +38,11 @@ EPILOG = """\
 examples:
   logitcache precompute --teacher Qwen/Qwen2.5-1.5B-Instruct --data chats.jsonl \\
       --messages-field messages --out ./cache
-  logitcache precompute --teacher ./teacher --data HuggingFaceFW/fineweb-edu --split "train[:10000]" \\
+  # the first 10,000 rows of a hub dataset, streamed (nothing else is downloaded)
+  logitcache precompute --teacher ./teacher --data HuggingFaceFW/fineweb-edu --streaming --max-rows 10000 \\
       --text-field text --out s3://bucket/cache --encoding compact --max-length 2048
   # 10,000 rows of a large Parquet dataset on S3, without downloading it
-  logitcache precompute --teacher ./teacher --data s3://bucket/corpus/ --streaming --max-rows 10000 \
+  logitcache precompute --teacher ./teacher --data s3://bucket/corpus/ --streaming --max-rows 10000 \\
       --text-field text --out ./cache --storage-option endpoint_url=http://minio:9000
   # four independent jobs (e.g. a Slurm array) fill one cache, then one merge:
   logitcache precompute --config job.yaml --num-jobs 4 --job-index $SLURM_ARRAY_TASK_ID

@@ -12,7 +12,7 @@ Others then train straight from the repo:
 
   logitcache train --cache hf://datasets/REPO_ID --student ... --loss kl --out ./student
 
-A cache written with --format parquet is also a plain dataset: datasets.load_dataset(REPO_ID).
+A cache written with --backend parquet is also a plain dataset: datasets.load_dataset(REPO_ID).
 Credentials: `hf auth login` (the Hub's own login), the HF_TOKEN variable, or --token-file FILE.
 A token is never taken on the command line, where `ps` and the shell's history would show it.
 """

@@ -128,3 +128,42 @@ def test_every_example_config_passes_print_config(path, capsys):
     command = path.name.split("-")[0]
     assert f"logitcache {command} --config examples/{path.name}" in path.read_text()  # its own run line
     assert main([command, "--config", str(path), "--print-config"]) == 0, capsys.readouterr().err
+
+
+def help_examples() -> list[tuple[str, list[str]]]:
+    """(command, argv) of every `logitcache ...` example in each command's --help epilog, continuations joined
+    and shell variables as 0."""
+    import re
+    import shlex
+
+    from logitcache.pipeline.cli import build_parser
+
+    found = []
+    for name, parser in build_parser()._subparsers._group_actions[0].choices.items():
+        text = re.sub(r"\\\n\s*", " ", parser.epilog or "")
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("logitcache "):
+                words = shlex.split(re.sub(r"\$[A-Za-z_]+", "0", line.split(" #")[0]))
+                found.append((name, words[1:]))
+    return found
+
+
+HELP_EXAMPLES = help_examples()
+
+
+def test_every_command_shows_examples():
+    assert {"precompute", "train", "merge", "validate"} <= {name for name, _ in HELP_EXAMPLES}
+
+
+@pytest.mark.parametrize("name,argv", HELP_EXAMPLES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(HELP_EXAMPLES)])
+def test_every_help_example_passes_print_config(name, argv, tmp_path, monkeypatch, capsys):
+    if "--config" in argv:  # the example's own YAML: any valid one stands for it
+        monkeypatch.chdir(tmp_path)
+        i = argv.index("--config") + 1
+        (tmp_path / argv[i]).write_text(CONFIGS[argv[0]])
+    assert main([*argv, "--print-config"]) == 0, capsys.readouterr().err
+
+
+CONFIGS = {"precompute": "teacher: Qwen/Qwen2.5-0.5B\ndata: d.jsonl\ntext_field: text\nout: ./c\n",
+           "train": "student: Qwen/Qwen2.5-0.5B\ncache: ./c\nout: ./s\nmax_steps: 10\n"}
