@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from logitcache.storage.encoding import COMPACT_STEP
+from logitcache.storage.encoding import COMPACT_STEP, TAIL_MASS_DTYPE
 from logitcache.storage.redact import redact_url
 
 __all__ = ["CARD_NAME", "dataset_card"]
@@ -29,7 +29,7 @@ _COLUMNS = """\
 | `topk_ids` | list<list<int32>[K]> | per position, the teacher's token ids (-1 = padding) |
 | `topk_logprobs` | list<list<{lp}>[K]> | their log-probabilities at temperature 1; {decode} |
 | `target_logprob` | list<{scalar}> | log-probability of the actual next token |
-| `tail_mass` | list<{scalar}> | teacher probability outside the stored ids |
+| `tail_mass` | list<{tail}> | teacher probability outside the stored ids |
 """
 
 
@@ -81,7 +81,7 @@ def dataset_card(index: dict, *, repo_id: str | None = None, top_k_mass: float |
     if parquet:
         lines += ["## Columns", "", "One Parquet file per shard, one row per sequence "
                   "(`datasets.load_dataset` reads them as the `train` split):", "",
-                  _COLUMNS.format(lp=lp, scalar=scalar, decode=decode).rstrip()]
+                  _COLUMNS.format(lp=lp, scalar=scalar, tail=TAIL_MASS_DTYPE.name, decode=decode).rstrip()]
         if sp["mode"] == "sample":
             lines.append("| `sample_counts` | list<list<uint16>[K]> | how often each id was drawn |")
         for field in index.get("text_fields", []):

@@ -81,6 +81,10 @@ def push_cache(cache: str, repo_id: str, *, api=None, private: bool = False, tok
         raise ConfigError(f"push CACHE: {cache} is not a local folder; push uploads a local cache "
                           f"(copy a remote one here first)")
     opened = open_cache(cache)
+    if opened.backend != "arrow":  # the Hub's viewer and datasets.load_dataset read Parquet shards only
+        raise ConfigError(f"push: {cache} is a {opened.backend} cache; the Hub's dataset viewer and "
+                          f"datasets.load_dataset read Parquet. Convert it first: logitcache convert {cache} "
+                          f"{cache.rstrip('/')}-parquet --backend parquet")
     if redact_text(json.dumps(opened.index)) != json.dumps(opened.index):
         raise ConfigError(f"push: {cache}/index.json records a URL with credentials (written by an older "
                           f"logitcache); remove them from its dataset section before sharing the cache")

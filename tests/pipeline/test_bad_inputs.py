@@ -207,6 +207,8 @@ CASES = [
     ("push-file", lambda w: ["push", str(w["root"] / "a_file"), "me/logits"], ("a_file",)),
     ("push-unfinished", lambda w: ["push", str(w["root"] / "unfinished"), "me/logits"], ("unfinished",)),
     ("push-remote-cache", lambda w: ["push", "s3://bucket/cache", "me/logits"], ("s3://bucket/cache",)),
+    ("push-zarr", lambda w: ["push", str(w["root"] / "topk"), "me/logits"],
+     ("zarr cache", "logitcache convert", "--backend parquet")),
     ("push-mass-shards-negative", lambda w: ["push", str(w["root"] / "topk"), "me/logits", "--mass-shards", "-1"],
      ("--mass-shards -1",)),
     ("push-no-repo-id", lambda w: ["push", str(w["root"] / "topk")], ("required", "REPO_ID")),

@@ -113,7 +113,7 @@ def test_no_credential_is_written_or_printed(tiny_teacher, s3, http_data, tmp_pa
 
     # Stage one: --data behind user:password@, and a cache in the bucket with --storage-option flags.
     local_cache = tmp_path / "cache"
-    assert main(["precompute", "--data", url_data, "--out", str(local_cache), *stage_one]) == 0
+    assert main(["precompute", "--data", url_data, "--out", str(local_cache), "--backend", "parquet", *stage_one]) == 0
     assert seen, "the HTTP data was never read with the URL's credentials"
     assert main(["precompute", "--data", f"s3://{BUCKET}/data/rows.jsonl", "--out", f"s3://{BUCKET}/cache",
                  *stage_one, *flags]) == 0
