@@ -41,13 +41,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from llm_tails import NOISE, REGIMES, VOCAB, student_logits, teacher_logits, topk_cache  # noqa: E402
 
 from logitcache.stages.train import losses  # noqa: E402
+from logitcache.stages.train.losses import registry  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 KS = (8, 16, 32, 64)
 TS = (1.0, 2.0, 3.0)
-# Every cached loss; nkd and rskd are cross entropies (the teacher is not their stationary point).
-LOSS_NAMES = ("kl", "rkl", "jsd", "skl", "srkl", "topk_kl", "dkd", "nkd", "normkd", "bild", "uld", "rskd")
+# nkd and rskd are cross entropies (the teacher is not their stationary point).
 NOT_DIVERGENCES = ("nkd", "rskd")
+
+
+def loss_names() -> tuple[str, ...]:
+    """Every declared loss with a teacher term, read from the registry (a new loss is measured too)."""
+    return registry.kd_names()
+
+
+def sample_only(name: str) -> bool:
+    """The loss reads sample-mode caches only (rskd): it is measured on draws, not on a top-K cache."""
+    return registry.get(name).modes == {registry.SAMPLE}
 
 
 def takes(name: str, option: str) -> bool:
@@ -79,15 +89,13 @@ def _load_reference():
 
 
 REFERENCE = _load_reference()
-# The reference of each loss on full logits; topk_kl over the whole vocabulary is KL.
-REFERENCE_NAME = {"topk_kl": "kl"}
 
 
 def reference_fn(name: str):
     """(s, t, options) -> 0-dim loss on full (rows, V) logits, with the library loss's default options; or None."""
     import inspect
 
-    fn = getattr(REFERENCE, REFERENCE_NAME.get(name, name), None)
+    fn = REFERENCE.REFERENCES.get(name)
     if fn is None:
         return None
     lib = inspect.signature(getattr(losses, name)).parameters
@@ -103,9 +111,7 @@ def reference_fn(name: str):
 
 def full_value_and_grad(name: str, s: torch.Tensor, t: torch.Tensor, options: dict, *, plain: bool):
     """The loss on the full logits: the plain reference, or the library with a whole-vocabulary cache."""
-    if name == "rskd":
-        return cross_entropy_full(s, t, options.get("temperature", 1.0))
-    if not plain:
+    if not plain and not sample_only(name):
         return value_and_grad(name, s, full_cache(t), options)[:2]
     s = s.detach().clone().requires_grad_(True)
     value = reference_fn(name)(s, t, options)
@@ -117,9 +123,9 @@ def check_references(t: torch.Tensor, ts) -> dict[str, bool]:
     """For each loss, whether its plain reference equals the library at K = V on these rows (value and grad)."""
     s = student_logits(t, "high")
     ok = {}
-    for name in LOSS_NAMES:
-        if name == "rskd":
-            ok[name] = True
+    for name in loss_names():
+        if sample_only(name):
+            ok[name] = reference_fn(name) is not None  # no cache of the whole vocabulary to compare with
             continue
         if reference_fn(name) is None:
             ok[name] = False
@@ -144,15 +150,6 @@ def value_and_grad(name: str, s: torch.Tensor, cache: dict, options: dict) -> tu
     return float(value.detach()), grad, {k: float(v) for k, v in metrics.items()}
 
 
-def cross_entropy_full(s: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[float, torch.Tensor]:
-    """-sum p_T log q_T, mean over rows: rskd's full-vocabulary original (p at T, as its cache is sampled)."""
-    s = s.detach().clone().requires_grad_(True)
-    p = torch.softmax(t.double() / temperature, -1)
-    value = -(p * torch.log_softmax(s.double() / temperature, -1)).sum(-1).mean()
-    (grad,) = torch.autograd.grad(value, s)
-    return float(value.detach()), grad.float()
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     denom = a.norm() * b.norm()
@@ -165,7 +162,7 @@ def options_for(name: str, temperature: float | None) -> dict:
 
 def temperatures(name: str, ts) -> tuple:
     # rskd's samples are drawn at T = 1 (stage one's default); its T is measured at 1 only.
-    if name == "rskd":
+    if sample_only(name):
         return (1.0,)
     return tuple(ts) if takes(name, "temperature") else (None,)
 
@@ -193,13 +190,14 @@ def model_teacher(rows: int, vocab: int, steps: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def run_regime(regime: str, t: torch.Tensor, ks, ts, *, seed: int, plain: dict[str, bool]) -> list[dict]:
+def run_regime(regime: str, t: torch.Tensor, ks, ts, *, seed: int, plain: dict[str, bool], names=None) -> list[dict]:
+    """The rows of every loss in `names` (default: `loss_names()`) on teacher logits `t` (rows, V)."""
     rows_out = []
     students = {"self": t, **{level: student_logits(t, level, seed=seed) for level in NOISE}}
     mass = {k: float(torch.log_softmax(t.double(), -1).topk(k, -1).values.exp().sum(-1).mean()) for k in ks}
     caches = {k: topk_cache(t, k) for k in ks}
     samples = {k: sample_rows(t, k, seed) for k in ks}
-    for name in LOSS_NAMES:
+    for name in names or loss_names():
         for temperature in temperatures(name, ts):
             opts = options_for(name, temperature)
             # At student = teacher the full divergence's gradient is 0; only the noisy students need the reference.
@@ -207,7 +205,7 @@ def run_regime(regime: str, t: torch.Tensor, ks, ts, *, seed: int, plain: dict[s
                    for lvl, s in students.items() if lvl != "self"}
             scale = float(ref["high"][1].norm())
             for k in ks:
-                cache = samples[k] if name == "rskd" else caches[k]
+                cache = samples[k] if sample_only(name) else caches[k]
                 for level, s in students.items():
                     if level == "self" and k != 32 and 32 in ks:
                         continue  # stationarity is the K = 32 goal; the other K only for the noisy students
@@ -226,6 +224,11 @@ def run_regime(regime: str, t: torch.Tensor, ks, ts, *, seed: int, plain: dict[s
                     rows_out.append(row)
         print(f"  {regime:7s} {name:8s} done", flush=True)
     return rows_out
+
+
+def _order(name: str) -> int:
+    names = loss_names()
+    return names.index(name) if name in names else len(names)
 
 
 def _fmt(x, spec=".3f"):
@@ -249,7 +252,7 @@ def tables(rows: list[dict], regimes, ks, goal_k: int = 32) -> str:
     out = [f"Gradient cosine against the full-logits loss at K = {goal_k}, worst of the two noisy students, for "
            f"T = {' / '.join(f'{t:g}' for t in ts)} (one value: the loss has no T). **Bold**: below the 0.99 goal.", "",
            "| loss | " + " | ".join(regimes) + " |", "|---|" + "---|" * len(regimes)]
-    for name in LOSS_NAMES:
+    for name in sorted({r['loss'] for r in rows}, key=_order):
         cells = []
         for regime in regimes:
             temps = sorted({r["T"] for r in rows if r["loss"] == name and r["regime"] == regime}, key=lambda t: t or 0)
@@ -260,7 +263,7 @@ def tables(rows: list[dict], regimes, ks, goal_k: int = 32) -> str:
             f"teacher| / |∇ of the full loss at the high-noise student| (worst over T; 0: the teacher is a stationary "
             f"point; **bold**: above 0.01 for a divergence; nkd and rskd are cross entropies).", "",
             "| loss | " + " | ".join(regimes) + " |", "|---|" + "---|" * len(regimes)]
-    for name in LOSS_NAMES:
+    for name in sorted({r['loss'] for r in rows}, key=_order):
         cells = []
         for regime in regimes:
             sel = [r for r in rows if r["loss"] == name and r["regime"] == regime and r["k"] == goal_k]
@@ -275,7 +278,7 @@ def tables(rows: list[dict], regimes, ks, goal_k: int = 32) -> str:
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     out += ["", f"Gradient cosine at T = 1 by K, worst over the noisy students, per regime ({' / '.join(regimes)}):",
             "", "| loss | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for name in LOSS_NAMES:
+    for name in sorted({r['loss'] for r in rows}, key=_order):
         cells = []
         for k in ks:
             per = [_worst_cos(rows, loss=name, regime=regime, k=k, T=1.0) for regime in regimes]

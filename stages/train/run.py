@@ -121,11 +121,9 @@ def train(s: TrainSettings) -> dict:
     if s.cache is None and s.loss != "sft" and s.online_teacher is None:
         raise ConfigError(f"--loss {s.loss} distills from a cache: give --cache (only --loss sft trains from --data alone)")
     if s.online_teacher is not None:
-        from logitcache.stages.train.online import ONLINE_LOSSES
+        from logitcache.stages.train.online import check_online_loss
 
-        if s.loss not in ONLINE_LOSSES:
-            raise ConfigError(f"--online-teacher gives the teacher's full distribution to a top-K loss "
-                              f"({', '.join(ONLINE_LOSSES)}); --loss {s.loss} is not one")
+        check_online_loss(s.loss)
     if s.cache is None and s.data is None:
         raise ConfigError(f"--loss {s.loss} without --cache needs --data (a .jsonl with 'text' or 'prompt'/'response')")
     if (s.max_steps is None) == (s.epochs is None):

@@ -2,7 +2,7 @@
 
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -139,9 +139,31 @@ def _public(spec):
     return loss
 
 
-# Every loss as a function of the (N, V) logits, built from its declaration.
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    name: sft if spec.rows is None else _public(spec) for name, spec in registry.LOSSES.items()}
+class _Public(Mapping):
+    """Every declared loss as a function of the (N, V) logits, built from its declaration on first use.
+
+    A view of `registry.LOSSES`, not a copy: a loss declared there later is here too.
+    """
+
+    def __init__(self):
+        self._built: dict[int, Callable[..., torch.Tensor]] = {}
+
+    def __getitem__(self, name: str) -> Callable[..., torch.Tensor]:
+        spec = registry.LOSSES[name]
+        if spec.rows is None:
+            return sft
+        if id(spec) not in self._built:
+            self._built[id(spec)] = _public(spec)
+        return self._built[id(spec)]
+
+    def __iter__(self):
+        return iter(registry.LOSSES)
+
+    def __len__(self) -> int:
+        return len(registry.LOSSES)
+
+
+LOSSES: Mapping[str, Callable[..., torch.Tensor]] = _Public()
 
 
 def get_loss(name: str) -> Callable[..., torch.Tensor]:

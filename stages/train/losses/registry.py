@@ -14,11 +14,12 @@ and imported on first use), so `logitcache --help` stays fast.
 import importlib
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["Option", "Loss", "LOSSES", "get", "names", "TOPK", "SAMPLE"]
+__all__ = ["Option", "Loss", "LOSSES", "get", "names", "kd_names", "TOPK", "SAMPLE"]
 
 TOPK, SAMPLE = "topk", "sample"
 
@@ -76,8 +77,9 @@ class Loss:
 
     Attributes:
         name: `--loss NAME`.
-        rows: "module:function" of its row function in this package, e.g. "divergences:kl_rows";
-            None for sft, which has no teacher term.
+        rows: "module:function" of its row function in this package, e.g. "divergences:kl_rows"
+            (imported on first use, so `--help` stays light), or the row function itself (a loss
+            declared outside this package); None for sft, which has no teacher term.
         help: one line for `--help`.
         options: its keyword options, with defaults and ranges.
         modes: the cache modes it reads: "topk" (sorted top-K ids) and/or "sample" (sampled ids
@@ -91,7 +93,7 @@ class Loss:
     """
 
     name: str
-    rows: str | None
+    rows: str | Callable | None
     help: str
     options: tuple[Option, ...] = ()
     modes: frozenset[str] = frozenset({TOPK})
@@ -121,6 +123,8 @@ class Loss:
         """The row function, imported on first use."""
         if self.rows is None:
             raise ConfigError(f"loss {self.name!r} has no teacher term")
+        if callable(self.rows):
+            return self.rows
         module, function = self.rows.split(":")
         return getattr(importlib.import_module(f"{__package__}.{module}"), function)
 
@@ -207,3 +211,8 @@ def get(name: str) -> Loss:
 
 def names() -> tuple[str, ...]:
     return tuple(LOSSES)
+
+
+def kd_names() -> tuple[str, ...]:
+    """The losses with a teacher term (every one but sft), in declaration order."""
+    return tuple(name for name, spec in LOSSES.items() if spec.rows is not None)
