@@ -79,7 +79,9 @@ def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None 
         # ce, kd; accuracy, and the loss's own: top1_agreement (every loss that reads teacher ids), bild_coverage
         metrics.update(parts)
         return total, metrics
-    total = s.new_zeros((), dtype=torch.float32)
+    # A zero that is still a function of the logits (of none of their entries): backward through a
+    # micro-batch that no term reads (no teacher rows at ce_weight 0) gives a zero gradient, not an error.
+    total = s[:0].sum(dtype=torch.float32)
     if ce_weight:
         ce = sft(s, labels=batch["next_ids"], chunk_size=chunk_size, metrics=metrics)
         total = total + ce_weight * ce

@@ -110,6 +110,21 @@ def test_ce_weight_zero_skips_rows_without_teacher_and_no_grad_mode_runs():
     torch.testing.assert_close(total, want)
 
 
+@pytest.mark.parametrize("name", ["bild", "kl"])
+def test_rows_without_teacher_rows_at_ce_weight_zero_backpropagate_a_zero(name):
+    """bild's default ce_weight = 0 on a micro-batch whose supervised rows have no teacher row: the
+    unfused path (FSDP, DeepSpeed, a non-Linear head) returned a zero with no graph, and backward raised."""
+    hidden, weight, bias, batch = make_batch(subset=True)
+    batch = {**batch, **{key: batch[key][:0] for key in ("kd_select", "teacher_ids", "teacher_logprobs",
+                                                          "tail_mass", "sample_counts")}}
+    (got, got_m, got_g), (want, want_m, want_g) = run_both(name, OPTIONS.get(name, ({},))[0], hidden, weight, bias,
+                                                           batch, transform={}, ce_weight=0.0, kd_weight=1.0,
+                                                           chunk_size=4)
+    assert float(got) == float(want) == 0.0 and got_m == want_m == {}
+    for g, w in zip(got_g, want_g):
+        assert g is not None and w is not None and not g.any() and not w.any()
+
+
 def test_trainer_fused_and_unfused_steps_agree(tmp_path):
     """KDTrainer.compute_loss on a real (tiny Llama) student and cache: fused = model logits path."""
     from transformers import AutoModelForCausalLM
