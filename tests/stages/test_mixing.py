@@ -155,6 +155,8 @@ def caches():
     return {"B": build_cache(w.root / "mix_b", w.teacher, w.tokenizer, rows_b, per_shard=4),
             "K4": build_cache(w.root / "mix_k4", w.teacher, w.tokenizer, rows_b[:8], k=4),
             "SAMPLE": build_cache(w.root / "mix_sample", w.teacher, w.tokenizer, rows_b[:8], samples=8),
+            "SAMPLE_HOT": build_cache(w.root / "mix_sample_hot", w.teacher, w.tokenizer, rows_b[:8], samples=8,
+                                      temperature=2.0),
             "OTHER": build_cache(w.root / "mix_other", w.other_student, other_tok, text_rows(8, seed=12))}
 
 
@@ -169,6 +171,25 @@ def test_caches_that_cannot_be_mixed_are_refused_naming_both(caches, other, keep
     with pytest.raises(ConfigError, match=match) as e:
         check_mixable({a: open_cache(a).index, b: open_cache(b).index}, keep_k=keep_k)
     assert f"--cache {a} and --cache {b} cannot be mixed" in str(e.value)
+
+
+def test_sample_caches_drawn_at_other_temperatures_are_refused(caches):
+    """The loss corrects for one sampling temperature: two sample caches must share it."""
+    a, b = str(caches["SAMPLE"]), str(caches["SAMPLE_HOT"])
+    with pytest.raises(ConfigError, match=f"{a} was sampled at temperature 1.0 and {b} at 2.0"):
+        check_mixable({a: open_cache(a).index, b: open_cache(b).index}, keep_k=None)
+    check_mixable({a: open_cache(a).index, a + "/": open_cache(a).index}, keep_k=None)  # one temperature: mixes
+
+
+def test_rskd_reads_the_sampling_temperature_from_the_index(caches, tmp_path):
+    """The trainer passes the index's sparsification.temperature to rskd, for one cache and for a mixture."""
+    w = world()
+    hot = str(caches["SAMPLE_HOT"])
+    for name, cache in (("one", hot), ("mix", [hot, str(caches["SAMPLE_HOT"]) + "/"])):
+        out = tmp_path / name
+        result = train(TrainSettings(student=str(w.student), cache=cache, out=str(out), loss="rskd", max_steps=1,
+                                     batch_size=2, num_workers=0))
+        assert result["loss"]["options"]["sample_temperature"] == 2.0, name
 
 
 def test_same_vocabulary_other_blocks_are_named(caches):
