@@ -192,6 +192,16 @@ def test_rskd_reads_the_sampling_temperature_from_the_index(caches, tmp_path):
         assert result["loss"]["options"]["sample_temperature"] == 2.0, name
 
 
+def test_uld_refuses_a_sample_mode_cache_before_training(caches, tmp_path):
+    """Sorted sampled ids are not the teacher's top ranks: on a zipf teacher with 64 draws uld was 0.27 at
+    student = teacher (0 on a top-64 cache). Refused before training, in one line naming the mode."""
+    w = world()
+    with pytest.raises(ConfigError, match=r"--loss uld needs a topk-mode cache .*; .* is a sample-mode cache") as e:
+        train(TrainSettings(student=str(w.other_student), cache=str(caches["SAMPLE"]), out=str(tmp_path / "x"),
+                            loss="uld", max_steps=1, num_workers=0))
+    assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
+
+
 def test_same_vocabulary_other_blocks_are_named(caches):
     w = world()
     index = open_cache(str(w.cache)).index

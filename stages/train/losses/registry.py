@@ -189,8 +189,10 @@ LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
           _temperature(3.0, "T of the pairwise differences (the paper's 3.0)")),
          ce_weight=0.0,
          approximates="BiLD on full logits; teacher-led half exact, student-led half estimated past rank K"),
+    # Top-K caches only: sorted sampled ids are not the teacher's top ranks (at student = teacher the
+    # loss would be 0.26, not 0, on a 64-draw cache).
     Loss("uld", "uld_loss:uld_rows", "Universal Logit Distillation (Boizard et al. 2024): L1 of sorted probabilities",
-         modes=_DIVERGENCE_MODES, needs_teacher_tokenizer=False, kd_weight=1.5,
+         needs_teacher_tokenizer=False, kd_weight=1.5,
          approximates="ULD on full logits, with the tail compared as one mass"),
     Loss("rskd", "rskd_loss:rskd_rows", "Random-sampling KD (Anshumann et al. 2025) from a sample-mode cache",
          (_temperature(1.0, "T: trains softmax(student / T) toward softmax(teacher / T)"),
