@@ -14,6 +14,8 @@ An item is a dict of numpy arrays:
     teacher_logprobs: (n, K) float32 teacher log-probs at temperature 1 (0.0 at padding).
     tail_mass: (n,) float32 teacher probability outside the valid ids.
     sample_counts: (n, K) int64, sample-mode caches only.
+    sample_logprobs: (n, K) float32, each id's draw log-probability (sample-mode caches that store
+        `sample_logz`, see docs/FORMAT.md); 0.0 at padding.
     row_index: int, the source row.
 Items from text alone (no cache) carry only input_ids, labels and row_index.
 """
@@ -27,6 +29,8 @@ __all__ = ["IGNORE", "SameTokenizerTargets", "keep_first_k", "fold_out_of_vocab"
            "TextExample", "encode_example", "answer_turns", "align_answers", "supervised_positions"]
 
 IGNORE = -100
+# Sample mode's (n, K) fields beside the ids and log-probs.
+_SAMPLE = ("sample_counts", "sample_logprobs")
 
 
 def supervised_positions(labels: np.ndarray) -> np.ndarray:
@@ -40,6 +44,8 @@ def _teacher_rows(seq: dict, keep) -> dict:
            "tail_mass": np.asarray(seq["tail_mass"])[keep].astype(np.float32)}
     if "sample_counts" in seq:
         out["sample_counts"] = np.asarray(seq["sample_counts"])[keep].astype(np.int64)
+    if "sample_logprobs" in seq:
+        out["sample_logprobs"] = np.asarray(seq["sample_logprobs"])[keep].astype(np.float32)
     return out
 
 
@@ -58,10 +64,11 @@ def fold_out_of_vocab(rows: dict, vocab_size: int) -> np.ndarray:
         return np.ones(len(ids), dtype=bool)
     rows["tail_mass"] = np.minimum(rows["tail_mass"] + np.where(bad, np.exp(lp), 0.0).sum(1), 1.0).astype(np.float32)
     ids[bad], lp[bad] = -1, 0.0
-    if "sample_counts" in rows:
-        rows["sample_counts"][bad] = 0
+    for name in _SAMPLE:
+        if name in rows:
+            rows[name][bad] = 0
     order = np.argsort(ids < 0, axis=1, kind="stable")
-    for name in ("teacher_ids", "teacher_logprobs", "sample_counts"):
+    for name in ("teacher_ids", "teacher_logprobs", *_SAMPLE):
         if name in rows:
             rows[name] = np.take_along_axis(rows[name], order, 1)
     return rows["teacher_ids"][:, 0] >= 0
@@ -72,7 +79,7 @@ def keep_first_k(rows: dict, k: int) -> None:
     dropped = rows["teacher_logprobs"][:, k:]
     valid = rows["teacher_ids"][:, k:] >= 0
     rows["tail_mass"] = np.minimum(rows["tail_mass"] + np.where(valid, np.exp(dropped), 0.0).sum(1), 1.0).astype(np.float32)
-    for name in ("teacher_ids", "teacher_logprobs", "sample_counts"):
+    for name in ("teacher_ids", "teacher_logprobs", *_SAMPLE):
         if name in rows:
             rows[name] = np.ascontiguousarray(rows[name][:, :k])
 

@@ -27,7 +27,7 @@ from logitcache.storage.head import apply_head
 __all__ = ["loss_parts", "supervised_logits", "fused_head_loss", "TEACHER_FIELDS"]
 
 # Collated fields with one row per teacher row (see `collate`).
-TEACHER_FIELDS = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts")
+TEACHER_FIELDS = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts", "sample_logprobs")
 # Metrics that `loss_parts` averages over all N rows; every other one is over the N_kd teacher rows.
 _PER_ROW = ("ce", "accuracy")
 
@@ -72,6 +72,8 @@ def loss_parts(s: torch.Tensor, batch: dict, *, loss: str, options: dict | None 
         # tokenizer: a teacher row for every supervised row, in order (kd_select is 0..N-1).
         kd_select = None if teacher_ids.shape[0] == s.shape[0] else batch["kd_select"]
         extra = {keyword: batch[key] for keyword, key in spec.batch_inputs.items()}
+        # A field an older cache lacks reaches the loss as None (rskd: sample_logprobs).
+        extra.update({keyword: batch.get(key) for keyword, key in spec.optional_inputs.items()})
         total, parts = kd_with_ce(loss, s, teacher_ids, batch["teacher_logprobs"], batch["next_ids"],
                                   ce_weight=ce_weight, kd_weight=kd_weight, kd_select=kd_select,
                                   tail_mass=batch["tail_mass"], chunk_size=chunk_size, metrics=metrics,

@@ -22,7 +22,7 @@ from logitcache.storage.errors import ConfigError
 
 __all__ = ["OnlineTeacher", "online_losses", "check_online_loss", "load_online_teacher"]
 
-_CACHED = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts", "kd_select")
+_CACHED = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts", "sample_logprobs", "kd_select")
 
 
 class OnlineTeacher:
@@ -57,7 +57,7 @@ def online_losses() -> tuple[str, ...]:
     """The declared losses the online teacher can feed: those that read sorted top-K targets and no
     other per-row input (rskd reads sample counts), read from the registry at each call."""
     return tuple(name for name, spec in registry.LOSSES.items()
-                 if spec.rows is not None and registry.TOPK in spec.modes and not spec.batch_inputs)
+                 if spec.rows is not None and registry.TOPK in spec.modes and not spec.inputs())
 
 
 def check_online_loss(loss: str) -> None:

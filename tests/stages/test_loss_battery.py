@@ -50,7 +50,7 @@ def test_declaration_is_coherent(name):
         return
     assert spec.modes and spec.kd_weight > 0
     params = inspect.signature(spec.row_function()).parameters
-    assert set(spec.option_names()) | set(spec.batch_inputs) | {"tail_mass", "want_metrics", "n_rows"} \
+    assert set(spec.option_names()) | set(spec.inputs()) | {"tail_mass", "want_metrics", "n_rows"} \
         == set(params) - {"student_logits", "teacher_ids", "teacher_logprobs"}
     assert spec.row_function().__doc__, "the row function's docstring is the loss's documentation"
     assert name in ref.REFERENCES, f"add a full-vocabulary reference for {name!r} to loss_reference.REFERENCES"

@@ -114,7 +114,7 @@ def kd_with_ce(
 def _rows(spec, student_logits, teacher_ids, teacher_logprobs, tail_mass, metrics, n_rows, given) -> KDRows:
     """The `KDRows` of loss `spec` with its options checked and defaulted (see `registry.Loss.resolve`)."""
     given = dict(given)
-    inputs = {name: given.pop(name, None) for name in spec.batch_inputs}
+    inputs = {name: given.pop(name, None) for name in spec.inputs()}
     options = spec.resolve(given)
     return spec.row_function()(student_logits, teacher_ids, teacher_logprobs, tail_mass=tail_mass,
                                want_metrics=metrics is not None, n_rows=n_rows, **inputs, **options)
@@ -133,6 +133,7 @@ def _public(spec):
     params = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD)
               for p in ("student_logits", "teacher_ids", "teacher_logprobs")]
     params += [inspect.Parameter(name, keyword) for name in spec.batch_inputs]
+    params += [inspect.Parameter(name, keyword, default=None) for name in spec.optional_inputs]
     params += [inspect.Parameter(o.name, keyword, default=o.default) for o in spec.options]
     params += [inspect.Parameter(p, keyword, default=None) for p in ("tail_mass", "chunk_size", "metrics")]
     loss.__signature__ = inspect.Signature(params)

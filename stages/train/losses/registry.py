@@ -88,6 +88,7 @@ class Loss:
             tokenizer is refused. True unless the loss says otherwise.
         ce_weight, kd_weight: the default weights of total = ce_weight * CE + kd_weight * KD.
         batch_inputs: per-row tensors the trainer passes from the batch, {keyword: batch key}.
+        optional_inputs: the same, for fields a cache may lack (older caches); the loss gets None.
         approximates: one line: what it stands for on the full vocabulary, and how well the cache
             reaches it (docs/LOSSES.md has the numbers).
     """
@@ -101,10 +102,15 @@ class Loss:
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     batch_inputs: dict[str, str] = field(default_factory=dict)
+    optional_inputs: dict[str, str] = field(default_factory=dict)
     approximates: str = ""
 
     def option_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.options)
+
+    def inputs(self) -> dict[str, str]:
+        """Every per-row batch input, required and optional: {keyword: batch key}."""
+        return {**self.batch_inputs, **self.optional_inputs}
 
     def resolve(self, given: dict) -> dict:
         """The options with defaults filled in and every value checked.
@@ -199,7 +205,10 @@ LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
           Option("sample_temperature", 1.0, "the temperature stage one drew at (the trainer reads it from the "
                  "cache index)", low=0.0)),
          modes=frozenset({SAMPLE}), batch_inputs={"counts": "sample_counts"},
-         approximates="cross entropy to softmax(teacher / T), unbiased at any sampling temperature"),
+         optional_inputs={"draw_logprobs": "sample_logprobs"},
+         approximates="cross entropy to softmax(teacher / T): unbiased at T = 1 (any sampling temperature, "
+                      "caches with sample_logz) and at T = the sampling temperature; self-normalised, so "
+                      "consistent but biased at finite N, at other T"),
 )}
 
 
