@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_fidelity.py --quick          # K = 32 only, T = 1 and 2, 32 rows
     .venv/bin/python benchmarks/bench_fidelity.py --no-model       # synthetic regimes only
     .venv/bin/python benchmarks/bench_fidelity.py --rows 32 --model-vocab 4096 --model-steps 20   # what RESULTS.md holds
+    .venv/bin/python benchmarks/bench_fidelity.py --rskd 20 --regimes zipf --rows 8   # rskd: N x tau, 20 seeds (~3 min)
 
 Teachers: three LLM-like regimes over V = 151,936 from tests/llm_tails.py (zipf: a heavy Zipf tail;
 peaked: a few favourites over a Gaussian bulk, like a fine-tuned model; flat: high entropy), plus
@@ -143,7 +144,7 @@ def check_references(t: torch.Tensor, ts) -> dict[str, bool]:
 def value_and_grad(name: str, s: torch.Tensor, cache: dict, options: dict) -> tuple[float, torch.Tensor, dict]:
     s = s.detach().clone().requires_grad_(True)
     metrics: dict = {}
-    extra = {"counts": cache["counts"]} if "counts" in cache else {}
+    extra = {keyword: cache[keyword] for keyword in registry.get(name).inputs() if keyword in cache}
     value = getattr(losses, name)(s, cache["ids"], cache["logprobs"], tail_mass=cache["tail_mass"], metrics=metrics,
                                   **extra, **options)
     (grad,) = torch.autograd.grad(value, s)
@@ -298,6 +299,51 @@ def tables(rows: list[dict], regimes, ks, goal_k: int = 32) -> str:
     return "\n".join(out)
 
 
+def rskd_sweep(regime: str, t: torch.Tensor, ns=(8, 32, 128), taus=(0.7, 1.0, 2.0), seeds: int = 20) -> list[dict]:
+    """rskd at T = 1 against the full cross entropy, per draw count N and sampling temperature tau, over
+    `seeds` independent caches: the value's relative bias (mean over seeds, with its standard error) and
+    the gradient cosine (mean and standard deviation over seeds), for the weights read from the stored
+    normaliser ("known") and for the self-normalised weights of caches without it ("self-norm.")."""
+    from llm_tails import sample_cache
+
+    ref_value, ref_grad = full_value_and_grad("rskd", student_logits(t, "high"), t, {}, plain=True)
+    s = student_logits(t, "high")
+    out = []
+    for n in ns:
+        for tau in taus:
+            got = {"known": [], "self-norm.": []}
+            for seed in range(seeds):
+                cache = sample_cache(t, n, temperature=tau, seed=seed)
+                for estimator, keys in (("known", ("counts", "draw_logprobs")), ("self-norm.", ("counts",))):
+                    opts = {"sample_temperature": tau} if estimator == "self-norm." else {}
+                    value, grad, _ = value_and_grad("rskd", s, {**{k: v for k, v in cache.items()
+                                                                  if k not in ("counts", "draw_logprobs")},
+                                                                **{k: cache[k] for k in keys}}, opts)
+                    got[estimator].append(((value - ref_value) / ref_value, cosine(grad, ref_grad)))
+            for estimator, pairs in got.items():
+                rel, cos = (np.array(x) for x in zip(*pairs))
+                out.append({"regime": regime, "N": n, "tau": tau, "estimator": estimator, "seeds": seeds,
+                            "bias": float(rel.mean()), "bias_se": float(rel.std(ddof=1) / np.sqrt(len(rel))),
+                            "cos": float(cos.mean()), "cos_sd": float(cos.std(ddof=1))})
+        print(f"  rskd N = {n} done", flush=True)
+    return out
+
+
+def rskd_table(rows: list[dict]) -> str:
+    """Markdown: rskd's relative bias (± s.e.) and gradient cosine (± s.d.) per N, tau and estimator."""
+    out = ["rskd at T = 1 against the full cross entropy: relative bias of the value, mean ± standard error "
+           "over seeds · gradient cosine, mean ± s.d. over seeds. known: the weights from the stored "
+           "normaliser (sample_logz); self-norm.: caches without it.", "",
+           "| N | τ | known: bias | known: cos | self-norm.: bias | self-norm.: cos |", "|---|---|---|---|---|---|"]
+    for n in sorted({r["N"] for r in rows}):
+        for tau in sorted({r["tau"] for r in rows}):
+            cell = {r["estimator"]: r for r in rows if r["N"] == n and r["tau"] == tau}
+            out.append(f"| {n} | {tau:g} | " + " | ".join(
+                f"{100 * cell[e]['bias']:+.1f} % ± {100 * cell[e]['bias_se']:.1f} | "
+                f"{cell[e]['cos']:.3f} ± {cell[e]['cos_sd']:.3f}" for e in ("known", "self-norm.")) + " |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=64, help="positions per regime (default 64)")
@@ -311,9 +357,22 @@ def main():
     ap.add_argument("--model-steps", type=int, default=150, help="... and training steps (default 150; --quick: 20)")
     ap.add_argument("--ks", default=",".join(map(str, KS)), help="comma-separated K (default 8,16,32,64)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rskd", type=int, default=0, metavar="SEEDS",
+                    help="only rskd's sweep over N in {8, 32, 128} and tau in {0.7, 1, 2}, SEEDS caches each, on "
+                    "--regimes' synthetic teachers (writes out/rskd-fidelity.json)")
     args = ap.parse_args()
     if args.report:
         report()
+        return
+    if args.rskd:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        rows = []
+        for regime in [r for r in args.regimes.split(",") if r in REGIMES]:
+            rows += rskd_sweep(regime, teacher_logits(regime, args.rows, seed=args.seed), seeds=args.rskd)
+            print(rskd_table([r for r in rows if r["regime"] == regime]), flush=True)
+        OUT.mkdir(exist_ok=True)
+        (OUT / "rskd-fidelity.json").write_text(json.dumps({"rows": args.rows, "seed": args.seed, "results": rows},
+                                                           indent=1))
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     ks = tuple(int(k) for k in args.ks.split(",") if k)

@@ -233,6 +233,10 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
                               f"agreement compares token ids, so it needs the same vocabulary")
         source = CacheSource(cache, to_item=SameTokenizerTargets(vocab, max_length=max_length),
                              storage_options=storage_options)
+        if kd_loss == loss and "sample_temperature" in registry.get(loss).option_names():
+            # The draws' temperature is a fact of this cache (read where it lacks sample_logz).
+            tau = float(index["sparsification"].get("temperature", 1.0))
+            kwargs["kd_options"] = {**(loss_options or {}), "sample_temperature": tau}
         out["cache"] = {"path": cache, "teacher": index["teacher"].get("name_or_path"),
                         **evaluate_source(net, source, **kwargs)}
     return out

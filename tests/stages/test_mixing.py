@@ -202,6 +202,27 @@ def test_uld_refuses_a_sample_mode_cache_before_training(caches, tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
 
 
+def test_eval_rskd_reads_the_sampling_temperature_of_the_cache_it_evaluates(caches):
+    """`eval --loss rskd` on a cache drawn at tau = 2 (one without sample_logz, where tau is read): its
+    kd_loss is rskd at tau = 2, not at the default 1 it assumed before."""
+    from logitcache.stages.train.alignment import SameTokenizerTargets
+    from logitcache.stages.train.data import CacheSource
+    from logitcache.stages.train.evaluate import evaluate, evaluate_source
+    from logitcache.stages.train.student import load_student
+
+    w = world()
+    hot = str(caches["SAMPLE_HOT"])
+    got = evaluate(str(w.student), cache=hot, loss="rskd", device="cpu")["cache"]["kd_loss"]
+    student = load_student(str(w.student), dtype=None, device="cpu")
+    source = CacheSource(hot, to_item=SameTokenizerTargets(student.vocab_size))
+
+    def kd(tau):
+        return evaluate_source(student.model, source, pad_id=student.pad_id, vocab_size=student.vocab_size,
+                               kd_loss="rskd", kd_options={"sample_temperature": tau})["kd_loss"]
+
+    assert got == pytest.approx(kd(2.0), rel=1e-6) and abs(got - kd(1.0)) > 1e-3 * abs(got)
+
+
 def test_same_vocabulary_other_blocks_are_named(caches):
     w = world()
     index = open_cache(str(w.cache)).index
