@@ -344,6 +344,39 @@ def rskd_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+DOC_LOSSES = ("bild", "kl", "rkl", "topk_kl", "uld")
+
+
+def doc_table(seeds, rows: int = 12, k: int = 32) -> str:
+    """docs/LOSSES.md's table: per loss, regime and student (noise 0.5 / 2), the gradient cosine and the
+    value over the full one (cached / full), min-max over `seeds` (teacher, student and draws per seed)."""
+    results = []
+    for seed in seeds:
+        for regime in REGIMES:
+            t = teacher_logits(regime, rows, seed=seed)
+            plain = {name: reference_fn(name) is not None for name in DOC_LOSSES}
+            results += run_regime(regime, t, (k,), (1.0,), seed=seed, plain=plain, names=DOC_LOSSES)
+    out = [f"K = {k}, T = 1, {rows} rows, seeds {','.join(map(str, seeds))}: cos · value ratio, noise 0.5 / 2, "
+           "min-max over the seeds", "", "| loss | " + " | ".join(REGIMES) + " |", "|---|---|---|---|"]
+
+    def span(values, spec):
+        lo, hi = min(values), max(values)
+        return f"{lo:{spec}}" if f"{lo:{spec}}" == f"{hi:{spec}}" else f"{lo:{spec}}–{hi:{spec}}"
+
+    for name in DOC_LOSSES:
+        cells = []
+        for regime in REGIMES:
+            parts = []
+            for level in NOISE:
+                sel = [r for r in results if (r["loss"], r["regime"], r["student"]) == (name, regime, level)]
+                cos = span([r["cos"] for r in sel], ".3f")
+                ratio = span([r["value"] / r["full_value"] for r in sel], ".2f")
+                parts.append(f"cos {cos}, value {ratio}×")
+            cells.append(" / ".join(parts))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=64, help="positions per regime (default 64)")
@@ -360,9 +393,16 @@ def main():
     ap.add_argument("--rskd", type=int, default=0, metavar="SEEDS",
                     help="only rskd's sweep over N in {8, 32, 128} and tau in {0.7, 1, 2}, SEEDS caches each, on "
                     "--regimes' synthetic teachers (writes out/rskd-fidelity.json)")
+    ap.add_argument("--doc", default="", metavar="SEEDS",
+                    help="only docs/LOSSES.md's table: K = 32, T = 1, 12 rows, bild/kl/rkl/topk_kl/uld on the "
+                    "synthetic teachers, min-max over the comma-separated seeds")
     args = ap.parse_args()
     if args.report:
         report()
+        return
+    if args.doc:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        print(doc_table([int(x) for x in args.doc.split(",")]))
         return
     if args.rskd:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
