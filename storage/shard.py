@@ -196,7 +196,7 @@ class ShardData:
             raise InvalidDataError(f"{where}: sample_counts {self.sample_counts.shape} != topk_ids {self.topk_ids.shape}")
         if self.sample_logz is not None:
             if self.sample_counts is None:
-                raise InvalidDataError(f"{where}: sample_logz belongs to sample mode, and this shard has no sample_counts")
+                raise InvalidDataError(f"{where}: sample_logz belongs to sample mode; this shard has no sample_counts")
             if self.sample_logz.shape != (p,) or not np.all(np.isfinite(self.sample_logz)):
                 raise InvalidDataError(f"{where}: sample_logz needs ({p},) finite values, got shape "
                                        f"{self.sample_logz.shape}")

@@ -135,7 +135,8 @@ def test_uld_on_a_sample_cache_is_not_minimal_at_the_teacher():
     teacher the loss is 0.27 on 64 draws (zipf, seed 1), where a top-64 cache gives 0."""
     t = llm_tails.teacher_logits("zipf", 16, seed=1)
     sample, top = llm_tails.sample_cache(t, 64, seed=1), llm_tails.topk_cache(t, 64)
-    at_teacher = [losses.uld(t.double(), c["ids"], c["logprobs"], tail_mass=c["tail_mass"]).item() for c in (sample, top)]
+    at_teacher = [losses.uld(t.double(), c["ids"], c["logprobs"], tail_mass=c["tail_mass"]).item()
+                  for c in (sample, top)]
     assert at_teacher[0] == pytest.approx(0.268, abs=0.002) and at_teacher[1] < 1e-6
 
 

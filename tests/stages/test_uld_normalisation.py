@@ -48,8 +48,8 @@ def _both(s, b, seq):
         return losses.uld(x[sel], *cached, tail_mass=b["tail_mass"])
 
     def sequence_mean(x):
-        return torch.stack([losses.uld(x[sel][seq == q], *(c[seq == q] for c in cached), tail_mass=b["tail_mass"][seq == q])
-                            for q in seq.unique()]).mean()
+        return torch.stack([losses.uld(x[sel][seq == q], *(c[seq == q] for c in cached),
+                                       tail_mass=b["tail_mass"][seq == q]) for q in seq.unique()]).mean()
 
     out = []
     for fn in (token_mean, sequence_mean):

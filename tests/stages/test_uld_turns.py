@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 CHAT = [
     {"role": "system", "content": "You answer in one sentence."},
     {"role": "user", "content": "How do I get to the Tokyo Tower?"},
-    {"role": "assistant", "content": "Take the Straßenbahn-like Toei line to Akabanebashi; 東京タワー is a short walk."},
+    {"role": "assistant",
+     "content": "Take the Straßenbahn-like Toei line to Akabanebashi; 東京タワー is a short walk."},
     {"role": "user", "content": "And the fare?"},
     {"role": "assistant", "content": "About 220 yen."},
     {"role": "user", "content": "Thanks!"},
