@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_fidelity.py --quick          # K = 32 only, T = 1 and 2, 32 rows
     .venv/bin/python benchmarks/bench_fidelity.py --no-model       # synthetic regimes only
     .venv/bin/python benchmarks/bench_fidelity.py --rows 32 --model-vocab 4096 --model-steps 20   # what RESULTS.md holds
+    .venv/bin/python benchmarks/bench_fidelity.py --rskd 20 --regimes zipf --rows 8   # rskd: N x tau, 20 seeds (~3 min)
 
 Teachers: three LLM-like regimes over V = 151,936 from tests/llm_tails.py (zipf: a heavy Zipf tail;
 peaked: a few favourites over a Gaussian bulk, like a fine-tuned model; flat: high entropy), plus
@@ -41,13 +42,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from llm_tails import NOISE, REGIMES, VOCAB, student_logits, teacher_logits, topk_cache  # noqa: E402
 
 from logitcache.stages.train import losses  # noqa: E402
+from logitcache.stages.train.losses import registry  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 KS = (8, 16, 32, 64)
 TS = (1.0, 2.0, 3.0)
-# Every cached loss; nkd and rskd are cross entropies (the teacher is not their stationary point).
-LOSS_NAMES = ("kl", "rkl", "jsd", "skl", "srkl", "topk_kl", "dkd", "nkd", "normkd", "bild", "uld", "rskd")
+# nkd and rskd are cross entropies (the teacher is not their stationary point).
 NOT_DIVERGENCES = ("nkd", "rskd")
+
+
+def loss_names() -> tuple[str, ...]:
+    """Every declared loss with a teacher term, read from the registry (a new loss is measured too)."""
+    return registry.kd_names()
+
+
+def sample_only(name: str) -> bool:
+    """The loss reads sample-mode caches only (rskd): it is measured on draws, not on a top-K cache."""
+    return registry.get(name).modes == {registry.SAMPLE}
 
 
 def takes(name: str, option: str) -> bool:
@@ -79,15 +90,13 @@ def _load_reference():
 
 
 REFERENCE = _load_reference()
-# The reference of each loss on full logits; topk_kl over the whole vocabulary is KL.
-REFERENCE_NAME = {"topk_kl": "kl"}
 
 
 def reference_fn(name: str):
     """(s, t, options) -> 0-dim loss on full (rows, V) logits, with the library loss's default options; or None."""
     import inspect
 
-    fn = getattr(REFERENCE, REFERENCE_NAME.get(name, name), None)
+    fn = REFERENCE.REFERENCES.get(name)
     if fn is None:
         return None
     lib = inspect.signature(getattr(losses, name)).parameters
@@ -103,9 +112,7 @@ def reference_fn(name: str):
 
 def full_value_and_grad(name: str, s: torch.Tensor, t: torch.Tensor, options: dict, *, plain: bool):
     """The loss on the full logits: the plain reference, or the library with a whole-vocabulary cache."""
-    if name == "rskd":
-        return cross_entropy_full(s, t, options.get("temperature", 1.0))
-    if not plain:
+    if not plain and not sample_only(name):
         return value_and_grad(name, s, full_cache(t), options)[:2]
     s = s.detach().clone().requires_grad_(True)
     value = reference_fn(name)(s, t, options)
@@ -117,9 +124,9 @@ def check_references(t: torch.Tensor, ts) -> dict[str, bool]:
     """For each loss, whether its plain reference equals the library at K = V on these rows (value and grad)."""
     s = student_logits(t, "high")
     ok = {}
-    for name in LOSS_NAMES:
-        if name == "rskd":
-            ok[name] = True
+    for name in loss_names():
+        if sample_only(name):
+            ok[name] = reference_fn(name) is not None  # no cache of the whole vocabulary to compare with
             continue
         if reference_fn(name) is None:
             ok[name] = False
@@ -137,20 +144,11 @@ def check_references(t: torch.Tensor, ts) -> dict[str, bool]:
 def value_and_grad(name: str, s: torch.Tensor, cache: dict, options: dict) -> tuple[float, torch.Tensor, dict]:
     s = s.detach().clone().requires_grad_(True)
     metrics: dict = {}
-    extra = {"counts": cache["counts"]} if "counts" in cache else {}
+    extra = {keyword: cache[keyword] for keyword in registry.get(name).inputs() if keyword in cache}
     value = getattr(losses, name)(s, cache["ids"], cache["logprobs"], tail_mass=cache["tail_mass"], metrics=metrics,
                                   **extra, **options)
     (grad,) = torch.autograd.grad(value, s)
     return float(value.detach()), grad, {k: float(v) for k, v in metrics.items()}
-
-
-def cross_entropy_full(s: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[float, torch.Tensor]:
-    """-sum p_T log q_T, mean over rows: rskd's full-vocabulary original (p at T, as its cache is sampled)."""
-    s = s.detach().clone().requires_grad_(True)
-    p = torch.softmax(t.double() / temperature, -1)
-    value = -(p * torch.log_softmax(s.double() / temperature, -1)).sum(-1).mean()
-    (grad,) = torch.autograd.grad(value, s)
-    return float(value.detach()), grad.float()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,7 +163,7 @@ def options_for(name: str, temperature: float | None) -> dict:
 
 def temperatures(name: str, ts) -> tuple:
     # rskd's samples are drawn at T = 1 (stage one's default); its T is measured at 1 only.
-    if name == "rskd":
+    if sample_only(name):
         return (1.0,)
     return tuple(ts) if takes(name, "temperature") else (None,)
 
@@ -193,13 +191,14 @@ def model_teacher(rows: int, vocab: int, steps: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def run_regime(regime: str, t: torch.Tensor, ks, ts, *, seed: int, plain: dict[str, bool]) -> list[dict]:
+def run_regime(regime: str, t: torch.Tensor, ks, ts, *, seed: int, plain: dict[str, bool], names=None) -> list[dict]:
+    """The rows of every loss in `names` (default: `loss_names()`) on teacher logits `t` (rows, V)."""
     rows_out = []
     students = {"self": t, **{level: student_logits(t, level, seed=seed) for level in NOISE}}
     mass = {k: float(torch.log_softmax(t.double(), -1).topk(k, -1).values.exp().sum(-1).mean()) for k in ks}
     caches = {k: topk_cache(t, k) for k in ks}
     samples = {k: sample_rows(t, k, seed) for k in ks}
-    for name in LOSS_NAMES:
+    for name in names or loss_names():
         for temperature in temperatures(name, ts):
             opts = options_for(name, temperature)
             # At student = teacher the full divergence's gradient is 0; only the noisy students need the reference.
@@ -207,7 +206,7 @@ def run_regime(regime: str, t: torch.Tensor, ks, ts, *, seed: int, plain: dict[s
                    for lvl, s in students.items() if lvl != "self"}
             scale = float(ref["high"][1].norm())
             for k in ks:
-                cache = samples[k] if name == "rskd" else caches[k]
+                cache = samples[k] if sample_only(name) else caches[k]
                 for level, s in students.items():
                     if level == "self" and k != 32 and 32 in ks:
                         continue  # stationarity is the K = 32 goal; the other K only for the noisy students
@@ -226,6 +225,11 @@ def run_regime(regime: str, t: torch.Tensor, ks, ts, *, seed: int, plain: dict[s
                     rows_out.append(row)
         print(f"  {regime:7s} {name:8s} done", flush=True)
     return rows_out
+
+
+def _order(name: str) -> int:
+    names = loss_names()
+    return names.index(name) if name in names else len(names)
 
 
 def _fmt(x, spec=".3f"):
@@ -249,7 +253,7 @@ def tables(rows: list[dict], regimes, ks, goal_k: int = 32) -> str:
     out = [f"Gradient cosine against the full-logits loss at K = {goal_k}, worst of the two noisy students, for "
            f"T = {' / '.join(f'{t:g}' for t in ts)} (one value: the loss has no T). **Bold**: below the 0.99 goal.", "",
            "| loss | " + " | ".join(regimes) + " |", "|---|" + "---|" * len(regimes)]
-    for name in LOSS_NAMES:
+    for name in sorted({r['loss'] for r in rows}, key=_order):
         cells = []
         for regime in regimes:
             temps = sorted({r["T"] for r in rows if r["loss"] == name and r["regime"] == regime}, key=lambda t: t or 0)
@@ -260,7 +264,7 @@ def tables(rows: list[dict], regimes, ks, goal_k: int = 32) -> str:
             f"teacher| / |∇ of the full loss at the high-noise student| (worst over T; 0: the teacher is a stationary "
             f"point; **bold**: above 0.01 for a divergence; nkd and rskd are cross entropies).", "",
             "| loss | " + " | ".join(regimes) + " |", "|---|" + "---|" * len(regimes)]
-    for name in LOSS_NAMES:
+    for name in sorted({r['loss'] for r in rows}, key=_order):
         cells = []
         for regime in regimes:
             sel = [r for r in rows if r["loss"] == name and r["regime"] == regime and r["k"] == goal_k]
@@ -275,7 +279,7 @@ def tables(rows: list[dict], regimes, ks, goal_k: int = 32) -> str:
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     out += ["", f"Gradient cosine at T = 1 by K, worst over the noisy students, per regime ({' / '.join(regimes)}):",
             "", "| loss | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for name in LOSS_NAMES:
+    for name in sorted({r['loss'] for r in rows}, key=_order):
         cells = []
         for k in ks:
             per = [_worst_cos(rows, loss=name, regime=regime, k=k, T=1.0) for regime in regimes]
@@ -295,6 +299,84 @@ def tables(rows: list[dict], regimes, ks, goal_k: int = 32) -> str:
     return "\n".join(out)
 
 
+def rskd_sweep(regime: str, t: torch.Tensor, ns=(8, 32, 128), taus=(0.7, 1.0, 2.0), seeds: int = 20) -> list[dict]:
+    """rskd at T = 1 against the full cross entropy, per draw count N and sampling temperature tau, over
+    `seeds` independent caches: the value's relative bias (mean over seeds, with its standard error) and
+    the gradient cosine (mean and standard deviation over seeds), for the weights read from the stored
+    normaliser ("known") and for the self-normalised weights of caches without it ("self-norm.")."""
+    from llm_tails import sample_cache
+
+    ref_value, ref_grad = full_value_and_grad("rskd", student_logits(t, "high"), t, {}, plain=True)
+    s = student_logits(t, "high")
+    out = []
+    for n in ns:
+        for tau in taus:
+            got = {"known": [], "self-norm.": []}
+            for seed in range(seeds):
+                cache = sample_cache(t, n, temperature=tau, seed=seed)
+                for estimator, keys in (("known", ("counts", "draw_logprobs")), ("self-norm.", ("counts",))):
+                    opts = {"sample_temperature": tau} if estimator == "self-norm." else {}
+                    value, grad, _ = value_and_grad("rskd", s, {**{k: v for k, v in cache.items()
+                                                                  if k not in ("counts", "draw_logprobs")},
+                                                                **{k: cache[k] for k in keys}}, opts)
+                    got[estimator].append(((value - ref_value) / ref_value, cosine(grad, ref_grad)))
+            for estimator, pairs in got.items():
+                rel, cos = (np.array(x) for x in zip(*pairs))
+                out.append({"regime": regime, "N": n, "tau": tau, "estimator": estimator, "seeds": seeds,
+                            "bias": float(rel.mean()), "bias_se": float(rel.std(ddof=1) / np.sqrt(len(rel))),
+                            "cos": float(cos.mean()), "cos_sd": float(cos.std(ddof=1))})
+        print(f"  rskd N = {n} done", flush=True)
+    return out
+
+
+def rskd_table(rows: list[dict]) -> str:
+    """Markdown: rskd's relative bias (± s.e.) and gradient cosine (± s.d.) per N, tau and estimator."""
+    out = ["rskd at T = 1 against the full cross entropy: relative bias of the value, mean ± standard error "
+           "over seeds · gradient cosine, mean ± s.d. over seeds. known: the weights from the stored "
+           "normaliser (sample_logz); self-norm.: caches without it.", "",
+           "| N | τ | known: bias | known: cos | self-norm.: bias | self-norm.: cos |", "|---|---|---|---|---|---|"]
+    for n in sorted({r["N"] for r in rows}):
+        for tau in sorted({r["tau"] for r in rows}):
+            cell = {r["estimator"]: r for r in rows if r["N"] == n and r["tau"] == tau}
+            out.append(f"| {n} | {tau:g} | " + " | ".join(
+                f"{100 * cell[e]['bias']:+.1f} % ± {100 * cell[e]['bias_se']:.1f} | "
+                f"{cell[e]['cos']:.3f} ± {cell[e]['cos_sd']:.3f}" for e in ("known", "self-norm.")) + " |")
+    return "\n".join(out)
+
+
+DOC_LOSSES = ("bild", "kl", "rkl", "topk_kl", "uld")
+
+
+def doc_table(seeds, rows: int = 12, k: int = 32) -> str:
+    """docs/LOSSES.md's table: per loss, regime and student (noise 0.5 / 2), the gradient cosine and the
+    value over the full one (cached / full), min-max over `seeds` (teacher, student and draws per seed)."""
+    results = []
+    for seed in seeds:
+        for regime in REGIMES:
+            t = teacher_logits(regime, rows, seed=seed)
+            plain = {name: reference_fn(name) is not None for name in DOC_LOSSES}
+            results += run_regime(regime, t, (k,), (1.0,), seed=seed, plain=plain, names=DOC_LOSSES)
+    out = [f"K = {k}, T = 1, {rows} rows, seeds {','.join(map(str, seeds))}: cos · value ratio, noise 0.5 / 2, "
+           "min-max over the seeds", "", "| loss | " + " | ".join(REGIMES) + " |", "|---|---|---|---|"]
+
+    def span(values, spec):
+        lo, hi = min(values), max(values)
+        return f"{lo:{spec}}" if f"{lo:{spec}}" == f"{hi:{spec}}" else f"{lo:{spec}}–{hi:{spec}}"
+
+    for name in DOC_LOSSES:
+        cells = []
+        for regime in REGIMES:
+            parts = []
+            for level in NOISE:
+                sel = [r for r in results if (r["loss"], r["regime"], r["student"]) == (name, regime, level)]
+                cos = span([r["cos"] for r in sel], ".3f")
+                ratio = span([r["value"] / r["full_value"] for r in sel], ".2f")
+                parts.append(f"cos {cos}, value {ratio}×")
+            cells.append(" / ".join(parts))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=64, help="positions per regime (default 64)")
@@ -308,9 +390,29 @@ def main():
     ap.add_argument("--model-steps", type=int, default=150, help="... and training steps (default 150; --quick: 20)")
     ap.add_argument("--ks", default=",".join(map(str, KS)), help="comma-separated K (default 8,16,32,64)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rskd", type=int, default=0, metavar="SEEDS",
+                    help="only rskd's sweep over N in {8, 32, 128} and tau in {0.7, 1, 2}, SEEDS caches each, on "
+                    "--regimes' synthetic teachers (writes out/rskd-fidelity.json)")
+    ap.add_argument("--doc", default="", metavar="SEEDS",
+                    help="only docs/LOSSES.md's table: K = 32, T = 1, 12 rows, bild/kl/rkl/topk_kl/uld on the "
+                    "synthetic teachers, min-max over the comma-separated seeds")
     args = ap.parse_args()
     if args.report:
         report()
+        return
+    if args.doc:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        print(doc_table([int(x) for x in args.doc.split(",")]))
+        return
+    if args.rskd:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        rows = []
+        for regime in [r for r in args.regimes.split(",") if r in REGIMES]:
+            rows += rskd_sweep(regime, teacher_logits(regime, args.rows, seed=args.seed), seeds=args.rskd)
+            print(rskd_table([r for r in rows if r["regime"] == regime]), flush=True)
+        OUT.mkdir(exist_ok=True)
+        (OUT / "rskd-fidelity.json").write_text(json.dumps({"rows": args.rows, "seed": args.seed, "results": rows},
+                                                           indent=1))
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     ks = tuple(int(k) for k in args.ks.split(",") if k)

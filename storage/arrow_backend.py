@@ -4,6 +4,7 @@ Columns (K = top-K width, `lp` = the encoding's value type, see `encoding.py`):
     row_index int64 | input_ids list<int32> | positions list<int32>
     topk_ids list<fixed_size_list<int32>[K]> | topk_logprobs list<fixed_size_list<lp>[K]>
     target_logprob list<f32|f16> | tail_mass list<f32|f16> | [sample_counts list<fixed_size_list<uint16>[K]>]
+    [sample_logz list<f32>]
     one string column per stored text field
 The schema metadata key ``logitcache`` holds the shard's JSON attributes (format version, encoding, ...),
 so `datasets.load_dataset("parquet", ...)` and plain pyarrow read shards with no logitcache installed.
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from logitcache.storage.backend_base import SingleFileBackend
 from logitcache.storage.encoding import TAIL_MASS_DTYPE, decode_logprobs, encode_logprobs, scalar_dtype
-from logitcache.storage.shard import ShardData
+from logitcache.storage.shard import POSITION_FIELDS, ShardData
 
 __all__ = ["ArrowBackend", "encode_shard", "decode_shard"]
 
@@ -48,6 +49,8 @@ def encode_shard(shard: ShardData, *, encoding: str, attrs: dict) -> bytes:
     }
     if shard.sample_counts is not None:
         columns["sample_counts"] = _list(pos, shard.sample_counts)
+    if shard.sample_logz is not None:
+        columns["sample_logz"] = _list(pos, shard.sample_logz)
     for name, values in shard.texts.items():
         columns[name] = pa.array(values, type=pa.string())
     table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(attrs).encode()})
@@ -96,9 +99,7 @@ def decode_shard(payload: bytes) -> tuple[ShardData, dict]:
     attrs = json.loads((table.schema.metadata or {})[_META_KEY])
     input_ids, tok = _flat(table, "input_ids", None)
     positions, pos = _flat(table, "positions", None)
-    columns = {name: _flat(table, name, pos)[0] for name in
-               ("topk_ids", "topk_logprobs", "target_logprob", "tail_mass", "sample_counts")
-               if name in table.column_names}
+    columns = {name: _flat(table, name, pos)[0] for name in POSITION_FIELDS if name in table.column_names}
     texts = {name: table.column(name).to_pylist() for name in attrs.get("text_fields", [])}
     columns["topk_logprobs"] = decode_logprobs(columns["topk_logprobs"], attrs["encoding"])
     shard = ShardData.from_arrays({"row_index": table.column("row_index").to_numpy(), "input_ids": input_ids,

@@ -141,6 +141,8 @@ class Cache:
         except Exception as e:  # any parse failure of untrusted bytes becomes our error
             raise ShardError(f"{path}: cannot decode shard ({e.__class__.__name__}: {e})") from None
         self._check_against_entry(data, attrs, entry, path)
+        if data.sample_logz is not None:
+            data.sample_temperature = float(self.index["sparsification"].get("temperature", 1.0))
         return data
 
     def _check_against_entry(self, data: ShardData, attrs: dict, entry: dict, path: str) -> None:

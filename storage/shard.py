@@ -16,16 +16,18 @@ from logitcache.storage.errors import InvalidDataError
 
 __all__ = ["ShardData", "POSITION_FIELDS", "ARRAY_FIELDS"]
 
-# Per-position columns (P rows). `sample_counts` exists only in sample mode.
-POSITION_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_mass", "sample_counts")
+# Per-position columns (P rows). `sample_counts` exists only in sample mode, `sample_logz` only in
+# sample-mode caches whose index says `sparsification.sample_logz: true` (see docs/FORMAT.md).
+POSITION_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_mass", "sample_counts", "sample_logz")
 
 # Each array's dtype in memory (the attributes of `ShardData`), whatever a backend stored.
 _DTYPES = {"row_index": np.int64, "input_ids": np.int32, "token_offsets": np.int64, "positions": np.int32,
            "position_offsets": np.int64, "topk_ids": np.int32, "topk_logprobs": np.float32,
-           "target_logprob": np.float32, "tail_mass": np.float32, "sample_counts": np.uint16}
+           "target_logprob": np.float32, "tail_mass": np.float32, "sample_counts": np.uint16,
+           "sample_logz": np.float32}
 ARRAY_FIELDS = tuple(_DTYPES)  # the array attributes, in ShardData's order
 # Always copied (fresh, writable arrays), as both readers did before they shared this table.
-_COPIED = ("row_index", "target_logprob", "tail_mass", "sample_counts")
+_COPIED = ("row_index", "target_logprob", "tail_mass", "sample_counts", "sample_logz")
 
 
 @dataclass
@@ -43,6 +45,10 @@ class ShardData:
         target_logprob: (P,) float32 teacher log-prob of the actual next token.
         tail_mass: (P,) float32 probability outside the stored ids: 1 - sum(exp(topk_logprobs)).
         sample_counts: (P, K) uint16 draws per id in sample mode (0 at padding), else None.
+        sample_logz: (P,) float32 log sum_j p_j^(1/tau), the normaliser of the distribution the ids
+            were drawn from (sample mode; older sample caches lack it), else None.
+        sample_temperature: tau, set by the reader from the index where `sample_logz` is stored; with
+            both, `sequence()` also gives each stored id's draw log-probability (`sample_logprobs`).
         texts: source text fields, each a list of S strings (for re-tokenizing students).
     """
 
@@ -56,6 +62,8 @@ class ShardData:
     target_logprob: np.ndarray
     tail_mass: np.ndarray
     sample_counts: np.ndarray | None = None
+    sample_logz: np.ndarray | None = None
+    sample_temperature: float | None = None
     texts: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -89,6 +97,13 @@ class ShardData:
         }
         if self.sample_counts is not None:
             item["sample_counts"] = self.sample_counts[p0:p1]
+        if self.sample_logz is not None:
+            item["sample_logz"] = self.sample_logz[p0:p1]
+            if self.sample_temperature is not None:
+                # The probability each stored id was drawn with: p^(1/tau) / Z, in log space; 0 at padding.
+                lp, logz = self.topk_logprobs[p0:p1], self.sample_logz[p0:p1, None]
+                item["sample_logprobs"] = np.where(self.topk_ids[p0:p1] >= 0, lp / self.sample_temperature - logz,
+                                                   0.0).astype(np.float32)
         for name, values in self.texts.items():
             item[name] = values[s]
         return item
@@ -148,6 +163,8 @@ class ShardData:
         }
         if sample:
             arrays["sample_counts"] = cat("sample_counts", 2)
+            if "sample_logz" in sequences[0]:
+                arrays["sample_logz"] = cat("sample_logz")
         return cls.from_arrays(arrays, texts={f: [str(s[f]) for s in sequences] for f in text_fields})
 
     def validate(self, *, vocab_size: int, where: str = "shard") -> None:
@@ -177,6 +194,12 @@ class ShardData:
                 raise InvalidDataError(f"{where}: {name} has shape {getattr(self, name).shape}, expected ({p},)")
         if self.sample_counts is not None and self.sample_counts.shape != self.topk_ids.shape:
             raise InvalidDataError(f"{where}: sample_counts {self.sample_counts.shape} != topk_ids {self.topk_ids.shape}")
+        if self.sample_logz is not None:
+            if self.sample_counts is None:
+                raise InvalidDataError(f"{where}: sample_logz belongs to sample mode; this shard has no sample_counts")
+            if self.sample_logz.shape != (p,) or not np.all(np.isfinite(self.sample_logz)):
+                raise InvalidDataError(f"{where}: sample_logz needs ({p},) finite values, got shape "
+                                       f"{self.sample_logz.shape}")
         for name, values in self.texts.items():
             if len(values) != s or not all(isinstance(v, str) for v in values):
                 raise InvalidDataError(f"{where}: text field {name!r} needs {s} strings")

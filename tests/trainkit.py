@@ -45,8 +45,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @torch.no_grad()
 def teacher_targets(model, ids: np.ndarray, positions: np.ndarray, *, k: int, samples: int | None = None,
-                    rng=None) -> dict:
-    """The cache fields of one sequence from the model's own logits (top-K, or sample mode with `samples` draws)."""
+                    rng=None, temperature: float = 1.0) -> dict:
+    """The cache fields of one sequence from the model's own logits (top-K, or sample mode with `samples`
+    draws at `temperature`)."""
     logits = model(input_ids=torch.as_tensor(ids)[None]).logits[0].float()
     logp = torch.log_softmax(logits, -1)[torch.as_tensor(positions)]
     target = logp.gather(1, torch.as_tensor(ids[positions + 1])[:, None])[:, 0]
@@ -59,7 +60,8 @@ def teacher_targets(model, ids: np.ndarray, positions: np.ndarray, *, k: int, sa
         out_lp = np.zeros((len(positions), width), dtype=np.float32)
         counts = np.zeros((len(positions), width), dtype=np.uint16)
         for r in range(len(positions)):
-            draws = rng.choice(logp.shape[1], size=samples, p=logp[r].exp().double().numpy() / logp[r].exp().double().sum().item())
+            draw_p = torch.softmax(logp[r].double() / temperature, -1).numpy()
+            draws = rng.choice(logp.shape[1], size=samples, p=draw_p / draw_p.sum())
             uniq, cnt = np.unique(draws, return_counts=True)
             order = np.argsort(-logp[r, uniq].numpy(), kind="stable")
             uniq, cnt = uniq[order], cnt[order]
@@ -75,7 +77,7 @@ def teacher_targets(model, ids: np.ndarray, positions: np.ndarray, *, k: int, sa
 
 def build_cache(root: Path, teacher_dir: Path, tokenizer, rows: list[dict], *, k: int = 8, per_shard: int = 6,
                 backend: str = "arrow", samples: int | None = None, teacher_name: str | None = None,
-                store_text: bool = True) -> Path:
+                store_text: bool = True, temperature: float = 1.0) -> Path:
     """A finished cache of `rows` (prompt/response) with targets from the teacher at `teacher_dir`."""
     from transformers import AutoModelForCausalLM
 
@@ -92,7 +94,7 @@ def build_cache(root: Path, teacher_dir: Path, tokenizer, rows: list[dict], *, k
             ids, labels = encode_example(tokenizer, rows[i])
             pos = supervised_positions(labels)
             seqs.append({"row_index": i, "input_ids": ids, "positions": pos,
-                         **teacher_targets(model, ids, pos, k=k, samples=samples, rng=rng),
+                         **teacher_targets(model, ids, pos, k=k, samples=samples, rng=rng, temperature=temperature),
                          **{f: rows[i][f] for f in fields}})
         writer.write_shard(j, ShardData.from_sequences(seqs, text_fields=fields), extra={"rows": [lo, lo + len(seqs)]})
     writer.finalize({
@@ -101,7 +103,7 @@ def build_cache(root: Path, teacher_dir: Path, tokenizer, rows: list[dict], *, k
         "dataset": {"name": "toy", "fingerprint": "toy"},
         "inputs": {"kind": "prompt_response", "columns": {"prompt": "prompt", "response": "response"},
                    "stored_fields": list(fields), "max_length": 256},
-        "sparsification": {"mode": mode, "k": k if samples is None else samples, "temperature": 1.0},
+        "sparsification": {"mode": mode, "k": k if samples is None else samples, "temperature": temperature},
         "engine": {"name": "test"},
     })
     return root

@@ -31,7 +31,9 @@ start; they are counted as truncated.
 
 Targets: --top-k K (default 32) keeps the K most likely ids per position. --mode sample
 --samples N draws N ids per position from the teacher at --temperature and keeps the distinct
-ids with their counts (RS-KD, unbiased; deterministic given --seed).
+ids with their counts and each row's draw normaliser (RS-KD; rskd's estimate is unbiased at its
+--temperature 1 for any sampling temperature, and at T = the sampling temperature; deterministic
+given --seed).
 """
 
 EPILOG = """\

@@ -66,7 +66,8 @@ class Targets:
         """The index's `sparsification` section (and its fingerprint part)."""
         out = {"mode": self.mode, "k": self.width, "temperature": self.temperature}
         if self.mode == "sample":
-            out.update(num_samples=self.width, seed=self.seed)
+            # sample_logz: each row stores its draw distribution's normaliser (docs/FORMAT.md).
+            out.update(num_samples=self.width, seed=self.seed, sample_logz=True)
         return out
 
     def engine_kwargs(self) -> dict:

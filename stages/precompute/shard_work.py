@@ -197,7 +197,7 @@ def _sequence(row: int, e: Encoded, out: dict, mode: str) -> dict:
            "target_logprob": out["target_logprob"], "tail_mass": out["tail_mass"], **e.texts}
     seq.update(topk_ids=out["topk_ids"], topk_logprobs=out["topk_logprobs"])
     if mode == "sample":
-        seq["sample_counts"] = out["sample_counts"]
+        seq.update(sample_counts=out["sample_counts"], sample_logz=out["sample_logz"])
     return seq
 
 
@@ -209,4 +209,5 @@ def _empty_shard(width: int, sample: bool, text_fields: tuple[str, ...]) -> Shar
         topk_ids=np.zeros((0, width), np.int32), topk_logprobs=np.zeros((0, width), np.float32),
         target_logprob=np.zeros(0, np.float32), tail_mass=np.zeros(0, np.float32),
         sample_counts=np.zeros((0, width), np.uint16) if sample else None,
+        sample_logz=np.zeros(0, np.float32) if sample else None,
         texts={name: [] for name in text_fields})

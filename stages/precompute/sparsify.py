@@ -23,7 +23,7 @@ __all__ = ["topk_targets", "sample_targets", "position_seeds", "tail_mass", "TOP
 # Both modes fill the cache's slot arrays, under the names the cache stores them by (docs/FORMAT.md):
 # `topk_ids` / `topk_logprobs` are the K most likely ids, or in sample mode the distinct drawn ids.
 TOPK_FIELDS = ("topk_ids", "topk_logprobs", "target_logprob", "tail_mass")
-SAMPLE_FIELDS = ("topk_ids", "sample_counts", "topk_logprobs", "target_logprob", "tail_mass")
+SAMPLE_FIELDS = ("topk_ids", "sample_counts", "topk_logprobs", "target_logprob", "tail_mass", "sample_logz")
 
 # fp32 elements per working chunk (128 MiB, two such buffers live at once); sampling's fp64 CDF
 # takes half as many rows.
@@ -93,6 +93,10 @@ def sample_targets(
         `topk_logprobs`: (n, N) float32, temperature-1 log-prob of each id; 0.0 at padding.
         `target_logprob`: (n,) float32, the log-prob of `next_ids`.
         `tail_mass`: (n,) float32, 1 - sum of the probabilities of the distinct drawn ids.
+        `sample_logz`: (n,) float32, log sum_j p_j^(1/tau) over the logits' width, p at temperature
+            1: the draw distribution's normaliser. Id i was drawn with probability
+            exp(topk_logprobs_i / tau - sample_logz), so a plain importance-sampling estimate of
+            any expectation under the teacher needs no self-normalisation (0 at tau = 1).
     """
     n, vocab = _check(logits, next_ids)
     if not 1 <= num_samples <= np.iinfo(np.uint16).max:
@@ -106,9 +110,11 @@ def sample_targets(
     out = {name: [] for name in SAMPLE_FIELDS}
     for lo, hi in _chunks(n, chunk_rows or max(1, _CHUNK_ELEMENTS // (2 * vocab))):
         x = logits[lo:hi].float()
-        draws = _inverse_cdf(x, temperature, uniforms[lo:hi].to(x.device))
+        draws, log_total = _inverse_cdf(x, temperature, uniforms[lo:hi].to(x.device))
         ids, counts = _unique_counts(draws)
         lse, tail = _normalizer_and_mass_outside(x, ids)
+        # log sum exp((x - lse) / tau) = logsumexp(x / tau) - lse / tau; the CDF's total gave logsumexp(x / tau).
+        out["sample_logz"].append((log_total - lse[:, 0].double() / temperature).float())
         padding = counts == 0
         lp = (x.gather(1, ids.clamp(min=0)) - lse).masked_fill(padding, 0.0)
         # Distinct ids by log-prob descending; padding last. Ids arrive ascending and the sort
@@ -201,15 +207,17 @@ def _to_numpy(parts: dict[str, list[torch.Tensor]], n: int, width: int) -> dict[
     return out
 
 
-def _inverse_cdf(x: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
-    """(rows, V) fp32 logits and (rows, N) fp64 uniforms in [0, 1) -> (rows, N) int64 draws."""
+def _inverse_cdf(x: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, V) fp32 logits and (rows, N) fp64 uniforms in [0, 1) -> (rows, N) int64 draws, and
+    (rows,) fp64 logsumexp(x / temperature) (the CDF's total, in log space)."""
     # In place: this (rows, V) fp64 buffer is the largest thing sampling allocates.
     cdf = x.double().div_(temperature)
-    cdf = cdf.sub_(cdf.max(dim=-1, keepdim=True).values).exp_().cumsum_(dim=-1)
+    top = cdf.max(dim=-1, keepdim=True).values
+    cdf = cdf.sub_(top).exp_().cumsum_(dim=-1)
     # Scaling u by the row total instead of normalizing the CDF saves a (rows, V) pass.
     draws = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
     # u * total can round up to the total itself; that draw belongs to the last id.
-    return draws.clamp_(max=x.shape[1] - 1)
+    return draws.clamp_(max=x.shape[1] - 1), top[:, 0] + cdf[:, -1].log()
 
 
 def _unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

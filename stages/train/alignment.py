@@ -14,6 +14,8 @@ An item is a dict of numpy arrays:
     teacher_logprobs: (n, K) float32 teacher log-probs at temperature 1 (0.0 at padding).
     tail_mass: (n,) float32 teacher probability outside the valid ids.
     sample_counts: (n, K) int64, sample-mode caches only.
+    sample_logprobs: (n, K) float32, each id's draw log-probability (sample-mode caches that store
+        `sample_logz`, see docs/FORMAT.md); 0.0 at padding.
     row_index: int, the source row.
 Items from text alone (no cache) carry only input_ids, labels and row_index.
 """
@@ -24,9 +26,11 @@ from logitcache.storage.errors import ConfigError, InvalidDataError
 from logitcache.storage.inputs import SKIP_REASONS, STORED_FIELDS, InputSpec, Skipped, TextEncoder
 
 __all__ = ["IGNORE", "SameTokenizerTargets", "keep_first_k", "fold_out_of_vocab", "CrossTokenizerTargets",
-           "TextExample", "encode_example", "align_answers", "supervised_positions"]
+           "TextExample", "encode_example", "answer_turns", "align_answers", "supervised_positions"]
 
 IGNORE = -100
+# Sample mode's (n, K) fields beside the ids and log-probs.
+_SAMPLE = ("sample_counts", "sample_logprobs")
 
 
 def supervised_positions(labels: np.ndarray) -> np.ndarray:
@@ -40,6 +44,8 @@ def _teacher_rows(seq: dict, keep) -> dict:
            "tail_mass": np.asarray(seq["tail_mass"])[keep].astype(np.float32)}
     if "sample_counts" in seq:
         out["sample_counts"] = np.asarray(seq["sample_counts"])[keep].astype(np.int64)
+    if "sample_logprobs" in seq:
+        out["sample_logprobs"] = np.asarray(seq["sample_logprobs"])[keep].astype(np.float32)
     return out
 
 
@@ -58,10 +64,11 @@ def fold_out_of_vocab(rows: dict, vocab_size: int) -> np.ndarray:
         return np.ones(len(ids), dtype=bool)
     rows["tail_mass"] = np.minimum(rows["tail_mass"] + np.where(bad, np.exp(lp), 0.0).sum(1), 1.0).astype(np.float32)
     ids[bad], lp[bad] = -1, 0.0
-    if "sample_counts" in rows:
-        rows["sample_counts"][bad] = 0
+    for name in _SAMPLE:
+        if name in rows:
+            rows[name][bad] = 0
     order = np.argsort(ids < 0, axis=1, kind="stable")
-    for name in ("teacher_ids", "teacher_logprobs", "sample_counts"):
+    for name in ("teacher_ids", "teacher_logprobs", *_SAMPLE):
         if name in rows:
             rows[name] = np.take_along_axis(rows[name], order, 1)
     return rows["teacher_ids"][:, 0] >= 0
@@ -72,7 +79,7 @@ def keep_first_k(rows: dict, k: int) -> None:
     dropped = rows["teacher_logprobs"][:, k:]
     valid = rows["teacher_ids"][:, k:] >= 0
     rows["tail_mass"] = np.minimum(rows["tail_mass"] + np.where(valid, np.exp(dropped), 0.0).sum(1), 1.0).astype(np.float32)
-    for name in ("teacher_ids", "teacher_logprobs", "sample_counts"):
+    for name in ("teacher_ids", "teacher_logprobs", *_SAMPLE):
         if name in rows:
             rows[name] = np.ascontiguousarray(rows[name][:, :k])
 
@@ -150,24 +157,43 @@ class TextExample:
         return {"input_ids": ids, "labels": labels, "row_index": int(row["row_index"])}
 
 
-def align_answers(n_teacher: int, student_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pair teacher answer rows with student answer positions (Boizard et al. 2024, ULD).
+def answer_turns(positions: np.ndarray) -> list[np.ndarray]:
+    """Split ascending supervised positions into turns: runs of consecutive positions.
 
-    Both sides are aligned from their first supervised answer token and truncated to the shorter
-    answer: teacher row i (its i-th supervised position, in order) pairs with student logit
-    position `student_positions[i]`, for i < min(n_teacher, len(student_positions)). The two
-    tokenizations split the text differently, so pair i is "the i-th answer token on each side",
-    not the same characters; ULD compares sorted probabilities, which needs no id mapping.
+    A chat's assistant turns are separated by unsupervised tokens (the user's turn, the template's
+    role markers), so each turn is one run; a prompt/response row has one.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    return np.split(np.arange(len(positions), dtype=np.int64), np.flatnonzero(np.diff(positions) > 1) + 1)
+
+
+def align_answers(teacher_positions: np.ndarray, student_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pair teacher answer rows with student answer positions, turn by turn (Boizard et al. 2024, ULD).
+
+    Each answer turn (`answer_turns`) is aligned from its first token on both sides and truncated to
+    the shorter: in turn j, the teacher's i-th supervised position pairs with the student's i-th, for i
+    below the shorter turn's length. Turns pair in order, as many as both sides have (a truncated
+    sequence has fewer). Aligning every turn afresh keeps a token-count difference in one turn from
+    shifting the pairs of the next. The two tokenizations split the text differently, so pair i is
+    "the i-th token of this answer on each side", not the same characters; ULD compares sorted
+    probabilities, which needs no id mapping.
 
     Args:
-        n_teacher: P, the teacher's supervised rows for the sequence.
-        student_positions: (m,) int64 student logit positions of the answer, ascending.
+        teacher_positions: (P,) the teacher's supervised positions of the sequence, ascending.
+        student_positions: (m,) int64 student logit positions of the answers, ascending.
 
     Returns:
-        teacher_rows: (n,) int64 row numbers into the teacher's P rows; student_positions: (n,) int64.
+        teacher_rows: (n,) int64 indices into `teacher_positions`; student_positions: (n,) int64.
     """
-    n = min(int(n_teacher), len(student_positions))
-    return np.arange(n, dtype=np.int64), np.asarray(student_positions[:n], dtype=np.int64)
+    student_positions = np.asarray(student_positions, dtype=np.int64)
+    t_rows, s_rows = [], []
+    for t_turn, s_turn in zip(answer_turns(teacher_positions), answer_turns(student_positions)):
+        n = min(len(t_turn), len(s_turn))
+        t_rows.append(t_turn[:n])
+        s_rows.append(s_turn[:n])
+    if not t_rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(t_rows), student_positions[np.concatenate(s_rows)]
 
 
 class CrossTokenizerTargets:
@@ -175,7 +201,7 @@ class CrossTokenizerTargets:
 
     The student re-tokenizes the sequence's stored text (`encode_example`, by the rule the cache was
     written with: a chat through the student's own chat template); teacher rows and student answer
-    positions are paired by `align_answers` (a chat's assistant spans, in order, on both sides).
+    positions are paired by `align_answers` (a chat's assistant turns, in order, each from its first token).
 
     Args:
         tokenizer: the student's tokenizer.
@@ -215,8 +241,9 @@ class CrossTokenizerTargets:
         ids, labels = encode_example(self.tokenizer, row, max_length=self.max_length, prompt_format=self.prompt_format,
                                      where=f"cache row {row_index}")
         student = supervised_positions(labels)
-        order = np.argsort(np.asarray(seq["positions"]), kind="stable")
-        t_rows, s_pos = align_answers(len(order), student)
+        positions = np.asarray(seq["positions"])
+        order = np.argsort(positions, kind="stable")
+        t_rows, s_pos = align_answers(positions[order], student)
         rows = _teacher_rows(seq, order[t_rows])
         if self.keep_k is not None:
             keep_first_k(rows, self.keep_k)

@@ -28,7 +28,7 @@ from logitcache.storage.head import apply_head
 __all__ = ["loss_parts", "supervised_logits", "fused_head_loss", "TEACHER_FIELDS"]
 
 # Collated fields with one row per teacher row (see `collate`).
-TEACHER_FIELDS = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts")
+TEACHER_FIELDS = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts", "sample_logprobs")
 # Metrics that `loss_parts` averages over all N rows; every other one is over the N_kd teacher rows.
 _PER_ROW = ("ce", "accuracy")
 
@@ -69,6 +69,8 @@ def loss_parts(s: torch.Tensor, batch: dict, plan: LossPlan, *,
         # tokenizer: a teacher row for every supervised row, in order (kd_select is 0..N-1).
         kd_select = None if teacher_ids.shape[0] == s.shape[0] else batch["kd_select"]
         extra = {keyword: batch[key] for keyword, key in plan.loss.batch_inputs.items()}
+        # A field an older cache lacks reaches the loss as None (rskd: sample_logprobs).
+        extra.update({keyword: batch.get(key) for keyword, key in plan.loss.optional_inputs.items()})
         total, parts = kd_with_ce(plan.name, s, teacher_ids, batch["teacher_logprobs"], batch["next_ids"],
                                   ce_weight=ce_weight, kd_weight=kd_weight, kd_select=kd_select,
                                   tail_mass=batch["tail_mass"], chunk_size=chunk_size, metrics=metrics,
@@ -76,7 +78,9 @@ def loss_parts(s: torch.Tensor, batch: dict, plan: LossPlan, *,
         # ce, kd; accuracy, and the loss's own: top1_agreement (every loss that reads teacher ids), bild_coverage
         metrics.update(parts)
         return total, metrics
-    total = s.new_zeros((), dtype=torch.float32)
+    # A zero that is still a function of the logits (of none of their entries): backward through a
+    # micro-batch that no term reads (no teacher rows at ce_weight 0) gives a zero gradient, not an error.
+    total = s[:0].sum(dtype=torch.float32)
     if ce_weight:
         ce = sft(s, labels=batch["next_ids"], chunk_size=chunk_size, metrics=metrics)
         total = total + ce_weight * ce

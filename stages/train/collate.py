@@ -24,7 +24,7 @@ from logitcache.stages.train.alignment import IGNORE, supervised_positions
 
 __all__ = ["Collator"]
 
-_TEACHER = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts")
+_TEACHER = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts", "sample_logprobs")
 
 
 class Collator:

@@ -203,7 +203,7 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     Raises:
         ConfigError: neither data nor cache, an unloadable model, or a cache with another tokenizer.
     """
-    from logitcache.stages.train.sources import Reader, eval_cache_source, jsonl_source
+    from logitcache.stages.train.sources import Reader, draw_temperature, eval_cache_source, jsonl_source
     from logitcache.storage.errors import ConfigError
 
     if data is None and cache is None:
@@ -220,6 +220,9 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
         out["data"] = {"path": data, **evaluate_source(student.model, jsonl_source(data, reader=reader), **kwargs)}
     if cache is not None:
         source = eval_cache_source(cache, reader=reader, flag="eval --cache")
-        out["cache"] = {"path": cache, "teacher": source.cache.index["teacher"].get("name_or_path"),
+        index = source.cache.index
+        if plan is not None:  # the draws' temperature is a fact of this cache (rskd), not of the plan
+            kwargs["kd"] = kd_term(plan.reading(draw_temperature(index)))
+        out["cache"] = {"path": cache, "teacher": index["teacher"].get("name_or_path"),
                         **evaluate_source(student.model, source, **kwargs)}
     return out

@@ -17,13 +17,12 @@ at scale, which is what the cache is for.
 
 import torch
 
+from logitcache.stages.train.losses import registry
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["OnlineTeacher", "ONLINE_LOSSES", "load_online_teacher"]
+__all__ = ["OnlineTeacher", "online_losses", "check_online_loss", "load_online_teacher"]
 
-# The losses that read sorted top-K targets. rskd reads samples and uld a student with another tokenizer.
-ONLINE_LOSSES = ("kl", "rkl", "jsd", "skl", "srkl", "topk_kl", "dkd", "nkd", "normkd", "bild")
-_CACHED = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts", "kd_select")
+_CACHED = ("teacher_ids", "teacher_logprobs", "tail_mass", "sample_counts", "sample_logprobs", "kd_select")
 
 
 class OnlineTeacher:
@@ -54,6 +53,20 @@ class OnlineTeacher:
         return out
 
 
+def online_losses() -> tuple[str, ...]:
+    """The declared losses the online teacher can feed: those that read sorted top-K targets and no
+    other per-row input (rskd reads sample counts), read from the registry at each call."""
+    return tuple(name for name, spec in registry.LOSSES.items()
+                 if spec.rows is not None and registry.TOPK in spec.modes and not spec.inputs())
+
+
+def check_online_loss(loss: str) -> None:
+    """ConfigError unless `--online-teacher` can feed `--loss loss` (see `online_losses`)."""
+    if loss not in online_losses():
+        raise ConfigError(f"--online-teacher gives the teacher's full distribution to a top-K loss "
+                          f"({', '.join(online_losses())}); --loss {loss} is not one")
+
+
 def load_online_teacher(path: str, *, loss: str, student_tokenizer, student_vocab: int, device,
                         trust_remote_code: bool = False) -> OnlineTeacher:
     """Load the teacher at `path` for `loss`, refusing one that cannot stand in for a cache.
@@ -67,9 +80,7 @@ def load_online_teacher(path: str, *, loss: str, student_tokenizer, student_voca
     from logitcache.stages.train.checks import student_vocab_size
     from logitcache.storage import tokenizer_fingerprint
 
-    if loss not in ONLINE_LOSSES:
-        raise ConfigError(f"--online-teacher gives the teacher's full distribution to a top-K loss "
-                          f"({', '.join(ONLINE_LOSSES)}); --loss {loss} is not one")
+    check_online_loss(loss)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)

@@ -111,14 +111,13 @@ class TrainSettings:
         Raises:
             ConfigError: naming the flags.
         """
-        from logitcache.stages.train.online import ONLINE_LOSSES
+        from logitcache.stages.train.online import check_online_loss
 
         if not self.cache and self.loss != "sft" and self.online_teacher is None:
             raise ConfigError(f"--loss {self.loss} distills from a cache: give --cache (only --loss sft trains from "
                               f"--data alone)")
-        if self.online_teacher is not None and self.loss not in ONLINE_LOSSES:
-            raise ConfigError(f"--online-teacher gives the teacher's full distribution to a top-K loss "
-                              f"({', '.join(ONLINE_LOSSES)}); --loss {self.loss} is not one")
+        if self.online_teacher is not None:
+            check_online_loss(self.loss)
         if not self.cache and self.data is None:
             raise ConfigError(f"--loss {self.loss} without --cache needs --data (a .jsonl with 'text' or "
                               f"'prompt'/'response')")

@@ -34,7 +34,8 @@ from logitcache.storage import open_cache
 from logitcache.storage.errors import ConfigError
 from logitcache.storage.redact import redact_text, redact_url
 
-__all__ = ["Reader", "TrainingData", "open_training_data", "eval_cache_source", "jsonl_source", "check_mixable"]
+__all__ = ["Reader", "TrainingData", "open_training_data", "eval_cache_source", "jsonl_source", "check_mixable",
+           "draw_temperature"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def open_training_data(caches: Sequence[str], *, data: str | None, weights: Sequ
     record = {"url": url, "fingerprint": cache.fingerprint, "teacher": index["teacher"], "mode": cache.mode,
               "k": cache.k, "sequences": len(cache), "same_tokenizer": same}
     stream = ShardedStream(CacheSource(cache, to_item=to_item), epochs=epochs, **layout)
-    return TrainingData(stream, record, _draw_temperature(index))
+    return TrainingData(stream, record, draw_temperature(index))
 
 
 def eval_cache_source(url: str, *, reader: Reader, flag: str) -> CacheSource:
@@ -140,7 +141,7 @@ def _check(index: dict, url: str, *, plan: LossPlan, teacher: str | None) -> Non
     check_loss_fits_cache(index, plan, cache=url)
 
 
-def _draw_temperature(index: dict) -> float | None:
+def draw_temperature(index: dict) -> float | None:
     """The temperature a sample-mode cache's ids were drawn at (a fact of the cache), or None."""
     sparsification = index["sparsification"]
     return float(sparsification.get("temperature", 1.0)) if sparsification["mode"] == "sample" else None
@@ -227,7 +228,7 @@ def _mixture(urls: Sequence[str], *, weights: Sequence[float] | None, plan: Loss
                            "mode": c.mode, "k": c.k, "sequences": len(c)}
                           for url, c, p in zip(urls, caches, stream.probabilities)],
               "same_tokenizer": True}
-    return TrainingData(stream, record, _draw_temperature(caches[0].index))
+    return TrainingData(stream, record, draw_temperature(caches[0].index))
 
 
 def check_mixable(indexes: dict[str, dict], *, keep_k: int | None) -> None:

@@ -14,18 +14,20 @@ import torch
 
 from logitcache.stages.train.batch_loss import fused_head_loss, loss_parts
 from logitcache.stages.train.loss_settings import loss_settings
-from logitcache.stages.train.losses import LOSSES
+from logitcache.stages.train.losses import registry
 from logitcache.storage.head import apply_head
 
-# Every loss of the registry, with options where a default would make the case trivial.
-CASES = [("sft", {}), ("kl", {"temperature": 2.0}), ("kl", {"tail": "renorm"}), ("rkl", {}), ("jsd", {}),
-         ("skl", {}), ("srkl", {}), ("topk_kl", {}), ("dkd", {}), ("nkd", {}), ("normkd", {}),
-         ("bild", {"top_k": 4}), ("uld", {}), ("rskd", {})]
+# Options where a loss's default would make the case trivial (kl at T = 1) or not fit K = 6 (bild's k = 8).
+OPTIONS = {"kl": ({"temperature": 2.0}, {"tail": "renorm"}), "bild": ({"top_k": 4},)}
 TRANSFORMS = {"plain": {}, "softcap+scale": {"softcap": 3.0, "logit_scale": 0.7, "hidden_scale": 1.3}}
 
 
-def test_cases_cover_the_registry():
-    assert {name for name, _ in CASES} == set(LOSSES)
+def cases() -> list[tuple[str, dict]]:
+    """(loss, options) for every loss of the registry, read at collection time (a new loss is a case)."""
+    return [(name, options) for name in registry.names() for options in OPTIONS.get(name, ({},))]
+
+
+CASES = cases()
 
 
 def make_batch(n=13, v=300, h=16, k=6, *, subset: bool, dtype=torch.float32, seed=0):
@@ -107,6 +109,21 @@ def test_ce_weight_zero_skips_rows_without_teacher_and_no_grad_mode_runs():
     with torch.no_grad():
         total, _ = fused_head_loss(hidden, weight, bias, batch, loss_settings("kl", ce_weight=0.0), chunk_size=3)
     torch.testing.assert_close(total, want)
+
+
+@pytest.mark.parametrize("name", ["bild", "kl"])
+def test_rows_without_teacher_rows_at_ce_weight_zero_backpropagate_a_zero(name):
+    """bild's default ce_weight = 0 on a micro-batch whose supervised rows have no teacher row: the
+    unfused path (FSDP, DeepSpeed, a non-Linear head) returned a zero with no graph, and backward raised."""
+    hidden, weight, bias, batch = make_batch(subset=True)
+    batch = {**batch, **{key: batch[key][:0] for key in ("kd_select", "teacher_ids", "teacher_logprobs",
+                                                          "tail_mass", "sample_counts")}}
+    (got, got_m, got_g), (want, want_m, want_g) = run_both(name, OPTIONS.get(name, ({},))[0], hidden, weight, bias,
+                                                           batch, transform={}, ce_weight=0.0, kd_weight=1.0,
+                                                           chunk_size=4)
+    assert float(got) == float(want) == 0.0 and got_m == want_m == {}
+    for g, w in zip(got_g, want_g):
+        assert g is not None and w is not None and not g.any() and not w.any()
 
 
 def test_trainer_fused_and_unfused_steps_agree(tmp_path):

@@ -156,6 +156,8 @@ def caches():
     return {"B": build_cache(w.root / "mix_b", w.teacher, w.tokenizer, rows_b, per_shard=4),
             "K4": build_cache(w.root / "mix_k4", w.teacher, w.tokenizer, rows_b[:8], k=4),
             "SAMPLE": build_cache(w.root / "mix_sample", w.teacher, w.tokenizer, rows_b[:8], samples=8),
+            "SAMPLE_HOT": build_cache(w.root / "mix_sample_hot", w.teacher, w.tokenizer, rows_b[:8], samples=8,
+                                      temperature=2.0),
             "OTHER": build_cache(w.root / "mix_other", w.other_student, other_tok, text_rows(8, seed=12))}
 
 
@@ -170,6 +172,57 @@ def test_caches_that_cannot_be_mixed_are_refused_naming_both(caches, other, keep
     with pytest.raises(ConfigError, match=match) as e:
         check_mixable({a: open_cache(a).index, b: open_cache(b).index}, keep_k=keep_k)
     assert f"--cache {a} and --cache {b} cannot be mixed" in str(e.value)
+
+
+def test_sample_caches_drawn_at_other_temperatures_are_refused(caches):
+    """The loss corrects for one sampling temperature: two sample caches must share it."""
+    a, b = str(caches["SAMPLE"]), str(caches["SAMPLE_HOT"])
+    with pytest.raises(ConfigError, match=f"{a} was sampled at temperature 1.0 and {b} at 2.0"):
+        check_mixable({a: open_cache(a).index, b: open_cache(b).index}, keep_k=None)
+    check_mixable({a: open_cache(a).index, a + "/": open_cache(a).index}, keep_k=None)  # one temperature: mixes
+
+
+def test_rskd_reads_the_sampling_temperature_from_the_index(caches, tmp_path):
+    """The trainer passes the index's sparsification.temperature to rskd, for one cache and for a mixture."""
+    w = world()
+    hot = str(caches["SAMPLE_HOT"])
+    for name, cache in (("one", hot), ("mix", [hot, str(caches["SAMPLE_HOT"]) + "/"])):
+        out = tmp_path / name
+        result = train(TrainSettings(student=str(w.student), cache=cache, out=str(out), loss="rskd", max_steps=1,
+                                     batch_size=2, num_workers=0))
+        assert result["loss"]["options"]["sample_temperature"] == 2.0, name
+
+
+def test_uld_refuses_a_sample_mode_cache_before_training(caches, tmp_path):
+    """Sorted sampled ids are not the teacher's top ranks: on a zipf teacher with 64 draws uld was 0.27 at
+    student = teacher (0 on a top-64 cache). Refused before training, in one line naming the mode."""
+    w = world()
+    with pytest.raises(ConfigError, match=r"--loss uld needs a topk-mode cache .*; .* is a sample-mode cache") as e:
+        train(TrainSettings(student=str(w.other_student), cache=str(caches["SAMPLE"]), out=str(tmp_path / "x"),
+                            loss="uld", max_steps=1, num_workers=0))
+    assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
+
+
+def test_eval_rskd_reads_the_sampling_temperature_of_the_cache_it_evaluates(caches):
+    """`eval --loss rskd` on a cache drawn at tau = 2 (one without sample_logz, where tau is read): its
+    kd_loss is rskd at tau = 2, not at the default 1 it assumed before."""
+    from logitcache.stages.train.alignment import SameTokenizerTargets
+    from logitcache.stages.train.data import CacheSource
+    from logitcache.stages.train.evaluate import evaluate, evaluate_source, kd_term
+    from logitcache.stages.train.loss_settings import loss_settings
+    from logitcache.stages.train.student import load_student
+
+    w = world()
+    hot = str(caches["SAMPLE_HOT"])
+    got = evaluate(str(w.student), cache=hot, plan=loss_settings("rskd"), device="cpu")["cache"]["kd_loss"]
+    student = load_student(str(w.student), dtype=None, device="cpu")
+    source = CacheSource(hot, to_item=SameTokenizerTargets(student.vocab_size))
+
+    def kd(tau):
+        return evaluate_source(student.model, source, pad_id=student.pad_id, vocab_size=student.vocab_size,
+                               kd=kd_term(loss_settings("rskd").reading(tau)))["kd_loss"]
+
+    assert got == pytest.approx(kd(2.0), rel=1e-6) and abs(got - kd(1.0)) > 1e-3 * abs(got)
 
 
 def test_same_vocabulary_other_blocks_are_named(caches):

@@ -118,6 +118,32 @@ def test_sample_mode_independent_of_batching(teacher, mixed_data, tmp_path):
         assert np.all(x["sample_counts"].sum(axis=1) == 16)
         assert np.all((x["topk_ids"] == -1) == (x["sample_counts"] == 0))
     assert any(not np.array_equal(x["sample_counts"], y["sample_counts"]) for x, y in zip(a, d))  # the seed matters
+    assert a.index["sparsification"]["sample_logz"] is True
+
+
+def test_sample_mode_stores_each_draws_exact_probability(teacher, mixed_data, tmp_path):
+    """sample_logz: the reader's sample_logprobs are log softmax(logits / tau) at the drawn ids, against a
+    plain transformers forward of the teacher (the yardstick), so rskd's importance weights are exact."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    engine = build_engine("hf", teacher, mode="sample", num_samples=16, temperature=0.7)
+    try:
+        run(teacher, mixed_data, tmp_path / "a", engine, batch_size=5, mode="sample", top_k=None, samples=16,
+            temperature=0.7, seed=5, text_field="text", max_length=MAX_LENGTH)
+    finally:
+        engine.close()
+    cache = open_cache(str(tmp_path / "a"))
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    for seq in list(cache)[:3]:
+        with torch.no_grad():
+            logits = model(input_ids=torch.as_tensor(seq["input_ids"][None], dtype=torch.long)).logits[0]
+        want = torch.log_softmax(logits.double() / 0.7, -1)[torch.as_tensor(seq["positions"], dtype=torch.long)]
+        ids = torch.as_tensor(seq["topk_ids"], dtype=torch.long)
+        valid = ids >= 0
+        got = torch.as_tensor(seq["sample_logprobs"], dtype=torch.float64)
+        torch.testing.assert_close(got[valid], want.gather(1, ids.clamp(min=0))[valid], atol=2e-3, rtol=1e-4)
+        assert (got[~valid] == 0).all()
 
 
 def test_job_split_and_merge(teacher, hf_engine, tmp_path):

@@ -110,10 +110,20 @@ def test_keep_first_k_adds_the_rest_to_the_tail():
 # ---- cross-tokenizer (ULD) ---------------------------------------------------------------------------
 
 def test_align_answers_from_the_first_answer_token_truncated_to_the_shorter():
-    rows, pos = align_answers(5, np.array([7, 8, 9]))
+    rows, pos = align_answers(np.arange(3, 8), np.array([7, 8, 9]))
     assert rows.tolist() == [0, 1, 2] and pos.tolist() == [7, 8, 9]
-    rows, pos = align_answers(2, np.array([7, 8, 9]))
+    rows, pos = align_answers(np.array([3, 4]), np.array([7, 8, 9]))
     assert rows.tolist() == [0, 1] and pos.tolist() == [7, 8]
+
+
+def test_align_answers_turn_by_turn():
+    """Three turns of 3 / 2 / 2 teacher tokens and 2 / 3 / 1 student tokens: each turn from its first token."""
+    teacher = np.array([10, 11, 12, 20, 21, 30, 31])
+    student = np.array([5, 6, 15, 16, 17, 25])
+    rows, pos = align_answers(teacher, student)
+    assert rows.tolist() == [0, 1, 3, 4, 5] and pos.tolist() == [5, 6, 15, 16, 25]
+    rows, pos = align_answers(teacher, student[:2])  # a truncated student: the turns both sides have
+    assert rows.tolist() == [0, 1] and pos.tolist() == [5, 6]
 
 
 def test_cross_tokenizer_item_reencodes_the_stored_text():

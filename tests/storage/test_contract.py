@@ -74,7 +74,7 @@ class NpyBackend(FolderBackend):
     name = "npy-test"
     suffix = ".npyd"
     _ARRAYS = ("row_index", "input_ids", "token_offsets", "positions", "position_offsets", "topk_ids",
-               "topk_logprobs", "target_logprob", "tail_mass", "sample_counts")
+               "topk_logprobs", "target_logprob", "tail_mass", "sample_counts", "sample_logz")
 
     def encode(self, shard, *, encoding, attrs):
         files = {"meta.json": json.dumps({"attrs": attrs, "texts": shard.texts}).encode()}

@@ -47,13 +47,17 @@ This package imports torch only when a loss is first used (`registry` alone stay
 
 import importlib
 
-__all__ = ["LOSSES", "get_loss", "kd_with_ce", "sft", "kl", "rkl", "jsd", "skl", "srkl", "topk_kl", "dkd", "nkd",
-           "normkd", "bild", "uld", "rskd"]
+from logitcache.stages.train.losses import registry
+
+_API = ("LOSSES", "get_loss", "kd_with_ce")
+# Every declared loss is `losses.<name>`: read from the registry, not listed here.
+__all__ = [*_API, *registry.names()]
 
 
 def __getattr__(name: str):
-    # Lazy, so that `registry` (read by `logitcache --help`) does not import torch.
-    if name in __all__:
+    # Lazy, so that `registry` (read by `logitcache --help`) does not import torch. The registry is
+    # read at each lookup: a loss declared after import is an attribute too.
+    if name in _API or name in registry.LOSSES:
         functions = importlib.import_module(f"{__name__}.functions")
-        return getattr(functions, name) if hasattr(functions, name) else functions.LOSSES[name]
+        return getattr(functions, name) if name in _API else functions.LOSSES[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,12 +41,10 @@ def bild_rows(student_logits, teacher_ids, teacher_logprobs, *, top_k, temperatu
     The estimate's bias: an uncovered id's teacher logit is over-estimated (it ties with rank K),
     so the student-led half sees the uncovered ids as the teacher's near-equals of rank K and its
     value comes out low, never high, where coverage is low. The alternative, the tail mass spread
-    evenly over the V - K uncovered ids, was measured worse on LLM-like tails (V = 151,936, K = 32,
-    tests/llm_tails.py): an LLM's tail is steep, so the ids just past rank K are thousands of times
-    likelier than the tail's average. Gradient cosine against BiLD on the full logits, student =
-    teacher + N(0, 0.5^2) noise: 0.999 (peaked), 0.988 (flat) with this estimate, 0.71 and 0.70
-    with the even spread; at noise 2.0 (coverage 0.12-0.63) both reach only 0.85-0.97. The
-    teacher-led half is exact whenever K >= k.
+    evenly over the V - K uncovered ids, errs high; it is worse for near students on LLM-like
+    synthetic tails (V = 151,936, K = 32, tests/llm_tails.py); on students from a real training run
+    neither wins (benchmarks/bench_bild_trained.py: cos 0.78 / 0.90 against 0.86 / 0.84 over two
+    seeds). docs/LOSSES.md has the figures and their commands. The teacher-led half is exact whenever K >= k.
 
     Args:
         top_k: k >= 2, at most the number of cached ids K.

@@ -7,11 +7,14 @@ whole vocabulary they are the published losses over the vocabulary. Their "targe
 teacher's top-1 cached id, not the label: the label is often outside the cached ids while the
 teacher's top-1 never is (BiLD's LLM version of NKD makes the same choice).
 
-Settings: the defaults are each original paper's (DKD alpha 1, beta 8, its CIFAR setting; NKD
-gamma 1.5, lambda 1; NormKD t_norm 1.5). They are *not* the settings of the BiLD paper's code,
-which runs DKD with the label as target, a std-normalized T and alpha = beta = 0.5, NKD with
-gamma 0.25 and T 3 without the T^2 factor, and NormKD with scale 3.0; pass those as options to
-reproduce that baseline (apart from DKD's label target, which this port does not implement).
+Settings: the defaults are each original paper's weights (DKD alpha 1, beta 8, as in mdistiller's
+CIFAR config, which also sets T = 4: pass --temperature 4 for it; NKD gamma 1.5, lambda 1; NormKD
+t_norm 1.5). They are *not* the settings of the BiLD paper's code, which runs DKD with the label as
+target, a per-row std-normalized T and alpha = beta = 0.5, NKD with gamma 0.25 and T 3 without the
+T^2 factor, and NormKD with scale 3.0. What the options reproduce of that baseline: NormKD
+(t_norm=3.0); NKD (temperature=3, gamma=0.25/9, since this nkd multiplies its non-target term by
+lambda^2 = 9); DKD's alpha and beta, but neither its label target nor its std-normalized T, which
+this port does not implement.
 """
 
 import math
@@ -107,7 +110,7 @@ def normkd_rows(student_logits, teacher_ids, teacher_logprobs, *, t_norm, tail_m
     over the cached ids. The teacher's cached log-probs have the logits' std. `tail_mass` unused.
 
     Args:
-        t_norm: T_norm > 0 (1.5, BiLD's setting for LLMs).
+        t_norm: T_norm > 0 (the NormKD paper's 1.5; the BiLD paper's code runs 3.0).
     """
     check_cache_rows(student_logits, teacher_ids, teacher_logprobs, tail_mass, n_rows, min_k=2)
     check_range("t_norm", t_norm, *_POSITIVE)

@@ -2,7 +2,7 @@
 
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -114,7 +114,7 @@ def kd_with_ce(
 def _rows(spec, student_logits, teacher_ids, teacher_logprobs, tail_mass, metrics, n_rows, given) -> KDRows:
     """The `KDRows` of loss `spec` with its options checked and defaulted (see `registry.Loss.resolve`)."""
     given = dict(given)
-    inputs = {name: given.pop(name, None) for name in spec.batch_inputs}
+    inputs = {name: given.pop(name, None) for name in spec.inputs()}
     options = spec.resolve(given)
     return spec.row_function()(student_logits, teacher_ids, teacher_logprobs, tail_mass=tail_mass,
                                want_metrics=metrics is not None, n_rows=n_rows, **inputs, **options)
@@ -133,15 +133,38 @@ def _public(spec):
     params = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD)
               for p in ("student_logits", "teacher_ids", "teacher_logprobs")]
     params += [inspect.Parameter(name, keyword) for name in spec.batch_inputs]
+    params += [inspect.Parameter(name, keyword, default=None) for name in spec.optional_inputs]
     params += [inspect.Parameter(o.name, keyword, default=o.default) for o in spec.options]
     params += [inspect.Parameter(p, keyword, default=None) for p in ("tail_mass", "chunk_size", "metrics")]
     loss.__signature__ = inspect.Signature(params)
     return loss
 
 
-# Every loss as a function of the (N, V) logits, built from its declaration.
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    name: sft if spec.rows is None else _public(spec) for name, spec in registry.LOSSES.items()}
+class _Public(Mapping):
+    """Every declared loss as a function of the (N, V) logits, built from its declaration on first use.
+
+    A view of `registry.LOSSES`, not a copy: a loss declared there later is here too.
+    """
+
+    def __init__(self):
+        self._built: dict[int, Callable[..., torch.Tensor]] = {}
+
+    def __getitem__(self, name: str) -> Callable[..., torch.Tensor]:
+        spec = registry.LOSSES[name]
+        if spec.rows is None:
+            return sft
+        if id(spec) not in self._built:
+            self._built[id(spec)] = _public(spec)
+        return self._built[id(spec)]
+
+    def __iter__(self):
+        return iter(registry.LOSSES)
+
+    def __len__(self) -> int:
+        return len(registry.LOSSES)
+
+
+LOSSES: Mapping[str, Callable[..., torch.Tensor]] = _Public()
 
 
 def get_loss(name: str) -> Callable[..., torch.Tensor]:

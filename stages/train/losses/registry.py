@@ -14,11 +14,12 @@ and imported on first use), so `logitcache --help` stays fast.
 import importlib
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["Option", "Loss", "LOSSES", "get", "names", "TOPK", "SAMPLE"]
+__all__ = ["Option", "Loss", "LOSSES", "get", "names", "kd_names", "TOPK", "SAMPLE"]
 
 TOPK, SAMPLE = "topk", "sample"
 
@@ -76,8 +77,9 @@ class Loss:
 
     Attributes:
         name: `--loss NAME`.
-        rows: "module:function" of its row function in this package, e.g. "divergences:kl_rows";
-            None for sft, which has no teacher term.
+        rows: "module:function" of its row function in this package, e.g. "divergences:kl_rows"
+            (imported on first use, so `--help` stays light), or the row function itself (a loss
+            declared outside this package); None for sft, which has no teacher term.
         help: one line for `--help`.
         options: its keyword options, with defaults and ranges.
         modes: the cache modes it reads: "topk" (sorted top-K ids) and/or "sample" (sampled ids
@@ -86,12 +88,13 @@ class Loss:
             tokenizer is refused. True unless the loss says otherwise.
         ce_weight, kd_weight: the default weights of total = ce_weight * CE + kd_weight * KD.
         batch_inputs: per-row tensors the trainer passes from the batch, {keyword: batch key}.
+        optional_inputs: the same, for fields a cache may lack (older caches); the loss gets None.
         approximates: one line: what it stands for on the full vocabulary, and how well the cache
             reaches it (docs/LOSSES.md has the numbers).
     """
 
     name: str
-    rows: str | None
+    rows: str | Callable | None
     help: str
     options: tuple[Option, ...] = ()
     modes: frozenset[str] = frozenset({TOPK})
@@ -99,10 +102,15 @@ class Loss:
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     batch_inputs: dict[str, str] = field(default_factory=dict)
+    optional_inputs: dict[str, str] = field(default_factory=dict)
     approximates: str = ""
 
     def option_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.options)
+
+    def inputs(self) -> dict[str, str]:
+        """Every per-row batch input, required and optional: {keyword: batch key}."""
+        return {**self.batch_inputs, **self.optional_inputs}
 
     def resolve(self, given: dict) -> dict:
         """The options with defaults filled in and every value checked.
@@ -121,6 +129,8 @@ class Loss:
         """The row function, imported on first use."""
         if self.rows is None:
             raise ConfigError(f"loss {self.name!r} has no teacher term")
+        if callable(self.rows):
+            return self.rows
         module, function = self.rows.split(":")
         return getattr(importlib.import_module(f"{__package__}.{module}"), function)
 
@@ -168,8 +178,9 @@ LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
          (_temperature(1.0),),
          approximates="itself (the usual top-K baseline); not full KL unless the cache holds the vocabulary"),
     Loss("dkd", "decoupled:dkd_rows", "Decoupled KD (Zhao et al. 2022), over the cached ids, times T^2",
-         (Option("alpha", 1.0, "TCKD weight (the DKD paper's CIFAR setting)", low=0.0, low_open=False),
-          Option("beta", 8.0, "NCKD weight (the DKD paper's CIFAR setting)", low=0.0, low_open=False),
+         (Option("alpha", 1.0, "TCKD weight (mdistiller's CIFAR config; it also sets T = 4)", low=0.0,
+                 low_open=False),
+          Option("beta", 8.0, "NCKD weight (mdistiller's CIFAR config)", low=0.0, low_open=False),
           _temperature(1.0)),
          approximates="DKD over the cached ids as classes, target = teacher top-1"),
     Loss("nkd", "decoupled:nkd_rows", "Normalized KD (Yang et al. 2023), over the cached ids",
@@ -185,15 +196,20 @@ LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
           _temperature(3.0, "T of the pairwise differences (the paper's 3.0)")),
          ce_weight=0.0,
          approximates="BiLD on full logits; teacher-led half exact, student-led half estimated past rank K"),
+    # Top-K caches only: sorted sampled ids are not the teacher's top ranks (at student = teacher the
+    # loss would be 0.26, not 0, on a 64-draw cache).
     Loss("uld", "uld_loss:uld_rows", "Universal Logit Distillation (Boizard et al. 2024): L1 of sorted probabilities",
-         modes=_DIVERGENCE_MODES, needs_teacher_tokenizer=False, kd_weight=1.5,
+         needs_teacher_tokenizer=False, kd_weight=1.5,
          approximates="ULD on full logits, with the tail compared as one mass"),
     Loss("rskd", "rskd_loss:rskd_rows", "Random-sampling KD (Anshumann et al. 2025) from a sample-mode cache",
          (_temperature(1.0, "T: trains softmax(student / T) toward softmax(teacher / T)"),
           Option("sample_temperature", 1.0, "the temperature stage one drew at (the trainer reads it from the "
                  "cache index)", low=0.0)),
          modes=frozenset({SAMPLE}), batch_inputs={"counts": "sample_counts"},
-         approximates="cross entropy to softmax(teacher / T), unbiased at any sampling temperature"),
+         optional_inputs={"draw_logprobs": "sample_logprobs"},
+         approximates="cross entropy to softmax(teacher / T): unbiased at T = 1 (any sampling temperature, "
+                      "caches with sample_logz) and at T = the sampling temperature; self-normalised, so "
+                      "consistent but biased at finite N, at other T"),
 )}
 
 
@@ -207,3 +223,8 @@ def get(name: str) -> Loss:
 
 def names() -> tuple[str, ...]:
     return tuple(LOSSES)
+
+
+def kd_names() -> tuple[str, ...]:
+    """The losses with a teacher term (every one but sft), in declaration order."""
+    return tuple(name for name, spec in LOSSES.items() if spec.rows is not None)

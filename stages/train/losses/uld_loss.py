@@ -25,7 +25,8 @@ def uld_rows(student_logits, teacher_ids, teacher_logprobs, *, tail_mass, want_m
 
     the ranks past m compared as one mass each: the teacher's is tau plus any cached entries past
     m, the student's its exact mass outside its own top m (no vocabulary sort: a top-m on the raw
-    logits). A row with -1 padding (sample mode) uses its number of valid ids for K. This is a
+    logits). A row with -1 padding (ids of a padded logits width, folded into the tail) uses its number of
+    valid ids for K. Sample-mode caches are refused (see `registry`): sorted draws are not top ranks. This is a
     lower bound of ULD on the full distributions (triangle inequality), equal to it when the cache
     covers the vocabulary, or when the teacher's K >= the student's V. At student = teacher every
     term is 0, so the teacher is the loss's minimum (an L1 distance: a zero subgradient there).
