@@ -1,0 +1,177 @@
+"""Stage two's reader from an object store against local disk: positions per second, K = 32, side by side.
+
+    .venv/bin/python benchmarks/bench_read.py             # ~3-5 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_read.py --quick     # a smaller cache, a smoke run
+
+One cache (Zarr, compact, K = 32, 16 shards of 256 sequences x 512 tokens: ~131k positions and ~11 MB
+a shard, about a stage-one shard's size) is written to local disk and copied as is to a real
+S3-compatible server (moto, in its own process on loopback) behind a TCP proxy that adds 50 ms to
+every request (tests/s3server.py). Its ids are uniform over 151,936 (the worst case for bytes over the
+wire, see RESULTS.md's storage table), its log-probs sorted random values.
+
+Each pass reads the whole cache as `logitcache train` does with its defaults: `ShardedStream` over a
+`CacheSource` (window 2, shuffled), `SameTokenizerTargets` items, a DataLoader with one worker process
+(`--num-workers 1`) and `Collator` batches of 8; a position is one teacher row in a batch. Rows:
+
+    local, s3 + 50 ms      the default settings (read-ahead on: `storage.readahead`)
+    ... read-ahead off     shards fetched one at a time (`read_ahead_bytes=0`), for comparison
+
+Passes are interleaved round by round and each row is the median, so a load change on a shared
+machine hits every row alike; wall time is what counts (waiting on the store is the point), and the
+reader's CPU time (this process and its DataLoader worker, getrusage) is printed beside it. `--profile`
+also runs one in-process pass on S3 under cProfile and prints where its time went.
+Writes benchmarks/out/read_store.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from s3server import make_bucket, moto_server, s3_options, tcp_proxy  # noqa: E402
+
+from logitcache.stages.train.alignment import SameTokenizerTargets  # noqa: E402
+from logitcache.stages.train.collate import Collator  # noqa: E402
+from logitcache.stages.train.data import CacheSource, ShardedStream  # noqa: E402
+from logitcache.storage import CacheWriter, ShardData  # noqa: E402
+from logitcache.storage.testing import index_metadata  # noqa: E402
+
+OUT = Path(__file__).parent / "out"
+VOCAB, K = 151_936, 32
+
+
+def write_cache(path: str, *, shards: int, rows: int, length: int) -> int:
+    """A K = 32 compact Zarr cache of random sequences; returns its number of positions."""
+    rng = np.random.default_rng(0)
+    w = CacheWriter(path, backend="zarr", encoding="compact", vocab_size=VOCAB, fingerprint="bench-read")
+    total = 0
+    for j in range(shards):
+        p = length - 1
+        lp = -np.sort(rng.exponential(2.0, (rows * p, K)).astype(np.float32), axis=1)
+        lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True) - np.log(0.9)  # the top-32 hold 0.9
+        seqs = [{"row_index": j * rows + i, "input_ids": rng.integers(0, VOCAB, length), "positions": np.arange(p),
+                 "topk_ids": rng.integers(0, VOCAB, (p, K)), "topk_logprobs": lp[i * p:(i + 1) * p],
+                 "target_logprob": lp[i * p:(i + 1) * p, 0], "tail_mass": np.full(p, 0.1, np.float32)}
+                for i in range(rows)]
+        w.write_shard(j, ShardData.from_sequences(seqs))
+        total += rows * p
+    meta = index_metadata(K, vocab=VOCAB)
+    meta["tokenizer"]["vocab_size"] = VOCAB
+    meta["inputs"] = {"kind": "text", "stored_fields": []}
+    w.finalize(meta)
+    return total
+
+
+class OneAtATime(CacheSource):
+    """The default source with reading ahead off: each shard fetched when its window needs it."""
+
+    def load_many(self, ids):
+        return (shard for _, shard in self.cache.iter_shards(ids, read_ahead_bytes=0))
+
+
+def one_pass(url: str, options: dict | None, *, ahead: bool, num_workers: int) -> dict:
+    """Read the whole cache as training does; returns positions, wall seconds and the reader's CPU seconds."""
+    from torch.utils.data import DataLoader
+
+    cls = CacheSource if ahead else OneAtATime
+    stream = ShardedStream(cls(url, to_item=SameTokenizerTargets(VOCAB), storage_options=options),
+                           seed=0, epochs=1, rank=0, world_size=1)
+    loader = DataLoader(stream, batch_size=8, num_workers=num_workers, collate_fn=Collator(pad_id=0))
+    cpu0 = _cpu()
+    t0 = time.perf_counter()
+    positions = 0
+    for batch in loader:
+        positions += len(batch["teacher_ids"])
+    wall = time.perf_counter() - t0
+    del loader  # the worker exits; its CPU time is counted once it is reaped
+    return {"positions": positions, "wall": wall, "cpu": _cpu() - cpu0}
+
+
+def _cpu() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def profile_pass(url: str, options: dict) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    result = one_pass(url, options, ahead=True, num_workers=0)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+    return f"in-process pass on S3 + latency: {result['positions'] / result['wall'] / 1e6:.3f} M positions/s\n" + out.getvalue()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 shards of 64 sequences, 1 round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--latency", type=float, default=0.05, help="seconds added to every request")
+    ap.add_argument("--num-workers", type=int, default=1, help="DataLoader workers (train's default: 1)")
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    shards, rows, length = (4, 64, 512) if a.quick else (16, 256, 512)
+    if a.quick:
+        a.rounds = 1
+    import s3fs
+
+    OUT.mkdir(exist_ok=True)
+    machine = {"machine": platform.machine(), "cores": os.cpu_count(), "python": sys.version.split()[0],
+               "s3fs": s3fs.__version__, "load_before": os.getloadavg()}
+    print(f"machine: {machine}", flush=True)
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp, moto_server() as (endpoint, _):
+        local = os.path.join(tmp, "cache")
+        t0 = time.perf_counter()
+        total = write_cache(local, shards=shards, rows=rows, length=length)
+        make_bucket(endpoint, "bench")
+        fs = s3fs.S3FileSystem(**s3_options(endpoint))
+        fs.put(local, "bench/cache", recursive=True)
+        nbytes = sum(e["bytes"] for e in json.load(open(os.path.join(local, "index.json")))["shards"])
+        print(f"cache: {shards} shards, {total:,} positions, {nbytes / 2**20:.1f} MiB "
+              f"({nbytes / total:.1f} B/position), written and uploaded in {time.perf_counter() - t0:.0f} s", flush=True)
+        with tcp_proxy(endpoint, latency=a.latency) as proxy:
+            s3 = ("s3://bench/cache", s3_options(proxy.endpoint))
+            rows_ = {"local": (local, None, True), f"s3 + {a.latency * 1e3:.0f} ms": (*s3, True),
+                     "local, read-ahead off": (local, None, False),
+                     f"s3 + {a.latency * 1e3:.0f} ms, read-ahead off": (*s3, False)}
+            runs = {name: [] for name in rows_}
+            for r in range(a.rounds):
+                for name, (url, options, ahead) in rows_.items():
+                    res = one_pass(url, options, ahead=ahead, num_workers=a.num_workers)
+                    assert res["positions"] == total, (res["positions"], total)
+                    runs[name].append(res)
+                    print(f"  round {r} {name:32s} {res['positions'] / res['wall'] / 1e6:6.3f} M positions/s "
+                          f"(wall {res['wall']:.2f} s, reader CPU {res['cpu']:.2f} s)", flush=True)
+            profile = profile_pass(*s3) if a.profile else None
+    rate = {name: statistics.median(r["positions"] / r["wall"] for r in v) for name, v in runs.items()}
+    cpu = {name: statistics.median(r["cpu"] for r in v) for name, v in runs.items()}
+    machine["load_after"] = os.getloadavg()
+    s3_name = f"s3 + {a.latency * 1e3:.0f} ms"
+    result = {"machine": machine, "setup": {**vars(a), "shards": shards, "rows": rows, "length": length, "k": K,
+                                            "positions": total, "bytes": nbytes, "backend": "zarr",
+                                            "encoding": "compact"},
+              "positions_per_s": rate, "reader_cpu_s": cpu, "s3_over_local": rate[s3_name] / rate["local"], "runs": runs}
+    (OUT / "read_store.json").write_text(json.dumps(result, indent=1))
+    print(f"\n| reader | M positions/s (median of {a.rounds}) | vs local disk | reader CPU s |\n|---|---|---|---|")
+    for name in rate:
+        print(f"| {name} | {rate[name] / 1e6:.3f} | {rate[name] / rate['local']:.2f} | {cpu[name]:.2f} |")
+    print(f"\nS3 + {a.latency * 1e3:.0f} ms / local disk, default settings: {result['s3_over_local']:.2f}")
+    if profile:
+        print(profile)
+
+
+if __name__ == "__main__":
+    main()
