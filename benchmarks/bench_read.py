@@ -78,27 +78,50 @@ class OneAtATime(CacheSource):
         return (shard for _, shard in self.cache.iter_shards(ids, read_ahead_bytes=0))
 
 
-def one_pass(url: str, options: dict | None, *, ahead: bool, num_workers: int) -> dict:
-    """Read the whole cache as training does; returns positions, wall seconds and the reader's CPU seconds."""
+def one_pass(url: str, options: dict | None, *, ahead: bool, num_workers: int, store: tuple[int, ...] = ()) -> dict:
+    """Read the whole cache as training does; returns positions, wall seconds, seconds to the first batch,
+    the reader's CPU seconds and those of the `store` processes (the S3 server and the proxy)."""
     from torch.utils.data import DataLoader
 
     cls = CacheSource if ahead else OneAtATime
     stream = ShardedStream(cls(url, to_item=SameTokenizerTargets(VOCAB), storage_options=options),
                            seed=0, epochs=1, rank=0, world_size=1)
     loader = DataLoader(stream, batch_size=8, num_workers=num_workers, collate_fn=Collator(pad_id=0))
-    cpu0 = _cpu()
+    cpu0, store0 = _cpu(), sum(map(_proc_cpu, store))
     t0 = time.perf_counter()
-    positions = 0
+    positions, first = 0, None
     for batch in loader:
         positions += len(batch["teacher_ids"])
+        if first is None:
+            first, after_first = time.perf_counter() - t0, positions
     wall = time.perf_counter() - t0
     del loader  # the worker exits; its CPU time is counted once it is reaped
-    return {"positions": positions, "wall": wall, "cpu": _cpu() - cpu0}
+    return {"positions": positions, "wall": wall, "first_batch": first,
+            "steady": (positions - after_first) / (wall - first), "cpu": _cpu() - cpu0,
+            "store_cpu": sum(map(_proc_cpu, store)) - store0}
 
 
 def _cpu() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _moto_pid() -> int:
+    """The S3 server process this one started."""
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if proc.name.isdigit() and int(stat[1]) == os.getpid() and b"moto.server" in (proc / "cmdline").read_bytes():
+                return int(proc.name)
+        except OSError:
+            continue
+    raise RuntimeError("no moto server process found")
 
 
 def profile_pass(url: str, options: dict) -> str:
@@ -142,33 +165,47 @@ def main():
         nbytes = sum(e["bytes"] for e in json.load(open(os.path.join(local, "index.json")))["shards"])
         print(f"cache: {shards} shards, {total:,} positions, {nbytes / 2**20:.1f} MiB "
               f"({nbytes / total:.1f} B/position), written and uploaded in {time.perf_counter() - t0:.0f} s", flush=True)
-        with tcp_proxy(endpoint, latency=a.latency) as proxy:
+        with tcp_proxy(endpoint, latency=a.latency) as proxy, tcp_proxy(endpoint) as plain:
             s3 = ("s3://bench/cache", s3_options(proxy.endpoint))
-            rows_ = {"local": (local, None, True), f"s3 + {a.latency * 1e3:.0f} ms": (*s3, True),
-                     "local, read-ahead off": (local, None, False),
-                     f"s3 + {a.latency * 1e3:.0f} ms, read-ahead off": (*s3, False)}
+            moto = _moto_pid()
+            rows_ = {"local": (local, None, True, ()),
+                     f"s3 + {a.latency * 1e3:.0f} ms": (*s3, True, (moto, proxy.proc.pid)),
+                     "local, read-ahead off": (local, None, False, ()),
+                     f"s3 + {a.latency * 1e3:.0f} ms, read-ahead off": (*s3, False, (moto, proxy.proc.pid)),
+                     "s3, no latency added": ("s3://bench/cache", s3_options(plain.endpoint), True,
+                                              (moto, plain.proc.pid))}
             runs = {name: [] for name in rows_}
             for r in range(a.rounds):
-                for name, (url, options, ahead) in rows_.items():
-                    res = one_pass(url, options, ahead=ahead, num_workers=a.num_workers)
+                for name, (url, options, ahead, store) in rows_.items():
+                    res = one_pass(url, options, ahead=ahead, num_workers=a.num_workers, store=store)
                     assert res["positions"] == total, (res["positions"], total)
                     runs[name].append(res)
-                    print(f"  round {r} {name:32s} {res['positions'] / res['wall'] / 1e6:6.3f} M positions/s "
-                          f"(wall {res['wall']:.2f} s, reader CPU {res['cpu']:.2f} s)", flush=True)
+                    print(f"  round {r} {name:32s} {res['positions'] / res['wall'] / 1e6:6.3f} M positions/s, "
+                          f"after the first batch {res['steady'] / 1e6:6.3f} M "
+                          f"(wall {res['wall']:.2f} s, first batch {res['first_batch']:.2f} s, reader CPU "
+                          f"{res['cpu']:.2f} s, store CPU {res['store_cpu']:.2f} s)", flush=True)
             profile = profile_pass(*s3) if a.profile else None
     rate = {name: statistics.median(r["positions"] / r["wall"] for r in v) for name, v in runs.items()}
+    steady = {name: statistics.median(r["steady"] for r in v) for name, v in runs.items()}
     cpu = {name: statistics.median(r["cpu"] for r in v) for name, v in runs.items()}
+    store_cpu = {name: statistics.median(r["store_cpu"] for r in v) for name, v in runs.items()}
+    first = {name: statistics.median(r["first_batch"] for r in v) for name, v in runs.items()}
     machine["load_after"] = os.getloadavg()
     s3_name = f"s3 + {a.latency * 1e3:.0f} ms"
     result = {"machine": machine, "setup": {**vars(a), "shards": shards, "rows": rows, "length": length, "k": K,
                                             "positions": total, "bytes": nbytes, "backend": "zarr",
                                             "encoding": "compact"},
-              "positions_per_s": rate, "reader_cpu_s": cpu, "s3_over_local": rate[s3_name] / rate["local"], "runs": runs}
+              "positions_per_s": rate, "after_first_batch_per_s": steady, "reader_cpu_s": cpu, "store_cpu_s": store_cpu, "first_batch_s": first,
+              "s3_over_local": rate[s3_name] / rate["local"],
+              "s3_over_local_after_first_batch": steady[s3_name] / steady["local"], "runs": runs}
     (OUT / "read_store.json").write_text(json.dumps(result, indent=1))
-    print(f"\n| reader | M positions/s (median of {a.rounds}) | vs local disk | reader CPU s |\n|---|---|---|---|")
+    print(f"\n| reader | M positions/s, whole pass | vs local | after the first batch | vs local | first batch s "
+          f"| reader CPU s | store CPU s |\n|---|---|---|---|---|---|---|---|")
     for name in rate:
-        print(f"| {name} | {rate[name] / 1e6:.3f} | {rate[name] / rate['local']:.2f} | {cpu[name]:.2f} |")
-    print(f"\nS3 + {a.latency * 1e3:.0f} ms / local disk, default settings: {result['s3_over_local']:.2f}")
+        print(f"| {name} | {rate[name] / 1e6:.3f} | {rate[name] / rate['local']:.2f} | {steady[name] / 1e6:.3f} | "
+              f"{steady[name] / steady['local']:.2f} | {first[name]:.2f} | {cpu[name]:.2f} | {store_cpu[name]:.2f} |")
+    print(f"(medians of {a.rounds} rounds)\nS3 + {a.latency * 1e3:.0f} ms / local disk, default settings: "
+          f"{result['s3_over_local']:.2f} whole pass, {result['s3_over_local_after_first_batch']:.2f} after the first batch")
     if profile:
         print(profile)
 
