@@ -124,6 +124,20 @@ def _moto_pid() -> int:
     raise RuntimeError("no moto server process found")
 
 
+def startup(url: str, options: dict | None) -> dict:
+    """Seconds a fresh reader spends before its first item: opening the cache (a new filesystem client and
+    the index), fetching shard 0, decoding it."""
+    from logitcache.storage import open_cache
+
+    t0 = time.perf_counter()
+    cache = open_cache(url, storage_options={**(options or {}), "skip_instance_cache": True} if options else None)
+    t1 = time.perf_counter()
+    payload = cache._fetch(0)
+    t2 = time.perf_counter()
+    cache._decode(0, payload)
+    return {"open": t1 - t0, "fetch_shard": t2 - t1, "decode_shard": time.perf_counter() - t2}
+
+
 def profile_pass(url: str, options: dict) -> str:
     import cProfile
     import io
@@ -184,6 +198,8 @@ def main():
                           f"after the first batch {res['steady'] / 1e6:6.3f} M "
                           f"(wall {res['wall']:.2f} s, first batch {res['first_batch']:.2f} s, reader CPU "
                           f"{res['cpu']:.2f} s, store CPU {res['store_cpu']:.2f} s)", flush=True)
+            starts = {"local": startup(local, None), "s3": startup(*s3)}
+            print(f"start-up, seconds: {json.dumps(starts)}", flush=True)
             profile = profile_pass(*s3) if a.profile else None
     rate = {name: statistics.median(r["positions"] / r["wall"] for r in v) for name, v in runs.items()}
     steady = {name: statistics.median(r["steady"] for r in v) for name, v in runs.items()}
@@ -195,7 +211,7 @@ def main():
     result = {"machine": machine, "setup": {**vars(a), "shards": shards, "rows": rows, "length": length, "k": K,
                                             "positions": total, "bytes": nbytes, "backend": "zarr",
                                             "encoding": "compact"},
-              "positions_per_s": rate, "after_first_batch_per_s": steady, "reader_cpu_s": cpu, "store_cpu_s": store_cpu, "first_batch_s": first,
+              "positions_per_s": rate, "after_first_batch_per_s": steady, "reader_cpu_s": cpu, "store_cpu_s": store_cpu, "first_batch_s": first, "startup_s": starts,
               "s3_over_local": rate[s3_name] / rate["local"],
               "s3_over_local_after_first_batch": steady[s3_name] / steady["local"], "runs": runs}
     (OUT / "read_store.json").write_text(json.dumps(result, indent=1))

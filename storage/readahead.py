@@ -11,6 +11,9 @@ and the results come back in the order of `keys`.
 Memory: the fetched payloads not yet handed over plus the fetches under way hold at most `budget` bytes
 (by `size`, the index's byte count), besides the one the caller holds; one fetch is always allowed,
 however large, so a shard bigger than the budget is still read (alone).
+It starts with two keys under way and adds one each time the caller takes a result (up to 2 x
+`workers` queued): all of them started at once would share the store's bandwidth, and the first,
+which the caller waits for, would arrive last (measured: the first batch 2x later).
 `keys` is consumed lazily, so an endless stream of keys is fine. Closing the iterator (or leaving a loop
 over it) cancels the fetches not yet started; those under way finish in their threads and are dropped.
 """
@@ -44,12 +47,12 @@ def read_ahead(fetch: Callable, keys: Iterable, *, size: Callable[[object], int]
     pending: deque[tuple[object, int, Future]] = deque()
     held = 0  # bytes of `pending`: fetched or being fetched, not yet handed over
     upcoming = None  # the next key, drawn but not yet submitted (it did not fit the budget)
+    depth = 2  # keys queued at most: grows by one per result taken, up to 2 x workers
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-ahead")
 
     def fill():
         nonlocal held, upcoming
-        # At most 2 x workers queued: tiny shards must not draw an endless key stream far ahead.
-        while len(pending) < 2 * workers:
+        while len(pending) < depth:
             if upcoming is None:
                 upcoming = next(keys, _END)
             if upcoming is _END:
@@ -67,6 +70,7 @@ def read_ahead(fetch: Callable, keys: Iterable, *, size: Callable[[object], int]
             key, n, future = pending.popleft()
             payload = future.result()
             held -= n
+            depth = min(depth + 1, 2 * workers)  # bounded: tiny shards must not draw an endless key stream far ahead
             fill()  # before handing over: the freed budget starts the next fetches while the caller works
             yield key, payload
     finally:
