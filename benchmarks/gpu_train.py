@@ -9,8 +9,9 @@ gpu_precompute.py (see there why a folder of links):
     mkdir -p /tmp/lc/logitcache && ln -sfn "$PWD/pipeline" "$PWD/stages" "$PWD/storage" /tmp/lc/logitcache/
     PYTHONPATH=/tmp/lc python3 benchmarks/gpu_train.py --out $OUT/gpu_train.json
 
-A prepared script for a lent GPU (about 4-7 minutes on an H100/H200, estimated; `--no-fsdp` ~3-5; needs torch and transformers,
-no vLLM or zarr, nothing downloaded; tests/test_gpu_scripts.py runs `--smoke` with those blocked).
+A prepared script for a lent GPU (about 4-7 minutes on an H100/H200, estimated; `--no-fsdp` 3-5;
+needs torch and transformers, no vLLM or zarr, nothing downloaded; tests/test_gpu_scripts.py runs
+`--smoke` with those blocked).
 The student has Qwen2.5-0.5B's shape (24 layers, hidden 896,
 14 heads with 2 KV heads, MLP 4,864, tied embeddings, V = 151,936) with random weights, in bf16,
 SDPA attention; a batch is 8 sequences of 2,048 random tokens whose last 1,536 are supervised. The

@@ -47,7 +47,7 @@ def read_ahead(fetch: Callable, keys: Iterable, *, size: Callable[[object], int]
     pending: deque[tuple[object, int, Future]] = deque()
     held = 0  # bytes of `pending`: fetched or being fetched, not yet handed over
     upcoming = None  # the next key, drawn but not yet submitted (it did not fit the budget)
-    depth = 2  # keys queued at most: grows by one per result taken, up to 2 x workers
+    depth = 2  # keys queued at most: one more per result taken, up to 2 x workers
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-ahead")
 
     def fill():

@@ -139,18 +139,22 @@ def test_cache_reads_ahead_within_its_budget(tmp_path):
     assert 2 * min(sizes) <= ledger.peak <= budget + max(sizes)
 
 
-@pytest.mark.parametrize("backend", ["arrow", "zarr"])
+@pytest.mark.parametrize("backend", ["arrow", pytest.param("zarr", marks=pytest.mark.slow)])
 def test_reading_ahead_overlaps_the_stores_round_trips(s3, backend):
-    """Behind a proxy adding 200 ms to every request, 8 shards read one at a time take at least
-    8 x 200 ms x the round trips a shard needs; with the default read-ahead, well under that. (Zarr's
-    ~24 objects a shard cost ~0.15 s of the loopback server's CPU each: what is left when overlapped.)"""
+    """Behind a proxy adding latency to every request, shards read one at a time wait at least
+    shards x latency x the round trips a shard needs; the default read-ahead hides most of that.
+    Zarr: ~24 objects a shard, ~0.15 s of the loopback server's CPU each (more under load), so a
+    longer latency for the waiting to stand out (~15 s: slow)."""
     endpoint, _ = s3
     bucket = f"lc-ahead-{backend}"
     make_bucket(endpoint, bucket)
-    _write_cache(f"s3://{bucket}/c", 8, backend=backend, opts=s3_options(endpoint))
+    # Zarr hides less: 6 shards x 24 objects queue for the 64 connections (measured: 0.44-0.79 of the
+    # waiting hidden with the machine's load average at 8-14; arrow ~0.9).
+    shards, latency, hidden = {"arrow": (8, 0.2, 0.5), "zarr": (6, 0.4, 0.3)}[backend]
+    _write_cache(f"s3://{bucket}/c", shards, backend=backend, opts=s3_options(endpoint))
     # Round trips one after the other: arrow HEAD, GET (s3fs asks the size first); zarr a listing,
     # then its ~24 objects at once.
-    latency, trips = 0.2, 2
+    trips = 2
     with tcp_proxy(endpoint, latency=latency) as proxy:
         cache = open_cache(f"s3://{bucket}/c", storage_options=s3_options(proxy.endpoint))
         t0 = time.perf_counter()
@@ -159,6 +163,9 @@ def test_reading_ahead_overlaps_the_stores_round_trips(s3, backend):
         t0 = time.perf_counter()
         ahead = [s.row_index.tolist() for _, s in cache.iter_shards()]
         overlapped = time.perf_counter() - t0
-    assert one_by_one == ahead == [[2 * j, 2 * j + 1] for j in range(8)]
-    assert sequential >= 8 * latency * trips  # the proxy's latency is real
-    assert overlapped < 0.5 * sequential, (overlapped, sequential)
+    assert one_by_one == ahead == [[2 * j, 2 * j + 1] for j in range(shards)]
+    waited = shards * latency * trips
+    assert sequential >= waited  # the proxy's latency is real
+    # A share of the round trips' time hidden. (Not a ratio of the two times: the loopback server's CPU
+    # work, the same in both, grows with the machine's load.)
+    assert sequential - overlapped >= hidden * waited, (overlapped, sequential)
