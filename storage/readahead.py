@@ -11,9 +11,11 @@ and the results come back in the order of `keys`.
 Memory: the fetched payloads not yet handed over plus the fetches under way hold at most `budget` bytes
 (by `size`, the index's byte count), besides the one the caller holds; one fetch is always allowed,
 however large, so a shard bigger than the budget is still read (alone).
+
 It starts with two keys under way and adds one each time the caller takes a result (up to 2 x
 `workers` queued): all of them started at once would share the store's bandwidth, and the first,
 which the caller waits for, would arrive last (measured: the first batch 2x later).
+
 `keys` is consumed lazily, so an endless stream of keys is fine. Closing the iterator (or leaving a loop
 over it) cancels the fetches not yet started; those under way finish in their threads and are dropped.
 """
@@ -25,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 __all__ = ["read_ahead", "READ_AHEAD_BYTES", "READ_WORKERS"]
 
 READ_AHEAD_BYTES = 256 << 20  # what one reader may hold ahead; a stage-one shard at K = 32 is ~4-20 MB
-READ_WORKERS = 8  # fetches at once: enough to hide a 50 ms round trip behind one shard's decoding
+READ_WORKERS = 8  # fetches at once (threads)
 
 
 def read_ahead(fetch: Callable, keys: Iterable, *, size: Callable[[object], int], budget: int = READ_AHEAD_BYTES,
