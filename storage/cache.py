@@ -17,6 +17,7 @@ from logitcache.storage.backends import get_backend, read_shard_files
 from logitcache.storage.errors import LogitCacheError, ShardError, StorageIOError, io_failure
 from logitcache.storage.index import read_index
 from logitcache.storage.paths import resolve, safe_join
+from logitcache.storage.readahead import READ_AHEAD_BYTES, READ_WORKERS, read_ahead
 from logitcache.storage.shard import ShardData
 
 __all__ = ["Cache", "open_cache"]
@@ -97,10 +98,22 @@ class Cache:
             for s in range(shard.num_sequences):
                 yield shard.sequence(s)
 
-    def iter_shards(self, order=None) -> Iterator[tuple[int, ShardData]]:
-        """Yield (shard id, ShardData) in `order` (default: index order), one shard read at a time."""
-        for j in (range(len(self.shards)) if order is None else order):
-            yield j, self.read_shard(j)
+    def iter_shards(self, order=None, *, read_ahead_bytes: int = READ_AHEAD_BYTES,
+                    read_workers: int = READ_WORKERS) -> Iterator[tuple[int, ShardData]]:
+        """Yield (shard id, ShardData) in `order` (default: index order; any iterable, read lazily).
+
+        The next shards' bytes are fetched (and checksummed) in threads while this one is decoded and
+        used: up to `read_workers` at once, holding at most `read_ahead_bytes` of them (see
+        `readahead.read_ahead`; 0 reads one shard at a time). Decoded, one shard at a time.
+        """
+        order = range(len(self.shards)) if order is None else order
+        fetched = read_ahead(self._fetch, order, size=lambda j: self.shards[j]["bytes"], budget=read_ahead_bytes,
+                             workers=read_workers)
+        try:
+            for j, payload in fetched:
+                yield j, self._decode(j, payload)
+        finally:
+            fetched.close()
 
     def shard(self, j: int) -> ShardData:
         """Shard `j`, from a small LRU so random access within a shard stays cheap."""
@@ -120,9 +133,12 @@ class Cache:
             ShardError: missing, checksum mismatch, undecodable, or counts that disagree with the index.
             StorageIOError: the disk or the object store failed while reading it.
         """
+        return self._decode(j, self._fetch(j, verify=verify))
+
+    def _fetch(self, j: int, *, verify: bool | None = None):
+        """Shard `j`'s payload, checksummed: the part of a read that waits on the store (thread-safe)."""
         entry = self.shards[j]
         path = safe_join(self.root, entry["name"])
-        backend = get_backend(self.backend)
         try:
             payload = read_shard_files(self.fs, path, self.backend)
         except LogitCacheError:
@@ -132,10 +148,15 @@ class Cache:
             if failure is None:
                 raise
             raise failure from e
-        if (self.verify if verify is None else verify) and backend.checksum(payload) != entry["sha256"]:
+        if (self.verify if verify is None else verify) and get_backend(self.backend).checksum(payload) != entry["sha256"]:
             raise ShardError(f"{path}: checksum mismatch (truncated or corrupted; expected sha256 {entry['sha256'][:16]}...)")
+        return payload
+
+    def _decode(self, j: int, payload) -> ShardData:
+        entry = self.shards[j]
+        path = safe_join(self.root, entry["name"])
         try:
-            data, attrs = backend.decode(payload)
+            data, attrs = get_backend(self.backend).decode(payload)
         except LogitCacheError:
             raise
         except Exception as e:  # any parse failure of untrusted bytes becomes our error

@@ -17,8 +17,22 @@ _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 def resolve(path_or_url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return (filesystem, root path without protocol) for a local path or fsspec URL."""
-    fs, root = fsspec.core.url_to_fs(str(path_or_url), **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(str(path_or_url), **_pool_widened(str(path_or_url), storage_options or {}))
     return fs, root.rstrip("/") or "/"
+
+
+S3_CONNECTIONS = 64
+
+
+def _pool_widened(url: str, options: dict) -> dict:
+    """`options` with s3fs's connection pool at `S3_CONNECTIONS` unless the caller set it. botocore keeps 10
+    connections per client; a Zarr shard is ~24 objects and the reader fetches several shards at once
+    (`readahead`), so at 10 the requests queue behind each other's round trips."""
+    if fsspec.core.split_protocol(url)[0] not in ("s3", "s3a"):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", S3_CONNECTIONS)
+    return {**options, "config_kwargs": config}
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

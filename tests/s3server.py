@@ -54,14 +54,21 @@ def make_bucket(endpoint: str, name: str) -> None:
 class _Proxy:
     """A TCP proxy process on loopback in front of `endpoint`. `stop()` kills it with SIGKILL (open
     connections drop, new ones are refused: the store is unreachable, though its data is kept);
-    `start()` brings it back on the same port."""
+    `start()` brings it back on the same port.
+
+    `latency` (seconds) is added to every request: a connection's client bytes that follow the
+    server's (or open the connection) wait that long before they are passed on, as a store's round
+    trip would make them (HTTP/1.1 clients send one request at a time on a connection)."""
 
     _CODE = r"""
 import asyncio, sys
-host, port, target_port = "127.0.0.1", int(sys.argv[1]), int(sys.argv[2])
-async def pipe(r, w):
+host, port, target_port, latency = "127.0.0.1", int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+async def pipe(r, w, turn, request):
     try:
         while data := await r.read(65536):
+            if request and turn[0] and latency:
+                await asyncio.sleep(latency)  # a new request
+            turn[0] = not request  # True: the server spoke last
             w.write(data)
             await w.drain()
     except Exception:
@@ -74,7 +81,8 @@ async def handle(cr, cw):
     except OSError:
         cw.close()
         return
-    await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
+    turn = [True]
+    await asyncio.gather(pipe(cr, sw, turn, True), pipe(sr, cw, turn, False))
 async def main():
     server = await asyncio.start_server(handle, host, port, reuse_address=True)
     print("ready", flush=True)
@@ -83,15 +91,16 @@ async def main():
 asyncio.run(main())
 """
 
-    def __init__(self, endpoint: str):
-        self.target_port = int(endpoint.rsplit(":", 1)[1])
+    def __init__(self, endpoint: str, latency: float = 0.0):
+        self.target_port, self.latency = int(endpoint.rsplit(":", 1)[1]), latency
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
     def start(self) -> None:
         for _ in range(50):  # the port may linger a moment after a kill
-            self.proc = subprocess.Popen([sys.executable, "-c", self._CODE, str(self.port), str(self.target_port)],
+            self.proc = subprocess.Popen([sys.executable, "-c", self._CODE, str(self.port), str(self.target_port),
+                                          str(self.latency)],
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             if self.proc.stdout.readline().strip() == "ready":
                 return
@@ -106,9 +115,9 @@ asyncio.run(main())
 
 
 @contextmanager
-def tcp_proxy(endpoint: str):
-    """Yield a started `_Proxy` to `endpoint`; stopped on exit."""
-    proxy = _Proxy(endpoint)
+def tcp_proxy(endpoint: str, *, latency: float = 0.0):
+    """Yield a started `_Proxy` to `endpoint`, `latency` seconds added to every request; stopped on exit."""
+    proxy = _Proxy(endpoint, latency)
     proxy.start()
     try:
         yield proxy

@@ -118,5 +118,9 @@ def test_smoke_run_there(name, links, tmp_path):
         assert all(r["seconds"] > 0 for r in rows if r["path"] != "hf engine, fused + torch.compile")
     else:
         result = json.loads((tmp_path / "gpu_train.json").read_text())
-        assert set(result["seconds_per_step"]) == {"hf_sft", "ce_sft", "sft_fused", "kl", "kl_fused", "bild", "bild_fused"}
+        ran = set(result["seconds_per_step"])
+        assert ran - {"fsdp_kl_fused"} == {"hf_sft", "ce_sft", "sft_fused", "kl", "kl_fused", "bild", "bild_fused",
+                                           "fsdp_hf_sft", "fsdp_kl"}
+        # The fused head under FSDP runs only where its gradients equal the unsharded model's.
+        assert ("fsdp_kl_fused" in ran) != ("fsdp_kl_fused" in result["skipped"])
         assert all(s > 0 for s in result["seconds_per_step"].values())

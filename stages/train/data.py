@@ -93,6 +93,10 @@ class CacheSource:
     def load(self, j: int):
         return self.cache.read_shard(j)
 
+    def load_many(self, ids: Iterator[int]) -> Iterator:
+        """The shards `ids` in order, the next ones fetched while these are decoded (`Cache.iter_shards`)."""
+        return (shard for _, shard in self.cache.iter_shards(ids))
+
     def item(self, shard, s: int) -> dict:
         return self.to_item(shard.sequence(s))
 
@@ -274,15 +278,22 @@ class ShardedStream(IterableDataset):
             yield item
 
     def items(self, worker: int, num_workers: int, position: int) -> Iterator[dict]:
-        """The worker's items from `position` on (no "stream" entry), reading a window's shards only when
-        the first of its items is asked for; shards before `position` are skipped unread."""
-        for _, group, order, skip in self._plan(worker, num_workers, position):
-            loaded = {j: self.source.load(j) for j, _, _ in group}
-            ranges = _window_keys(group)
-            for k in order[skip:]:  # `position` already counts the skipped part
-                j, s = ranges[k]
-                yield self.source.item(loaded[j], s)
-            del loaded
+        """The worker's items from `position` on (no "stream" entry), decoding a window's shards when the
+        first of its items is asked for; shards before `position` are skipped unread. A source with
+        `load_many` (a cache) is handed the plan's shard ids to fetch ahead of their windows."""
+        ids = (j for _, group, _, _ in self._plan(worker, num_workers, position) for j, _, _ in group)
+        load_many = getattr(self.source, "load_many", None)
+        shards = load_many(ids) if load_many is not None else map(self.source.load, ids)
+        try:
+            for _, group, order, skip in self._plan(worker, num_workers, position):
+                loaded = {j: next(shards) for j, _, _ in group}
+                ranges = _window_keys(group)
+                for k in order[skip:]:  # `position` already counts the skipped part
+                    j, s = ranges[k]
+                    yield self.source.item(loaded[j], s)
+                del loaded
+        finally:
+            getattr(shards, "close", lambda: None)()
 
     # ---- position ------------------------------------------------------------------------------
 

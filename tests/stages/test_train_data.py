@@ -262,6 +262,42 @@ def test_resume_mid_epoch_sees_no_duplicate_or_missing_sequence(num_workers):
     assert sorted(everything) == sorted(uninterrupted)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_read_ahead_gives_each_worker_the_uninterrupted_items(num_workers):
+    """The cache's shards are fetched ahead of their windows (the default); a resume mid-window hands
+    every worker exactly the items, in order and in content, that the uninterrupted run has from there."""
+    w = world()
+
+    def make():
+        source = CacheSource(str(w.cache), to_item=SameTokenizerTargets(len(w.tokenizer)))
+        return ShardedStream(source, seed=4, window=3, epochs=2, rank=0, world_size=1)
+
+    def per_worker(loader, stream, stop=None):
+        got = {}
+        for i, batch in enumerate(loader):
+            stream.record(batch["stream"])
+            worker = int(batch["stream"][0, 0])
+            item_of_row = batch["rows"][batch["kd_select"]] // batch["input_ids"].shape[1]  # rows are b * T + t
+            for b, row in enumerate(batch["row_index"].tolist()):
+                got.setdefault(worker, []).append((row, batch["teacher_logprobs"][item_of_row == b].sum().item()))
+            if stop is not None and i == stop:
+                break
+        return got
+
+    def loader(stream):
+        return DataLoader(stream, batch_size=2, num_workers=num_workers, collate_fn=Collator(pad_id=0))
+
+    reference = per_worker(loader(make()), make())
+    stream = make()
+    first = per_worker(loader(stream), stream, stop=8)
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(stream.state_dict())))
+    rest = per_worker(loader(resumed), resumed)
+    assert sorted(reference) == sorted(rest)
+    for worker, items in reference.items():
+        assert first.get(worker, []) + rest[worker] == items
+
+
 def test_resume_refuses_another_layout():
     stream = ShardedStream(ListSource([4, 4]), seed=0, rank=0, world_size=1)
     state = stream.state_dict()
