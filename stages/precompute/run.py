@@ -14,7 +14,9 @@ The recipe, top to bottom (`precompute`):
      format version; plus the index metadata. A rerun with other settings is refused.
   5. cache: the writer and `job.json` (what `logitcache merge` needs).
   6. plan: shard s = rows [s*R, (s+1)*R); this job owns s % num_jobs == job_index; shards whose
-     entry exists are skipped (resume). The entries are read here once and carried on.
+     entry exists and whose stored size matches it are skipped (resume); missing or truncated ones
+     (with --verify: any whose sha256 differs) are rewritten, in a finished cache too, whose index
+     is then written again. The entries are read here once and carried on.
   7. work: each remaining shard is encoded, run through the engine in batches and written
      atomically, locally or on Ray actors, both from one `JobSettings`. SIGTERM/SIGINT: the
      shard in flight is discarded (or finished, if it is being written), and the run stops.
@@ -82,12 +84,13 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
                revision: str | None = None, ray: bool = False, ray_address: str | None = None,
                ray_actors: int | None = None, progress: bool = True,
                storage_options: dict | None = None, streaming: bool = False,
-               max_rows: int | None = None) -> PrecomputeResult:
+               max_rows: int | None = None, verify: bool = False) -> PrecomputeResult:
     """Fill (part of) a cache; finalize it when every shard exists. See the module docstring.
 
     `engine` says which engine runs the teacher and how (`EngineSpec("hf")`; default: vLLM where
     vLLM and a GPU are present, else hf). `EngineSpec.of(engine)` hands over an engine already
-    started, which is used and left open (tests share one). `backend` is "zarr" or "arrow". The
+    started, which is used and left open (tests share one). `backend` is "zarr" or "arrow". `verify`
+    checks the sha256 of this job's shards already written (default: their sizes only). The
     other arguments are the CLI's options (`logitcache precompute --help`).
 
     Raises:
@@ -151,15 +154,23 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
               "rows_per_shard": rows_per_shard, "metadata": metadata}
     write_job_record(writer, record)
     result = PrecomputeResult(out=str(out), fingerprint=fingerprint, num_shards=total, owned=owned)
-    if writer.is_finished():
-        result.finished, result.index = True, read_index(writer.fs, writer.root)
-        _say(f"{out}: already finished ({total} shards, fingerprint {fingerprint[:12]}); nothing to do")
-        return result
 
-    # 6. Plan: this job's shards that are not written yet. `done` ({shard id: entry}) is read once
-    # and kept up to date with this run's writes.
-    done = writer.finished_shards()
+    # 6. Plan: this job's shards that are not written yet, or no longer intact (missing, another size
+    # than their entry records, or with `verify` another sha256). A finished cache is checked the same
+    # way and repaired in place. `done` ({shard id: entry}) is read once and kept up to date.
+    finished = writer.is_finished()
+    entries = writer.shard_entries()
+    damaged = writer.damaged_shards(entries, verify=set(owned) if verify else ())
+    done = {s: e for s, e in entries.items() if s not in damaged}
     todo = [s for s in owned if s not in done]
+    if finished and not todo:
+        result.finished, result.index = True, read_index(writer.fs, writer.root)
+        _say(f"{out}: already finished ({total} shards, fingerprint {fingerprint[:12]}); this job's {len(owned)} "
+             f"shard(s) are intact ({'sha256 checked' if verify else 'sizes checked; --verify checks sha256'}); "
+             f"nothing to do")
+        return result
+    for s in damaged:
+        _say(f"{out}: {entries[s]['name']} is {damaged[s]}; {'this job rewrites it' if s in owned else 'its job must rewrite it'}")
     writer.remove_stale_temporaries(todo)
     _say(f"{out}: {total} shard(s) of {rows_per_shard} rows; this job owns {len(owned)}, "
          f"{len(owned) - len(todo)} already written, {len(todo)} to do")
