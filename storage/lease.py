@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from logitcache.storage import layout
-from logitcache.storage.errors import CacheBusyError
-from logitcache.storage.paths import atomic_write_bytes, is_local, safe_join
+from logitcache.storage.errors import CacheBusyError, LogitCacheError, io_failure
+from logitcache.storage.paths import atomic_write_bytes, deadline, is_local, safe_join
 
 __all__ = ["STALE_ENV", "DEFAULT_STALE_S", "hold_lease", "live_leases", "describe", "stale_after"]
 
@@ -88,7 +88,7 @@ def describe(lease: dict) -> str:
 
 def _read(fs, path: str) -> dict | None:
     try:
-        lease = json.loads(fs.cat_file(path))
+        lease = json.loads(fs.cat_file(path, **deadline(fs)))
     except FileNotFoundError:
         return None
     except ValueError:
@@ -98,9 +98,10 @@ def _read(fs, path: str) -> dict | None:
 
 def _create(fs, path: str, data: bytes) -> bool:
     """Write `path` only if it does not exist (atomically). Returns False if it exists."""
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if is_local(fs):  # (on S3, makedirs probes and may even create the bucket: three round trips)
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
     try:
-        fs.pipe_file(path, data, mode="create")
+        fs.pipe_file(path, data, mode="create", **deadline(fs))
     except FileExistsError:
         return False
     return True
@@ -165,13 +166,15 @@ class _Lease:
             raise CacheBusyError(f"{self.url}: another run took over this run's lease while it was stopped; "
                                  f"its shards are kept, the other run finishes the cache")
 
-    def release(self) -> None:
+    def release(self, *, tidy: bool = True) -> None:
         self._stop.set()
+        if not tidy:
+            return
         if self._thread is not None:
             self._thread.join()
         try:
             if (_read(self.fs, self.path) or {}).get("token") == self.record["token"]:
-                self.fs.rm(self.path)
+                self.fs.rm(self.path, **deadline(self.fs))
             if is_local(self.fs):
                 os.rmdir(posixpath.dirname(self.path))  # only when no other job's lease is in it
         except OSError:
@@ -188,12 +191,25 @@ def hold_lease(fs, root: str, url: str, *, name: str):
         CacheBusyError: a live run holds it (the message names its host, pid and start time).
     """
     lease = _Lease(fs, safe_join(root, f"{layout.LEASES_DIR}/{name}"), url, stale_after())
-    lease.acquire()
     try:
-        lease.start_heartbeat()
+        lease.acquire()
+    except LogitCacheError:
+        raise
+    except Exception as e:  # the store does not answer: say which cache, not a client traceback
+        bound = deadline(fs).get("timeout")
+        failure = io_failure(e, f"{url}: taking the write lease{f' (no answer within {bound:g} s)' if bound else ''}")
+        if failure is None:
+            raise
+        raise failure from e
+    lease.start_heartbeat()
+    try:
         yield lease
-    finally:
-        lease.release()
+    except BaseException as e:
+        # After a failure of an object store, do not wait for it again to tidy up: the lease is left to
+        # go stale (at once for a rerun on this host, whose pid check finds this process gone).
+        lease.release(tidy=is_local(fs) or io_failure(e) is None)
+        raise
+    lease.release()
 
 
 def live_leases(fs, root: str) -> list[tuple[str, dict]]:

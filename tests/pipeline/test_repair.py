@@ -57,7 +57,7 @@ def test_rerun_on_a_finished_local_cache_rewrites_only_the_damaged_shards(refere
     assert rc == 1, out
     bad = [line for line in out.splitlines() if line.startswith("BAD")]
     assert [line.split()[1].rstrip(":") for line in bad] == [DELETED, TRUNCATED, FLIPPED], out
-    assert "missing" in bad[0] and "checksum mismatch" in bad[1] and "checksum mismatch" in bad[2]
+    assert "missing" in bad[0] and "bytes stored" in bad[1] and "checksum mismatch" in bad[2]
 
     # The plain rerun finds the missing and the truncated shard by their sizes; a bit flip keeps the size.
     time.sleep(0.01)  # a rewrite gets a later mtime even on a coarse clock
