@@ -1,5 +1,6 @@
 """Filesystem helpers: fsspec resolution, safe joins, atomic writes."""
 
+import os
 import posixpath
 import re
 
@@ -10,7 +11,7 @@ from logitcache.storage.errors import UnsafePathError
 from logitcache.storage.layout import temporary_path
 
 __all__ = ["resolve", "safe_join", "atomic_write_bytes", "atomic_rename", "is_local", "NETWORK_DEFAULTS",
-           "network_options", "deadline"]
+           "network_options", "deadline", "fsync_tree", "write_file_atomically"]
 
 # One path component: no separators, no leading dot (rules out "." and ".."), nothing exotic.
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -97,12 +98,45 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = temporary_path(path)
     fs.pipe_file(tmp, data)
+    fsync_tree(tmp)
     fs.mv(tmp, path)
+    fsync_tree(posixpath.dirname(path))
+
+
+def write_file_atomically(path: str, data: bytes) -> None:
+    """`atomic_write_bytes` for a plain local path (a checkpoint's small files): a crash leaves the old
+    file or the new one, on disk, never a torn one."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    atomic_write_bytes(LocalFileSystem(), os.path.abspath(path), data)
+
+
+def fsync_tree(path: str) -> None:
+    """Flush a local file, or a folder with every file and folder in it, to the disk (before a rename
+    publishes it, so a power cut cannot leave a named shard or index with lost blocks)."""
+    if os.path.isdir(path):
+        for folder, _, files in os.walk(path):
+            for name in files:
+                fsync_tree(os.path.join(folder, name))
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_rename(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    """Move a finished shard (file or folder) from its temporary name to its final name."""
+    """Move a finished shard (file or folder) from its temporary name to its final name, its bytes
+    flushed to the disk before the rename and the rename flushed after it (local disks)."""
+    fsync_tree(src)
     if fs.exists(dst):
         fs.rm(dst, recursive=True)
     fs.mv(src, dst, recursive=True)
+    fsync_tree(posixpath.dirname(dst))
 

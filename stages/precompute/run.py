@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -41,7 +42,7 @@ from logitcache.stages.precompute.shard_work import ShardWriterThread, make_shar
 from logitcache.storage import (FORMAT_VERSION, CacheWriter, chain_fingerprint, layout, read_index, resolve,
                                tokenizer_fingerprint)
 from logitcache.storage.errors import ConfigError
-from logitcache.storage.fingerprint import tokenizer_identity
+from logitcache.storage.fingerprint import tokenizer_identity, weights_digest
 from logitcache.storage.lease import hold_lease
 
 __all__ = ["precompute", "PrecomputeResult", "FINGERPRINT_PARTS", "EngineSpec"]
@@ -132,7 +133,8 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
         tok_fp = tokenizer_fingerprint(tokenizer)
         parts = {
             "dataset": {key: dataset_info[key] for key in ("fingerprint", "split", "config_name", "num_rows")},
-            "teacher": {key: teacher_info[key] for key in ("name_or_path", "revision", "config_hash")},
+            "teacher": {key: teacher_info[key]
+                        for key in ("name_or_path", "revision", "config_hash", "weights_digest")},
             "tokenizer": tok_fp,
             "inputs": {**spec.describe(), "rows_per_shard": rows_per_shard},
             "sparsification": targets.describe(),
@@ -273,7 +275,10 @@ def _teacher_identity(teacher: str, revision: str | None, trust_remote_code: boo
         raw.pop(volatile, None)
     config_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # The weights next to config.json (a local folder, or the hub cache's snapshot): changed weights under
+    # the same name are another teacher, so they start another cache instead of resuming this one.
     info = {"name_or_path": teacher, "revision": revision, "config_hash": config_hash,
+            "weights_digest": weights_digest(os.path.dirname(path)),
             "model_type": getattr(config, "model_type", None), "trust_remote_code": trust_remote_code}
     return info, int(text.vocab_size), getattr(text, "max_position_embeddings", None)
 

@@ -412,7 +412,9 @@ def _local_tokenizer(index: dict, s: TrainSettings):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=s.trust_remote_code)
+        # The folder is named by the cache, not by the user: --trust-remote-code (given for the student) does
+        # not run code from it.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):
         return None
 
