@@ -78,7 +78,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="use the first N rows of DATA (of the --split slice); part of the cache's fingerprint")
     g.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
                    help="fsspec option for --data and --out URLs, repeatable (e.g. endpoint_url=..., anon=true); "
-                        "credentials are otherwise read from the usual environment (AWS_*, GOOGLE_*, HF_TOKEN)")
+                        "credentials are otherwise read from the usual environment (AWS_*, GOOGLE_*, HF_TOKEN). "
+                        "S3 bounds: connect_timeout=5, read_timeout=15 (seconds), attempts=3 (default)")
     g.add_argument("--revision", help="teacher revision (hub branch, tag or commit)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the teacher's own modelling/tokenizer code to run (off by default)")

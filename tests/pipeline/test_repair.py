@@ -4,7 +4,7 @@ damaged shards (missing and truncated ones by their size; bit flips with `--veri
 index. The repaired cache equals the shared reference, and the intact shards are not touched.
 On a local disk and on an S3 server (moto) on loopback.
 
-    .venv/bin/python -m pytest tests/pipeline/test_repair.py -q     # ~30 s of CPU
+    .venv/bin/python -m pytest tests/pipeline/test_repair.py -q -m "slow or not slow"    # ~40 s
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def test_rerun_on_a_finished_local_cache_rewrites_only_the_damaged_shards(refere
     assert (cache / "index.json").stat().st_mtime_ns == index_stamp
 
 
+@pytest.mark.slow  # ~25 s alone: a zarr cache of ~230 objects to and from the S3 server
 def test_rerun_on_a_finished_s3_cache_rewrites_only_the_damaged_shards(reference_cache, s3, capsys):
     import s3fs
 

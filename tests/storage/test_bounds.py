@@ -95,7 +95,7 @@ def test_parquet_column_that_decompresses_beyond_the_index(build_cache):
     path = Path(root, "shard-00000.parquet")
     table = pq.read_table(path)
     text = next(name for name in table.column_names if table.schema.field(name).type == pa.string())
-    bomb = table.set_column(table.column_names.index(text), text, pa.array(["a" * (64 << 20)] * table.num_rows))
+    bomb = table.set_column(table.column_names.index(text), text, pa.array(["a" * (16 << 20)] * table.num_rows))
     buf = io.BytesIO()
     pq.write_table(bomb, buf, compression="zstd")
     assert buf.tell() < 1 << 20
