@@ -170,15 +170,15 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
         damaged = writer.damaged_shards(entries, verify=set(owned) if verify else ())
         done = {s: e for s, e in entries.items() if s not in damaged}
         todo = [s for s in owned if s not in done]
+        for s in damaged:
+            who = "this job rewrites it" if s in owned else "its job must rewrite it"
+            _say(f"{out}: {entries[s]['name']} is {damaged[s]}; {who}")
         if finished and not todo:
             result.finished, result.index = True, read_index(writer.fs, writer.root)
             _say(f"{out}: already finished ({total} shards, fingerprint {fingerprint[:12]}); this job's {len(owned)} "
                  f"shard(s) are intact ({'sha256 checked' if verify else 'sizes checked; --verify checks sha256'}); "
                  f"nothing to do")
             return result
-        for s in damaged:
-            who = "this job rewrites it" if s in owned else "its job must rewrite it"
-            _say(f"{out}: {entries[s]['name']} is {damaged[s]}; {who}")
         writer.remove_stale_temporaries(todo)
         _say(f"{out}: {total} shard(s) of {rows_per_shard} rows; this job owns {len(owned)}, "
              f"{len(owned) - len(todo)} already written, {len(todo)} to do")
