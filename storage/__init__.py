@@ -20,7 +20,7 @@ _EXPORTS = {
     "convert": ("convert_cache",),
     "encoding": ("COMPACT_STEP", "ENCODINGS", "encode_logprobs", "decode_logprobs"),
     "errors": ("LogitCacheError", "CacheIndexError", "ShardError", "FormatVersionError", "UnsafePathError",
-               "InvalidDataError", "ConfigError"),
+               "InvalidDataError", "ConfigError", "CacheBusyError"),
     "fingerprint": ("tokenizer_fingerprint",),
     "index": ("FORMAT_VERSION", "chain_fingerprint", "read_index"),
     "paths": ("resolve", "safe_join", "atomic_write_bytes"),

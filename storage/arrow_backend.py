@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitcache.storage.backend_base import SingleFileBackend
+from logitcache.storage.bounds import check_parquet
 from logitcache.storage.encoding import TAIL_MASS_DTYPE, decode_logprobs, encode_logprobs, scalar_dtype
 from logitcache.storage.shard import POSITION_FIELDS, ShardData
 
@@ -119,3 +120,6 @@ class ArrowBackend(SingleFileBackend):
 
     def decode(self, payload: bytes) -> tuple[ShardData, dict]:
         return decode_shard(payload)
+
+    def check_sizes(self, payload: bytes, *, entry: dict, k: int, text_fields, where: str) -> None:
+        check_parquet(payload, entry, k, where)

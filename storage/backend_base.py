@@ -47,6 +47,10 @@ class Backend(abc.ABC, Generic[Payload]):
         """Parse a payload back into (ShardData, attrs). May raise anything on malformed bytes;
         the reader turns that into a ShardError naming the shard."""
 
+    def check_sizes(self, payload: Payload, *, entry: dict, k: int, text_fields, where: str) -> None:
+        """Refuse (`ShardError`) sizes the payload declares beyond what its index `entry` allows, before
+        `decode` allocates them (`bounds.py`). The default checks nothing: a backend should override it."""
+
     @abc.abstractmethod
     def put(self, fs, path: str, payload: Payload) -> None:
         """Write the payload at `path` (a file or a folder), creating parents as needed."""

@@ -49,7 +49,7 @@ class BackendRegistry(MutableMapping):
         del self._entries[name]
 
     def __contains__(self, name: object) -> bool:  # without building the backend
-        return name in self._entries
+        return isinstance(name, str) and name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from logitcache.storage.backends import get_backend, read_shard_files
+from logitcache.storage.bounds import check_entry
 from logitcache.storage.errors import LogitCacheError, ShardError, StorageIOError, io_failure
 from logitcache.storage.index import read_index
 from logitcache.storage.paths import resolve, safe_join
@@ -36,7 +37,11 @@ def open_cache(path_or_url: str, *, storage_options: dict | None = None, verify:
         FormatVersionError: written by a format version this library cannot read.
     """
     fs, root = resolve(path_or_url, storage_options)
-    return Cache(fs, root, read_index(fs, root), url=str(path_or_url), verify=verify, storage_options=storage_options)
+    try:
+        index = read_index(fs, root)
+    except StorageIOError as e:  # name the URL as the user gave it (with its protocol)
+        raise StorageIOError(f"opening the cache {path_or_url}: {e}") from None
+    return Cache(fs, root, index, url=str(path_or_url), verify=verify, storage_options=storage_options)
 
 
 class Cache:
@@ -139,6 +144,8 @@ class Cache:
         """Shard `j`'s payload, checksummed: the part of a read that waits on the store (thread-safe)."""
         entry = self.shards[j]
         path = safe_join(self.root, entry["name"])
+        backend = get_backend(self.backend)
+        check_entry(entry, self.k, path)  # before reading: what it declares is bounded by its bytes
         try:
             payload = read_shard_files(self.fs, path, self.backend)
         except LogitCacheError:
@@ -148,7 +155,10 @@ class Cache:
             if failure is None:
                 raise
             raise failure from e
-        if (self.verify if verify is None else verify) and get_backend(self.backend).checksum(payload) != entry["sha256"]:
+        if backend.nbytes(payload) != entry["bytes"]:
+            raise ShardError(f"{path}: {backend.nbytes(payload)} bytes stored, the index says {entry['bytes']} "
+                             f"(truncated or replaced)")
+        if (self.verify if verify is None else verify) and backend.checksum(payload) != entry["sha256"]:
             raise ShardError(f"{path}: checksum mismatch (truncated or corrupted; expected sha256 {entry['sha256'][:16]}...)")
         return payload
 
@@ -156,7 +166,10 @@ class Cache:
         entry = self.shards[j]
         path = safe_join(self.root, entry["name"])
         try:
-            data, attrs = get_backend(self.backend).decode(payload)
+            backend = get_backend(self.backend)
+            backend.check_sizes(payload, entry=entry, k=self.k, text_fields=self.index.get("text_fields", []),
+                                where=path)
+            data, attrs = backend.decode(payload)
         except LogitCacheError:
             raise
         except Exception as e:  # any parse failure of untrusted bytes becomes our error

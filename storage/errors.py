@@ -13,6 +13,7 @@ __all__ = [
     "InvalidDataError",
     "ConfigError",
     "StorageIOError",
+    "CacheBusyError",
     "io_failure",
 ]
 
@@ -63,6 +64,10 @@ class StorageIOError(LogitCacheError, OSError):
     def __str__(self) -> str:
         # OSError's own str() is "[Errno N] strerror"; the message alone reads better on one line.
         return self.strerror if self.strerror is not None else super().__str__()
+
+
+class CacheBusyError(LogitCacheError):
+    """Another live run holds the cache's (or this job's) write lease (`storage/lease.py`)."""
 
 
 # Clients whose own exceptions mean "the store or network failed", not a bug in logitcache.

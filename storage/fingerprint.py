@@ -9,7 +9,7 @@ student reads a Qwen2.5-Instruct cache correctly). The fingerprint stays as prov
 import hashlib
 import json
 
-__all__ = ["tokenizer_fingerprint", "tokenizer_identity", "compare_tokenizers", "VOCAB_BLOCK"]
+__all__ = ["tokenizer_fingerprint", "tokenizer_identity", "compare_tokenizers", "VOCAB_BLOCK", "weights_digest"]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -145,3 +145,40 @@ def compare_tokenizers(cached: dict, tokenizer, *, teacher_tokenizer=None) -> tu
         if name in theirs_sp and theirs_sp.get(name) != mine_sp.get(name):
             differences.append(f"{name}: cache {theirs_sp.get(name)} vs student {mine_sp.get(name)}")
     return conflicts, differences
+
+
+# Weight files whose digest joins the teacher's identity, and how much of each is read.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_BLOCKS, _BLOCK = 64, 4096
+
+
+def weights_digest(folder: str) -> str | None:
+    """A cheap, stable digest of the weight files in a model folder (None: there are none).
+
+    Per file, in name order: its name and size, a safetensors file's header (names, dtypes, shapes,
+    offsets), and `_BLOCKS` blocks of `_BLOCK` bytes at evenly spaced offsets (at most 256 KiB read a
+    file). Changed weights under the same path change it unless every difference falls between the
+    sampled blocks with the sizes and header unchanged; a fine-tuned or re-quantized model changes
+    nearly every block.
+    """
+    import os
+
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(WEIGHT_SUFFIXES))
+    except OSError:
+        return None
+    if not names:
+        return None
+    h = hashlib.sha256()
+    for name in names:
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path)
+        h.update(f"{name}\0{size}\n".encode())
+        with open(path, "rb") as f:
+            if name.endswith(".safetensors") and size >= 8:
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 100 << 20)))
+            for i in range(_BLOCKS):
+                f.seek(size * i // _BLOCKS)
+                h.update(f.read(_BLOCK))
+    return h.hexdigest()

@@ -7,7 +7,7 @@ import hashlib
 import json
 
 from logitcache.storage.backends import BACKENDS
-from logitcache.storage.errors import CacheIndexError, FormatVersionError
+from logitcache.storage.errors import CacheIndexError, FormatVersionError, io_failure
 from logitcache.storage.inputs import validate_inputs
 from logitcache.storage.layout import INDEX_NAME
 from logitcache.storage.paths import atomic_write_bytes, safe_join
@@ -99,6 +99,9 @@ def read_index(fs, root: str) -> dict:
         raise CacheIndexError(f"{path}: no index; the cache is unfinished (stage one has not completed) "
                               f"or this is not a logitcache cache") from None
     except Exception as e:  # unreachable endpoint, bad credentials, ...: say where, not a library traceback
+        failure = io_failure(e, f"{path}: cannot read the index")
+        if failure is not None:
+            raise failure from None
         raise CacheIndexError(f"{path}: cannot read the index ({e.__class__.__name__}: {e})") from None
     try:
         index = json.loads(raw)

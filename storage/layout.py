@@ -4,6 +4,7 @@
     job.json                              stage one's job record (settings every job shares)
     shard-00042.parquet | shard-00042.zarr/   a shard: `shard_name(suffix, 42)`
     entries/shard-00042.zarr.json         its entry, written once the shard is complete
+    leases/job-0-of-1.json                a running job's write lease (`lease.py`); gone when it ends
     <any of the above>.tmp-1a2b3c4d       a write in progress (local disk), renamed into place
 
 Every reader and writer, in storage and in the stages, builds and parses these names here.
@@ -15,10 +16,11 @@ import re
 import uuid
 
 __all__ = ["INDEX_NAME", "ENTRIES_DIR", "TMP_MARKER", "SHARD_ID_DIGITS", "shard_name", "shard_id_of",
-           "entry_name", "entry_shard_id", "temporary_path", "temporary_shard_id"]
+           "entry_name", "entry_shard_id", "temporary_path", "temporary_shard_id", "LEASES_DIR", "lease_name"]
 
 INDEX_NAME = "index.json"
 ENTRIES_DIR = "entries"
+LEASES_DIR = "leases"
 # A temporary name is the final name + TMP_MARKER + 8 hex digits; readers never open one.
 TMP_MARKER = ".tmp-"
 SHARD_ID_DIGITS = 5
@@ -67,3 +69,8 @@ def temporary_shard_id(basename: str) -> int | None:
     """The shard id of a temporary shard or entry file's base name, else None."""
     match = _TEMPORARY.match(basename)
     return int(match.group(1)) if match else None
+
+
+def lease_name(num_jobs: int, job_index: int) -> str:
+    """The lease file of job `job_index` of `num_jobs` under `LEASES_DIR`, e.g. ``"job-0-of-1.json"``."""
+    return f"job-{job_index}-of-{num_jobs}.json"

@@ -33,6 +33,7 @@ REDACTED = "<redacted>"
 SAFE_OPTION_KEYS = frozenset({
     "endpoint_url", "region_name", "anon", "use_ssl", "verify", "requester_pays", "version_aware",
     "client_kwargs", "config_kwargs", "signature_version", "s3", "addressing_style", "retries", "max_attempts",
+    "attempts", "total_max_attempts",
     "connect_timeout", "read_timeout", "timeout", "max_pool_connections",
     "default_block_size", "default_fill_cache", "default_cache_type", "block_size", "cache_type",
     "use_listings_cache", "listings_expiry_time", "skip_instance_cache", "max_concurrency",

@@ -9,9 +9,10 @@ duplicates or entries from a run with other settings. A killed job leaves tempor
 
 import json
 import posixpath
+from collections.abc import Collection
 
 from logitcache.storage import layout
-from logitcache.storage.backends import get_backend, shard_name, write_shard_files
+from logitcache.storage.backends import get_backend, read_shard_files, shard_name, write_shard_files
 from logitcache.storage.encoding import COMPACT_STEP, check_encoding
 from logitcache.storage.errors import CacheIndexError, ConfigError, LogitCacheError, ShardError, io_failure
 from logitcache.storage.index import FORMAT_NAME, FORMAT_VERSION, write_index
@@ -48,8 +49,8 @@ class CacheWriter:
     def is_finished(self) -> bool:
         return self.fs.exists(safe_join(self.root, layout.INDEX_NAME))
 
-    def finished_shards(self) -> dict[int, dict]:
-        """Entries of shards already written by this or a compatible earlier run, by shard id.
+    def shard_entries(self) -> dict[int, dict]:
+        """Every shard entry in the cache, by shard id, whether or not its shard is still intact.
 
         Raises:
             ConfigError: an entry was written with another fingerprint, backend or encoding.
@@ -57,7 +58,7 @@ class CacheWriter:
         entry_dir = safe_join(self.root, layout.ENTRIES_DIR)
         if not self.fs.exists(entry_dir):
             return {}
-        done = {}
+        entries = {}
         for path in self.fs.ls(entry_dir, detail=False):
             shard_id = layout.entry_shard_id(posixpath.basename(path))
             if shard_id is None:
@@ -71,9 +72,55 @@ class CacheWriter:
                     raise ConfigError(
                         f"{self.url} holds shards written with {key}={entry.get(key)!r}, but this run has "
                         f"{key}={mine!r}. Use another output location, or delete that cache to start over.")
-            if self.fs.exists(safe_join(self.root, entry["name"])):
-                done[shard_id] = entry
-        return done
+            entries[shard_id] = entry
+        return entries
+
+    def damaged_shards(self, entries: dict[int, dict], *, verify: Collection[int] = ()) -> dict[int, str]:
+        """The shards among `entries` that are missing or whose stored size differs from their entry
+        (one listing of the cache), and of the ids in `verify`, those whose sha256 differs (a full read).
+
+        Returns:
+            {shard id: what is wrong}, empty when every shard is intact.
+        """
+        sizes = self._stored_sizes()
+        damaged = {}
+        for shard_id, entry in sorted(entries.items()):
+            size = sizes.get(entry["name"])
+            if size is None:
+                damaged[shard_id] = "missing"
+            elif size != entry["bytes"]:
+                damaged[shard_id] = f"{size} bytes stored, its entry says {entry['bytes']} (truncated or replaced)"
+            elif shard_id in verify:
+                payload = read_shard_files(self.fs, safe_join(self.root, entry["name"]), self.backend)
+                if get_backend(self.backend).checksum(payload) != entry["sha256"]:
+                    damaged[shard_id] = "checksum mismatch (corrupted)"
+        return damaged
+
+    def _stored_sizes(self) -> dict[str, int]:
+        """{shard name: bytes stored under it} from one recursive listing (a folder shard: its files summed)."""
+        self.fs.invalidate_cache(self.root)  # another process may have changed it since we last looked
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        prefix = self.root.rstrip("/") + "/"
+        sizes: dict[str, int] = {}
+        for path, info in found.items():
+            top = path[len(prefix):].split("/", 1)[0] if path.startswith(prefix) else ""
+            if layout.shard_id_of(top) is not None:
+                sizes[top] = sizes.get(top, 0) + int(info.get("size") or 0)
+        return sizes
+
+    def finished_shards(self) -> dict[int, dict]:
+        """Entries of shards already written by this or a compatible earlier run and still intact
+        (present, of the size their entry records), by shard id.
+
+        Raises:
+            ConfigError: an entry was written with another fingerprint, backend or encoding.
+        """
+        entries = self.shard_entries()
+        damaged = self.damaged_shards(entries)
+        return {i: e for i, e in entries.items() if i not in damaged}
 
     def remove_stale_temporaries(self, shard_ids) -> int:
         """Delete the temporary files (shards and entries) a killed run left for these shards.

@@ -19,6 +19,7 @@ from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
 from logitcache.storage.backend_base import FolderBackend
+from logitcache.storage.bounds import check_zarr, expected_shapes
 from logitcache.storage.encoding import TAIL_MASS_DTYPE, decode_logprobs, encode_logprobs, scalar_dtype
 from logitcache.storage.shard import ARRAY_FIELDS, ShardData
 
@@ -89,3 +90,6 @@ class ZarrBackend(FolderBackend):
 
     def decode(self, payload: dict[str, bytes]) -> tuple[ShardData, dict]:
         return decode_shard(payload)
+
+    def check_sizes(self, payload: dict[str, bytes], *, entry: dict, k: int, text_fields, where: str) -> None:
+        check_zarr(payload, expected_shapes(entry, k, text_fields), where)

@@ -123,3 +123,34 @@ def tcp_proxy(endpoint: str, *, latency: float = 0.0):
         yield proxy
     finally:
         proxy.stop()
+
+
+@contextmanager
+def black_hole():
+    """Yield the URL of a listener on loopback that accepts connections and never answers (a black-holed
+    endpoint: the usual way a network dies). Connections are held open until the block ends."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+    server.settimeout(0.1)
+    held, stop = [], threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # the accept timed out: look at `stop` again
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()

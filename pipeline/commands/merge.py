@@ -7,8 +7,8 @@ HELP = "finalize a cache filled by several `precompute --num-jobs N --job-index 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help=HELP, description=HELP + ". Reads the jobs' record (job.json) and their "
-                       "shard entries, refuses missing shards (naming them), overlapping rows or shards from "
-                       "other settings, and writes the index. Safe to run again.",
+                       "shard entries, refuses while a job still runs (holds its lease), missing shards (naming "
+                       "them), overlapping rows or shards from other settings, and writes the index. Safe to run again.",
                        epilog="examples:\n  logitcache merge ./cache\n  logitcache merge s3://bucket/cache",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", help="cache folder or fsspec URL")
@@ -18,7 +18,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def execute(args) -> dict:
     """The command's work; returns the finished cache's index."""
     from logitcache.stages.precompute.plan import finalize_cache, read_job_record, writer_from_record
+    from logitcache.storage.errors import CacheBusyError
+    from logitcache.storage.lease import describe, live_leases
+    from logitcache.storage.paths import resolve
 
+    running = live_leases(*resolve(args.cache))
+    if running:
+        name, lease = running[0]
+        raise CacheBusyError(f"{args.cache}: {len(running)} job(s) still running, e.g. {name[:-5]} "
+                             f"({describe(lease)}); merge once they have finished")
     record = read_job_record(args.cache)
     return finalize_cache(writer_from_record(args.cache, record), record)
 

@@ -12,6 +12,8 @@ DESCRIPTION = """\
 Run a teacher over DATA once and write its sparse next-token distributions to a cache that
 `logitcache train` streams. Rerunning the same command resumes: finished shards are skipped.
 A killed run leaves nothing partial behind (the cache is unreadable until its index is written).
+Rerunning it on a finished cache repairs it: shards that are missing or of the wrong size (with
+--verify: whose sha256 differs) are rewritten, then the index.
 
 Inputs (choose one kind):
   --text-field F                     plain text; every position is supervised
@@ -79,7 +81,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="use the first N rows of DATA (of the --split slice); part of the cache's fingerprint")
     g.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
                    help="fsspec option for --data and --out URLs, repeatable (e.g. endpoint_url=..., anon=true); "
-                        "credentials are otherwise read from the usual environment (AWS_*, GOOGLE_*, HF_TOKEN)")
+                        "credentials are otherwise read from the usual environment (AWS_*, GOOGLE_*, HF_TOKEN). "
+                        "S3 bounds: connect_timeout=5, read_timeout=15 (seconds), attempts=3 (default)")
     g.add_argument("--revision", help="teacher revision (hub branch, tag or commit)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the teacher's own modelling/tokenizer code to run (off by default)")
@@ -155,6 +158,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "starts a local Ray cluster unless --ray-address is given")
     g.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. 'auto'); implies --ray")
     g.add_argument("--ray-actors", type=int, metavar="N", help="engine actors (default: one per GPU, or 1)")
+    p.add_argument("--verify", action="store_true",
+                   help="on a rerun, check the sha256 of every shard already written (reads them all) and rewrite "
+                        "those that differ; without it only their presence and sizes are checked")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -224,7 +230,7 @@ def execute(args):
         rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs, job_index=args.job_index, strict=args.strict,
         trust_remote_code=args.trust_remote_code, revision=args.revision, ray=args.ray,
         ray_address=args.ray_address, ray_actors=args.ray_actors, progress=args.progress,
-        streaming=args.streaming, max_rows=args.max_rows)
+        streaming=args.streaming, max_rows=args.max_rows, verify=args.verify)
     return result
 
 

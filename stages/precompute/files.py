@@ -31,12 +31,11 @@ def list_data_files(data: str, storage_options: dict | None, *,
     Raises:
         ConfigError: no such file or folder, or it cannot be read (the cause named).
     """
-    import fsspec
+    from logitcache.storage.paths import resolve
 
     url = data if "://" in data else os.path.abspath(os.path.expanduser(data))
     try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        root = root.rstrip("/") or root
+        fs, root = resolve(url, storage_options)  # with the network bounds (connect/read timeouts, attempts)
         if fs.isdir(root):
             files = sorted(f for f in fs.find(root) if (suffixes is None or PurePosixPath(f).suffix in suffixes)
                            and not any(part.startswith(".") for part in PurePosixPath(f).relative_to(root).parts))

@@ -14,7 +14,9 @@ The recipe, top to bottom (`precompute`):
      format version; plus the index metadata. A rerun with other settings is refused.
   5. cache: the writer and `job.json` (what `logitcache merge` needs).
   6. plan: shard s = rows [s*R, (s+1)*R); this job owns s % num_jobs == job_index; shards whose
-     entry exists are skipped (resume). The entries are read here once and carried on.
+     entry exists and whose stored size matches it are skipped (resume); missing or truncated ones
+     (with --verify: any whose sha256 differs) are rewritten, in a finished cache too, whose index
+     is then written again. The entries are read here once and carried on.
   7. work: each remaining shard is encoded, run through the engine in batches and written
      atomically, locally or on Ray actors, both from one `JobSettings`. SIGTERM/SIGINT: the
      shard in flight is discarded (or finished, if it is being written), and the run stops.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -36,9 +39,11 @@ from logitcache.stages.precompute.plan import (finalize_cache, num_shards, owned
                                                write_job_record)
 from logitcache.stages.precompute.settings import EngineSpec, JobSettings, Targets
 from logitcache.stages.precompute.shard_work import ShardWriterThread, make_shard
-from logitcache.storage import FORMAT_VERSION, CacheWriter, chain_fingerprint, read_index, tokenizer_fingerprint
+from logitcache.storage import (FORMAT_VERSION, CacheWriter, chain_fingerprint, layout, read_index, resolve,
+                               tokenizer_fingerprint)
 from logitcache.storage.errors import ConfigError
-from logitcache.storage.fingerprint import tokenizer_identity
+from logitcache.storage.fingerprint import tokenizer_identity, weights_digest
+from logitcache.storage.lease import hold_lease
 from logitcache.storage.redact import redact_text
 
 __all__ = ["precompute", "PrecomputeResult", "FINGERPRINT_PARTS", "EngineSpec"]
@@ -83,12 +88,13 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
                revision: str | None = None, ray: bool = False, ray_address: str | None = None,
                ray_actors: int | None = None, progress: bool = True,
                storage_options: dict | None = None, streaming: bool = False,
-               max_rows: int | None = None) -> PrecomputeResult:
+               max_rows: int | None = None, verify: bool = False) -> PrecomputeResult:
     """Fill (part of) a cache; finalize it when every shard exists. See the module docstring.
 
     `engine` says which engine runs the teacher and how (`EngineSpec("hf")`; default: vLLM where
     vLLM and a GPU are present, else hf). `EngineSpec.of(engine)` hands over an engine already
-    started, which is used and left open (tests share one). `backend` is "zarr" or "arrow". The
+    started, which is used and left open (tests share one). `backend` is "zarr" or "arrow". `verify`
+    checks the sha256 of this job's shards already written (default: their sizes only). The
     other arguments are the CLI's options (`logitcache precompute --help`).
 
     Raises:
@@ -104,111 +110,125 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
         if not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
-    # 2. Teacher: identity, logits width, context length; tokenizer.
-    teacher_info, logits_width, context = _teacher_identity(teacher, revision, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(teacher, revision=revision, trust_remote_code=trust_remote_code)
-    if max_length is None:
-        max_length = context or _tokenizer_limit(tokenizer)
+    # One writer per job of a cache: a second run of this job is refused before any work.
+    owned_shards(1, num_jobs, job_index)  # checks --job-index against --num-jobs
+    with hold_lease(*resolve(out, storage_options), str(out), name=layout.lease_name(num_jobs, job_index)) as lease:
+        # 2. Teacher: identity, logits width, context length; tokenizer.
+        teacher_info, logits_width, context = _teacher_identity(teacher, revision, trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(teacher, revision=revision, trust_remote_code=trust_remote_code)
+        if max_length is None:
+            max_length = context or _tokenizer_limit(tokenizer)
 
-    # 3. Dataset and input kind.
-    dataset, dataset_info = load_rows(data, split=split, config_name=data_config, revision=data_revision,
-                                      storage_options=storage_options, streaming=streaming, max_rows=max_rows)
-    spec = InputSpec.build(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
-                           messages_field=messages_field, tools_field=tools_field, prompt_format=prompt_format,
-                           max_length=max_length)
-    absent = [c for c in spec.columns.values() if c not in dataset.column_names]
-    if absent:
-        raise ConfigError(f"--data {data}: column(s) {absent} not found; it has {dataset.column_names}")
-    encoder = RowEncoder(tokenizer, spec)
+        # 3. Dataset and input kind.
+        dataset, dataset_info = load_rows(data, split=split, config_name=data_config, revision=data_revision,
+                                          storage_options=storage_options, streaming=streaming, max_rows=max_rows)
+        spec = InputSpec.build(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
+                               messages_field=messages_field, tools_field=tools_field, prompt_format=prompt_format,
+                               max_length=max_length)
+        absent = [c for c in spec.columns.values() if c not in dataset.column_names]
+        if absent:
+            raise ConfigError(f"--data {data}: column(s) {absent} not found; it has {dataset.column_names}")
+        encoder = RowEncoder(tokenizer, spec)
 
-    # 4. Fingerprint and index metadata.
-    tok_fp = tokenizer_fingerprint(tokenizer)
-    parts = {
-        "dataset": {key: dataset_info[key] for key in ("fingerprint", "split", "config_name", "num_rows")},
-        "teacher": {key: teacher_info[key] for key in ("name_or_path", "revision", "config_hash")},
-        "tokenizer": tok_fp,
-        "inputs": {**spec.describe(), "rows_per_shard": rows_per_shard},
-        "sparsification": targets.describe(),
-        "engine": engine.describe(),
-        "format": {"format_version": FORMAT_VERSION},
-    }
-    fingerprint = chain_fingerprint(*(parts[name] for name in FINGERPRINT_PARTS))
-    metadata = {
-        "teacher": teacher_info,
-        "tokenizer": {**tokenizer_identity(tokenizer), "logits_width": logits_width},
-        "dataset": dataset_info,
-        "inputs": parts["inputs"],
-        "sparsification": parts["sparsification"],
-        "engine": parts["engine"],
-    }
+        # 4. Fingerprint and index metadata.
+        tok_fp = tokenizer_fingerprint(tokenizer)
+        parts = {
+            "dataset": {key: dataset_info[key] for key in ("fingerprint", "split", "config_name", "num_rows")},
+            "teacher": {key: teacher_info[key]
+                        for key in ("name_or_path", "revision", "config_hash", "weights_digest")},
+            "tokenizer": tok_fp,
+            "inputs": {**spec.describe(), "rows_per_shard": rows_per_shard},
+            "sparsification": targets.describe(),
+            "engine": engine.describe(),
+            "format": {"format_version": FORMAT_VERSION},
+        }
+        fingerprint = chain_fingerprint(*(parts[name] for name in FINGERPRINT_PARTS))
+        metadata = {
+            "teacher": teacher_info,
+            "tokenizer": {**tokenizer_identity(tokenizer), "logits_width": logits_width},
+            "dataset": dataset_info,
+            "inputs": parts["inputs"],
+            "sparsification": parts["sparsification"],
+            "engine": parts["engine"],
+        }
 
-    # 5. Cache writer and job record.
-    total = num_shards(len(dataset), rows_per_shard)
-    owned = owned_shards(total, num_jobs, job_index)
-    writer = CacheWriter(out, backend=backend, encoding=encoding, vocab_size=logits_width, fingerprint=fingerprint,
-                         text_fields=spec.stored_fields, storage_options=storage_options)
-    record = {"fingerprint": fingerprint, "fingerprint_parts": parts, "backend": backend, "encoding": encoding,
-              "logits_width": logits_width, "text_fields": list(spec.stored_fields), "num_shards": total,
-              "rows_per_shard": rows_per_shard, "metadata": metadata}
-    write_job_record(writer, record)
-    result = PrecomputeResult(out=str(out), fingerprint=fingerprint, num_shards=total, owned=owned)
-    if writer.is_finished():
-        result.finished, result.index = True, read_index(writer.fs, writer.root)
-        _say(f"{out}: already finished ({total} shards, fingerprint {fingerprint[:12]}); nothing to do")
-        return result
+        # 5. Cache writer and job record.
+        total = num_shards(len(dataset), rows_per_shard)
+        owned = owned_shards(total, num_jobs, job_index)
+        writer = CacheWriter(out, backend=backend, encoding=encoding, vocab_size=logits_width, fingerprint=fingerprint,
+                             text_fields=spec.stored_fields, storage_options=storage_options)
+        record = {"fingerprint": fingerprint, "fingerprint_parts": parts, "backend": backend, "encoding": encoding,
+                  "logits_width": logits_width, "text_fields": list(spec.stored_fields), "num_shards": total,
+                  "rows_per_shard": rows_per_shard, "metadata": metadata}
+        write_job_record(writer, record)
+        result = PrecomputeResult(out=str(out), fingerprint=fingerprint, num_shards=total, owned=owned)
 
-    # 6. Plan: this job's shards that are not written yet. `done` ({shard id: entry}) is read once
-    # and kept up to date with this run's writes.
-    done = writer.finished_shards()
-    todo = [s for s in owned if s not in done]
-    writer.remove_stale_temporaries(todo)
-    _say(f"{out}: {total} shard(s) of {rows_per_shard} rows; this job owns {len(owned)}, "
-         f"{len(owned) - len(todo)} already written, {len(todo)} to do")
-
-    # 7. Work.
-    if todo:
-        settings = JobSettings(
-            teacher=teacher, revision=revision, trust_remote_code=trust_remote_code, data=data, split=split,
-            data_config=data_config, data_revision=data_revision, storage_options=storage_options,
-            streaming=streaming, max_rows=max_rows, out=str(out),
-            record=record, inputs=spec, engine=engine, targets=targets, rows_per_shard=rows_per_shard,
-            batch_size=batch_size, strict=strict, expected={"dataset": dataset_info, "tokenizer": tok_fp})
-        bar = _Progress(sum(min(rows_per_shard, len(dataset) - s * rows_per_shard) for s in todo), enabled=progress)
-        with _StopSignals() as stop:
-            if ray or ray_address:
-                from logitcache.stages.precompute.ray_job import run_on_ray
-
-                written = run_on_ray(todo, settings=settings, address=ray_address, actors=ray_actors,
-                                     on_shard=bar.remote_shard_done, should_stop=stop.is_set)
-            else:
-                written = _write_locally(todo, settings, dataset=dataset, encoder=encoder, writer=writer, bar=bar,
-                                         should_stop=stop.is_set)
-        bar.close()
-        done.update(written)
-        result.written = list(written)
-        if stop.signum is not None:
-            result.stopped_by = signal.Signals(stop.signum).name
-            _say(f"{out}: stopped by {result.stopped_by} after writing {len(result.written)} shard(s) in this run; "
-                 f"the shard in flight was discarded and nothing partial is visible. Rerun the same command to "
-                 f"resume.")
+        # 6. Plan: this job's shards that are not written yet, or no longer intact (missing, another size
+        # than their entry records, or with `verify` another sha256). A finished cache is checked the same
+        # way and repaired in place. `done` ({shard id: entry}) is read once and kept up to date.
+        finished = writer.is_finished()
+        entries = writer.shard_entries()
+        damaged = writer.damaged_shards(entries, verify=set(owned) if verify else ())
+        done = {s: e for s, e in entries.items() if s not in damaged}
+        todo = [s for s in owned if s not in done]
+        for s in damaged:
+            who = "this job rewrites it" if s in owned else "its job must rewrite it"
+            _say(f"{out}: {entries[s]['name']} is {damaged[s]}; {who}")
+        if finished and not todo:
+            result.finished, result.index = True, read_index(writer.fs, writer.root)
+            _say(f"{out}: already finished ({total} shards, fingerprint {fingerprint[:12]}); this job's {len(owned)} "
+                 f"shard(s) are intact ({'sha256 checked' if verify else 'sizes checked; --verify checks sha256'}); "
+                 f"nothing to do")
             return result
+        writer.remove_stale_temporaries(todo)
+        _say(f"{out}: {total} shard(s) of {rows_per_shard} rows; this job owns {len(owned)}, "
+             f"{len(owned) - len(todo)} already written, {len(todo)} to do")
 
-    # 8. Finalize once every shard of every job exists. Other jobs may have written theirs while
-    # this one ran: only then is the list read again.
-    if len(done) < total:
-        done = writer.finished_shards()
-    if len(done) < total:
-        _say(f"{out}: this job is done; {total - len(done)} shard(s) of other jobs are still missing. When all "
-             f"jobs have finished, run `logitcache merge {out}`.")
+        # 7. Work.
+        if todo:
+            settings = JobSettings(
+                teacher=teacher, revision=revision, trust_remote_code=trust_remote_code, data=data, split=split,
+                data_config=data_config, data_revision=data_revision, storage_options=storage_options,
+                streaming=streaming, max_rows=max_rows, out=str(out),
+                record=record, inputs=spec, engine=engine, targets=targets, rows_per_shard=rows_per_shard,
+                batch_size=batch_size, strict=strict, expected={"dataset": dataset_info, "tokenizer": tok_fp})
+            bar = _Progress(sum(min(rows_per_shard, len(dataset) - s * rows_per_shard) for s in todo), enabled=progress)
+            with _StopSignals() as stop:
+                if ray or ray_address:
+                    from logitcache.stages.precompute.ray_job import run_on_ray
+
+                    written = run_on_ray(todo, settings=settings, address=ray_address, actors=ray_actors,
+                                         on_shard=bar.remote_shard_done, should_stop=stop.is_set)
+                else:
+                    written = _write_locally(todo, settings, dataset=dataset, encoder=encoder, writer=writer, bar=bar,
+                                             should_stop=stop.is_set)
+            bar.close()
+            done.update(written)
+            result.written = list(written)
+            if stop.signum is not None:
+                result.stopped_by = signal.Signals(stop.signum).name
+                _say(f"{out}: stopped by {result.stopped_by} after writing {len(result.written)} shard(s) in this run; "
+                     f"the shard in flight was discarded and nothing partial is visible. Rerun the same command to "
+                     f"resume.")
+                return result
+
+        # 8. Finalize once every shard of every job exists. Other jobs may have written theirs while
+        # this one ran: only then is the list read again.
+        if len(done) < total:
+            done = writer.finished_shards()
+        if len(done) < total:
+            _say(f"{out}: this job is done; {total - len(done)} shard(s) of other jobs are still missing. When all "
+                 f"jobs have finished, run `logitcache merge {out}`.")
+            return result
+        lease.check()
+        result.index = finalize_cache(writer, record, done=done)
+        result.finished = True
+        counts = result.index["counts"]
+        reasons = ", ".join(f"{key[8:]} {n}" for key, n in counts.items() if key.startswith("skipped_") and n)
+        _say(f"{out}: finished: {counts['sequences']} sequences, {counts['positions']} positions, "
+             f"{counts['skipped']} row(s) skipped{f' ({reasons})' if reasons else ''}, {counts['truncated']} "
+             f"truncated to {max_length} tokens (fingerprint {fingerprint[:12]})")
         return result
-    result.index = finalize_cache(writer, record, done=done)
-    result.finished = True
-    counts = result.index["counts"]
-    reasons = ", ".join(f"{key[8:]} {n}" for key, n in counts.items() if key.startswith("skipped_") and n)
-    _say(f"{out}: finished: {counts['sequences']} sequences, {counts['positions']} positions, "
-         f"{counts['skipped']} row(s) skipped{f' ({reasons})' if reasons else ''}, {counts['truncated']} "
-         f"truncated to {max_length} tokens (fingerprint {fingerprint[:12]})")
-    return result
 
 
 def _write_locally(todo: list[int], settings: JobSettings, *, dataset, encoder: RowEncoder, writer: CacheWriter,
@@ -256,7 +276,10 @@ def _teacher_identity(teacher: str, revision: str | None, trust_remote_code: boo
         raw.pop(volatile, None)
     config_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # The weights next to config.json (a local folder, or the hub cache's snapshot): changed weights under
+    # the same name are another teacher, so they start another cache instead of resuming this one.
     info = {"name_or_path": teacher, "revision": revision, "config_hash": config_hash,
+            "weights_digest": weights_digest(os.path.dirname(path)),
             "model_type": getattr(config, "model_type", None), "trust_remote_code": trust_remote_code}
     return info, int(text.vocab_size), getattr(text, "max_position_embeddings", None)
 

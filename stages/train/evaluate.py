@@ -211,7 +211,7 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
     reader = Reader(model, student.tokenizer, student.vocab_size, max_length or student.max_length,
-                    storage_options=storage_options, trust_remote_code=trust_remote_code)
+                    storage_options=storage_options)
     kwargs = dict(pad_id=student.pad_id, vocab_size=student.vocab_size, batch_size=batch_size,
                   max_sequences=max_sequences, device=device, per_position=per_position,
                   kd=FORWARD_KL if plan is None else kd_term(plan))

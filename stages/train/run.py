@@ -169,7 +169,7 @@ def train(s: TrainSettings) -> dict:
     if s.pack and (problem := packing_problem(model)):
         raise ConfigError(f"--pack: {s.student}: {problem}")
     reader = Reader(s.student, student.tokenizer, student.vocab_size, s.max_length or student.max_length,
-                    storage_options=s.storage_options, trust_remote_code=s.trust_remote_code)
+                    storage_options=s.storage_options)
 
     # 3. Data, through the one door; the loss reads the caches' sampling temperature.
     data = open_training_data(s.cache, data=s.data, weights=s.cache_weights, plan=plan, teacher=s.teacher,

@@ -47,7 +47,6 @@ class Reader:
         vocab: the logits columns training uses (`checks.student_vocab_size`).
         max_length: truncate sequences to this many tokens (None: no limit).
         storage_options: fsspec options for cache and data URLs.
-        trust_remote_code: may load the teacher's tokenizer's own code (for exact ids in refusals).
     """
 
     student: str
@@ -55,7 +54,6 @@ class Reader:
     vocab: int
     max_length: int | None
     storage_options: dict | None = None
-    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,7 +193,9 @@ def _local_tokenizer(index: dict, reader: Reader):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=reader.trust_remote_code)
+        # The folder is named by the cache, not by the user: --trust-remote-code (given for the student) does
+        # not reach it.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):
         return None
 

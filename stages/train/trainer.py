@@ -42,6 +42,7 @@ from logitcache.stages.train.stop import StopOnSignal
 from logitcache.stages.train.student import fused_head_problem
 from logitcache.storage.head import logit_transform
 from logitcache.storage.errors import ConfigError
+from logitcache.storage.paths import write_file_atomically
 
 __all__ = ["KDTrainer", "training_arguments", "data_state_name", "model_inputs", "loss_parts", "supervised_logits",
            "cpu_fsdp"]
@@ -126,8 +127,9 @@ class _SaveDataPosition(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, data_state_name(args.process_index)), "w") as f:
-            json.dump(self.stream.state_dict(), f)
+        # Atomically: a torn write must not end a resume in a traceback.
+        write_file_atomically(os.path.join(folder, data_state_name(args.process_index)),
+                              json.dumps(self.stream.state_dict()).encode())
 
 
 class KDTrainer(Trainer):
@@ -210,8 +212,13 @@ class KDTrainer(Trainer):
             if not os.path.isfile(path):
                 raise ConfigError(f"{path}: no data position for rank {self.args.process_index}; the checkpoint "
                                   f"was not written by logitcache or with another number of ranks")
-            with open(path) as f:
-                self.train_dataset.load_state_dict(json.load(f))
+            try:
+                with open(path) as f:
+                    position = json.load(f)
+            except ValueError as e:
+                raise ConfigError(f"{path}: unreadable data position ({e}); resume from an earlier "
+                                  f"checkpoint") from None
+            self.train_dataset.load_state_dict(position)
         with self.stop:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 

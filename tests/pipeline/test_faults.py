@@ -146,24 +146,41 @@ def test_corrupt_shard_read_while_training_names_it_and_checkpoints_resume(tmp_p
     argv[argv.index("--save-steps") + 1] = "2"
     rc = cli.main(argv)
     err = capsys.readouterr().err
-    assert_contract(rc, err, "train", (victim,))
+    # What was refused: the victim, for its checksum, before a byte of it was decoded.
+    assert_contract(rc, err, "train", (victim, "checksum mismatch"))
     assert len(order) == 4
-    checkpoints = sorted(out.glob("checkpoint-*"))
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert checkpoints, "the error came before any checkpoint; the corrupted shard was read first"
     assert not (out / "logitcache_train.json").exists()
+    # What was trained on: the last checkpoint consumed one sequence per sample of its steps, all from the
+    # first window (the two shards read before the victim's window), none from the victim.
+    last = checkpoints[-1]
+    consumed = sum(json.loads((last / "logitcache_data_rank0.json").read_text())["consumed"])
+    step = json.loads((last / "trainer_state.json").read_text())["global_step"]
+    first_window = [order[int(j)] for j in _read_order(cache)[:2]]
+    assert victim not in [e["name"] for e in first_window]
+    assert consumed == 2 * step <= sum(e["sequences"] for e in first_window)
 
     target.write_bytes(backup)
     assert cli.main(argv + ["--resume"]) == 0
     result = json.loads((out / "logitcache_train.json").read_text())
     assert result["global_step"] == 12
+    # Once restored, every sequence of the cache was trained on exactly once: one whole epoch.
+    final = json.loads((out / "logitcache_data_rank0.json").read_text())
+    assert sum(final["consumed"]) == 24 == sum(e["sequences"] for e in order)
 
 
-def _last_read_shard(cache: Path) -> str:
-    """The shard the stream reads last in epoch 0 (its order is a function of the seed, 0 in `train_argv`)."""
+def _read_order(cache: Path) -> list[int]:
+    """Shard ids in the order the stream reads them in epoch 0 (a function of the seed, 0 in `train_argv`)."""
     from logitcache.stages.train.data import CacheSource, ShardedStream
 
     stream = ShardedStream(CacheSource(str(cache), to_item=lambda item: item), seed=0, window=2)
-    return stream.source.cache.index["shards"][int(stream.shard_order(0)[-1])]["name"]
+    return [int(j) for j in stream.shard_order(0)]
+
+
+def _last_read_shard(cache: Path) -> str:
+    """The shard the stream reads last in epoch 0."""
+    return json.loads((cache / "index.json").read_text())["shards"][_read_order(cache)[-1]]["name"]
 
 
 # --- disk full ---------------------------------------------------------------------------------------------
@@ -186,7 +203,10 @@ def test_disk_full_while_writing_shards_then_resume(reference_cache, tmp_path, c
     total = sum(-(-p.stat().st_size // 4096) * 4096 for p in reference.rglob("*") if p.is_file())
     mnt = tmp_path / "small"
     if not _mount_tmpfs(mnt, total // 2 // 4096 * 4096):
-        pytest.skip("cannot mount a tmpfs here (needs root); the disk-full case is not simulated")
+        if os.geteuid() == 0 and os.environ.get("CI"):
+            pytest.fail("CI runs as root, where the disk-full case must run, but mounting a tmpfs failed")
+        pytest.skip(f"cannot mount a tmpfs (mount -t tmpfs needs root and a kernel that allows it; euid "
+                    f"{os.geteuid()}): the disk-full case is not simulated here")
     try:
         capsys.readouterr()
         rc = run_here(pre_argv(teacher, data, mnt / "cache"))

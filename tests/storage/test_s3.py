@@ -107,12 +107,12 @@ def test_cache_opened_in_parent_reads_in_forked_child(s3):
 
 
 def test_unreachable_endpoint_is_our_error():
-    """No server behind the endpoint: a clear CacheIndexError naming the index, not a botocore traceback."""
+    """No server behind the endpoint: a clear StorageIOError naming the cache, not a botocore traceback."""
     from s3server import _free_port
 
-    from logitcache.storage import CacheIndexError
+    from logitcache.storage.errors import StorageIOError
 
     opts = s3_options(f"http://127.0.0.1:{_free_port()}")
     opts["config_kwargs"] = {"retries": {"max_attempts": 1}, "connect_timeout": 2}
-    with pytest.raises(CacheIndexError, match="index.json: cannot read"):
+    with pytest.raises(StorageIOError, match="s3://nowhere/cache: .*index.json: cannot read"):
         open_cache("s3://nowhere/cache", storage_options=opts)
