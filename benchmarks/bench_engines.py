@@ -140,28 +140,33 @@ def bare_job(model: str, data: str, rows: int, batch_tokens: int) -> None:
             net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
 
 
-def bare_vllm_job(model: str, data: str, batch_tokens: int, **engine_kwargs) -> None:
-    """The vLLM whole-job limit: load, tokenize, prefill, head at every position; nothing else."""
+def bare_vllm_job(model: str, data: str, enforce_eager: bool) -> None:
+    """The vLLM whole-job limit: vLLM as its documentation runs it, plus the LM head; nothing of ours.
+
+    `vllm.LLM(model, dtype, max_model_len, enforce_eager, enable_prefix_caching=False)` with vLLM's
+    defaults for everything else, `generate(texts, SamplingParams(max_tokens=1))` (vLLM tokenizes),
+    then the LM head as a bf16 matmul at every prompt position in 4,096-row chunks. Only what must
+    match the job is set: the model, its dtype, the longest request (the model's limit, which the
+    job's default `max_model_len` is here too), eager or compiled, and no prefix cache (the job
+    sees each sequence once).
+    """
     import json
 
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
+    from transformers import AutoConfig
+    from vllm import LLM, SamplingParams
 
-    from logitcache.stages.precompute.engines import build_engine
-    from logitcache.storage.head import head_from_checkpoint
-
-    engine = build_engine("vllm", model, vllm_path="logprobs", max_batch_tokens=batch_tokens, **engine_kwargs)
-    head = head_from_checkpoint(model, dtype=engine.llm.model_config.dtype)
-    tok = AutoTokenizer.from_pretrained(model)
+    config = AutoConfig.from_pretrained(model)
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=config.max_position_embeddings,
+              enforce_eager=enforce_eager, enable_prefix_caching=False)
     with open(data) as f:
-        ids = [tok(json.loads(line)["text"])["input_ids"] for line in f]
-    prompts = [{"prompt_token_ids": x} for x in ids if len(x) >= 2]
-    engine.llm.generate(prompts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
-    hidden = torch.randn(4096, head.weight.shape[1], dtype=head.weight.dtype)
-    positions = sum(len(p["prompt_token_ids"]) - 1 for p in prompts)
+        texts = [json.loads(line)["text"] for line in f]
+    outs = llm.generate(texts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+    positions = sum(len(o.prompt_token_ids) - 1 for o in outs)
+    weight = torch.randn(config.vocab_size, config.hidden_size, dtype=torch.bfloat16)
+    hidden = torch.randn(4096, config.hidden_size, dtype=torch.bfloat16)
     for lo in range(0, positions, 4096):
-        head(hidden[: min(4096, positions - lo)])
-    engine.close()
+        hidden[: min(4096, positions - lo)] @ weight.T
+    print(json.dumps({"positions": positions}))
 
 
 def bench_whole_job(model: str, args) -> None:
@@ -185,8 +190,9 @@ def bench_whole_job(model: str, args) -> None:
 
         def precompute(size: str, engine: str, *extra: str) -> list[str]:
             return [py, "-m", "logitcache.pipeline", "precompute", "--teacher", model, "--data", data[size],
-                    "--text-field", "text", "--engine", engine, "--max-batch-tokens", str(args.batch_tokens),
-                    "--no-progress", "--top-k", str(args.k), "--out", os.path.join(tmp, "cache"), *engine_args,
+                    "--text-field", "text", "--engine", engine, "--no-progress",
+                    # vLLM jobs as a user runs them: its own batch size (the engine's default)
+                    *(["--max-batch-tokens", str(args.batch_tokens)] if engine == "hf" else []), "--top-k", str(args.k), "--out", os.path.join(tmp, "cache"), *engine_args,
                     *extra]
 
         bare = [py, here, "--model", model, "--batch-tokens", str(args.batch_tokens),
@@ -200,9 +206,8 @@ def bench_whole_job(model: str, args) -> None:
         else:
             jobs = {
                 "bare": lambda size: bare + ["--bare-vllm-job", data[size]],
+                "vllm default": lambda size: precompute(size, "vllm"),
                 "vllm pooling path": lambda size: precompute(size, "vllm", "--engine-arg", "vllm_path=pooling"),
-                "vllm pooling, all torch threads": lambda size: precompute(
-                    size, "vllm", "--engine-arg", "vllm_path=pooling", "--engine-arg", "torch_threads=0"),
                 "vllm logprobs path": lambda size: precompute(size, "vllm", "--engine-arg", "vllm_path=logprobs"),
             }
         if args.jobs:
@@ -359,9 +364,7 @@ def main() -> None:
         bare_job(args.model, args.bare_job, 1 << 30, args.batch_tokens)
         return
     if args.bare_vllm_job:
-        from logitcache.pipeline.commands.precompute import parse_engine_args
-
-        bare_vllm_job(args.model, args.bare_vllm_job, args.batch_tokens, **parse_engine_args(args.job_engine_arg))
+        bare_vllm_job(args.model, args.bare_vllm_job, "enforce_eager=true" in args.job_engine_arg)
         return
     if args.topk_micro:
         bench_topk_micro(args)

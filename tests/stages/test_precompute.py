@@ -16,7 +16,6 @@ from precompute_util import (EMPTY_ROWS, LONG_ROW, MAX_LENGTH, MISSING_ROWS, NOT
 
 from logitcache.pipeline.cli import main as cli_main
 from logitcache.stages.precompute.engines import build_engine
-from logitcache.stages.precompute.engines.pooling_check import ATOL
 from logitcache.stages.precompute.plan import finalize_cache, read_job_record, writer_from_record
 from logitcache.storage import open_cache
 from logitcache.storage.errors import CacheIndexError, ConfigError, InvalidDataError

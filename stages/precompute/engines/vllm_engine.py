@@ -17,13 +17,14 @@ with `engines.run_ahead` (what stage one's shard loop uses) vLLM computes batch 
 process makes batch i's targets. On CPU the pooling path's torch work gets the core(s) vLLM's
 worker leaves (`torch_threads`).
 
-The pooling path checks itself at start-up (`pooling_check`): our head's top-K on a few probe
-sequences against vLLM's own `prompt_logprobs`, from a short-lived generate-runner engine that
-runs before the pooling engine starts. A model whose logits vLLM transforms in a way the head
-table does not know (vLLM's Llama honours a config `logit_scale`; ours does not) is refused.
-On CPU that engine's scheduler runs in this process, its worker in its own, which saves one of
-the two spawned processes (each imports torch and vLLM). A caller that already runs a
-logprobs-path engine of the same teacher passes that engine's rows instead (`reference=`, from
+The pooling path checks itself at start-up (`pooling_check`): our head's logits against vLLM's
+own logits step (its `lm_head` and logits processor) on the same hidden states, which a
+short-lived generate-runner engine records for a few probe sequences (`logits_tap`) before the
+pooling engine starts. A model whose logits vLLM transforms in a way the head table does not
+know (vLLM's Llama honours a config `logit_scale`; ours does not) is refused. On CPU that
+engine's scheduler runs in this process, its worker in its own, which saves one of the two
+spawned processes (each imports torch and vLLM). A caller that already runs a logprobs-path
+engine of the same teacher passes what that engine records instead (`reference=`, from
 `head_check_reference`), and no reference engine starts.
 
 Not done, and why: applying the head and top-K inside vLLM's worker through a
@@ -73,7 +74,8 @@ from logitcache.stages.precompute.engines.base import (
     targets_or_fallback,
 )
 from logitcache.stages.precompute.fused_topk import FUSED_KERNELS, fused_kernel_choice
-from logitcache.stages.precompute.engines.pooling_check import PROBE_K, compare_topk, probe_token_ids
+from logitcache.stages.precompute.engines.logits_tap import LOGITS_TAP, tap_result
+from logitcache.stages.precompute.engines.pooling_check import PROBE_ROWS, compare_logits, probe_token_ids
 from logitcache.storage.head import head_from_checkpoint
 from logitcache.stages.precompute.sparsify import tail_mass
 from logitcache.storage.errors import ConfigError, InvalidDataError
@@ -112,10 +114,10 @@ class VLLMEngine:
         fused_kernel: Pooling path: which fused head, "auto" (the Triton kernel of
             `fused_topk_triton` when the head is on CUDA, the torch tile fold on CPU), "triton"
             or "torch" to force one.
-        verify_head: Pooling path: before starting, check our head against vLLM's own
-            `prompt_logprobs` on a few probe sequences (`pooling_check`; costs one short-lived
+        verify_head: Pooling path: before starting, check our head against vLLM's own logits
+            step on the same hidden states (`pooling_check`; costs one short-lived
             generate-runner start-up) and refuse a model whose logits vLLM transforms otherwise.
-        reference: Pooling path: vLLM's rows for the check, `(probes, rows)` as
+        reference: Pooling path: vLLM's side of the check, `(hidden, logits)` as
             `head_check_reference` returns them from a logprobs-path engine of the same teacher
             that is already running; the check then starts no engine of its own. Ignored
             when `verify_head` is False.
@@ -148,7 +150,7 @@ class VLLMEngine:
         fused_kernel: str = "auto",
         verify_head: bool = True,
         torch_threads: int | None = None,
-        reference: tuple[list[list[int]], list[dict[str, np.ndarray]]] | None = None,
+        reference: tuple[np.ndarray, np.ndarray] | None = None,
         **llm_kwargs,
     ):
         if vllm_path not in VLLM_PATHS:
@@ -171,11 +173,21 @@ class VLLMEngine:
         if vllm_path != "pooling" or not verify_head:
             reference = None
         elif reference is None:
-            # vLLM's own log-probs for the probes, from a generate-runner engine that is shut
-            # down before the pooling engine starts (one vLLM engine at a time).
-            reference = _reference_rows(
+            # vLLM's logits step on the probes, from a generate-runner engine that is shut down
+            # before the pooling engine starts (one vLLM engine at a time).
+            reference = _reference_logits(
                 model, dtype=dtype, max_batch_tokens=max_batch_tokens, trust_remote_code=trust_remote_code,
                 revision=revision, max_model_len=max_model_len, **llm_kwargs)
+
+        # Checked before the pooling engine starts, so a refusal costs no second engine: with an fp32
+        # copy of the head (only the transform is in question; the job's own head differs from it
+        # by its dtype's rounding, which `compare_logits` allows for).
+        self.head_check_max_diff = None  # nats: the pooling-path check's largest logit difference
+        if reference is not None:
+            check_head = head_from_checkpoint(model, revision=revision, trust_remote_code=trust_remote_code,
+                                              dtype=torch.float32, device="cpu")
+            self.head_check_max_diff = compare_logits(check_head, *reference, model=model)
+            del check_head
 
         self.version = vllm.__version__
         self.spec = spec
@@ -229,6 +241,8 @@ class VLLMEngine:
                 max_logprobs=spec.k,
                 logprobs_mode="raw_logprobs",
                 skip_tokenizer_init=True,
+                # Only adds methods to vLLM's worker, called by name for the pooling path's check.
+                worker_extension_cls=LOGITS_TAP,
             )
         if isinstance(llm_kwargs.get("hf_overrides"), dict) and isinstance(kwargs.get("hf_overrides"), dict):
             llm_kwargs["hf_overrides"] = {**kwargs["hf_overrides"], **llm_kwargs["hf_overrides"]}
@@ -258,16 +272,6 @@ class VLLMEngine:
                 raise ConfigError(
                     f"the head loaded from {model!r} is {self.head.width} wide but vLLM's model is {self.logits_width}"
                 )
-        self.head_check_max_diff = None  # nats: the pooling-path check's largest difference
-        if reference is not None:
-            probes, expected = reference
-            requests = [Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes]
-            ours = self._pooling_rows(requests, TargetSpec(k=expected[0]["topk_ids"].shape[1]))
-            try:
-                self.head_check_max_diff = compare_topk(ours, expected, model=model)
-            except ConfigError:
-                self.close()
-                raise
 
     def run(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
         """Sparse targets for each request (see `Engine.run`)."""
@@ -327,12 +331,6 @@ class VLLMEngine:
                 results += self._targets_from_outputs(outputs, [checked[i] for i in slab], seeds)
         return results
 
-    def _pooling_rows(self, requests: list[Request], spec: TargetSpec) -> list[dict[str, np.ndarray]]:
-        """The pooling path's rows for a few requests under another spec (the head check)."""
-        checked = check_requests(requests, self.logits_width)
-        outputs = self._encode([ids for ids, _ in checked])
-        return self._targets_from_outputs(outputs, checked, [0] * len(checked), spec=spec)
-
     def close(self) -> None:
         """Shut down vLLM's engine process."""
         if getattr(self, "_feeder", None) is not None:
@@ -354,8 +352,8 @@ class VLLMEngine:
         prompts = [{"prompt_token_ids": ids.tolist()} for ids in token_ids]
         return self.llm.generate(prompts, params, use_tqdm=False)
 
-    def _targets_from_outputs(self, outputs, checked, seeds, spec=None) -> list[dict[str, np.ndarray]]:
-        spec = spec or self.spec
+    def _targets_from_outputs(self, outputs, checked, seeds) -> list[dict[str, np.ndarray]]:
+        spec = self.spec
         hidden = []
         for (ids, pos), out in zip(checked, outputs):
             data = out.outputs.data
@@ -399,19 +397,14 @@ def _give_torch_the_spare_cores(torch_threads: int | None, tensor_parallel: int)
     torch.set_num_threads(max(1, min(torch_threads, os.cpu_count() or 1)))
 
 
-def _reference_rows(model: str, **kwargs) -> tuple[list[list[int]], list[dict[str, np.ndarray]]]:
-    """(probe token ids, vLLM's prompt_logprobs rows at every position of each) for `pooling_check`,
-    from a logprobs-path engine started for them and closed."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model, revision=kwargs.get("revision"),
-                                        trust_remote_code=kwargs.get("trust_remote_code", False))
-    width = int(config.get_text_config().vocab_size)
+def _reference_logits(model: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's side of `pooling_check` (see `head_check_reference`), from a logprobs-path engine
+    started for it and closed."""
     # Three short probes, once: compiling the graph (vLLM's default) would cost more than running
-    # them, and eager is the same model code, so its logits differ only by bf16 noise.
+    # them, and the logits step is the same code either way.
     kwargs.setdefault("enforce_eager", True)
     with _engine_core_in_this_process(kwargs):
-        engine = VLLMEngine(model, spec=TargetSpec(k=min(PROBE_K, width)), vllm_path="logprobs", **kwargs)
+        engine = VLLMEngine(model, spec=TargetSpec(k=1), vllm_path="logprobs", **kwargs)
         try:
             return head_check_reference(engine, model, revision=kwargs.get("revision"),
                                         trust_remote_code=kwargs.get("trust_remote_code", False))
@@ -458,29 +451,35 @@ def _engine_core_in_this_process(kwargs: dict):
 
 
 def head_check_reference(engine: "VLLMEngine", model: str, *, revision: str | None = None,
-                         trust_remote_code: bool = False) -> tuple[list[list[int]], list[dict[str, np.ndarray]]]:
-    """vLLM's own rows for the pooling path's head check, from a running logprobs-path engine.
+                         trust_remote_code: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's side of the pooling path's head check, from a running logprobs-path engine.
 
-    What a pooling engine computes before it starts (see `pooling_check`), for a caller that
-    already runs a logprobs-path engine of the same teacher and passes the result as
+    Runs the probe sequences with prompt log-probs, so that vLLM's runner applies its logits step
+    to every probe position, and records that step's inputs and outputs in vLLM's worker
+    (`logits_tap`). What a pooling engine computes before it starts (see `pooling_check`), for a
+    caller that already runs a logprobs-path engine of the same teacher and passes the result as
     `VLLMEngine(..., reference=...)` instead of starting a third engine.
 
     Args:
-        engine: A logprobs-path `VLLMEngine` of `model`, started with `max_logprobs` of at
-            least `min(PROBE_K, width)` (its own `k` does not matter: a copy asks for that many).
+        engine: A logprobs-path `VLLMEngine` of `model` (built with the `logits_tap` extension,
+            as that path is unless `worker_extension_cls` was overridden).
         model, revision, trust_remote_code: The teacher (its tokenizer makes the probes).
 
     Returns:
-        (probe token ids, one dict of rows per probe at every position but the last).
+        (hidden (n, H), logits (n, V)), float32, n <= PROBE_ROWS.
     """
     if engine.path != "logprobs":
         raise ConfigError(f"the head check's reference comes from a logprobs-path engine, not {engine.path!r}")
     probing = copy.copy(engine)
-    probing.spec = TargetSpec(k=min(PROBE_K, engine.logits_width))
+    probing.spec = TargetSpec(k=1)
     probes = probe_token_ids(model, revision=revision, width=engine.logits_width,
                              trust_remote_code=trust_remote_code, max_tokens=min(128, engine.max_request_tokens))
-    rows = probing.run([Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes])
-    return probes, rows
+    engine.llm.collective_rpc("logitcache_tap_start", args=(PROBE_ROWS,))
+    try:
+        probing.run([Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes])
+    finally:
+        reply = engine.llm.collective_rpc("logitcache_tap_stop")[0]
+    return tap_result(reply)
 
 
 def token_slabs(lengths: list[int], slab_tokens: int) -> list[list[int]]:
