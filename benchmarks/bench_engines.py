@@ -237,6 +237,91 @@ def bench_whole_job(model: str, args) -> None:
     print(json.dumps({"net_seconds": net}))
 
 
+class ReplayEngine:
+    """Real teacher rows, replayed: the job's own work without the teacher's (see `bench_job_own_work`).
+
+    Rows come from the hf engine on the test teacher over `pool` requests; each later request gets
+    consecutive rows from that pool (wrapping), so shards hold a real teacher's ids and log-probs
+    (what compression sees) at a cost of a slice per request.
+    """
+
+    name = "hf"  # what wrote the rows; the cache says so
+    version = "replay"
+
+    def __init__(self, model: str, pool, k: int):
+        from logitcache.stages.precompute.engines import build_engine
+
+        engine = build_engine("hf", model, k=k)
+        rows = engine.run(pool)
+        self.logits_width = engine.logits_width
+        engine.close()
+        self.rows = {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+        self.total = len(self.rows["topk_ids"])
+        self.at = 0
+
+    def run(self, requests):
+        out = []
+        for r in requests:
+            n = len(r.positions)
+            idx = (self.at + np.arange(n)) % self.total
+            self.at = (self.at + n) % self.total
+            out.append({name: col[idx] for name, col in self.rows.items()})
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def bench_job_own_work(model: str, args) -> None:
+    """Everything a job does but the teacher's forward, head and top-K, in positions/s of one core.
+
+    `precompute` (in this process, one torch thread, pinned to one core) over `--job-rows` texts and
+    4x as many, with `ReplayEngine` in place of the teacher: tokenization, row encoding, batching,
+    shard assembly, compression, checksums, writes and the index, at K = `--k`. Start-up is
+    subtracted (big minus small); CPU seconds (getrusage, every thread) beside wall seconds.
+    """
+    import json
+    import resource
+
+    from logitcache.stages.precompute.engines import Request
+    from logitcache.stages.precompute.run import EngineSpec, precompute
+
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    torch.set_num_threads(1)
+    with open(args.whole_job) as f:
+        lines = f.readlines()[: args.job_rows]
+    rng = np.random.default_rng(0)
+    pool = [Request(token_ids=rng.integers(0, 600, 400).tolist(), positions=np.arange(399)) for _ in range(16)]
+    replay = ReplayEngine(model, pool, args.k)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = {}
+        for name, copies in (("small", 1), ("big", 4)):
+            data[name] = os.path.join(tmp, f"{name}.jsonl")
+            with open(data[name], "w") as f:
+                f.writelines(lines * copies)
+        runs = [("small", "warm-up")] + [(name, r) for r in range(args.repeats) for name in ("small", "big")]
+        for backend in args.job_backends.split(","):
+            for name, r in runs:
+                out = os.path.join(tmp, f"cache-{name}-{backend}-{r}")
+                cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+                t0 = time.perf_counter()
+                precompute(teacher=model, data=data[name], out=out, engine=EngineSpec.of(replay), backend=backend,
+                           text_field="text", top_k=args.k, progress=False)
+                wall = time.perf_counter() - t0
+                cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+                cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+                positions = sum(e["positions"] for e in json.load(open(os.path.join(out, "index.json")))["shards"])
+                print(f"  {backend} {name} ({r}): {positions} positions, {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+                if r != "warm-up":
+                    best = results.get((name, backend))
+                    results[name, backend] = min(best, (wall, cpu, positions)) if best else (wall, cpu, positions)
+    print(f"\njob's own work at K={args.k}, one core, start-up subtracted (big - small):")
+    for backend in args.job_backends.split(","):
+        (wb, cb, pb), (ws, cs, ps) = results["big", backend], results["small", backend]
+        print(f"{backend:6s} {(pb - ps) / (wb - ws):10,.0f} positions/s wall   {(pb - ps) / (cb - cs):10,.0f} per CPU second")
+
+
 def bench_topk_micro(args) -> None:
     """Fused vs unfused head + top-K in this process, at 1 and at 2 torch threads, interleaved rounds.
 
@@ -350,6 +435,9 @@ def main() -> None:
                         "commas, so repeat the flag); default: all of the engine's, e.g. 'vllm logprobs path'")
     parser.add_argument("--job-engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an --engine-arg for every whole job, the bare vLLM job included (e.g. enforce_eager=true)")
+    parser.add_argument("--job-own-work", action="store_true",
+                        help="with --whole-job: the job's own work per position, the teacher replaced by replayed rows")
+    parser.add_argument("--job-backends", default="zarr,arrow", help="backends for --job-own-work")
     parser.add_argument("--topk-micro", action="store_true",
                         help="fused vs unfused head + top-K in-process, at 1 and 2 torch threads (wall and CPU time)")
     parser.add_argument("--micro-rows", type=int, default=1024, help="rows for --topk-micro and --head-widths")
@@ -374,6 +462,9 @@ def main() -> None:
         return
     if args.whole_job:
         with tempfile.TemporaryDirectory() as tmp:
+            if args.job_own_work:
+                bench_job_own_work(_model(tmp, args.layers, args.hidden, args.vocab), args)
+                return
             bench_whole_job(_model(tmp, args.layers, args.hidden, args.vocab), args)
         return
 
