@@ -176,7 +176,8 @@ def bench_whole_job(model: str, args) -> None:
     import sys
 
     with open(args.whole_job) as f:
-        lines = f.readlines()[: args.job_rows]
+        lines = f.readlines()
+    lines = (lines * -(-args.job_rows // len(lines)))[: args.job_rows]  # repeated to --job-rows if short
     sizes = {"small": max(1, len(lines) // 4), "big": len(lines)}
     with tempfile.TemporaryDirectory() as tmp:
         data = {}
@@ -235,6 +236,52 @@ def bench_whole_job(model: str, args) -> None:
         print(f"{name:28s} {min(times[name, 'big']):8.1f} {min(times[name, 'small']):8.1f} {net[name]:8.1f} "
               f"{net['bare'] / net[name]:8.2f}   {runs}")
     print(json.dumps({"net_seconds": net}))
+
+
+def bench_path_error(model: str, args) -> None:
+    """Each vLLM path's log-probs against an fp32 transformers forward of the same teacher.
+
+    Over the first `--error-rows` texts of `--whole-job`, every position: the next token's log-prob
+    (`target_logprob`) and the top-K log-probs at the ids each path chose, each against the fp32
+    log-softmax at the same id. `--head-scale` multiplies the LM head's weight (a random teacher's
+    logits are a few nats; a trained one's reach tens, where bf16 rounding of the logits grows).
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitcache.stages.precompute.engines import Request, build_engine
+
+    if args.head_scale != 1.0:
+        weights = load_file(os.path.join(model, "model.safetensors"))
+        weights["lm_head.weight"] = (weights["lm_head.weight"].float() * args.head_scale).to(torch.bfloat16)
+        save_file(weights, os.path.join(model, "model.safetensors"), metadata={"format": "pt"})
+    tok = AutoTokenizer.from_pretrained(model)
+    with open(args.whole_job) as f:
+        texts = [json.loads(line)["text"] for line in f][: args.error_rows]
+    requests = [Request(token_ids=ids, positions=np.arange(len(ids) - 1))
+                for ids in (tok(t)["input_ids"] for t in texts) if len(ids) >= 2]
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        exact = [net(torch.tensor([r.token_ids])).logits[0, :-1].float().log_softmax(-1) for r in requests]
+    biggest = max(float(e.max() - e.min()) for e in exact)
+    print(f"{len(requests)} texts, {sum(len(r.positions) for r in requests)} positions, k={args.k}; "
+          f"largest logit spread in a row {biggest:.1f} nats (fp32)")
+    print(f"{'path':28s} {'target |err| mean':>18s} {'p99':>7s} {'max':>7s} {'top-K |err| mean':>17s} {'max':>7s}")
+    for path in ("pooling", "logprobs"):
+        engine = build_engine("vllm", model, vllm_path=path, k=args.k, enforce_eager=True)
+        rows = engine.run(requests)
+        engine.close()
+        target, topk = [], []
+        for r, e, row in zip(requests, exact, rows):
+            nxt = torch.tensor(r.token_ids[1:])
+            target.append(np.abs(row["target_logprob"] - e[torch.arange(len(nxt)), nxt].numpy()))
+            ids = torch.from_numpy(row["topk_ids"].astype(np.int64))
+            topk.append(np.abs(row["topk_logprobs"] - e.gather(1, ids).numpy()).ravel())
+        target, topk = np.concatenate(target), np.concatenate(topk)
+        print(f"{path:28s} {target.mean():18.4f} {np.quantile(target, 0.99):7.3f} {target.max():7.3f} "
+              f"{topk.mean():17.4f} {topk.max():7.3f}", flush=True)
 
 
 class ReplayEngine:
@@ -435,6 +482,10 @@ def main() -> None:
                         "commas, so repeat the flag); default: all of the engine's, e.g. 'vllm logprobs path'")
     parser.add_argument("--job-engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an --engine-arg for every whole job, the bare vLLM job included (e.g. enforce_eager=true)")
+    parser.add_argument("--path-error", action="store_true",
+                        help="with --whole-job: each vLLM path's log-probs against an fp32 transformers forward")
+    parser.add_argument("--error-rows", type=int, default=100, help="texts for --path-error")
+    parser.add_argument("--head-scale", type=float, default=1.0, help="--path-error: scale the LM head's weight")
     parser.add_argument("--job-own-work", action="store_true",
                         help="with --whole-job: the job's own work per position, the teacher replaced by replayed rows")
     parser.add_argument("--job-backends", default="zarr,arrow", help="backends for --job-own-work")
@@ -464,6 +515,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if args.job_own_work:
                 bench_job_own_work(_model(tmp, args.layers, args.hidden, args.vocab), args)
+                return
+            if args.path_error:
+                bench_path_error(_model(tmp, args.layers, args.hidden, args.vocab), args)
                 return
             bench_whole_job(_model(tmp, args.layers, args.hidden, args.vocab), args)
         return

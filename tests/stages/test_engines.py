@@ -238,6 +238,17 @@ def _shared_draws(ids_a, counts_a, ids_b, counts_b) -> float:
     return sum(min(c, b.get(i, 0)) for i, c in a.items() if i >= 0) / counts_a.sum()
 
 
+def test_vllm_default_path_is_the_measured_fastest_per_device():
+    """`--engine vllm` with no engine arguments takes the faster top-K path of its device
+    (benchmarks/RESULTS.md, "Stage one on vLLM against vLLM"); sample mode needs the pooling path."""
+    from logitcache.stages.precompute.engines.vllm_engine import default_vllm_path
+
+    assert default_vllm_path("topk", "cpu") == "logprobs"
+    assert default_vllm_path("topk", "cuda") == "pooling"
+    assert default_vllm_path("topk", "cuda:1") == "pooling"
+    assert default_vllm_path("sample", "cpu") == default_vllm_path("sample", "cuda") == "pooling"
+
+
 def test_vllm_logprobs_path_refuses_sample_mode(tiny_teacher):
     # Refused before vLLM is imported or started: no vLLM needed to see the error.
     with pytest.raises(ConfigError, match="pooling path"):

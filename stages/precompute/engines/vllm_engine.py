@@ -1,11 +1,15 @@
 """The vLLM engine, with two paths to the teacher's distribution.
 
-`pooling` (default, fast): vLLM's pooling runner returns every token's final hidden state
+Which path runs when none is named depends on the device (`default_vllm_path`): on CPU,
+`logprobs`, measured faster here; on CUDA, `pooling` (the reasons are in benchmarks/RESULTS.md,
+"Stage one on vLLM against vLLM"); in sample mode always `pooling`.
+
+`pooling`: vLLM's pooling runner returns every token's final hidden state
 (after the final norm; the model is wrapped with `convert="embed"`, its LM head left unbuilt).
 This process applies the head, loaded from the checkpoint's safetensors by `head.py`, to the
 supervised rows only, and sparsifies them. Both modes (topk, sample) work here.
 
-`logprobs` (straightforward): vLLM computes `prompt_logprobs=K` itself. Position 0 has no
+`logprobs`: vLLM computes `prompt_logprobs=K` itself. Position 0 has no
 distribution (vLLM returns None there), so our row t is vLLM's entry t+1, and each entry holds
 the actual token first (it may lie outside the top K) then the top K by rank. Top-K only: sample
 mode needs the full distribution, so it needs the pooling path.
@@ -80,10 +84,13 @@ from logitcache.storage.head import head_from_checkpoint
 from logitcache.stages.precompute.sparsify import tail_mass
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
-__all__ = ["VLLMEngine", "Pending", "VLLM_PATHS", "head_check_reference", "token_slabs",
-           "pooling_gpu_memory_utilization"]
+__all__ = ["VLLMEngine", "Pending", "VLLM_PATHS", "DEFAULT_PATHS", "default_vllm_path", "head_check_reference",
+           "token_slabs", "pooling_gpu_memory_utilization"]
 
 VLLM_PATHS = ("pooling", "logprobs")
+# The faster top-K path on each device (benchmarks/RESULTS.md, "Stage one on vLLM against vLLM"):
+# CPU measured here; CUDA argued there from where each path spends its time (no GPU was lent).
+DEFAULT_PATHS = {"cpu": "logprobs", "cuda": "pooling"}
 AHEAD_SLABS = 3  # slabs whose outputs may wait for this process (bounds host memory)
 _GiB = 1 << 30
 
@@ -94,7 +101,8 @@ class VLLMEngine:
     Args:
         model: Local directory or hub id.
         spec: What to keep per position.
-        vllm_path: "pooling" (hidden states + our head) or "logprobs" (vLLM's prompt_logprobs).
+        vllm_path: "pooling" (hidden states + our head) or "logprobs" (vLLM's prompt_logprobs);
+            default `default_vllm_path` (by device; sample mode needs the pooling path).
         dtype: vLLM's model dtype ("auto" follows the checkpoint).
         device: Where the pooling path's head runs; defaults to CUDA when available.
         max_batch_tokens: vLLM's `max_num_batched_tokens`; default 8192.
@@ -136,7 +144,7 @@ class VLLMEngine:
         model: str,
         *,
         spec: TargetSpec,
-        vllm_path: str = "pooling",
+        vllm_path: str | None = None,
         dtype: str = "auto",
         device: str | None = None,
         max_batch_tokens: int | None = None,
@@ -153,6 +161,7 @@ class VLLMEngine:
         reference: tuple[np.ndarray, np.ndarray] | None = None,
         **llm_kwargs,
     ):
+        vllm_path = vllm_path or default_vllm_path(spec.mode, device)
         if vllm_path not in VLLM_PATHS:
             raise ConfigError(f"vllm_path={vllm_path!r}; expected one of {VLLM_PATHS}")
         if spec.mode == "sample" and vllm_path == "logprobs":
@@ -383,6 +392,15 @@ class Pending:
     def result(self) -> list[dict[str, np.ndarray]]:
         """One dict per request, as `Engine.run` returns them."""
         return self._make()
+
+
+def default_vllm_path(mode: str, device: str | None = None) -> str:
+    """The path a `VLLMEngine` takes when none is given: the faster one on `device` (default: CUDA
+    when available, else CPU) in top-K mode (`DEFAULT_PATHS`), the pooling path in sample mode."""
+    if mode == "sample":
+        return "pooling"
+    kind = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    return DEFAULT_PATHS.get(kind, "pooling")
 
 
 def _give_torch_the_spare_cores(torch_threads: int | None, tensor_parallel: int) -> None:
