@@ -305,6 +305,8 @@ class VLLMEngine:
                 raise InvalidDataError(
                     f"request {i} has {len(ids)} tokens; this engine takes at most {self.max_request_tokens} "
                     f"(max_model_len={self.llm.model_config.max_model_len}); build it with a larger max_model_len"
+                    + ("; the logprobs path counts one generated token, so a request as long as the model's "
+                       "context needs vllm_path=pooling" if self.path == "logprobs" else "")
                 )
         call = self._encode if self.path == "pooling" else self._generate
         slabs = token_slabs([len(ids) for ids, _ in checked], self.slab_tokens)
