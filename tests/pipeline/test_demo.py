@@ -48,13 +48,12 @@ def test_demo_end_to_end(tmp_path):
     engines = {cache: json.loads((out / cache / "index.json").read_text())["engine"] for cache in ("cache_topk",
                                                                                                  "cache_sample")}
     assert {e["name"] for e in engines.values()} == {"vllm"}
-    # The sample cache's engine (the pooling path) checked the teacher's head against vLLM's logits step;
-    # on CPU the top-K cache took vLLM's own log-probs (the faster path there), which need no check.
-    from logitcache.stages.precompute.engines.vllm_engine import default_vllm_path
-
-    assert 0 <= engines["cache_sample"]["head_check_max_diff"] < 0.5
-    if default_vllm_path("topk") == "logprobs":
-        assert engines["cache_topk"]["head_check_max_diff"] is None
+    # The top-K cache's engine checked the teacher's head against vLLM's logits; the sample cache's, of the
+    # same teacher in the same run, was told not to repeat it (one vLLM start-up fewer), and says so.
+    # (Its figure is the largest logit difference on the same hidden states: bf16 rounding, well under 0.5.)
+    assert 0 <= engines["cache_topk"]["head_check_max_diff"] < 0.5
+    assert engines["cache_sample"]["head_check_max_diff"] is None
+    assert engines["cache_sample"]["options"]["verify_head"] is False
     # A rerun reuses every finished step.
     again = subprocess.run(demo, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and again.stdout.count("[reuse]") >= 10, again.stdout

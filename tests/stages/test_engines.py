@@ -243,7 +243,7 @@ def test_vllm_default_path_is_the_measured_fastest_per_device():
     (benchmarks/RESULTS.md, "Stage one on vLLM against vLLM"); sample mode needs the pooling path."""
     from logitcache.stages.precompute.engines.vllm_engine import default_vllm_path
 
-    assert default_vllm_path("topk", "cpu") == "logprobs"
+    assert default_vllm_path("topk", "cpu") == "pooling"
     assert default_vllm_path("topk", "cuda") == "pooling"
     assert default_vllm_path("topk", "cuda:1") == "pooling"
     assert default_vllm_path("sample", "cpu") == default_vllm_path("sample", "cuda") == "pooling"
