@@ -326,7 +326,7 @@ def test_vllm_head_check_admits_a_teacher_with_large_logits(tmp_path, tiny_teach
     pytest.importorskip("vllm")
     hidden, logits = _reference_logits(str(model), dtype="auto", max_batch_tokens=1024, max_model_len=512,
                                        kv_cache_memory_bytes=256 << 20, trust_remote_code=False, revision=None)
-    assert len(hidden) > 64 and np.abs(logits).max() > 40
+    assert len(hidden) == 64 and np.abs(logits).max() > 40
     head = head_from_checkpoint(str(model), dtype=torch.float32)
     assert 0 < compare_logits(head, hidden, logits, model="loud") < RTOL * np.abs(logits).max()
 
