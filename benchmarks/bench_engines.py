@@ -6,8 +6,9 @@
 Every position of every sequence is supervised. The limits are what a path cannot beat:
 - hf: the bare transformers forward in the same length batches, logits at every position
   (`model(input_ids).logits`), no log-softmax, no top-K.
-- vllm: vLLM's prefill of the same prompts without logprobs (`max_tokens=1`), plus this
-  process's LM head (a matmul) at every position.
+- vllm: vLLM's prefill of the same prompts without logprobs (`max_tokens=1`) from `vllm.LLM` built
+  as its documentation does (model, dtype, max_model_len, eager, no prefix cache; nothing of ours),
+  plus this process's LM head (a bf16 matmul) at every position.
 The ratio is limit time / path time: the fraction of the limit the path captures.
 
 The model is a random Llama (scratch.py) whose logits width is padded to `--vocab`; only the
@@ -25,15 +26,20 @@ bare small) / (job big - job small).
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python benchmarks/bench_engines.py --whole-job texts.jsonl --job-engine vllm
 
-does the same for `precompute --engine vllm` on the pooling path and on the prompt_logprobs
-path, against a bare vLLM job: load vLLM, tokenize, prefill every text (`max_tokens=1`, no
-logprobs) and apply the LM head (bf16, from the checkpoint) at every position, nothing else.
-"all torch threads" is the pooling path with `torch_threads=0`: this process's torch keeps every
-core instead of the one vLLM's CPU worker leaves.
+does the same for `precompute --engine vllm` (no `--max-batch-tokens`), its default path and each
+path by name, against vLLM as its documentation runs it (`bare_vllm_job`: `vllm.LLM` with only the
+model, dtype, max_model_len, eager or compiled and no prefix cache set; `generate(texts,
+max_tokens=1)`) plus the LM head as a bf16 matmul at every position; nothing of ours.
 The pooling job's start-up includes its head check's short-lived second engine; the small job
 pays it too, so the subtraction removes it. `--jobs 'vllm logprobs path'` runs one variant (beside
-the bare job); `--job-engine-arg enforce_eager=true` gives every job, the bare one included, that
-engine option.
+the bare job); `--job-engine-arg enforce_eager=true` gives every job that engine option, and the
+bare one eager mode (the only engine argument it reads).
+
+    .venv/bin/python benchmarks/bench_engines.py --whole-job texts.jsonl --job-own-work --job-rows 619
+    .venv/bin/python benchmarks/bench_engines.py --whole-job texts.jsonl --path-error --head-scale 10
+
+time the job's own work per position with the teacher replaced by replayed rows (one core), and
+measure each vLLM path's log-probs against an fp32 transformers forward.
 
     .venv/bin/python benchmarks/bench_engines.py --head-widths 256,1536,3584 --vocab 151680 --micro-rows 512
 
@@ -109,12 +115,18 @@ def bench_vllm(model: str, requests, args) -> list[tuple[str, float]]:
     engine.close()
 
     engine = build_engine("vllm", model, vllm_path="logprobs", **common)
-    prompts = [{"prompt_token_ids": list(r.token_ids)} for r in requests]
-    plain = SamplingParams(max_tokens=1, detokenize=False)
-    prefill = _best(lambda: engine.llm.generate(prompts, plain, use_tqdm=False), args.repeats)
     rows.append(("vllm logprobs path", _best(lambda: engine.run(requests), args.repeats)))
     engine.close()
-    return [(f"vllm limit: prefill {prefill:.2f} s + head everywhere {head:.2f} s", prefill + head)] + rows
+    # The limit: vLLM as its documentation builds it, only what must match set (no settings of ours).
+    from vllm import LLM
+
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=args.seq_len + 1, enforce_eager=True,
+              enable_prefix_caching=False)
+    prompts = [{"prompt_token_ids": list(r.token_ids)} for r in requests]
+    plain = SamplingParams(max_tokens=1, detokenize=False)
+    prefill = _best(lambda: llm.generate(prompts, plain, use_tqdm=False), args.repeats)
+    llm.llm_engine.engine_core.shutdown()
+    return [(f"vllm limit: vLLM's prefill {prefill:.2f} s + head everywhere {head:.2f} s", prefill + head)] + rows
 
 
 def bare_job(model: str, data: str, rows: int, batch_tokens: int) -> None:
