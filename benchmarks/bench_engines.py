@@ -296,6 +296,58 @@ def bench_path_error(model: str, args) -> None:
               f"{topk.mean():17.4f} {topk.max():7.3f}", flush=True)
 
 
+def bench_vllm_contention(model: str, args) -> None:
+    """Does our head + top-K slow vLLM's worker? One pooling engine (no head check), in this process:
+    `llm.encode` of `--seqs` x `--seq-len` random tokens alone, `engine.run` of the same, the head and
+    the fused top-K alone, and `llm.encode` again while a thread loops the head + top-K beside it."""
+    import resource
+    import threading
+
+    from logitcache.stages.precompute.engines import Request, build_engine
+    from logitcache.stages.precompute.engines.base import targets_from_hidden
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    rng = np.random.default_rng(0)
+    requests = [Request(token_ids=rng.integers(0, 600, args.seq_len).tolist(), positions=np.arange(args.seq_len - 1))
+                for _ in range(args.seqs)]
+    kwargs = {kv.split("=")[0]: kv.split("=")[1] == "true" for kv in args.job_engine_arg if kv.startswith("enforce")}
+    engine = build_engine("vllm", model, vllm_path="pooling", k=args.k, verify_head=False, max_model_len=2048, **kwargs)
+    prompts = [{"prompt_token_ids": r.token_ids} for r in requests]
+    hidden = torch.randn(4096, engine.head.weight.shape[1], dtype=engine.head.weight.dtype)
+    next_ids = torch.randint(0, engine.logits_width, (4096,))
+    positions = args.seqs * (args.seq_len - 1)
+    encode = lambda: engine.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)  # noqa: E731
+    fused = lambda: [targets_from_hidden(hidden, engine.head, next_ids, engine.spec, fused=True)  # noqa: E731
+                     for _ in range(0, positions, 4096)]
+    stop = threading.Event()
+
+    def beside():
+        while not stop.is_set():
+            targets_from_hidden(hidden, engine.head, next_ids, engine.spec, fused=True)
+
+    def with_head_beside():
+        thread = threading.Thread(target=beside)
+        thread.start()
+        try:
+            encode()
+        finally:
+            stop.set()
+            thread.join()
+
+    engine.llm.encode(prompts[:8], pooling_task="token_embed", use_tqdm=False)  # warm-up
+    print(f"{positions} positions; this process's torch threads: {torch.get_num_threads()}")
+    for name, fn in (("llm.encode alone", encode), ("engine.run (encode + head + top-K, overlapped)",
+                     lambda: engine.run(requests)), ("head + fused top-K alone", fused),
+                     ("llm.encode with head + top-K looping beside it", with_head_beside)):
+        w, c = time.perf_counter(), cpu()
+        fn()
+        print(f"{name:50s} {time.perf_counter() - w:7.2f} s wall  {cpu() - c:6.2f} s CPU in this process", flush=True)
+    engine.close()
+
+
 class ReplayEngine:
     """Real teacher rows, replayed: the job's own work without the teacher's (see `bench_job_own_work`).
 
@@ -494,6 +546,8 @@ def main() -> None:
                         "commas, so repeat the flag); default: all of the engine's, e.g. 'vllm logprobs path'")
     parser.add_argument("--job-engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an --engine-arg for every whole job, the bare vLLM job included (e.g. enforce_eager=true)")
+    parser.add_argument("--vllm-contention", action="store_true",
+                        help="vLLM's encode alone and with our head + top-K running beside it (one engine)")
     parser.add_argument("--path-error", action="store_true",
                         help="with --whole-job: each vLLM path's log-probs against an fp32 transformers forward")
     parser.add_argument("--error-rows", type=int, default=100, help="texts for --path-error")
@@ -519,6 +573,10 @@ def main() -> None:
         return
     if args.topk_micro:
         bench_topk_micro(args)
+        return
+    if args.vllm_contention:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_vllm_contention(_model(tmp, args.layers, args.hidden, args.vocab), args)
         return
     if args.head_widths:
         bench_head_widths(args)
