@@ -199,7 +199,7 @@ def test_vllm_engine_writes_valid_cache(teacher, hf_engine, mixed_data, tmp_path
     assert result.finished and v.validate() == []
     assert v.index["engine"]["name"] == "vllm" and v.fingerprint != h.fingerprint
     # The pooling engine checked its head at start-up, and the index says so (the hf engine has no check).
-    assert 0 <= v.index["engine"]["head_check_max_diff"] == vllm_pooling_engine.head_check_max_diff < ATOL
+    assert 0 <= v.index["engine"]["head_check_max_diff"] == vllm_pooling_engine.head_check_max_diff < 0.05
     assert h.index["engine"]["head_check_max_diff"] is None
     top1 = []
     for x, y in zip(v, h):
