@@ -6,8 +6,9 @@
 Every position of every sequence is supervised. The limits are what a path cannot beat:
 - hf: the bare transformers forward in the same length batches, logits at every position
   (`model(input_ids).logits`), no log-softmax, no top-K.
-- vllm: vLLM's prefill of the same prompts without logprobs (`max_tokens=1`), plus this
-  process's LM head (a matmul) at every position.
+- vllm: vLLM's prefill of the same prompts without logprobs (`max_tokens=1`) from `vllm.LLM` built
+  as its documentation does (model, dtype, max_model_len, eager, no prefix cache; nothing of ours),
+  plus this process's LM head (a bf16 matmul) at every position.
 The ratio is limit time / path time: the fraction of the limit the path captures.
 
 The model is a random Llama (scratch.py) whose logits width is padded to `--vocab`; only the
@@ -25,15 +26,20 @@ bare small) / (job big - job small).
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python benchmarks/bench_engines.py --whole-job texts.jsonl --job-engine vllm
 
-does the same for `precompute --engine vllm` on the pooling path and on the prompt_logprobs
-path, against a bare vLLM job: load vLLM, tokenize, prefill every text (`max_tokens=1`, no
-logprobs) and apply the LM head (bf16, from the checkpoint) at every position, nothing else.
-"all torch threads" is the pooling path with `torch_threads=0`: this process's torch keeps every
-core instead of the one vLLM's CPU worker leaves.
+does the same for `precompute --engine vllm` (no `--max-batch-tokens`), its default path and each
+path by name, against vLLM as its documentation runs it (`bare_vllm_job`: `vllm.LLM` with only the
+model, dtype, max_model_len, eager or compiled and no prefix cache set; `generate(texts,
+max_tokens=1)`) plus the LM head as a bf16 matmul at every position; nothing of ours.
 The pooling job's start-up includes its head check's short-lived second engine; the small job
 pays it too, so the subtraction removes it. `--jobs 'vllm logprobs path'` runs one variant (beside
-the bare job); `--job-engine-arg enforce_eager=true` gives every job, the bare one included, that
-engine option.
+the bare job); `--job-engine-arg enforce_eager=true` gives every job that engine option, and the
+bare one eager mode (the only engine argument it reads).
+
+    .venv/bin/python benchmarks/bench_engines.py --whole-job texts.jsonl --job-own-work --job-rows 619
+    .venv/bin/python benchmarks/bench_engines.py --whole-job texts.jsonl --path-error --head-scale 10
+
+time the job's own work per position with the teacher replaced by replayed rows (one core), and
+measure each vLLM path's log-probs against an fp32 transformers forward.
 
     .venv/bin/python benchmarks/bench_engines.py --head-widths 256,1536,3584 --vocab 151680 --micro-rows 512
 
@@ -109,12 +115,18 @@ def bench_vllm(model: str, requests, args) -> list[tuple[str, float]]:
     engine.close()
 
     engine = build_engine("vllm", model, vllm_path="logprobs", **common)
-    prompts = [{"prompt_token_ids": list(r.token_ids)} for r in requests]
-    plain = SamplingParams(max_tokens=1, detokenize=False)
-    prefill = _best(lambda: engine.llm.generate(prompts, plain, use_tqdm=False), args.repeats)
     rows.append(("vllm logprobs path", _best(lambda: engine.run(requests), args.repeats)))
     engine.close()
-    return [(f"vllm limit: prefill {prefill:.2f} s + head everywhere {head:.2f} s", prefill + head)] + rows
+    # The limit: vLLM as its documentation builds it, only what must match set (no settings of ours).
+    from vllm import LLM
+
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=args.seq_len + 1, enforce_eager=True,
+              enable_prefix_caching=False)
+    prompts = [{"prompt_token_ids": list(r.token_ids)} for r in requests]
+    plain = SamplingParams(max_tokens=1, detokenize=False)
+    prefill = _best(lambda: llm.generate(prompts, plain, use_tqdm=False), args.repeats)
+    llm.llm_engine.engine_core.shutdown()
+    return [(f"vllm limit: vLLM's prefill {prefill:.2f} s + head everywhere {head:.2f} s", prefill + head)] + rows
 
 
 def bare_job(model: str, data: str, rows: int, batch_tokens: int) -> None:
@@ -140,28 +152,33 @@ def bare_job(model: str, data: str, rows: int, batch_tokens: int) -> None:
             net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
 
 
-def bare_vllm_job(model: str, data: str, batch_tokens: int, **engine_kwargs) -> None:
-    """The vLLM whole-job limit: load, tokenize, prefill, head at every position; nothing else."""
+def bare_vllm_job(model: str, data: str, enforce_eager: bool) -> None:
+    """The vLLM whole-job limit: vLLM as its documentation runs it, plus the LM head; nothing of ours.
+
+    `vllm.LLM(model, dtype, max_model_len, enforce_eager, enable_prefix_caching=False)` with vLLM's
+    defaults for everything else, `generate(texts, SamplingParams(max_tokens=1))` (vLLM tokenizes),
+    then the LM head as a bf16 matmul at every prompt position in 4,096-row chunks. Only what must
+    match the job is set: the model, its dtype, the longest request (the model's limit, which the
+    job's default `max_model_len` is here too), eager or compiled, and no prefix cache (the job
+    sees each sequence once).
+    """
     import json
 
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
+    from transformers import AutoConfig
+    from vllm import LLM, SamplingParams
 
-    from logitcache.stages.precompute.engines import build_engine
-    from logitcache.storage.head import head_from_checkpoint
-
-    engine = build_engine("vllm", model, vllm_path="logprobs", max_batch_tokens=batch_tokens, **engine_kwargs)
-    head = head_from_checkpoint(model, dtype=engine.llm.model_config.dtype)
-    tok = AutoTokenizer.from_pretrained(model)
+    config = AutoConfig.from_pretrained(model)
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=config.max_position_embeddings,
+              enforce_eager=enforce_eager, enable_prefix_caching=False)
     with open(data) as f:
-        ids = [tok(json.loads(line)["text"])["input_ids"] for line in f]
-    prompts = [{"prompt_token_ids": x} for x in ids if len(x) >= 2]
-    engine.llm.generate(prompts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
-    hidden = torch.randn(4096, head.weight.shape[1], dtype=head.weight.dtype)
-    positions = sum(len(p["prompt_token_ids"]) - 1 for p in prompts)
+        texts = [json.loads(line)["text"] for line in f]
+    outs = llm.generate(texts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+    positions = sum(len(o.prompt_token_ids) - 1 for o in outs)
+    weight = torch.randn(config.vocab_size, config.hidden_size, dtype=torch.bfloat16)
+    hidden = torch.randn(4096, config.hidden_size, dtype=torch.bfloat16)
     for lo in range(0, positions, 4096):
-        head(hidden[: min(4096, positions - lo)])
-    engine.close()
+        hidden[: min(4096, positions - lo)] @ weight.T
+    print(json.dumps({"positions": positions}))
 
 
 def bench_whole_job(model: str, args) -> None:
@@ -171,7 +188,8 @@ def bench_whole_job(model: str, args) -> None:
     import sys
 
     with open(args.whole_job) as f:
-        lines = f.readlines()[: args.job_rows]
+        lines = f.readlines()
+    lines = (lines * -(-args.job_rows // len(lines)))[: args.job_rows]  # repeated to --job-rows if short
     sizes = {"small": max(1, len(lines) // 4), "big": len(lines)}
     with tempfile.TemporaryDirectory() as tmp:
         data = {}
@@ -185,8 +203,9 @@ def bench_whole_job(model: str, args) -> None:
 
         def precompute(size: str, engine: str, *extra: str) -> list[str]:
             return [py, "-m", "logitcache.pipeline", "precompute", "--teacher", model, "--data", data[size],
-                    "--text-field", "text", "--engine", engine, "--max-batch-tokens", str(args.batch_tokens),
-                    "--no-progress", "--top-k", str(args.k), "--out", os.path.join(tmp, "cache"), *engine_args,
+                    "--text-field", "text", "--engine", engine, "--no-progress",
+                    # vLLM jobs as a user runs them: its own batch size (the engine's default)
+                    *(["--max-batch-tokens", str(args.batch_tokens)] if engine == "hf" else []), "--top-k", str(args.k), "--out", os.path.join(tmp, "cache"), *engine_args,
                     *extra]
 
         bare = [py, here, "--model", model, "--batch-tokens", str(args.batch_tokens),
@@ -200,9 +219,8 @@ def bench_whole_job(model: str, args) -> None:
         else:
             jobs = {
                 "bare": lambda size: bare + ["--bare-vllm-job", data[size]],
+                "vllm default": lambda size: precompute(size, "vllm"),
                 "vllm pooling path": lambda size: precompute(size, "vllm", "--engine-arg", "vllm_path=pooling"),
-                "vllm pooling, all torch threads": lambda size: precompute(
-                    size, "vllm", "--engine-arg", "vllm_path=pooling", "--engine-arg", "torch_threads=0"),
                 "vllm logprobs path": lambda size: precompute(size, "vllm", "--engine-arg", "vllm_path=logprobs"),
             }
         if args.jobs:
@@ -230,6 +248,189 @@ def bench_whole_job(model: str, args) -> None:
         print(f"{name:28s} {min(times[name, 'big']):8.1f} {min(times[name, 'small']):8.1f} {net[name]:8.1f} "
               f"{net['bare'] / net[name]:8.2f}   {runs}")
     print(json.dumps({"net_seconds": net}))
+
+
+def bench_path_error(model: str, args) -> None:
+    """Each vLLM path's log-probs against an fp32 transformers forward of the same teacher.
+
+    Over the first `--error-rows` texts of `--whole-job`, every position: the next token's log-prob
+    (`target_logprob`) and the top-K log-probs at the ids each path chose, each against the fp32
+    log-softmax at the same id. `--head-scale` multiplies the LM head's weight (a random teacher's
+    logits are a few nats; a trained one's reach tens, where bf16 rounding of the logits grows).
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitcache.stages.precompute.engines import Request, build_engine
+
+    if args.head_scale != 1.0:
+        weights = load_file(os.path.join(model, "model.safetensors"))
+        weights["lm_head.weight"] = (weights["lm_head.weight"].float() * args.head_scale).to(torch.bfloat16)
+        save_file(weights, os.path.join(model, "model.safetensors"), metadata={"format": "pt"})
+    tok = AutoTokenizer.from_pretrained(model)
+    with open(args.whole_job) as f:
+        texts = [json.loads(line)["text"] for line in f][: args.error_rows]
+    requests = [Request(token_ids=ids, positions=np.arange(len(ids) - 1))
+                for ids in (tok(t)["input_ids"] for t in texts) if len(ids) >= 2]
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        exact = [net(torch.tensor([r.token_ids])).logits[0, :-1].float().log_softmax(-1) for r in requests]
+    biggest = max(float(e.max() - e.min()) for e in exact)
+    print(f"{len(requests)} texts, {sum(len(r.positions) for r in requests)} positions, k={args.k}; "
+          f"largest logit spread in a row {biggest:.1f} nats (fp32)")
+    print(f"{'path':28s} {'target |err| mean':>18s} {'p99':>7s} {'max':>7s} {'top-K |err| mean':>17s} {'max':>7s}")
+    for path in ("pooling", "logprobs"):
+        engine = build_engine("vllm", model, vllm_path=path, k=args.k, enforce_eager=True)
+        rows = engine.run(requests)
+        engine.close()
+        target, topk = [], []
+        for r, e, row in zip(requests, exact, rows):
+            nxt = torch.tensor(r.token_ids[1:])
+            target.append(np.abs(row["target_logprob"] - e[torch.arange(len(nxt)), nxt].numpy()))
+            ids = torch.from_numpy(row["topk_ids"].astype(np.int64))
+            topk.append(np.abs(row["topk_logprobs"] - e.gather(1, ids).numpy()).ravel())
+        target, topk = np.concatenate(target), np.concatenate(topk)
+        print(f"{path:28s} {target.mean():18.4f} {np.quantile(target, 0.99):7.3f} {target.max():7.3f} "
+              f"{topk.mean():17.4f} {topk.max():7.3f}", flush=True)
+
+
+def bench_vllm_contention(model: str, args) -> None:
+    """Does our head + top-K slow vLLM's worker? One pooling engine (no head check), in this process:
+    `llm.encode` of `--seqs` x `--seq-len` random tokens alone, `engine.run` of the same, the head and
+    the fused top-K alone, and `llm.encode` again while a thread loops the head + top-K beside it."""
+    import resource
+    import threading
+
+    from logitcache.stages.precompute.engines import Request, build_engine
+    from logitcache.stages.precompute.engines.base import targets_from_hidden
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    rng = np.random.default_rng(0)
+    requests = [Request(token_ids=rng.integers(0, 600, args.seq_len).tolist(), positions=np.arange(args.seq_len - 1))
+                for _ in range(args.seqs)]
+    kwargs = {kv.split("=")[0]: kv.split("=")[1] == "true" for kv in args.job_engine_arg if kv.startswith("enforce")}
+    engine = build_engine("vllm", model, vllm_path="pooling", k=args.k, verify_head=False, max_model_len=2048, **kwargs)
+    prompts = [{"prompt_token_ids": r.token_ids} for r in requests]
+    hidden = torch.randn(4096, engine.head.weight.shape[1], dtype=engine.head.weight.dtype)
+    next_ids = torch.randint(0, engine.logits_width, (4096,))
+    positions = args.seqs * (args.seq_len - 1)
+    encode = lambda: engine.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)  # noqa: E731
+    fused = lambda: [targets_from_hidden(hidden, engine.head, next_ids, engine.spec, fused=True)  # noqa: E731
+                     for _ in range(0, positions, 4096)]
+    stop = threading.Event()
+
+    def beside():
+        while not stop.is_set():
+            targets_from_hidden(hidden, engine.head, next_ids, engine.spec, fused=True)
+
+    def with_head_beside():
+        thread = threading.Thread(target=beside)
+        thread.start()
+        try:
+            encode()
+        finally:
+            stop.set()
+            thread.join()
+
+    engine.llm.encode(prompts[:8], pooling_task="token_embed", use_tqdm=False)  # warm-up
+    print(f"{positions} positions; this process's torch threads: {torch.get_num_threads()}")
+    for name, fn in (("llm.encode alone", encode), ("engine.run (encode + head + top-K, overlapped)",
+                     lambda: engine.run(requests)), ("head + fused top-K alone", fused),
+                     ("llm.encode with head + top-K looping beside it", with_head_beside)):
+        w, c = time.perf_counter(), cpu()
+        fn()
+        print(f"{name:50s} {time.perf_counter() - w:7.2f} s wall  {cpu() - c:6.2f} s CPU in this process", flush=True)
+    engine.close()
+
+
+class ReplayEngine:
+    """Real teacher rows, replayed: the job's own work without the teacher's (see `bench_job_own_work`).
+
+    Rows come from the hf engine on the test teacher over `pool` requests; each later request gets
+    consecutive rows from that pool (wrapping), so shards hold a real teacher's ids and log-probs
+    (what compression sees) at a cost of a slice per request.
+    """
+
+    name = "hf"  # what wrote the rows; the cache says so
+    version = "replay"
+
+    def __init__(self, model: str, pool, k: int):
+        from logitcache.stages.precompute.engines import build_engine
+
+        engine = build_engine("hf", model, k=k)
+        rows = engine.run(pool)
+        self.logits_width = engine.logits_width
+        engine.close()
+        self.rows = {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+        self.total = len(self.rows["topk_ids"])
+        self.at = 0
+
+    def run(self, requests):
+        out = []
+        for r in requests:
+            n = len(r.positions)
+            idx = (self.at + np.arange(n)) % self.total
+            self.at = (self.at + n) % self.total
+            out.append({name: col[idx] for name, col in self.rows.items()})
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def bench_job_own_work(model: str, args) -> None:
+    """Everything a job does but the teacher's forward, head and top-K, in positions/s of one core.
+
+    `precompute` (in this process, one torch thread, pinned to one core) over `--job-rows` texts and
+    4x as many, with `ReplayEngine` in place of the teacher: tokenization, row encoding, batching,
+    shard assembly, compression, checksums, writes and the index, at K = `--k`. Start-up is
+    subtracted (big minus small); CPU seconds (getrusage, every thread) beside wall seconds.
+    """
+    import json
+    import resource
+
+    from logitcache.stages.precompute.engines import Request
+    from logitcache.stages.precompute.run import EngineSpec, precompute
+
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    torch.set_num_threads(1)
+    with open(args.whole_job) as f:
+        lines = f.readlines()[: args.job_rows]
+    rng = np.random.default_rng(0)
+    pool = [Request(token_ids=rng.integers(0, 600, 400).tolist(), positions=np.arange(399)) for _ in range(16)]
+    replay = ReplayEngine(model, pool, args.k)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = {}
+        for name, copies in (("small", 1), ("big", 4)):
+            data[name] = os.path.join(tmp, f"{name}.jsonl")
+            with open(data[name], "w") as f:
+                f.writelines(lines * copies)
+        runs = [("small", "warm-up")] + [(name, r) for r in range(args.repeats) for name in ("small", "big")]
+        for backend in args.job_backends.split(","):
+            for name, r in runs:
+                out = os.path.join(tmp, f"cache-{name}-{backend}-{r}")
+                cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+                t0 = time.perf_counter()
+                precompute(teacher=model, data=data[name], out=out, engine=EngineSpec.of(replay), backend=backend,
+                           text_field="text", top_k=args.k, progress=False)
+                wall = time.perf_counter() - t0
+                cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+                cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+                positions = sum(e["positions"] for e in json.load(open(os.path.join(out, "index.json")))["shards"])
+                print(f"  {backend} {name} ({r}): {positions} positions, {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+                if r != "warm-up":
+                    best = results.get((name, backend))
+                    results[name, backend] = min(best, (wall, cpu, positions)) if best else (wall, cpu, positions)
+    print(f"\njob's own work at K={args.k}, one core, start-up subtracted (big - small):")
+    for backend in args.job_backends.split(","):
+        (wb, cb, pb), (ws, cs, ps) = results["big", backend], results["small", backend]
+        print(f"{backend:6s} {(pb - ps) / (wb - ws):10,.0f} positions/s wall   {(pb - ps) / (cb - cs):10,.0f} per CPU second")
 
 
 def bench_topk_micro(args) -> None:
@@ -345,6 +546,15 @@ def main() -> None:
                         "commas, so repeat the flag); default: all of the engine's, e.g. 'vllm logprobs path'")
     parser.add_argument("--job-engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an --engine-arg for every whole job, the bare vLLM job included (e.g. enforce_eager=true)")
+    parser.add_argument("--vllm-contention", action="store_true",
+                        help="vLLM's encode alone and with our head + top-K running beside it (one engine)")
+    parser.add_argument("--path-error", action="store_true",
+                        help="with --whole-job: each vLLM path's log-probs against an fp32 transformers forward")
+    parser.add_argument("--error-rows", type=int, default=100, help="texts for --path-error")
+    parser.add_argument("--head-scale", type=float, default=1.0, help="--path-error: scale the LM head's weight")
+    parser.add_argument("--job-own-work", action="store_true",
+                        help="with --whole-job: the job's own work per position, the teacher replaced by replayed rows")
+    parser.add_argument("--job-backends", default="zarr,arrow", help="backends for --job-own-work")
     parser.add_argument("--topk-micro", action="store_true",
                         help="fused vs unfused head + top-K in-process, at 1 and 2 torch threads (wall and CPU time)")
     parser.add_argument("--micro-rows", type=int, default=1024, help="rows for --topk-micro and --head-widths")
@@ -359,18 +569,26 @@ def main() -> None:
         bare_job(args.model, args.bare_job, 1 << 30, args.batch_tokens)
         return
     if args.bare_vllm_job:
-        from logitcache.pipeline.commands.precompute import parse_engine_args
-
-        bare_vllm_job(args.model, args.bare_vllm_job, args.batch_tokens, **parse_engine_args(args.job_engine_arg))
+        bare_vllm_job(args.model, args.bare_vllm_job, "enforce_eager=true" in args.job_engine_arg)
         return
     if args.topk_micro:
         bench_topk_micro(args)
+        return
+    if args.vllm_contention:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_vllm_contention(_model(tmp, args.layers, args.hidden, args.vocab), args)
         return
     if args.head_widths:
         bench_head_widths(args)
         return
     if args.whole_job:
         with tempfile.TemporaryDirectory() as tmp:
+            if args.job_own_work:
+                bench_job_own_work(_model(tmp, args.layers, args.hidden, args.vocab), args)
+                return
+            if args.path_error:
+                bench_path_error(_model(tmp, args.layers, args.hidden, args.vocab), args)
+                return
             bench_whole_job(_model(tmp, args.layers, args.hidden, args.vocab), args)
         return
 

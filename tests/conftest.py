@@ -144,8 +144,8 @@ def vllm_pooling_engine(tiny_teacher, vllm_logprobs_engine):
     """vLLM pooling-path engine (top-K, k=8) on `tiny_teacher`; start-up ~30 s on 2 CPU cores.
 
     Its start-up head check runs as in a job (the same probes, the same comparison), against vLLM's
-    prompt_logprobs from the session's logprobs-path engine of the same teacher rather than from a
-    reference engine of its own: one vLLM start-up fewer.
+    logits step as the session's logprobs-path engine of the same teacher records it, rather than
+    from a reference engine of its own: one vLLM start-up fewer.
     """
     from logitcache.stages.precompute.engines.vllm_engine import head_check_reference
 
@@ -158,11 +158,9 @@ def vllm_pooling_engine(tiny_teacher, vllm_logprobs_engine):
 @pytest.fixture(scope="session")
 def vllm_logprobs_engine(tiny_teacher):
     """vLLM prompt_logprobs-path engine (k=8) on `tiny_teacher`: a second vLLM engine, so it
-    costs another start-up (~30 s on 2 CPU cores). It allows the head check's PROBE_K log-probs,
-    so that it also serves as the pooling engine's check reference."""
-    from logitcache.stages.precompute.engines.pooling_check import PROBE_K
-
-    engine = _vllm_engine(tiny_teacher[0], vllm_path="logprobs", k=8, max_logprobs=PROBE_K)
+    costs another start-up (~30 s on 2 CPU cores). It also serves as the pooling engine's check
+    reference (`head_check_reference`)."""
+    engine = _vllm_engine(tiny_teacher[0], vllm_path="logprobs", k=8)
     yield engine
     engine.close()
 

@@ -23,7 +23,7 @@ import pytest
 from logitcache.pipeline.scratch import toy_corpus
 from logitcache.stages.precompute.engines import Request, TargetSpec, build_engine, default_engine_name, run_ahead
 from logitcache.stages.precompute.engines.hf import length_batches
-from logitcache.stages.precompute.engines.pooling_check import ATOL, compare_topk
+from logitcache.stages.precompute.engines.pooling_check import RTOL, compare_logits
 from logitcache.stages.precompute.engines.vllm_engine import token_slabs
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
@@ -238,6 +238,17 @@ def _shared_draws(ids_a, counts_a, ids_b, counts_b) -> float:
     return sum(min(c, b.get(i, 0)) for i, c in a.items() if i >= 0) / counts_a.sum()
 
 
+def test_vllm_default_path_is_the_measured_fastest_per_device():
+    """`--engine vllm` with no engine arguments takes the faster top-K path of its device
+    (benchmarks/RESULTS.md, "Stage one on vLLM against vLLM"); sample mode needs the pooling path."""
+    from logitcache.stages.precompute.engines.vllm_engine import default_vllm_path
+
+    assert default_vllm_path("topk", "cpu") == "pooling"
+    assert default_vllm_path("topk", "cuda") == "pooling"
+    assert default_vllm_path("topk", "cuda:1") == "pooling"
+    assert default_vllm_path("sample", "cpu") == default_vllm_path("sample", "cuda") == "pooling"
+
+
 def test_vllm_logprobs_path_refuses_sample_mode(tiny_teacher):
     # Refused before vLLM is imported or started: no vLLM needed to see the error.
     with pytest.raises(ConfigError, match="pooling path"):
@@ -253,30 +264,71 @@ def test_vllm_rejects_requests_longer_than_max_model_len(vllm_pooling_engine):
 # The pooling path's self-check (engines/pooling_check.py).
 
 
-def test_head_check_admits_bf16_noise_and_refuses_a_scale(tiny_teacher, requests_):
-    """bf16 rounding of the head passes the tolerance; a logit scale of 1.1 the table missed does not."""
+@pytest.mark.parametrize("logit_size", [3.0, 100.0])  # a random tiny teacher's logits; a trained one's
+def test_head_check_admits_bf16_rounding_at_any_logit_size_and_refuses_a_scale(tiny_teacher, logit_size):
+    """The check's two sides take the same hidden states: what may differ is each side's rounding of
+    its logits to bf16, which grows with the logits. vLLM's side here is its logits step as vLLM's
+    CPU Llama runs it: a bf16 matmul (fp32 accumulation, one rounding), then its logit scale."""
     import dataclasses
 
     import torch
 
-    reqs = requests_[:4]
-    exact = build_engine("hf", str(tiny_teacher[0]), k=16)
-    reference = exact.run(reqs)
-    rounded = copy.copy(exact)
-    rounded.head = dataclasses.replace(exact.head, weight=exact.head.weight.to(torch.bfloat16))
-    assert 0 < compare_topk(rounded.run(reqs), reference, model="tiny") < ATOL
-    scaled = copy.copy(exact)
-    scaled.head = dataclasses.replace(exact.head, logit_scale=1.1)
-    with pytest.raises(ConfigError, match="disagrees with vLLM's own logits.*position"):
-        compare_topk(scaled.run(reqs), reference, model="tiny")
+    from logitcache.storage.head import head_from_checkpoint
+
+    ours = head_from_checkpoint(str(tiny_teacher[0]), dtype=torch.float32)
+    hidden = torch.randn(96, ours.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    hidden = hidden * (logit_size / ours(hidden).abs().amax())
+    hidden = hidden.to(torch.bfloat16)  # vLLM's hidden states are bf16
+    def vllm_step(scale=1.0):
+        logits = torch.nn.functional.linear(hidden, ours.weight.to(torch.bfloat16))
+        return (logits * scale).float().numpy()
+    hidden32 = hidden.float().numpy()
+    assert 0.8 * logit_size < np.abs(vllm_step()).max() < 1.2 * logit_size
+    worst = compare_logits(ours, hidden32, vllm_step(), model="tiny")
+    assert 0 < worst <= RTOL * 1.2 * logit_size  # rounding seen, within the bound
+    bf16 = dataclasses.replace(ours, weight=ours.weight.to(torch.bfloat16))  # a job's own bf16 head passes too
+    assert compare_logits(bf16, hidden32, vllm_step(), model="tiny") <= RTOL * 1.2 * logit_size
+    # vLLM's Llama scales its logits by a config's `logit_scale` that our table ignores for Llama:
+    with pytest.raises(ConfigError, match="disagrees with vLLM's own logits step.*probe position"):
+        compare_logits(ours, hidden32, vllm_step(1.1), model="tiny")
+    with pytest.raises(ConfigError, match="disagrees"):
+        compare_logits(dataclasses.replace(ours, logit_scale=1.1), hidden32, vllm_step(), model="tiny")
 
 
 @pytest.mark.slow
 def test_vllm_pooling_engine_checked_its_head(vllm_pooling_engine):
-    # The shared engine ran the check at start-up against vLLM's prompt_logprobs (the session logprobs
-    # engine's rows, `reference=`: the same probes and comparison as a job's own reference engine), and passed.
+    # The shared engine ran the check at start-up against vLLM's logits step on the probes (recorded in
+    # the session logprobs engine's worker, `reference=`: the same probes and comparison as a job's
+    # own reference engine), and passed; the tiny teacher's logits are within +-4, bf16 steps 1/64 there.
     assert vllm_pooling_engine.head_check_max_diff is not None
-    assert vllm_pooling_engine.head_check_max_diff < ATOL
+    assert vllm_pooling_engine.head_check_max_diff < 0.05
+
+
+@pytest.mark.slow
+def test_vllm_head_check_admits_a_teacher_with_large_logits(tmp_path, tiny_teacher):
+    """A trained teacher's logits reach tens of nats; bf16 rounding there is ~0.1-0.5 per logit. The
+    check's first form (our head on the pooling runner's hidden states against a second engine's
+    prompt_logprobs, a tolerance for rounding of the log-probs only) refused the full demo's teacher.
+    Here: the tiny teacher with its head scaled 40x (logits up to ~100), against vLLM's own logits step."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from logitcache.stages.precompute.engines.vllm_engine import _reference_logits
+    from logitcache.storage.head import head_from_checkpoint
+
+    model = tmp_path / "loud"
+    shutil.copytree(tiny_teacher[0], model)
+    weights = load_file(model / "model.safetensors")
+    weights["lm_head.weight"] = (weights["lm_head.weight"].float() * 40).to(torch.bfloat16)
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    pytest.importorskip("vllm")
+    hidden, logits = _reference_logits(str(model), dtype="auto", max_batch_tokens=1024, max_model_len=512,
+                                       kv_cache_memory_bytes=256 << 20, trust_remote_code=False, revision=None)
+    assert len(hidden) == 64 and np.abs(logits).max() > 40
+    head = head_from_checkpoint(str(model), dtype=torch.float32)
+    assert 0 < compare_logits(head, hidden, logits, model="loud") < RTOL * np.abs(logits).max()
 
 
 @pytest.mark.slow

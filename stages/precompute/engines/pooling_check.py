@@ -1,22 +1,35 @@
-"""The vLLM pooling path checks its own head against vLLM's logits before a job writes anything.
+"""The vLLM pooling path checks its own head against vLLM's logits step before a job writes anything.
 
 The pooling path applies a standalone LM head rebuilt from the checkpoint (`storage.head`), whose
 logit transforms come from a per-family table. vLLM's model code applies its own: its Llama, for
 one, multiplies the logits by a config's `logit_scale`, which the table honours for Cohere only
 (transformers' Llama ignores it). A family whose logits vLLM transforms in a way the table does not
-know would silently write a cache that is not the teacher vLLM serves. So every pooling engine,
-once at start-up, computes the top-K of a few probe sequences both ways, our head on vLLM's hidden
-states and vLLM's own `prompt_logprobs`, and refuses to start if they disagree beyond bf16 noise.
+know would silently write a cache that is not the teacher vLLM serves.
 
-The reference needs vLLM's generate runner, a second engine; only one may run at a time, so it
-runs first, over the probe sequences, and is shut down before the pooling engine starts. That is
-why the probes are fixed text in the teacher's own tokenizer (`probe_token_ids`), not the job's
-first batch, which the engine has not seen when it starts.
+So the check asks one question: does our head turn vLLM's hidden states into the logits vLLM's
+model would? A short-lived generate-runner engine runs a few probe sequences (fixed text in the
+teacher's own tokenizer, `probe_token_ids`) with `prompt_logprobs`, which makes vLLM's runner call
+its logits step (`model.compute_logits`: the model's `lm_head` and `LogitsProcessor`) on every
+prompt position. A worker extension (`logits_tap`) records that step's input hidden states and
+output logits. Once the pooling engine has loaded our head, `compare_logits` applies it to the
+*same* hidden states and compares logits. That engine runs first and is shut down before the
+pooling engine starts (one vLLM engine at a time).
 
-Tolerance: both sides compute bf16 logits from the same bf16 hidden states (the pooling runner's
-and the generate runner's may differ in the last bit, batch shapes differ). A log-prob is
-logit - logsumexp, each rounded at bf16's relative 2^-8, so the allowed difference per entry is
-`ATOL + RTOL * |log-prob|`. A missing scale of 1.1 moves a log-prob of -5 by about 0.5.
+Why not compare against vLLM's `prompt_logprobs` from the pooling runner's hidden states (this
+check's first form): the two engines' forward passes differ by bf16 drift through the layers
+(different batch shapes, eager against compiled), which grows with depth and with the size of the
+logits. On the full demo's trained teacher it reached 0.38 nats at a log-prob of -1.7 and refused a
+correct head, while our head on vLLM's hidden states was 0.02 nats from an fp32 forward.
+
+Tolerance, with the same hidden states on both sides: each side rounds its logits to the head's
+dtype (bf16: a relative 2^-9) and again after any scale or softcap, so an entry may differ by
+`RTOL * |logit|` (RTOL = 2^-6, twice the sum of those roundings). The matmul's own rounding scales
+with its products, not with their sum: vLLM's CPU kernel may round partial sums to bf16, so a
+logit near zero made of large products of opposite signs can differ by a few bf16 steps of
+`sum_j |w_ij h_j|` (seen: 0.010 at a logit of -0.025 on a random 152k-vocabulary teacher). Hence
+`ATOL_DOT * (|h| @ |W|^T)` on top (ATOL_DOT = 2^-7). The bound scales with the logits, so the large
+logits of a trained teacher pass; a missing scale of 1.1 moves every logit by 9 % of its size,
+which the row's largest logits exceed many times over.
 """
 
 from __future__ import annotations
@@ -25,11 +38,11 @@ import numpy as np
 
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["probe_token_ids", "compare_topk", "PROBE_K", "ATOL", "RTOL"]
+__all__ = ["probe_token_ids", "compare_logits", "PROBE_ROWS", "RTOL", "ATOL_DOT"]
 
-PROBE_K = 16  # ids per probe row compared; enough to see a scale, cheap for prompt_logprobs
-ATOL = 0.1  # nats; bf16 logits at |logit| ~ 8 are 1/32 apart, and both sides round them
-RTOL = 0.02  # per nat of |log-prob|: ~4 bf16 ulps of the logit and of the logsumexp
+PROBE_ROWS = 64  # probe positions whose full logits rows come back from vLLM's worker (64 x V fp32)
+RTOL = 2.0 ** -6  # per unit of |logit|: two roundings to bf16 on each side, doubled
+ATOL_DOT = 2.0 ** -7  # per unit of sum_j |w_ij h_j|: the matmul's accumulation rounding
 
 _PROBE_TEXTS = (
     "The committee met on Tuesday to review the budget. After a long discussion, they agreed to "
@@ -67,42 +80,50 @@ def probe_token_ids(model: str, *, revision: str | None, trust_remote_code: bool
     return probes
 
 
-def compare_topk(ours: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]], *, model: str) -> float:
-    """Check the pooling path's top-K rows against vLLM's `prompt_logprobs` rows.
-
-    Compared per row: the sorted top-K log-probs elementwise (robust to ties between ids) and the
-    actual next token's log-prob, each within `ATOL + RTOL * |log-prob|`.
+def compare_logits(head, hidden: np.ndarray, logits: np.ndarray, *, model: str, chunk_rows: int = 32) -> float:
+    """Check our head against vLLM's logits step on the same hidden states.
 
     Args:
-        ours, reference: One dict per probe sequence with `topk_logprobs` (P, K) float32 and
-            `target_logprob` (P,) float32, the same positions in both.
+        head: Our `LMHead` (its dtype and device are the job's).
+        hidden: (n, H) float32, the hidden states vLLM's logits step was given (`logits_tap`).
+        logits: (n, V) float32, what it returned.
         model: Named in the error.
+        chunk_rows: Rows per head call.
 
     Returns:
-        The largest difference seen, in nats.
+        The largest difference between the two sides' logits (nats).
 
     Raises:
-        ConfigError: naming the largest difference, where it was, and what to do.
+        ConfigError: a shape that differs, or an entry beyond the tolerance (naming the worst one).
     """
+    import torch
+
+    if len(hidden) == 0 or hidden.shape[0] != logits.shape[0] or logits.shape[1] != head.width:
+        raise ConfigError(f"pooling-path check of {model!r}: vLLM's logits step gave hidden states {hidden.shape} "
+                          f"and logits {logits.shape}; expected matching rows {head.width} wide")
     worst, where = 0.0, None
-    for s, (a, b) in enumerate(zip(ours, reference)):
-        for name in ("topk_logprobs", "target_logprob"):
-            x, y = np.asarray(a[name], np.float64), np.asarray(b[name], np.float64)
-            if x.shape != y.shape:
-                raise ConfigError(f"pooling-path check of {model!r}: {name} shapes differ, {x.shape} vs {y.shape}")
-            excess = np.abs(x - y) - (ATOL + RTOL * np.abs(y))
-            if excess.size and excess.max() > 0 and (where is None or excess.max() > where[0]):
-                i = np.unravel_index(int(excess.argmax()), excess.shape)
-                where = (excess.max(), s, name, i[0], float(x[i]), float(y[i]))
-            if x.size:
-                worst = max(worst, float(np.abs(x - y).max()))
+    for lo in range(0, len(hidden), chunk_rows):
+        h = torch.from_numpy(hidden[lo:lo + chunk_rows])
+        want = torch.from_numpy(logits[lo:lo + chunk_rows]).double()
+        ours = head(h).double().cpu()
+        h_abs = h.float().abs() * abs(head.hidden_scale)
+        products = torch.cat([torch.nn.functional.linear(h_abs, head.weight[v:v + 16384].float().abs().cpu())
+                              for v in range(0, head.width, 16384)], dim=1).double()  # vocabulary tiles: bounded memory
+        diff = (ours - want).abs()
+        excess = diff - (RTOL * want.abs() + ATOL_DOT * abs(head.logit_scale) * products)
+        worst = max(worst, float(diff.max()))
+        top = float(excess.max())
+        if top > 0 and (where is None or top > where[0]):
+            row, col = divmod(int(excess.argmax()), excess.shape[1])
+            where = (top, lo + row, col, float(ours[row, col]), float(want[row, col]))
     if where is not None:
-        _, s, name, row, x, y = where
+        _, row, col, x, y = where
         raise ConfigError(
-            f"the vLLM pooling path's LM head for {model!r} disagrees with vLLM's own logits: probe sequence {s}, "
-            f"position {row}, {name} {x:.4f} (our head on vLLM's hidden states) vs {y:.4f} (vLLM's prompt_logprobs), "
-            f"beyond bf16 noise ({ATOL} + {RTOL} x |log-prob|). vLLM transforms this model's logits in a way "
-            "logitcache's head table (storage/head.py) does not know (for example a config `logit_scale` that "
-            "vLLM's model applies); nothing was written. Use vllm_path='logprobs', whose log-probs are vLLM's own."
+            f"the vLLM pooling path's LM head for {model!r} disagrees with vLLM's own logits step on the same hidden "
+            f"states: probe position {row}, id {col}, logit {x:.4f} (our head) vs {y:.4f} (vLLM's lm_head and logits "
+            f"processor), beyond bf16 rounding ({RTOL:g} x |logit| + {ATOL_DOT:g} x sum |w h|). vLLM "
+            "transforms this model's logits in a way logitcache's head table (storage/head.py) does not know (for "
+            "example a config `logit_scale` that vLLM's model applies); nothing was written. Use "
+            "vllm_path='logprobs', whose log-probs are vLLM's own."
         )
     return worst

@@ -1,11 +1,15 @@
 """The vLLM engine, with two paths to the teacher's distribution.
 
-`pooling` (default, fast): vLLM's pooling runner returns every token's final hidden state
+Which path runs when none is named is decided per device (`default_vllm_path`, `DEFAULT_PATHS`):
+`pooling` on CPU, measured faster there in a compiled job (vLLM's default), and on CUDA, argued
+(benchmarks/RESULTS.md, "Stage one on vLLM against vLLM"); sample mode needs `pooling` anyway.
+
+`pooling`: vLLM's pooling runner returns every token's final hidden state
 (after the final norm; the model is wrapped with `convert="embed"`, its LM head left unbuilt).
 This process applies the head, loaded from the checkpoint's safetensors by `head.py`, to the
 supervised rows only, and sparsifies them. Both modes (topk, sample) work here.
 
-`logprobs` (straightforward): vLLM computes `prompt_logprobs=K` itself. Position 0 has no
+`logprobs`: vLLM computes `prompt_logprobs=K` itself. Position 0 has no
 distribution (vLLM returns None there), so our row t is vLLM's entry t+1, and each entry holds
 the actual token first (it may lie outside the top K) then the top K by rank. Top-K only: sample
 mode needs the full distribution, so it needs the pooling path.
@@ -17,13 +21,14 @@ with `engines.run_ahead` (what stage one's shard loop uses) vLLM computes batch 
 process makes batch i's targets. On CPU the pooling path's torch work gets the core(s) vLLM's
 worker leaves (`torch_threads`).
 
-The pooling path checks itself at start-up (`pooling_check`): our head's top-K on a few probe
-sequences against vLLM's own `prompt_logprobs`, from a short-lived generate-runner engine that
-runs before the pooling engine starts. A model whose logits vLLM transforms in a way the head
-table does not know (vLLM's Llama honours a config `logit_scale`; ours does not) is refused.
-On CPU that engine's scheduler runs in this process, its worker in its own, which saves one of
-the two spawned processes (each imports torch and vLLM). A caller that already runs a
-logprobs-path engine of the same teacher passes that engine's rows instead (`reference=`, from
+The pooling path checks itself at start-up (`pooling_check`): our head's logits against vLLM's
+own logits step (its `lm_head` and logits processor) on the same hidden states, which a
+short-lived generate-runner engine records for a few probe sequences (`logits_tap`) before the
+pooling engine starts. A model whose logits vLLM transforms in a way the head table does not
+know (vLLM's Llama honours a config `logit_scale`; ours does not) is refused. On CPU that
+engine's scheduler runs in this process, its worker in its own, which saves one of the two
+spawned processes (each imports torch and vLLM). A caller that already runs a logprobs-path
+engine of the same teacher passes what that engine records instead (`reference=`, from
 `head_check_reference`), and no reference engine starts.
 
 Not done, and why: applying the head and top-K inside vLLM's worker through a
@@ -73,15 +78,20 @@ from logitcache.stages.precompute.engines.base import (
     targets_or_fallback,
 )
 from logitcache.stages.precompute.fused_topk import FUSED_KERNELS, fused_kernel_choice
-from logitcache.stages.precompute.engines.pooling_check import PROBE_K, compare_topk, probe_token_ids
+from logitcache.stages.precompute.engines.logits_tap import LOGITS_TAP, tap_result
+from logitcache.stages.precompute.engines.pooling_check import PROBE_ROWS, compare_logits, probe_token_ids
 from logitcache.storage.head import head_from_checkpoint
 from logitcache.stages.precompute.sparsify import tail_mass
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
-__all__ = ["VLLMEngine", "Pending", "VLLM_PATHS", "head_check_reference", "token_slabs",
-           "pooling_gpu_memory_utilization"]
+__all__ = ["VLLMEngine", "Pending", "VLLM_PATHS", "DEFAULT_PATHS", "default_vllm_path", "head_check_reference",
+           "token_slabs", "pooling_gpu_memory_utilization"]
 
 VLLM_PATHS = ("pooling", "logprobs")
+# The faster top-K path on each device (benchmarks/RESULTS.md, "Stage one on vLLM against vLLM"):
+# CPU measured here (compiled, as a job runs by default: pooling 0.89 of vLLM, logprobs 0.47); CUDA
+# argued there from where each path spends its time (no GPU was lent).
+DEFAULT_PATHS = {"cpu": "pooling", "cuda": "pooling"}
 AHEAD_SLABS = 3  # slabs whose outputs may wait for this process (bounds host memory)
 _GiB = 1 << 30
 
@@ -92,7 +102,8 @@ class VLLMEngine:
     Args:
         model: Local directory or hub id.
         spec: What to keep per position.
-        vllm_path: "pooling" (hidden states + our head) or "logprobs" (vLLM's prompt_logprobs).
+        vllm_path: "pooling" (hidden states + our head) or "logprobs" (vLLM's prompt_logprobs);
+            default `default_vllm_path` (by device; sample mode needs the pooling path).
         dtype: vLLM's model dtype ("auto" follows the checkpoint).
         device: Where the pooling path's head runs; defaults to CUDA when available.
         max_batch_tokens: vLLM's `max_num_batched_tokens`; default 8192.
@@ -112,10 +123,10 @@ class VLLMEngine:
         fused_kernel: Pooling path: which fused head, "auto" (the Triton kernel of
             `fused_topk_triton` when the head is on CUDA, the torch tile fold on CPU), "triton"
             or "torch" to force one.
-        verify_head: Pooling path: before starting, check our head against vLLM's own
-            `prompt_logprobs` on a few probe sequences (`pooling_check`; costs one short-lived
+        verify_head: Pooling path: before starting, check our head against vLLM's own logits
+            step on the same hidden states (`pooling_check`; costs one short-lived
             generate-runner start-up) and refuse a model whose logits vLLM transforms otherwise.
-        reference: Pooling path: vLLM's rows for the check, `(probes, rows)` as
+        reference: Pooling path: vLLM's side of the check, `(hidden, logits)` as
             `head_check_reference` returns them from a logprobs-path engine of the same teacher
             that is already running; the check then starts no engine of its own. Ignored
             when `verify_head` is False.
@@ -134,7 +145,7 @@ class VLLMEngine:
         model: str,
         *,
         spec: TargetSpec,
-        vllm_path: str = "pooling",
+        vllm_path: str | None = None,
         dtype: str = "auto",
         device: str | None = None,
         max_batch_tokens: int | None = None,
@@ -148,9 +159,10 @@ class VLLMEngine:
         fused_kernel: str = "auto",
         verify_head: bool = True,
         torch_threads: int | None = None,
-        reference: tuple[list[list[int]], list[dict[str, np.ndarray]]] | None = None,
+        reference: tuple[np.ndarray, np.ndarray] | None = None,
         **llm_kwargs,
     ):
+        vllm_path = vllm_path or default_vllm_path(spec.mode, device)
         if vllm_path not in VLLM_PATHS:
             raise ConfigError(f"vllm_path={vllm_path!r}; expected one of {VLLM_PATHS}")
         if spec.mode == "sample" and vllm_path == "logprobs":
@@ -171,11 +183,21 @@ class VLLMEngine:
         if vllm_path != "pooling" or not verify_head:
             reference = None
         elif reference is None:
-            # vLLM's own log-probs for the probes, from a generate-runner engine that is shut
-            # down before the pooling engine starts (one vLLM engine at a time).
-            reference = _reference_rows(
+            # vLLM's logits step on the probes, from a generate-runner engine that is shut down
+            # before the pooling engine starts (one vLLM engine at a time).
+            reference = _reference_logits(
                 model, dtype=dtype, max_batch_tokens=max_batch_tokens, trust_remote_code=trust_remote_code,
                 revision=revision, max_model_len=max_model_len, **llm_kwargs)
+
+        # Checked before the pooling engine starts, so a refusal costs no second engine: with an fp32
+        # copy of the head (only the transform is in question; the job's own head differs from it
+        # by its dtype's rounding, which `compare_logits` allows for).
+        self.head_check_max_diff = None  # nats: the pooling-path check's largest logit difference
+        if reference is not None:
+            check_head = head_from_checkpoint(model, revision=revision, trust_remote_code=trust_remote_code,
+                                              dtype=torch.float32, device="cpu")
+            self.head_check_max_diff = compare_logits(check_head, *reference, model=model)
+            del check_head
 
         self.version = vllm.__version__
         self.spec = spec
@@ -229,6 +251,8 @@ class VLLMEngine:
                 max_logprobs=spec.k,
                 logprobs_mode="raw_logprobs",
                 skip_tokenizer_init=True,
+                # Only adds methods to vLLM's worker, called by name for the pooling path's check.
+                worker_extension_cls=LOGITS_TAP,
             )
         if isinstance(llm_kwargs.get("hf_overrides"), dict) and isinstance(kwargs.get("hf_overrides"), dict):
             llm_kwargs["hf_overrides"] = {**kwargs["hf_overrides"], **llm_kwargs["hf_overrides"]}
@@ -258,16 +282,6 @@ class VLLMEngine:
                 raise ConfigError(
                     f"the head loaded from {model!r} is {self.head.width} wide but vLLM's model is {self.logits_width}"
                 )
-        self.head_check_max_diff = None  # nats: the pooling-path check's largest difference
-        if reference is not None:
-            probes, expected = reference
-            requests = [Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes]
-            ours = self._pooling_rows(requests, TargetSpec(k=expected[0]["topk_ids"].shape[1]))
-            try:
-                self.head_check_max_diff = compare_topk(ours, expected, model=model)
-            except ConfigError:
-                self.close()
-                raise
 
     def run(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
         """Sparse targets for each request (see `Engine.run`)."""
@@ -292,6 +306,8 @@ class VLLMEngine:
                 raise InvalidDataError(
                     f"request {i} has {len(ids)} tokens; this engine takes at most {self.max_request_tokens} "
                     f"(max_model_len={self.llm.model_config.max_model_len}); build it with a larger max_model_len"
+                    + ("; the logprobs path counts one generated token, so a request as long as the model's "
+                       "context needs vllm_path=pooling" if self.path == "logprobs" else "")
                 )
         call = self._encode if self.path == "pooling" else self._generate
         slabs = token_slabs([len(ids) for ids, _ in checked], self.slab_tokens)
@@ -327,12 +343,6 @@ class VLLMEngine:
                 results += self._targets_from_outputs(outputs, [checked[i] for i in slab], seeds)
         return results
 
-    def _pooling_rows(self, requests: list[Request], spec: TargetSpec) -> list[dict[str, np.ndarray]]:
-        """The pooling path's rows for a few requests under another spec (the head check)."""
-        checked = check_requests(requests, self.logits_width)
-        outputs = self._encode([ids for ids, _ in checked])
-        return self._targets_from_outputs(outputs, checked, [0] * len(checked), spec=spec)
-
     def close(self) -> None:
         """Shut down vLLM's engine process."""
         if getattr(self, "_feeder", None) is not None:
@@ -354,8 +364,8 @@ class VLLMEngine:
         prompts = [{"prompt_token_ids": ids.tolist()} for ids in token_ids]
         return self.llm.generate(prompts, params, use_tqdm=False)
 
-    def _targets_from_outputs(self, outputs, checked, seeds, spec=None) -> list[dict[str, np.ndarray]]:
-        spec = spec or self.spec
+    def _targets_from_outputs(self, outputs, checked, seeds) -> list[dict[str, np.ndarray]]:
+        spec = self.spec
         hidden = []
         for (ids, pos), out in zip(checked, outputs):
             data = out.outputs.data
@@ -387,6 +397,15 @@ class Pending:
         return self._make()
 
 
+def default_vllm_path(mode: str, device: str | None = None) -> str:
+    """The path a `VLLMEngine` takes when none is given: the faster one on `device` (default: CUDA
+    when available, else CPU) in top-K mode (`DEFAULT_PATHS`), the pooling path in sample mode."""
+    if mode == "sample":
+        return "pooling"
+    kind = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    return DEFAULT_PATHS.get(kind, "pooling")
+
+
 def _give_torch_the_spare_cores(torch_threads: int | None, tensor_parallel: int) -> None:
     """Set this process's torch threads to the cores vLLM's CPU worker leaves (see `torch_threads`)."""
     if torch_threads == 0:
@@ -399,19 +418,14 @@ def _give_torch_the_spare_cores(torch_threads: int | None, tensor_parallel: int)
     torch.set_num_threads(max(1, min(torch_threads, os.cpu_count() or 1)))
 
 
-def _reference_rows(model: str, **kwargs) -> tuple[list[list[int]], list[dict[str, np.ndarray]]]:
-    """(probe token ids, vLLM's prompt_logprobs rows at every position of each) for `pooling_check`,
-    from a logprobs-path engine started for them and closed."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model, revision=kwargs.get("revision"),
-                                        trust_remote_code=kwargs.get("trust_remote_code", False))
-    width = int(config.get_text_config().vocab_size)
+def _reference_logits(model: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's side of `pooling_check` (see `head_check_reference`), from a logprobs-path engine
+    started for it and closed."""
     # Three short probes, once: compiling the graph (vLLM's default) would cost more than running
-    # them, and eager is the same model code, so its logits differ only by bf16 noise.
+    # them, and the logits step is the same code either way.
     kwargs.setdefault("enforce_eager", True)
     with _engine_core_in_this_process(kwargs):
-        engine = VLLMEngine(model, spec=TargetSpec(k=min(PROBE_K, width)), vllm_path="logprobs", **kwargs)
+        engine = VLLMEngine(model, spec=TargetSpec(k=1), vllm_path="logprobs", **kwargs)
         try:
             return head_check_reference(engine, model, revision=kwargs.get("revision"),
                                         trust_remote_code=kwargs.get("trust_remote_code", False))
@@ -458,29 +472,35 @@ def _engine_core_in_this_process(kwargs: dict):
 
 
 def head_check_reference(engine: "VLLMEngine", model: str, *, revision: str | None = None,
-                         trust_remote_code: bool = False) -> tuple[list[list[int]], list[dict[str, np.ndarray]]]:
-    """vLLM's own rows for the pooling path's head check, from a running logprobs-path engine.
+                         trust_remote_code: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's side of the pooling path's head check, from a running logprobs-path engine.
 
-    What a pooling engine computes before it starts (see `pooling_check`), for a caller that
-    already runs a logprobs-path engine of the same teacher and passes the result as
+    Runs the probe sequences with prompt log-probs, so that vLLM's runner applies its logits step
+    to every probe position, and records that step's inputs and outputs in vLLM's worker
+    (`logits_tap`). What a pooling engine computes before it starts (see `pooling_check`), for a
+    caller that already runs a logprobs-path engine of the same teacher and passes the result as
     `VLLMEngine(..., reference=...)` instead of starting a third engine.
 
     Args:
-        engine: A logprobs-path `VLLMEngine` of `model`, started with `max_logprobs` of at
-            least `min(PROBE_K, width)` (its own `k` does not matter: a copy asks for that many).
+        engine: A logprobs-path `VLLMEngine` of `model` (built with the `logits_tap` extension,
+            as that path is unless `worker_extension_cls` was overridden).
         model, revision, trust_remote_code: The teacher (its tokenizer makes the probes).
 
     Returns:
-        (probe token ids, one dict of rows per probe at every position but the last).
+        (hidden (n, H), logits (n, V)), float32, n <= PROBE_ROWS.
     """
     if engine.path != "logprobs":
         raise ConfigError(f"the head check's reference comes from a logprobs-path engine, not {engine.path!r}")
     probing = copy.copy(engine)
-    probing.spec = TargetSpec(k=min(PROBE_K, engine.logits_width))
+    probing.spec = TargetSpec(k=1)
     probes = probe_token_ids(model, revision=revision, width=engine.logits_width,
                              trust_remote_code=trust_remote_code, max_tokens=min(128, engine.max_request_tokens))
-    rows = probing.run([Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes])
-    return probes, rows
+    engine.llm.collective_rpc("logitcache_tap_start", args=(PROBE_ROWS,))
+    try:
+        probing.run([Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes])
+    finally:
+        reply = engine.llm.collective_rpc("logitcache_tap_stop")[0]
+    return tap_result(reply)
 
 
 def token_slabs(lengths: list[int], slab_tokens: int) -> list[list[int]]:
