@@ -220,12 +220,12 @@ def train(s: TrainSettings) -> dict:
               "train_metrics": output.metrics, "log_history": trainer.state.log_history}
     if len(s.cache) > 1:  # the realised mixture: sequences this rank took from each cache
         result["cache"]["sequences_per_cache"] = dict(zip(s.cache, data.stream.per_stream()))
-    if s.eval_data and trainer.is_world_process_zero():
+    if s.eval_data:  # every rank scores its share (under FSDP every rank must join the forwards)
         from logitcache.stages.train.evaluate import evaluate_source
 
         result["eval"] = {"data": s.eval_data, **evaluate_source(model, eval_sources["data"], pad_id=student.pad_id,
                                                                  vocab_size=reader.vocab, batch_size=s.batch_size,
-                                                                 device=args.device)}
+                                                                 device=args.device, **trainer.eval_options())}
     result = _redact_urls(result)
     if trainer.is_world_process_zero():
         with open(os.path.join(s.out, RESULT_NAME), "w") as f:
