@@ -156,7 +156,7 @@ def train(s: TrainSettings) -> dict:
     """
     from logitcache.stages.train.collate import Collator
     from logitcache.stages.train.sources import Reader, open_training_data
-    from logitcache.stages.train.student import packing_problem
+    from logitcache.stages.train.student import fused_head_problem, packing_problem
     from logitcache.stages.train.trainer import KDTrainer, data_state_name
 
     # 1. Settings, the loss plan, the rank.
@@ -198,6 +198,10 @@ def train(s: TrainSettings) -> dict:
                         plan=plan, vocab_size=reader.vocab, chunk_size=s.chunk_size, fused_head=s.fused_head,
                         eval_sources=eval_sources if s.eval_steps else None, eval_pad_id=student.pad_id,
                         online_teacher=online)
+
+    if s.fused_head and not trainer.fused_head and rank == 0:
+        _say(f"the fused head is off: {fused_head_problem(trainer.model, args)}; the loss takes the model's "
+             f"(B, T, V) logits")
 
     # 5. Train.
     if s.resume and last is None:
