@@ -1,13 +1,14 @@
-"""FSDP2 on CPU: two gloo ranks under torchrun train the same as DDP, and resume exactly.
+"""FSDP2 on CPU: two gloo ranks under torchrun train the same as DDP, and resume exactly, with the fused head.
 
-    .venv/bin/pytest tests/stages/test_trainer_fsdp.py -m slow   # three torchrun runs, one accelerate launch; ~3 min
+    .venv/bin/pytest tests/stages/test_trainer_fsdp.py -m slow   # four torchrun runs, one accelerate launch; ~6 min
 
 The DDP baseline is `trainkit.ddp_run()`, the run test_trainer.py's DDP test checks too (one launch
 for both when they run in one process).
 
 accelerate turns `--fsdp` (or an accelerate FSDP config) into DDP on a multi-process CPU run without
 a word; `trainer.cpu_fsdp` makes it FSDP2 (`fully_shard`), which runs on gloo. These tests check that it really shards (the
-model the steps run is FSDP2's class), that the losses equal DDP's on the same batches, and that
+model the steps run is FSDP2's class), that the losses equal DDP's on the same batches (the fused head
+computes the loss inside the forward, where FSDP has gathered the head's weight), and that
 stopping at a checkpoint and resuming gives the uninterrupted run's batches and losses; evaluation
 while training (`--eval-cache`) runs under FSDP and gives DDP's numbers.
 """
@@ -34,6 +35,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path):
     fsdp = torchrun_train(tmp_path / "fsdp", "--fsdp", "full_shard")
     assert ddp["wrapper"] == ["DistributedDataParallel"] * 2
     assert fsdp["wrapper"] == ["FSDPLlamaForCausalLM"] * 2  # fully_shard's class: parameters are DTensor shards
+    assert ddp["fused_head"] is fsdp["fused_head"] is True  # the loss under FSDP too is the fused head's
     assert fsdp["rows"] == ddp["rows"] and not set(fsdp["rows"][0]) & set(fsdp["rows"][1])
     got, want = step_logs(fsdp), step_logs(ddp)
     assert sorted(got) == [1, 2, 3, 4]
@@ -54,7 +56,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path):
     shutil.rmtree(out / "checkpoint-4")
     resumed = torchrun_train(out, "--fsdp", "full_shard", "--resume")
     assert resumed["wrapper"] == ["FSDPLlamaForCausalLM"] * 2
-    assert resumed["global_step"] == 4
+    assert resumed["global_step"] == 4 and resumed["fused_head"] is True
     assert resumed["rows"] == [rows[4:] for rows in fsdp["rows"]]  # exactly the uninterrupted run's steps 3-4
     again = step_logs(resumed)
     for step in (3, 4):
