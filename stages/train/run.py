@@ -200,7 +200,7 @@ def train(s: TrainSettings) -> dict:
                         online_teacher=online)
 
     if s.fused_head and not trainer.fused_head and rank == 0:
-        _say(f"the fused head is off: {fused_head_problem(trainer.model, args)}; the loss takes the model's "
+        _say(f"the fused head is off: {fused_head_problem(trainer.model, args, fsdp=trainer.is_fsdp_enabled)}; the loss takes the model's "
              f"(B, T, V) logits")
 
     # 5. Train.

@@ -163,7 +163,7 @@ class KDTrainer(Trainer):
         self.eval_sources, self.eval_pad_id = dict(eval_sources or {}), eval_pad_id
         self.online_teacher = online_teacher
         self.plan, self.chunk_size, self.vocab_size = plan, chunk_size, vocab_size
-        self.fused_head = fused_head and fused_head_problem(self.model, self.args) is None
+        self.fused_head = fused_head and fused_head_problem(self.model, self.args, fsdp=self.is_fsdp_enabled) is None
         # compute_loss normalizes by `num_items_in_batch` itself; this makes the Trainer count and pass it.
         self.model_accepts_loss_kwargs = True
         self._sums: dict[str, torch.Tensor] = {}
