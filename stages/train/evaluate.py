@@ -34,16 +34,21 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     Args:
         confidence: (n,) float, the top-1 probability. correct: (n,) bool, top-1 equals the target.
     """
-    if len(confidence) == 0:
-        return float("nan")
+    return _ece(_ece_bins(confidence, correct, bins))
+
+
+def _ece_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """(3, bins) float64 per-bin sums: rows, confidence, correct. Sums, so ranks can add theirs up."""
     # Bin b holds (b/B, (b+1)/B]; confidence 0 goes to the first bin.
     which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total)
+    return np.stack([np.bincount(which, weights=w, minlength=bins)
+                     for w in (np.ones(len(which)), confidence.astype(np.float64), correct.astype(np.float64))])
+
+
+def _ece(sums: np.ndarray) -> float:
+    """ECE from `_ece_bins`' sums: sum over bins of |correct - confidence| / all rows."""
+    rows = sums[0].sum()
+    return float(np.abs(sums[2] - sums[1]).sum() / rows) if rows else float("nan")
 
 
 # The KD term reported by default, and for a loss without one (sft): forward KL alone.
@@ -92,9 +97,14 @@ def row_logits(model, inputs: dict, rows: torch.Tensor, *, vocab_size: int | Non
         yield start, flat.index_select(0, rows[start:start + step])
 
 
+# Metric sums `evaluate_batches` adds up (and ranks all-reduce), then ECE's per-bin sums.
+_SUMS = ("sequences", "positions", "nll", "correct", "teacher_positions", "agree", "teacher_right", "kd", "kd_rows")
+
+
 @torch.no_grad()
 def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", per_position: bool = False,
-                     kd: LossPlan | None = FORWARD_KL, head: bool | None = None, chunk_size: int | None = None) -> dict:
+                     kd: LossPlan | None = FORWARD_KL, head: bool | None = None, chunk_size: int | None = None,
+                     rank: int = 0, world_size: int = 1) -> dict:
     """Metrics of `model` over collated batches (see `collate`), a chunk of supervised rows at a time.
 
     Args:
@@ -105,6 +115,11 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
             gets them from the batch.
         head, chunk_size: see `row_logits`; head None: wherever the model allows it
             (`student.fused_head_problem`), so evaluation never builds the (B, T, V) logits either.
+        rank, world_size: evaluation shared across the ranks of a torch.distributed group, every one
+            of which calls this with the same batches: rank r scores batches r, r + world_size, ...,
+            the metric sums are all-reduced and per_position is gathered back into batch order, so
+            every rank returns what one process returns. Every rank runs the same number of forwards
+            (FSDP and ZeRO-3 gather parameters in each), padding with one-token ones.
 
     Returns:
         sequences, positions, nll (mean), perplexity, accuracy, ece; with teacher targets also
@@ -117,30 +132,40 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
     if head is None:
         head = fused_head_problem(model) is None
     model.eval()
-    nll, n, seqs = 0.0, 0, 0
-    conf, correct, agree, teacher_right, nlls = [], [], [], [], []
-    kd_sum, kd_rows = 0.0, 0
+    sums = dict.fromkeys(_SUMS, 0.0)
+    bins = np.zeros((3, ECE_BINS))
+    scores: dict[int, dict[str, list]] = {}  # batch index -> per-position lists
     # Batch fields the loss reads besides the top-K (rskd: sample_counts); a cache without them has no kd_loss.
     needs = list(kd.loss.batch_inputs.values()) if kd is not None else []
-    for batch in batches:
+    mine = total = 0
+    for index, batch in enumerate(batches):
+        total += 1
+        if index % world_size != rank:
+            continue
+        mine += 1
+        sums["sequences"] += batch["input_ids"].shape[0]
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         rows, next_all = batch["rows"].to(device), batch["next_ids"].to(device)
-        seqs += batch["input_ids"].shape[0]
         if rows.numel() == 0:
+            if world_size > 1:
+                _idle_forward(model, device)
             continue
         teacher = {k: batch[k].to(device) for k in (*TEACHER_FIELDS, "kd_select") if k in batch}
+        here_scores = scores.setdefault(index, {"nll": [], "correct": [], "agree": []})
         for start, s in row_logits(model, inputs, rows, vocab_size=vocab_size, head=head, chunk_size=chunk_size):
             m = s.shape[0]
             next_ids = next_all[start:start + m]
             logp = torch.log_softmax(s.float(), dim=-1)
             row_nll = -logp.gather(1, next_ids[:, None])[:, 0]
-            nll += row_nll.sum().item()
-            if per_position:
-                nlls.append(row_nll.cpu().numpy().astype(np.float32))
-            n += m
+            sums["nll"] += row_nll.double().sum().item()
+            sums["positions"] += m
             top_lp, top = logp.max(-1)
-            conf.append(top_lp.exp().cpu().numpy())
-            correct.append((top == next_ids).cpu().numpy())
+            right = (top == next_ids).cpu().numpy()
+            bins += _ece_bins(top_lp.exp().cpu().numpy(), right)
+            sums["correct"] += right.sum()
+            if per_position:
+                here_scores["nll"].append(row_nll.cpu().numpy().astype(np.float32))
+                here_scores["correct"].append(right)
             if "teacher_ids" not in teacher:
                 continue
             # This chunk's teacher rows (kd_select ascends, so the chunks keep the teacher rows' order).
@@ -149,41 +174,71 @@ def evaluate_batches(model, batches, *, vocab_size: int | None, device="cpu", pe
             part["kd_select"] = part["kd_select"] - start
             ids, t_lp, sel = part["teacher_ids"], part["teacher_logprobs"], part["kd_select"]
             t_top = ids.gather(1, torch.where(ids >= 0, t_lp, -math.inf).argmax(-1, keepdim=True))[:, 0]
-            agree.append((top[sel] == t_top).cpu().numpy())
-            teacher_right.append((next_ids[sel] == t_top).cpu().numpy())
+            agree = (top[sel] == t_top).cpu().numpy()
+            sums["teacher_positions"] += len(agree)
+            sums["agree"] += agree.sum()
+            sums["teacher_right"] += (next_ids[sel] == t_top).sum().item()
+            if per_position:
+                here_scores["agree"].append(agree)
             if kd is not None and ids.shape[0] and all(k in part for k in needs):
                 _, parts = loss_parts(s, {**part, "next_ids": next_ids}, kd)
-                kd_sum += parts["kd"].item() * ids.shape[0]
-                kd_rows += ids.shape[0]
-    conf_all = np.concatenate(conf) if conf else np.zeros(0)
-    correct_all = np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
-    mean_nll = nll / n if n else float("nan")
-    out = {"sequences": seqs, "positions": n, "nll": mean_nll,
+                sums["kd"] += parts["kd"].item() * ids.shape[0]
+                sums["kd_rows"] += ids.shape[0]
+    if world_size > 1:
+        for _ in range(-(-total // world_size) - mine):  # the ranks with one batch fewer
+            _idle_forward(model, device)
+        sums, bins, scores = _all_reduce(sums, bins, scores, device, per_position)
+    n = sums["positions"]
+    mean_nll = sums["nll"] / n if n else float("nan")
+    out = {"sequences": int(sums["sequences"]), "positions": int(n), "nll": mean_nll,
            "perplexity": math.exp(mean_nll) if n else float("nan"),
-           "accuracy": float(correct_all.mean()) if n else float("nan"),
-           "ece": expected_calibration_error(conf_all, correct_all)}
-    if agree:
-        agree_all, right_all = np.concatenate(agree), np.concatenate(teacher_right)
-        out.update(teacher_positions=int(len(agree_all)), teacher_agreement=float(agree_all.mean()),
-                   teacher_accuracy=float(right_all.mean()))
-        if kd_rows:
-            out["kd_loss"] = kd_sum / kd_rows
+           "accuracy": sums["correct"] / n if n else float("nan"), "ece": _ece(bins)}
+    if sums["teacher_positions"]:
+        t = sums["teacher_positions"]
+        out.update(teacher_positions=int(t), teacher_agreement=sums["agree"] / t,
+                   teacher_accuracy=sums["teacher_right"] / t)
+        if sums["kd_rows"]:
+            out["kd_loss"] = sums["kd"] / sums["kd_rows"]
     if per_position:
-        out["per_position"] = {"nll": np.concatenate(nlls) if nlls else np.zeros(0, np.float32),
-                               "correct": correct_all.astype(bool)}
-        if agree:
-            out["per_position"]["agree"] = agree_all.astype(bool)
+        ordered = [scores[i] for i in sorted(scores)]
+        join = lambda key, dtype: np.concatenate([a for s in ordered for a in s[key]] or [np.zeros(0, dtype)])
+        out["per_position"] = {"nll": join("nll", np.float32), "correct": join("correct", bool)}
+        if sums["teacher_positions"]:
+            out["per_position"]["agree"] = join("agree", bool)
     return out
+
+
+def _idle_forward(model, device) -> None:
+    """A one-token forward that scores nothing: the collectives a sharded model runs in every forward."""
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+
+
+def _all_reduce(sums: dict, bins: np.ndarray, scores: dict, device, per_position: bool):
+    """Every rank's metric sums added up, and (with `per_position`) every rank's per-batch scores."""
+    import torch.distributed as dist
+
+    flat = torch.tensor([sums[k] for k in _SUMS] + bins.ravel().tolist(), dtype=torch.float64, device=device)
+    dist.all_reduce(flat)
+    values = flat.cpu().numpy()
+    sums = dict(zip(_SUMS, values[:len(_SUMS)].tolist()))
+    bins = values[len(_SUMS):].reshape(bins.shape)
+    if per_position:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, scores)
+        scores = {i: s for part in every for i, s in part.items()}
+    return sums, bins, scores
 
 
 def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch_size: int = 8,
                     max_sequences: int | None = None, device="cpu", per_position: bool = False,
-                    kd: LossPlan | None = FORWARD_KL, head: bool | None = None, chunk_size: int | None = None) -> dict:
-    """`evaluate_batches` over a `CacheSource` or `JsonlSource`, in order, in this process."""
+                    kd: LossPlan | None = FORWARD_KL, head: bool | None = None, chunk_size: int | None = None,
+                    rank: int = 0, world_size: int = 1) -> dict:
+    """`evaluate_batches` over a `CacheSource` or `JsonlSource`, in order; with world_size > 1 shared
+    across the ranks (see `evaluate_batches`; every rank reads the whole source and scores its share)."""
     stream = ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1)
     batches = collated_batches(stream, pad_id=pad_id, batch_size=batch_size, max_sequences=max_sequences)
     return evaluate_batches(model, batches, vocab_size=vocab_size, device=device, per_position=per_position,
-                            kd=kd, head=head, chunk_size=chunk_size)
+                            kd=kd, head=head, chunk_size=chunk_size, rank=rank, world_size=world_size)
 
 
 def evaluate(model: str, *, data: str | None = None, cache: str | None = None, batch_size: int = 8,

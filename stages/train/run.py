@@ -155,7 +155,7 @@ def train(s: TrainSettings) -> dict:
     """
     from logitcache.stages.train.collate import Collator
     from logitcache.stages.train.sources import Reader, open_training_data
-    from logitcache.stages.train.student import packing_problem
+    from logitcache.stages.train.student import fused_head_problem, packing_problem
     from logitcache.stages.train.trainer import KDTrainer, data_state_name
 
     # 1. Settings, the loss plan, the rank.
@@ -193,6 +193,10 @@ def train(s: TrainSettings) -> dict:
                         eval_sources=eval_sources if s.eval_steps else None, eval_pad_id=student.pad_id,
                         online_teacher=online)
 
+    if s.fused_head and not trainer.fused_head and rank == 0:
+        _say(f"the fused head is off: {fused_head_problem(trainer.model, args, fsdp=trainer.is_fsdp_enabled)}; the loss takes the model's "
+             f"(B, T, V) logits")
+
     # 5. Train.
     if s.resume and last is None:
         _say(f"--resume: no checkpoint in {s.out} yet; starting from step 0")
@@ -214,12 +218,12 @@ def train(s: TrainSettings) -> dict:
               "train_metrics": output.metrics, "log_history": trainer.state.log_history}
     if len(s.cache) > 1:  # the realised mixture: sequences this rank took from each cache
         result["cache"]["sequences_per_cache"] = dict(zip(s.cache, data.stream.per_stream()))
-    if s.eval_data and trainer.is_world_process_zero():
+    if s.eval_data:  # every rank scores its share (under FSDP every rank must join the forwards)
         from logitcache.stages.train.evaluate import evaluate_source
 
         result["eval"] = {"data": s.eval_data, **evaluate_source(model, eval_sources["data"], pad_id=student.pad_id,
                                                                  vocab_size=reader.vocab, batch_size=s.batch_size,
-                                                                 device=args.device)}
+                                                                 device=args.device, **trainer.eval_options())}
     result = _redact_urls(result)
     if trainer.is_world_process_zero():
         with open(os.path.join(s.out, RESULT_NAME), "w") as f:

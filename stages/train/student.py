@@ -105,20 +105,24 @@ def packing_problem(model) -> str | None:
     return None
 
 
-def fused_head_problem(model, args=None) -> str | None:
+def fused_head_problem(model, args=None, *, fsdp: bool = False) -> str | None:
     """Why `model` cannot train with the fused head and loss, or None if it can.
 
-    The fused path reads the head's weight outside the model's forward and applies it itself, so
-    it needs a plain linear head (not a PEFT-wrapped or quantized one), a decoder to hook and a
-    forward that takes `logits_to_keep`, and whole (not sharded) parameters: not FSDP or DeepSpeed.
+    The fused path takes the head's weight and applies it itself, so it needs a plain linear head
+    (not a PEFT-wrapped or quantized one), a decoder to hook and a forward that takes
+    `logits_to_keep`. Under FSDP it reads the weight inside the forward, where FSDP has gathered it
+    (`KDTrainer._fused_loss`); DeepSpeed shards it outside, and FSDP with LoRA is untested.
 
     Args:
         args: the run's `TrainingArguments` (its fsdp and deepspeed settings), or None.
+        fsdp: FSDP is on by other means (an accelerate config; `KDTrainer.is_fsdp_enabled`).
     """
     import inspect
 
-    if args is not None and (args.fsdp or args.deepspeed):
-        return "FSDP and DeepSpeed shard the head's weight outside the forward"
+    if args is not None and args.deepspeed:
+        return "DeepSpeed shards the head's weight outside the forward"
+    if (fsdp or (args is not None and args.fsdp)) and hasattr(model, "get_base_model"):
+        return "under FSDP the fused head is tested without LoRA only"
     if hasattr(model, "get_base_model"):  # a peft model: its forward passes logits_to_keep on
         model = model.get_base_model()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -35,8 +35,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from logitcache.stages.train.data import ShardedStream
-from logitcache.stages.train.batch_loss import (final_hidden, fused_head_loss, head_weights, loss_parts,
-                                                 supervised_logits)
+from logitcache.stages.train.batch_loss import fused_head_loss, head_weights, loss_parts, supervised_logits
 from logitcache.stages.train.loss_settings import LossPlan
 from logitcache.stages.train.stop import StopOnSignal
 from logitcache.stages.train.student import fused_head_problem
@@ -166,7 +165,7 @@ class KDTrainer(Trainer):
         self.eval_sources, self.eval_pad_id = dict(eval_sources or {}), eval_pad_id
         self.online_teacher = online_teacher
         self.plan, self.chunk_size, self.vocab_size = plan, chunk_size, vocab_size
-        self.fused_head = fused_head and fused_head_problem(self.model, self.args) is None
+        self.fused_head = fused_head and fused_head_problem(self.model, self.args, fsdp=self.is_fsdp_enabled) is None
         # compute_loss normalizes by `num_items_in_batch` itself; this makes the Trainer count and pass it.
         self.model_accepts_loss_kwargs = True
         self._sums: dict[str, torch.Tensor] = {}
@@ -236,12 +235,19 @@ class KDTrainer(Trainer):
         for name, source in self.eval_sources.items():
             found = evaluate_source(model, source, pad_id=self.eval_pad_id, vocab_size=self.vocab_size,
                                     batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-                                    kd=kd, head=self.fused_head)
+                                    kd=kd, **self.eval_options())
             metrics.update({f"{metric_key_prefix}_{name}_{key}": float(value) for key, value in found.items()})
         model.train(was_training)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def eval_options(self) -> dict:
+        """`evaluate.evaluate_batches`' head, rank and world_size for this rank: evaluation shared across the
+        ranks, applying the head itself where training does, except under FSDP (it reads the head's weight
+        outside the forward there)."""
+        return {"head": self.fused_head and not self.is_fsdp_enabled, "rank": self.args.process_index,
+                "world_size": self.args.world_size}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         stream = inputs.pop("stream", None)
@@ -283,20 +289,39 @@ class KDTrainer(Trainer):
     def _fused_loss(self, model, inputs):
         """(total, metrics, zero) from the final hidden states and the head (`batch_loss.fused_head_loss`).
 
-        The hidden states come from `batch_loss.final_hidden`: the model's own forward still runs
-        (DDP and PEFT wrappers see their call), with `logits_to_keep=1`.
+        The model's own forward runs (DDP, FSDP and PEFT wrappers see their call) with `logits_to_keep=1`;
+        a hook takes the decoder's final hidden states, and the loss is computed in a pre-hook of the
+        LM head, inside the forward: FSDP's own pre-hook, which runs first, has gathered the head's
+        weight whole there, whether the head is in the root's unit, a unit with the final norm
+        (accelerate's) or its own. Under FSDP the total also takes 0 * the forward's (B, 1, V) logits,
+        so that FSDP's backward hooks on those fire as in the unfused run.
         """
         inner = self.accelerator.unwrap_model(model)
-        hidden = final_hidden(model, inner, model_inputs(inputs), use_cache=False)
-        weight, bias = head_weights(inner, self.vocab_size)
         rows = inputs["rows"]
-        if rows.shape[0] == 0:
-            zero = hidden.sum() * 0.0 + inner.get_output_embeddings().weight.sum() * 0.0
-            return None, {}, zero
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        total, metrics = fused_head_loss(hidden, weight, bias, inputs, self.plan, chunk_size=self.chunk_size,
-                                         transform=logit_transform(inner.config))
-        return total, metrics, None
+        hidden, found = [], []
+
+        def loss_at_head(module, args):
+            h = hidden[-1]
+            weight, bias = head_weights(inner, self.vocab_size)
+            if rows.shape[0] == 0:
+                found.append((None, {}, h.sum() * 0.0 + weight.sum() * 0.0))
+                return
+            h = h.reshape(-1, h.shape[-1]).index_select(0, rows)
+            found.append((*fused_head_loss(h, weight, bias, inputs, self.plan, chunk_size=self.chunk_size,
+                                           transform=logit_transform(inner.config)), None))
+
+        hooks = [inner.get_decoder().register_forward_hook(lambda module, args, out: hidden.append(out[0])),
+                 inner.get_output_embeddings().register_forward_pre_hook(loss_at_head)]
+        try:
+            outputs = model(**model_inputs(inputs), logits_to_keep=1, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        total, metrics, zero = found[-1]
+        if self.is_fsdp_enabled:
+            tie = outputs.logits.sum() * 0.0
+            total, zero = (None if x is None else x + tie for x in (total, zero))
+        return total, metrics, zero
 
     def loss_parts(self, s: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`loss_parts` with this trainer's loss plan."""

@@ -217,3 +217,22 @@ def test_train_on_a_152k_vocabulary_never_builds_the_full_logits(big_vocab_world
     state = 4 * out["param_bytes"]
     assert out["unfused"] - state > 2 * logits_bytes, out  # the yardstick is what we think it is
     assert out["fused"] - state < 0.5 * logits_bytes, out
+
+
+def test_the_fused_head_is_refused_with_its_reason_under_deepspeed_and_for_lora_under_fsdp():
+    """FSDP alone keeps the fused head (test_trainer_fsdp.py); DeepSpeed and LoRA under FSDP get a reason."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trainkit import world
+
+    from logitcache.stages.train.student import fused_head_problem
+
+    model = AutoModelForCausalLM.from_pretrained(world().student, dtype=torch.float32)
+    fsdp, deepspeed = SimpleNamespace(fsdp=["full_shard"], deepspeed=None), SimpleNamespace(fsdp=[], deepspeed="ds.json")
+    assert fused_head_problem(model, fsdp) is None
+    assert "DeepSpeed" in fused_head_problem(model, deepspeed)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert fused_head_problem(lora) is None
+    assert "without LoRA" in fused_head_problem(lora, fsdp) == fused_head_problem(lora, fsdp=True)

@@ -282,6 +282,40 @@ def test_ddp_two_processes_on_cpu_see_disjoint_data():
         assert state["rank"] == r and state["world_size"] == 2 and state["consumed"] == [4]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")
+def test_evaluation_is_shared_across_ranks_and_equals_one_process():
+    """The same DDP run's evaluation at step 4 (`--eval-cache`, 12 batches of 2): each rank scored its own
+    batches (about half the positions, together all of them), and the all-reduced metrics and the gathered
+    per-position scores every rank returns are one process's evaluation of the step-4 checkpoint."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from logitcache.stages.train.alignment import SameTokenizerTargets
+    from logitcache.stages.train.data import CacheSource
+    from logitcache.stages.train.evaluate import evaluate_source
+
+    out, result = ddp_run()
+    w = world()
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-4", dtype=torch.float32)
+    v = len(w.tokenizer)
+    one = evaluate_source(model, CacheSource(str(w.cache), to_item=SameTokenizerTargets(v)), pad_id=0, vocab_size=v,
+                          batch_size=2, per_position=True)
+    logged_eval = [h for h in result["log_history"] if "eval_cache_nll" in h]
+    assert [h["step"] for h in logged_eval] == [4]
+    for key in ("nll", "accuracy", "ece", "teacher_agreement", "teacher_accuracy", "kd_loss"):
+        assert logged_eval[0][f"eval_cache_{key}"] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    assert logged_eval[0]["eval_cache_positions"] == one["positions"]
+    assert logged_eval[0]["eval_cache_sequences"] == one["sequences"] == 24
+    ranks = [np.load(out / f"eval_rank{r}.npz") for r in range(2)]
+    scored = [int(found["scored"][0]) for found in ranks]
+    assert sum(scored) == one["positions"] and 0 < scored[0] < one["positions"]  # each its share, none twice
+    for found in ranks:
+        for key in ("nll", "correct", "agree"):
+            assert found[f"{key}0"].shape == one["per_position"][key].shape
+            np.testing.assert_allclose(found[f"{key}0"], one["per_position"][key], rtol=1e-5, atol=1e-6)
+
+
 def test_a_held_out_cache_of_another_tokenizer_gets_the_tokenizer_refusal(tmp_path, capsys):
     """`eval --cache` and `train --eval-cache` with a model whose tokenizer is not the cache's: the tokenizer
     refusal, naming the first id that means another token (they once stopped on "unknown loss 'eval'")."""
