@@ -1,6 +1,6 @@
 """BiLD's student-led estimate on a student from a real training run, against BiLD on the full logits.
 
-    flock /work/wt/heavy.lock .venv/bin/python benchmarks/bench_bild_trained.py            # ~5 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_bild_trained.py            # ~5 min on 2 CPU cores
     .venv/bin/python benchmarks/bench_bild_trained.py --teacher-steps 200 --student-steps 40 --seed 0
 
 The synthetic students of bench_fidelity.py are the teacher plus i.i.d. logit noise. Here teacher and
