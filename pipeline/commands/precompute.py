@@ -4,6 +4,7 @@ import argparse
 import signal
 
 from logitcache.pipeline.options import add_deprecated_alias
+from logitcache.stages.precompute.engine_registry import ENGINES
 from logitcache.storage.backends import BACKENDS
 
 HELP = "run a teacher over a dataset once and cache its top-K (or sampled) log-probs"
@@ -130,8 +131,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "Fixed for a cache: changing it starts a different cache")
 
     g = p.add_argument_group("engine")
-    g.add_argument("--engine", choices=["vllm", "hf"],
-                   help="vllm or hf (transformers); default: vllm where vLLM and a GPU are present, else hf")
+    g.add_argument("--engine", choices=list(ENGINES),
+                   help=f"{'; '.join(f'{name}: {about}' for name, (_, about) in ENGINES.items())}. Default: vllm where "
+                        f"vLLM and a GPU are present, else hf")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="teacher compute dtype (default auto: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--batch-size", type=int, default=64, metavar="B",

@@ -403,3 +403,28 @@ def test_shard_batches_go_longest_first_and_the_shard_stays_in_row_order(hf_engi
     for i, want in enumerate(alone):
         got = shard.topk_logprobs[starts[i]:starts[i + 1]]
         np.testing.assert_allclose(got, want["topk_logprobs"], rtol=0, atol=1e-4)
+
+
+class ToyEngine:
+    """An engine declared by the registry line alone (`test_a_registered_engine_is_built_and_offered`)."""
+
+    def __init__(self, model, *, spec, **common):
+        self.model, self.spec, self.common = model, spec, common
+
+
+def test_a_registered_engine_is_built_and_offered(monkeypatch, capsys):
+    """A new engine is its class and one registry line: build_engine builds it, --engine offers it, --help
+    describes it."""
+    from logitcache.pipeline.cli import main
+    from logitcache.stages.precompute.engine_registry import ENGINES
+    from logitcache.stages.precompute.engines import build_engine
+
+    monkeypatch.setitem(ENGINES, "toy", (f"{__name__}:ToyEngine", "a toy engine for the registry test"))
+    engine = build_engine("toy", "some/model", k=4)
+    assert isinstance(engine, ToyEngine) and engine.model == "some/model" and engine.spec.k == 4
+    assert main(["precompute", "--teacher", "Qwen/Qwen2.5-0.5B", "--data", "d.jsonl", "--text-field", "text",
+                 "--out", "c", "--engine", "toy", "--print-config"]) == 0
+    assert "engine: toy" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["precompute", "--help"])
+    assert "toy: a toy engine for the registry test" in " ".join(capsys.readouterr().out.split())

@@ -11,15 +11,15 @@ the hf engine.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 
+from logitcache.stages.precompute.engine_registry import ENGINE_NAMES, ENGINES
 from logitcache.stages.precompute.engines.base import Engine, Request, TargetSpec, run_ahead
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["Engine", "Request", "TargetSpec", "build_engine", "default_engine_name", "run_ahead", "ENGINE_NAMES"]
-
-ENGINE_NAMES = ("hf", "vllm")
 
 
 def build_engine(
@@ -67,12 +67,10 @@ def build_engine(
         trust_remote_code=trust_remote_code,
         revision=revision,
     )
-    if name == "hf":
-        from logitcache.stages.precompute.engines.hf import HFEngine as cls
-    elif name == "vllm":
-        from logitcache.stages.precompute.engines.vllm_engine import VLLMEngine as cls
-    else:
-        raise ConfigError(f"engine {name!r}; expected one of {ENGINE_NAMES}")
+    if name not in ENGINES:
+        raise ConfigError(f"engine {name!r}; expected one of {tuple(ENGINES)}")
+    module, _, attr = ENGINES[name][0].partition(":")
+    cls = getattr(importlib.import_module(module), attr)
     params = inspect.signature(cls).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         if unknown := sorted(set(engine_kwargs) - set(params)):
