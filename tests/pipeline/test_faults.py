@@ -298,6 +298,45 @@ def test_s3_store_gone_while_training_is_an_error_not_a_hang(reference_cache, s3
     assert not (tmp_path / "out" / "logitcache_train.json").exists()  # never a silent skip to the end
 
 
+def test_train_resumes_exactly_after_an_s3_outage_mid_training(s3, tmp_path, capsys):
+    """The store goes away while a real `train` process reads it: it stops with the one-line error; once the
+    store is back, `--resume` from the last checkpoint ends with the weights of a run that never saw the
+    outage (both of those in this process, as one-thread processes would run them)."""
+    w = world()
+    endpoint, _ = s3
+    bucket = BUCKET + "-outage"
+    make_bucket(endpoint, bucket)
+    __import__("s3fs").S3FileSystem(**s3_options(endpoint)).put(str(w.cache), f"{bucket}/cache", recursive=True)
+    url = f"s3://{bucket}/cache"
+    bounds = ["--storage-option", "connect_timeout=2", "--storage-option", "read_timeout=2",
+              "--storage-option", "attempts=1"]
+
+    def argv(out, *extra):  # many epochs of a small cache: shards are read again after the read-ahead
+        return ["train", "--student", str(w.student), "--cache", url, "--loss", "kl", "--out", str(out),
+                "--max-steps", "40", "--batch-size", "2", "--lr", "1e-3", "--num-workers", "0",
+                "--shuffle-window", "1", "--save-steps", "4", "--logging-steps", "1", *bounds, *extra]
+
+    out = tmp_path / "run"
+    with tcp_proxy(endpoint) as proxy:
+        log = tmp_path / "train.log"
+        proc = start(argv(out), log, _s3_env(proxy.endpoint))
+        wait_until(proc, log, lambda: re.search(r"\b([5-9]|\d\d)/40\b", log.read_text()), "step 5")
+        proxy.stop()
+        rc, text = finish(proc, log)
+        assert_contract(rc, text, "train", (url, "shard-"))
+        checkpoints = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+        assert checkpoints and checkpoints[-1] < 40, checkpoints
+        proxy.start()  # back, with its data
+        assert run_here(argv(out, "--resume"), _s3_env(proxy.endpoint)) == 0, capsys.readouterr().err
+        assert run_here(argv(tmp_path / "ref"), _s3_env(proxy.endpoint)) == 0, capsys.readouterr().err
+    result = json.loads((out / "logitcache_train.json").read_text())
+    expected = json.loads((tmp_path / "ref" / "logitcache_train.json").read_text())
+    assert result["global_step"] == 40 and result["sequences_per_rank"] == expected["sequences_per_rank"]
+    a, b = weights(out), weights(tmp_path / "ref")
+    for name in b:
+        assert (a[name] == b[name]).all(), f"{name} differs after resuming at step {checkpoints[-1]}"
+
+
 def _s3_env(endpoint: str) -> dict:
     return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}
