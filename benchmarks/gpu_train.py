@@ -84,6 +84,7 @@ def one_rank_fsdp(model, device: str):
 def fsdp_fused_step(student, opt, *, optimizer_step: bool = True):
     """kl + CE through the fused head on an FSDP2 model, by `KDTrainer._fused_loss`'s calls."""
     from logitcache.stages.train.batch_loss import final_hidden, fused_head_loss, head_weights
+    from logitcache.stages.train.loss_settings import loss_settings
 
     def run(b):
         opt.zero_grad(set_to_none=optimizer_step)
@@ -91,7 +92,7 @@ def fsdp_fused_step(student, opt, *, optimizer_step: bool = True):
                               use_cache=False)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b["rows"])
         weight, bias = head_weights(student, None)
-        loss, _ = fused_head_loss(hidden, weight, bias, b, loss="kl", ce_weight=1.0, kd_weight=1.0)
+        loss, _ = fused_head_loss(hidden, weight, bias, b, loss_settings("kl", ce_weight=1.0, kd_weight=1.0))
         loss.backward()
         if optimizer_step:
             opt.step()

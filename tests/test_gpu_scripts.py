@@ -119,8 +119,8 @@ def test_smoke_run_there(name, links, tmp_path):
     else:
         result = json.loads((tmp_path / "gpu_train.json").read_text())
         ran = set(result["seconds_per_step"])
-        assert ran - {"fsdp_kl_fused"} == {"hf_sft", "ce_sft", "sft_fused", "kl", "kl_fused", "bild", "bild_fused",
-                                           "fsdp_hf_sft", "fsdp_kl"}
-        # The fused head under FSDP runs only where its gradients equal the unsharded model's.
-        assert ("fsdp_kl_fused" in ran) != ("fsdp_kl_fused" in result["skipped"])
+        # The fused head under FSDP runs only where its gradients equal the unsharded model's: on one CPU rank
+        # they do, so a skip here is a broken row (a wrong call is recorded as a skip, not raised).
+        assert ran == {"hf_sft", "ce_sft", "sft_fused", "kl", "kl_fused", "bild", "bild_fused", "fsdp_hf_sft", "fsdp_kl",
+                       "fsdp_kl_fused"}, result.get("skipped")
         assert all(s > 0 for s in result["seconds_per_step"].values())
