@@ -106,7 +106,7 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     fs.pipe_file(tmp, data)
     fsync_tree(tmp)
     fs.mv(tmp, path)
-    fsync_tree(posixpath.dirname(path))
+    fsync_folder(posixpath.dirname(path))
 
 
 def write_file_atomically(path: str, data: bytes) -> None:
@@ -117,6 +117,16 @@ def write_file_atomically(path: str, data: bytes) -> None:
     atomic_write_bytes(LocalFileSystem(), os.path.abspath(path), data)
 
 
+def fsync_folder(path: str) -> None:
+    """Flush a folder's own entries (a rename just made in it) to the disk, not the files in it: other
+    writers' temporary files come and go there (another rank's checkpoint file, another job's shard)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(path: str) -> None:
     """Flush a local file, or a folder with every file and folder in it, to the disk (before a rename
     publishes it, so a power cut cannot leave a named shard or index with lost blocks)."""
@@ -124,11 +134,7 @@ def fsync_tree(path: str) -> None:
         for folder, _, files in os.walk(path):
             for name in files:
                 fsync_tree(os.path.join(folder, name))
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_folder(folder)
         return
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -144,5 +150,5 @@ def atomic_rename(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     if fs.exists(dst):
         fs.rm(dst, recursive=True)
     fs.mv(src, dst, recursive=True)
-    fsync_tree(posixpath.dirname(dst))
+    fsync_folder(posixpath.dirname(dst))
 

@@ -161,7 +161,9 @@ def torchrun_train(out: Path, *extra: str) -> dict:
            "--eval-steps", "4", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A rank's one-line error can sit far above the other rank's traceback: show those lines first.
+    errors = [line for line in proc.stderr.splitlines() if "logitcache train: error:" in line or "train: error" in line]
+    assert proc.returncode == 0, "\n".join(errors) + "\n" + proc.stderr[-3000:]
     result = json.loads((out / "logitcache_train.json").read_text())
     result["rows"] = [json.loads((out / f"rows_rank{r}.json").read_text()) for r in range(2)]
     result["wrapper"] = [(out / f"wrapper_rank{r}.txt").read_text() for r in range(2)]

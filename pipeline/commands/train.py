@@ -103,7 +103,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    metavar="KEY=VALUE", help="any other option of the loss, e.g. beta=0.5 (jsd), alpha=0.1 (skl), "
                    "gamma=1.5 (nkd); repeatable")
     g.add_argument("--ce-weight", type=float, metavar="a", help="weight of cross entropy on the labels (default: the "
-                   "loss's; 1, bild 0 as in the BiLD paper's recipe)")
+                   "loss's; 1, bild 0.5 (the BiLD paper's recipe is 0; see docs/LOSSES.md))")
     g.add_argument("--kd-weight", type=float, metavar="b", help="weight of the distillation term (default: the loss's; "
                    "1, uld 1.5)")
     g.add_argument("--uld-lambda", type=float, metavar="λ", help="ULD's weight: total = CE + λ * ULD (default 1.5)")

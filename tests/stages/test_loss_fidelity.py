@@ -174,9 +174,11 @@ def test_rskd_teacher_is_its_fixed_point(temperature, tau):
     assert grad.abs().max().item() <= 1e-12
 
 
-def test_bild_trains_without_the_label_cross_entropy_by_default():
-    """The BiLD paper's official recipe trains on the BiLD loss alone (no label CE)."""
+def test_bild_trains_with_half_the_label_cross_entropy_by_default():
+    """Not the BiLD paper's recipe (BiLD alone): on the full demo preset BiLD alone gave 3x SFT's held-out
+    perplexity and 9x its ECE; `--ce-weight 0.5` beat SFT on all three (README, "Choosing a loss")."""
     bild = loss_settings("bild")
-    assert (bild.ce_weight, bild.kd_weight) == (0.0, 1.0)
+    assert (bild.ce_weight, bild.kd_weight) == (0.5, 1.0)
+    assert loss_settings("bild", ce_weight=0.0).ce_weight == 0.0  # the paper's recipe, one flag away
     kl = loss_settings("kl")
     assert (kl.ce_weight, kl.kd_weight) == (1.0, 1.0)

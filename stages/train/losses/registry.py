@@ -194,7 +194,9 @@ LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
          (Option("top_k", 8, "k, the logits compared in each half (<= the cache's K)", low=2, low_open=False,
                  integer=True),
           _temperature(3.0, "T of the pairwise differences (the paper's 3.0)")),
-         ce_weight=0.0,
+         # Not the paper's 0: on the full demo preset, BiLD alone tripled held-out perplexity and ECE against
+         # SFT; with 0.5 x label CE it beats SFT on accuracy, perplexity and matches its ECE (README).
+         ce_weight=0.5,
          approximates="BiLD on full logits; teacher-led half exact, student-led half estimated past rank K"),
     # Top-K caches only: sorted sampled ids are not the teacher's top ranks (at student = teacher the
     # loss would be 0.26, not 0, on a 64-draw cache).
