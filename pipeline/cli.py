@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, from_config = _parse_with_config(parser, argv)
-        secrets |= credentials_in([], _storage_options(getattr(args, "storage_options", None)))
+        secrets |= credentials_in([], _parsed_storage_options(args))
         sub_parser = parser._subparsers._group_actions[0].choices[args.command]
         check_options(args.command, sub_parser, args, from_config, open_paths=not args.print_config)
         if args.print_config:
@@ -155,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
 def resolved_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     """{option: value} of a parsed command as `--config` YAML takes it: plain YAML values, KEY=VALUE
     lists as mappings, and storage options with their credentials redacted (`storage.redact`)."""
-    from logitcache.pipeline.commands.precompute import parse_storage_options
     from logitcache.storage.redact import redact_options
 
     out = {}
@@ -165,7 +164,7 @@ def resolved_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             continue
         value = _plain(getattr(args, dest))
         if dest == "storage_options" and value is not None:
-            value = redact_options(parse_storage_options(value))
+            value = redact_options(_parsed_storage_options(args))
         elif isinstance(value, list) and value and all(isinstance(v, list) and len(v) == 2 for v in value):
             value = dict(value)  # --hf-arg / --loss-option KEY=VALUE pairs
         out[dest] = value
@@ -180,11 +179,11 @@ def _plain(value):
     return value
 
 
-def _storage_options(given) -> dict:
-    """--storage-option as given (KEY=VALUE strings, or a config's mapping) -> {key: value}, values as text."""
-    if isinstance(given, dict):
-        return given
-    return dict(str(item).partition("=")[::2] for item in given or ())
+def _parsed_storage_options(args: argparse.Namespace) -> dict | None:
+    """The command's --storage-option values as the run reads them (`parse_storage_options`), if it takes any."""
+    from logitcache.pipeline.commands.precompute import parse_storage_options
+
+    return parse_storage_options(getattr(args, "storage_options", None))
 
 
 def user_error(e: BaseException) -> LogitCacheError | None:

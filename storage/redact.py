@@ -106,8 +106,8 @@ def credentials_in(argv: list[str], storage_options: dict | None = None) -> set[
                 info = m.group(2)[:-1]
                 found.update({info, *map(unquote, info.split(":", 1))})
     for key, value in _flatten(storage_options or {}):
-        if key not in SAFE_OPTION_KEYS and isinstance(value, str):
-            found.add(value)
+        if key not in SAFE_OPTION_KEYS and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            found.add(str(value))  # a YAML-read value may be a number
     return {s for s in found if len(s) >= 4}  # shorter ones would blank out ordinary words
 
 
