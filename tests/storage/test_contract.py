@@ -59,6 +59,9 @@ print(json.dumps({{"ids": g["topk_ids"][off[0]:off[1]].tolist(), "lp": lp[off[0]
 
 def _run_without_logitcache(code: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # The result is printed; then leave at once: a library's thread pool tearing down at interpreter
+    # exit once aborted the child ("terminate called without an active exception") under load.
+    code += "\nsys.stdout.flush()\nimport os; os._exit(0)\n"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/", timeout=120)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
