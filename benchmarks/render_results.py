@@ -55,12 +55,10 @@ def current_figures(figures: list[dict]) -> list[str]:
     lines += [f"| `{f['id']}` | {f['what']} | {measured(f)} | {f['goal'] or '–'} | "
               f"{STATUS[f['met']] if f['values'] is not None else 'not measured'} | {f['date'] or '–'} |"
               for f in figures]
+    lines += ["", "Each figure's rerun command, machine and notes:", ""]
     for f in figures:
-        lines += ["", f"**`{f['id']}`** ({f['area']}).", ""]
-        lines.append(f"- Rerun: `{f['command']}`" if f["command"] else "- Rerun: the exact command is not known.")
-        lines.append(f"- Machine: {f['machine'] or 'not recorded'}.")
-        if f["notes"]:
-            lines.append(f"- {f['notes']}")
+        rerun = f"rerun: `{f['command']}`" if f["command"] else "rerun: the exact command is not known"
+        lines.append(f"- **`{f['id']}`**, {rerun}; machine: {f['machine'] or 'not recorded'}. {f['notes'] or ''}".rstrip())
     return lines
 
 

@@ -105,3 +105,31 @@ def test_record_updates_an_entry_and_keeps_its_description(tmp_path, monkeypatch
         results.record("train.something_new", values={"x": 1.0})
     results.record("train.something_new", values={"x": 1.0}, what="a new figure", area="stage two")
     assert [f["id"] for f in results.load(path)][-1] == "train.something_new"
+
+
+def _anchors(markdown: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings (code blocks skipped)."""
+    import re
+
+    anchors, fenced = set(), False
+    for line in markdown.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_links_into_the_docs_anchors_resolve():
+    """A link `FILE.md#anchor` (or `#anchor`) in the README, docs/ or RESULTS.md names a heading of that file."""
+    import re
+
+    sources = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for source in sources:
+        for target, anchor in re.findall(r"\]\(((?!https?:)[^)#\s]*)#([^)\s]+)\)", source.read_text()):
+            path = (source.parent / target).resolve() if target else source
+            assert anchor in _anchors(path), f"{source.relative_to(ROOT)}: no heading for {target}#{anchor}"
+            checked += 1
+    assert checked >= 4
