@@ -555,7 +555,9 @@ def bench_head_widths(args) -> None:
         fused[f"H = {width:,}"] = round(base / min(times["fused"][1:]), 2)
     from results import record
 
-    record("precompute.fused_head.widths", values=fused)
+    record("precompute.fused_head.widths", values=fused,
+           what=f"fused head + top-K against one head matmul, by hidden size H (V = {args.vocab:,}, {rows} rows, "
+                "fp32, 1 thread, CPU time)")
 
 
 def main() -> None:
