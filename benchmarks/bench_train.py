@@ -195,11 +195,13 @@ def memory_main(a) -> None:
         print(f"  {m:14s} {out[m] / 2**20:8.0f} MiB  {out[m] / logits:5.2f} logits  {out[m] / out['ce_sft']:5.2f}x ce_sft")
     fused = {f"{m.replace('+ce', ' + CE')[:-6]} fused": round(out[m] / out["ce_sft"], 2)
              for m in ("kl+ce_fused", "bild+ce_fused") if m in out}
-    if a.memory_scope == "step" and fused and "ce_sft" in out and not a.quick:
+    if fused and "ce_sft" in out and not a.quick:
         from results import record
 
-        record("train.fused.memory", values=fused, met=max(fused.values()) <= 1.0,
-               what=f"peak memory of one optimizer step, fused head + loss, V = {a.vocab:,}, × `F.cross_entropy` SFT")
+        scope = "one optimizer step" if a.memory_scope == "step" else "forward + backward alone"
+        record("train.fused.memory" + ("" if a.memory_scope == "step" else ".loss_scope"), values=fused,
+               met=max(fused.values()) <= 1.0,
+               what=f"peak memory of {scope}, fused head + loss, V = {a.vocab:,}, × `F.cross_entropy` SFT")
 
 
 def main():
