@@ -19,7 +19,8 @@ An entry is one figure (several values when one run measures variants of it side
     readme   true: the README's performance table shows it
 record() replaces the fields it is given and keeps the others (what, goal, readme, older notes unless new
 ones are given). `make results` then renders RESULTS.md's "Current figures" and the README's table
-(benchmarks/render_results.py); review the diff of results.json before committing it.
+(benchmarks/render_results.py); review the diff of results.json before committing it. LOGITCACHE_RESULTS=PATH
+sends a trial run's figures to another file.
 """
 
 from __future__ import annotations
