@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast test-slow demo bench clean
+.PHONY: install test test-fast test-slow demo bench results clean
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_storage.py
+
+# The figures in README.md and benchmarks/RESULTS.md, rendered from benchmarks/results.json (which the
+# benchmarks write); tests/test_results_file.py fails when they disagree. Needs only the standard library.
+results:
+	$(PYTHON) benchmarks/render_results.py
 
 clean:
 	rm -rf $(VENV) demo_out benchmarks/out

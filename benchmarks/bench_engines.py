@@ -248,6 +248,20 @@ def bench_whole_job(model: str, args) -> None:
         print(f"{name:28s} {min(times[name, 'big']):8.1f} {min(times[name, 'small']):8.1f} {net[name]:8.1f} "
               f"{net['bare'] / net[name]:8.2f}   {runs}")
     print(json.dumps({"net_seconds": net}))
+    from results import record
+
+    ratios = {name: round(net["bare"] / net[name], 2) for name in jobs if name != "bare"}
+    if args.job_engine == "hf":
+        default, goal = "hf engine, fused head", 0.95 if args.vocab <= 4096 else 0.9
+        record(f"precompute.hf.whole_job.h{args.hidden}.v{args.vocab}", values=ratios, goal=f"≥ {goal}",
+               met=ratios[default] >= goal if default in ratios else None, area="stage one", unit="× the bare job",
+               what=f"`precompute --engine hf`, whole job, {args.layers}-layer {args.hidden}-wide teacher, "
+                    f"V = {args.vocab:,}, × a bare transformers forward job")
+    else:
+        eager = "enforce_eager=true" in args.job_engine_arg
+        default = "vllm default" if "vllm default" in ratios else "vllm pooling path"
+        record(f"precompute.vllm.whole_job.{'eager' if eager else 'compiled'}", values=ratios,
+               met=ratios[default] >= 0.8 if default in ratios else None)
 
 
 def bench_path_error(model: str, args) -> None:
@@ -280,6 +294,7 @@ def bench_path_error(model: str, args) -> None:
     biggest = max(float(e.max() - e.min()) for e in exact)
     print(f"{len(requests)} texts, {sum(len(r.positions) for r in requests)} positions, k={args.k}; "
           f"largest logit spread in a row {biggest:.1f} nats (fp32)")
+    errors = {}
     print(f"{'path':28s} {'target |err| mean':>18s} {'p99':>7s} {'max':>7s} {'top-K |err| mean':>17s} {'max':>7s}")
     for path in ("pooling", "logprobs"):
         engine = build_engine("vllm", model, vllm_path=path, k=args.k, enforce_eager=True)
@@ -294,6 +309,10 @@ def bench_path_error(model: str, args) -> None:
         target, topk = np.concatenate(target), np.concatenate(topk)
         print(f"{path:28s} {target.mean():18.4f} {np.quantile(target, 0.99):7.3f} {target.max():7.3f} "
               f"{topk.mean():17.4f} {topk.max():7.3f}", flush=True)
+        errors[path] = round(float(target.mean()), 3)
+    from results import record
+
+    record("precompute.vllm.path_error", values=errors)
 
 
 def bench_vllm_contention(model: str, args) -> None:
@@ -431,6 +450,13 @@ def bench_job_own_work(model: str, args) -> None:
     for backend in args.job_backends.split(","):
         (wb, cb, pb), (ws, cs, ps) = results["big", backend], results["small", backend]
         print(f"{backend:6s} {(pb - ps) / (wb - ws):10,.0f} positions/s wall   {(pb - ps) / (cb - cs):10,.0f} per CPU second")
+    from results import record
+
+    per_cpu = {}
+    for backend in args.job_backends.split(","):
+        (wb, cb, pb), (ws, cs, ps) = results["big", backend], results["small", backend]
+        per_cpu[backend] = round((pb - ps) / (cb - cs))
+    record("precompute.own_work", values=per_cpu, met=min(per_cpu.values()) >= 200_000)
 
 
 def bench_topk_micro(args) -> None:
@@ -504,6 +530,7 @@ def bench_head_widths(args) -> None:
     rows, spec = args.micro_rows, TargetSpec(k=args.k)
     print(f"{rows} rows x V {args.vocab}, k={args.k}, fp32, 1 torch thread; CPU seconds per round; "
           f"ratio = one-matmul time / path time, best counted rounds")
+    fused = {}
     for width in (int(h) for h in args.head_widths.split(",")):
         head = LMHead(weight=torch.randn(args.vocab, width, generator=gen) * (2.5 / width ** 0.5))
         hidden = torch.randn(rows, width, generator=gen)
@@ -525,6 +552,12 @@ def bench_head_widths(args) -> None:
         for name, t in times.items():
             rounds = " ".join(f"{x:6.2f}" for x in t[1:])
             print(f"H {width:5d}  {name:42s} {rounds}   {base / min(t[1:]):.2f}", flush=True)
+        fused[f"H = {width:,}"] = round(base / min(times["fused"][1:]), 2)
+    from results import record
+
+    record("precompute.fused_head.widths", values=fused,
+           what=f"fused head + top-K against one head matmul, by hidden size H (V = {args.vocab:,}, {rows} rows, "
+                "fp32, 1 thread, CPU time)")
 
 
 def main() -> None:

@@ -93,6 +93,10 @@ def main():
         print(f"  {m:7s} {result['tokens_per_cpu_second'][m]:8.0f} tokens per CPU second   "
               f"median step {result['median_step_cpu_s'][m]:.3f} s")
     print(f"packed / padded throughput: {result['packed_over_padded']:.2f}x")
+    if not a.quick:
+        from results import record
+
+        record("train.packing", values={"packed / padded": round(result["packed_over_padded"], 2)})
 
 
 if __name__ == "__main__":

@@ -203,12 +203,37 @@ def main():
     print("\nread throughput, K=32, one thread, local disk:")
     print("| backend | encoding | verify sha256 | positions | pass | positions/s |")
     print("|---|---|---|---|---|---|")
+    first_pass = {}
     for backend in ("zarr", "arrow"):
         for verify in (True, False):
             n, res = read_throughput(seqs, vocab, backend, "compact", target, verify)
             for attempt, rate in res:
                 print(f"| {backend} | compact | {verify} | {n} | {attempt} | {rate / 1e6:.2f}M |", flush=True)
+            if verify:
+                first_pass[backend] = round(res[0][1] / 1e6, 2)
     json.dump(rows, open(OUT / "storage_sizes.json", "w"), indent=1)
+    if not args.quick:
+        record_figures(rows, first_pass)
+
+
+def record_figures(rows, first_pass):
+    """This run's headline figures into benchmarks/results.json (see results.py)."""
+    from results import record
+
+    def compact32(ids):
+        return {r["backend"]: round(r["bytes_per_entry"], 2) for r in rows
+                if r["k"] == 32 and r["encoding"] == "compact" and r["ids"] == ids}
+
+    for id, ids in (("storage.compact_k32.model_ids", "model ids"),
+                    ("storage.compact_k32.uniform_ids", "uniform random over 151,936")):
+        values = compact32(ids)
+        record(id, values=values, met=max(values.values()) <= 3)
+    worst = max(r["max_abs_err"] for r in rows if r["encoding"] == "compact")
+    record("storage.compact.max_error", values={"max abs error": round(worst, 4)}, met=worst <= 0.02)
+    record("storage.read_k32", values=first_pass, met=min(first_pass.values()) >= 1)
+    record("storage.sizes", values={f"{r['ids']}, K = {r['k']}, {r['backend']}, {r['encoding']}": {
+        "B/entry": round(r["bytes_per_entry"], 2), "B/position": round(r["bytes_per_position"], 1),
+        "max abs error (nats)": round(r["max_abs_err"], 4)} for r in rows})
 
 
 if __name__ == "__main__":

@@ -193,6 +193,15 @@ def memory_main(a) -> None:
           f"{a.dtype}; one (tokens x V) fp32 logits = {logits / 2**20:.0f} MiB")
     for m in modes:
         print(f"  {m:14s} {out[m] / 2**20:8.0f} MiB  {out[m] / logits:5.2f} logits  {out[m] / out['ce_sft']:5.2f}x ce_sft")
+    fused = {f"{m.replace('+ce', ' + CE')[:-6]} fused": round(out[m] / out["ce_sft"], 2)
+             for m in ("kl+ce_fused", "bild+ce_fused") if m in out}
+    if fused and "ce_sft" in out and not a.quick:
+        from results import record
+
+        scope = "one optimizer step" if a.memory_scope == "step" else "forward + backward alone"
+        record("train.fused.memory" + ("" if a.memory_scope == "step" else ".loss_scope"), values=fused,
+               met=max(fused.values()) <= 1.0,
+               what=f"peak memory of {scope}, fused head + loss, V = {a.vocab:,}, × `F.cross_entropy` SFT")
 
 
 def main():
@@ -279,6 +288,24 @@ def main():
         print(f"  {m:14s} {med[m]:8.4f} s/step   {med[m] / med['sft']:5.2f}x sft   "
               f"{med[m] / med[base]:5.2f}x {base}   (min {best[m]:.3f} s = {best[m] / best['sft']:5.2f}x sft; "
               f"wall {med_wall[m]:.3f} s)")
+    if a.device == "cpu" and not a.quick:
+        from results import record
+
+        rel = result["relative_to_sft"]
+        if a.fused:
+            values = {"kl + CE fused": round(rel["kl+ce_fused"] / rel["ce_sft"], 2),
+                      "bild + CE fused": round(rel["bild+ce_fused"] / rel["ce_sft"], 2)}
+            record("train.fused.time", values=values, met=max(values.values()) <= 1.05,
+                   what=f"time per step, fused head + loss, V = {a.vocab:,}, × `F.cross_entropy` SFT "
+                        f"(CPU time, {a.threads} thread{'s' if a.threads > 1 else ''})")
+        else:
+            values = {"kl + CE": round(rel["kl+ce"], 2), "bild + CE": round(rel["bild+ce"], 2)}
+            setup = f"{a.layers} × {a.hidden} student, V = {a.vocab:,}, K = {a.k}; CPU time, {a.threads} thread"
+            record("train.step.cached", values=values, met=max(values.values()) <= 1.10,
+                   what=f"training step, cached KD + label CE, × plain SFT ({setup}{'s' if a.threads > 1 else ''})")
+            record("train.step.online", values={"online KL + CE": round(rel["online_kl"], 2)},
+                   what=f"training step, online KD ({a.teacher_layers} × {a.teacher_hidden} teacher in the loop) + CE, "
+                        "× plain SFT")
 
 
 if __name__ == "__main__":
