@@ -15,7 +15,7 @@ from trainkit import world
 from logitcache.stages.train.alignment import (IGNORE, CrossTokenizerTargets, SameTokenizerTargets, align_answers,
                                                encode_example, fold_out_of_vocab, keep_first_k, supervised_positions)
 from logitcache.stages.train.collate import Collator
-from logitcache.stages.train.data import CacheSource, JsonlSource, ShardedStream
+from logitcache.stages.train.data import CacheSource, RowsSource, ShardedStream
 from logitcache.storage import open_cache
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
@@ -312,11 +312,13 @@ def test_resume_refuses_another_layout():
 
 # ---- text without a cache, collation ------------------------------------------------------------------
 
-def test_jsonl_source_and_response_only_labels(tmp_path):
+def test_rows_source_and_response_only_labels(tmp_path):
     from logitcache.stages.train.alignment import TextExample
+    from logitcache.storage.rows import load_rows
 
     w = world()
-    source = JsonlSource(str(w.train), to_item=TextExample(w.tokenizer), rows_per_shard=5)
+    rows, _ = load_rows(str(w.train))
+    source = RowsSource(rows, name=str(w.train), to_item=TextExample(w.tokenizer), rows_per_shard=5)
     assert source.shard_sizes == [5, 5, 5, 5, 4]
     items = list(ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1))
     assert [it["row_index"] for it in items] == list(range(24))
