@@ -213,20 +213,19 @@ def check_rendering(index: dict, reader: Reader, *, cache: str, same_tokenizer: 
                           f"{recorded_format}, which decides its supervised positions; drop --prompt-format")
     if not same_tokenizer:
         return
-    recorded = ChatOptions.from_index(inputs)
-    given = reader.chat
-    differs = [f"{k}={v!r} (the cache: {recorded.kwargs[k]!r})" if k in recorded.kwargs else f"{k}={v!r} (the cache: "
-               f"not set)" for k, v in given.kwargs.items() if recorded.kwargs.get(k, _UNSET) != v]
+    recorded, given = ChatOptions.from_index(inputs), reader.chat
+    differs = []
     if given.template is not None and given.template != recorded.template:
-        differs.insert(0, "--chat-template (the cache: " + ("another template)" if recorded.template else
-                                                            "the teacher tokenizer's own)"))
+        was = "another file" if recorded.template else "the tokenizer's own template"
+        differs.append(f"--chat-template (the cache: {was})")
+    for key, value in given.kwargs.items():
+        if key not in recorded.kwargs or recorded.kwargs[key] != value:
+            was = repr(recorded.kwargs[key]) if key in recorded.kwargs else "not set"
+            differs.append(f"{key}={value!r} (the cache: {was})")
     if differs:
         raise ConfigError(f"the cache {cache} holds token ids its teacher rendered, which a student with the same "
                           f"tokenizer trains on as they are; the chat options given differ from the cache's: "
                           f"{', '.join(differs)}. Drop them, or precompute a cache with them")
-
-
-_UNSET = object()
 
 
 # ---- one cache ----------------------------------------------------------------------------------------

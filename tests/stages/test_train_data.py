@@ -371,3 +371,29 @@ def test_streams_a_cache_from_an_fsspec_url():
     source = CacheSource("memory://train-data-cache", to_item=SameTokenizerTargets(len(w.tokenizer)))
     rows = [it["row_index"] for it in ShardedStream(source, seed=2, epochs=1, rank=0, world_size=1)]
     assert sorted(rows) == list(range(24))
+
+
+def test_check_rendering_refuses_options_a_cache_cannot_take():
+    """Given chat options must be the recorded ones where the cached ids are used as they are; --prompt-format
+    must be the cache's for any student (it decided the supervised positions)."""
+    from logitcache.stages.train.sources import Reader, check_rendering
+    from logitcache.storage.errors import ConfigError
+    from logitcache.storage.inputs import ChatOptions
+
+    chat = {"inputs": {"kind": "chat", "chat_template_kwargs": {"enable_thinking": False}}}
+    old = {"inputs": {"kind": "prompt_response", "prompt_format": "chat"}}  # a cache made before chat options
+    reader = lambda **kw: Reader("s", None, 8, None, **kw)  # noqa: E731
+    for index in (chat, old):
+        check_rendering(index, reader(), cache="c", same_tokenizer=True)  # nothing given: the cache's own
+    check_rendering(chat, reader(chat=ChatOptions(kwargs={"enable_thinking": False})), cache="c", same_tokenizer=True)
+    check_rendering(chat, reader(chat=ChatOptions("{{ x }}", {"enable_thinking": True})), cache="c",
+                    same_tokenizer=False)  # re-rendered: given options apply
+    with pytest.raises(ConfigError, match=r"enable_thinking=True \(the cache: False\)"):
+        check_rendering(chat, reader(chat=ChatOptions(kwargs={"enable_thinking": True})), cache="c",
+                        same_tokenizer=True)
+    with pytest.raises(ConfigError, match=r"--chat-template \(the cache: the tokenizer's own template\), "
+                                          r"enable_thinking=False \(the cache: not set\)"):
+        check_rendering(old, reader(chat=ChatOptions("{{ x }}", {"enable_thinking": False})), cache="c",
+                        same_tokenizer=True)
+    with pytest.raises(ConfigError, match="--prompt-format plain: the cache c was written with --prompt-format chat"):
+        check_rendering(old, reader(prompt_format="plain"), cache="c", same_tokenizer=False)
