@@ -127,11 +127,6 @@ class ChatOptions:
     def __bool__(self) -> bool:
         return self.template is not None or bool(self.kwargs)
 
-    def over(self, recorded: "ChatOptions") -> "ChatOptions":
-        """These options given on top of `recorded` ones: the template if given, the kwargs key by key."""
-        return ChatOptions(self.template if self.template is not None else recorded.template,
-                           {**recorded.kwargs, **self.kwargs})
-
     def describe(self) -> dict:
         """The index's keys for these options; none when unset, so older caches fingerprint the same."""
         out = {}

@@ -170,8 +170,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--logging-steps", "--logging_steps", type=int, default=10, help="log every N steps (default 10)")
     g.add_argument("--report-to", "--report_to", default="none", help="tensorboard, wandb, ... (default none)")
     g.add_argument("--eval-data", metavar="D", help="held-out rows (what --data takes, read with its field flags and "
-                   "--data-config, all rows) evaluated after training (into logitcache_train.json), and every "
+                   "--data-config, at --eval-split) evaluated after training (into logitcache_train.json), and every "
                    "--eval-steps while training")
+    g.add_argument("--eval-split", metavar="SPLIT", help="split of --eval-data, e.g. test (default: train)")
     g.add_argument("--eval-cache", metavar="CACHE", help="held-out cache (the student's tokenizer) evaluated every "
                    "--eval-steps: adds teacher agreement")
     g.add_argument("--eval-steps", "--eval_steps", type=int, metavar="N", help="evaluate --eval-data/--eval-cache every N steps "
@@ -223,7 +224,7 @@ def settings(args):
         split=args.split, data_config=args.data_config, data_revision=args.data_revision, streaming=args.streaming,
         max_rows=args.max_rows, text_field=args.text_field, prompt_field=args.prompt_field,
         response_field=args.response_field, messages_field=args.messages_field, tools_field=args.tools_field,
-        prompt_format=args.prompt_format, chat_template=args.chat_template,
+        prompt_format=args.prompt_format, eval_split=args.eval_split, chat_template=args.chat_template,
         chat_template_kwargs=chat_template_kwargs(args.chat_template_kwargs) or {})
 
 

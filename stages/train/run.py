@@ -113,6 +113,7 @@ class TrainSettings:
     messages_field: str | None = None
     tools_field: str | None = None
     prompt_format: str | None = None
+    eval_split: str | None = None
     # The student's chat rendering: a template file (path or URL) and template variables.
     chat_template: str | None = None
     chat_template_kwargs: dict = field(default_factory=dict)
@@ -169,6 +170,8 @@ class TrainSettings:
     def _check_data_options(self) -> None:
         from logitcache.storage.inputs import ChatOptions, InputSpec
 
+        if self.eval_split and not self.eval_data:
+            raise ConfigError("--eval-split is the split of --eval-data; give --eval-data")
         names = ("split", "data_config", "data_revision", "streaming", "max_rows", *self.data_fields())
         given = [f"--{n.replace('_', '-')}" for n in names if getattr(self, n)]
         if given and self.data is None and self.eval_data is None:
@@ -330,14 +333,14 @@ def _load_student(s: TrainSettings):
 
 def _eval_sources(s: TrainSettings, reader, rows) -> dict:
     """{"data": RowsSource, "cache": CacheSource} for --eval-data / --eval-cache (the cache: same tokenizer).
-    --eval-data is read with --data's field flags and configuration, all of its rows (no --split slice)."""
+    --eval-data is read with --data's field flags and --data-config, at --eval-split (default: train)."""
     from dataclasses import replace
 
     from logitcache.stages.train.sources import eval_cache_source, rows_source
 
     sources = {}
     if s.eval_data:
-        sources["data"] = rows_source(s.eval_data, reader=reader, rows=replace(rows, split=None, max_rows=None,
+        sources["data"] = rows_source(s.eval_data, reader=reader, rows=replace(rows, split=s.eval_split, max_rows=None,
                                                                                streaming=False))
     if s.eval_cache:
         sources["cache"] = eval_cache_source(s.eval_cache, reader=reader, flag="--eval-cache")

@@ -107,12 +107,13 @@ def test_a_local_datasets_folder_with_splits_and_a_text_field(tmp_path, capsys):
     assert data["sequences"] == 4 and data["positions"] == expected
     out = tmp_path / "sft"
     rc = main(["train", "--student", str(w.student), "--data", str(folder), "--text-field", "body", "--loss", "sft",
-               "--eval-data", str(folder), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+               "--eval-data", str(folder), "--eval-split", "test", "--out", str(out), "--max-steps", "2", "--batch-size", "2",
                "--num-workers", "0", "--save-steps", "1000"])
     assert rc == 0, capsys.readouterr().err
     result = json.loads((out / "logitcache_train.json").read_text())
-    # --eval-data is read with --data's field flags (its default split: train, 6 rows).
-    assert result["global_step"] == 2 and result["eval"]["sequences"] == 6
+    # --eval-data is read with --data's field flags, at --eval-split.
+    assert result["global_step"] == 2 and result["eval"]["sequences"] == 4
+    assert result["eval"]["positions"] == expected
     capsys.readouterr()
     rc = main(["train", "--student", str(w.student), "--data", str(folder), "--text-field", "text", "--loss", "sft",
                "--out", str(tmp_path / "o"), "--max-steps", "1"])

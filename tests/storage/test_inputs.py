@@ -192,8 +192,6 @@ def test_chat_options_are_recorded_only_when_given():
                          "chat_template_kwargs": {"enable_thinking": False, "reasoning_effort": "low"}}
     validate_inputs(json.loads(json.dumps(described)), ["messages"], "idx.json")
     assert InputSpec.from_index(described).chat == chat
-    assert ChatOptions(kwargs={"enable_thinking": True}).over(chat) == ChatOptions(
-        "{{ messages }}", {"enable_thinking": True, "reasoning_effort": "low"})
 
 
 @pytest.mark.parametrize("build, message", [
