@@ -31,6 +31,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help=HELP, description=HELP + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="M", help="model directory or hub id")
+    p.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys are option names; flags win)")
     p.add_argument("--data", metavar="D", help="held-out rows: what `precompute --data` takes (a .jsonl/.json/.parquet/"
                    ".arrow file or folder, local or any fsspec URL; a save_to_disk folder; a hub dataset id), read by "
                    "the field flags below, else by their 'messages', 'prompt'/'response' or 'text' columns")

@@ -28,6 +28,10 @@ Inputs (choose one kind):
                                      their end-of-turn token) supervised. Every message key reaches
                                      the template (tool_calls, reasoning_content, ...); --tools-field
                                      names a column of tool schemas (a list, or JSON text)
+  --chat-template FILE, --chat-template-kwargs KEY=VALUE
+                                     render chats with another template file and/or template
+                                     variables (e.g. enable_thinking=false); both are recorded
+                                     in the index (docs/DATA.md)
 Rows whose field is missing, not a string or empty are skipped and counted in the index
 (--strict: stop with an error naming the row). Rows longer than --max-length tokens keep their
 start; they are counted as truncated.

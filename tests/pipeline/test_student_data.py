@@ -138,10 +138,28 @@ def test_chat_options_round_trip_through_print_config_and_config(tmp_path, capsy
     assert yaml.safe_load(capsys.readouterr().out) == printed
     for command in (["precompute", "--teacher", "Qwen/Qwen3-8B", "--data", "chats.jsonl", "--messages-field", "m",
                      "--out", str(tmp_path / "c")],
-                    ["eval", "--model", "Qwen/Qwen3-0.6B", "--data", "chats.jsonl", "--messages-field", "m"]):
+                    ["eval", "--model", "Qwen/Qwen3-0.6B", "--data", "s3://bucket/chats/", "--split", "test",
+                     "--messages-field", "m"]):
         assert main([*command, "--chat-template", template, "--chat-template-kwargs", "enable_thinking=false",
                      "--print-config"]) == 0
-        assert yaml.safe_load(capsys.readouterr().out)["chat_template_kwargs"] == {"enable_thinking": False}
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["chat_template_kwargs"] == {"enable_thinking": False} and printed["chat_template"] == template
+        config.write_text(yaml.safe_dump(printed))
+        assert main([command[0], "--config", str(config), "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out) == printed
+
+
+def test_a_chat_template_file_behind_a_url(remote):
+    """--chat-template takes a URL as --data does, with the same storage options."""
+    import s3fs
+
+    from logitcache.storage.inputs import ChatOptions
+
+    endpoint = remote[0]
+    s3fs.S3FileSystem(**s3_options(endpoint)).put(str(TEMPLATES / "qwen3.jinja"), f"{BUCKET}/templates/qwen3.jinja")
+    chat = ChatOptions.load(f"s3://{BUCKET}/templates/qwen3.jinja", {"enable_thinking": False},
+                            storage_options=s3_options(endpoint))
+    assert chat.template == (TEMPLATES / "qwen3.jinja").read_text() and chat.kwargs == {"enable_thinking": False}
 
 
 @pytest.mark.parametrize("argv, message", [
