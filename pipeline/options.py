@@ -263,7 +263,7 @@ def _template_kwarg(text: str) -> tuple[str, object]:
 def add_chat_template_options(group, *, template_help: str, kwargs_help: str) -> None:
     """`--chat-template FILE` and `--chat-template-kwargs KEY=VALUE` (repeatable; in YAML a mapping)."""
     group.add_argument("--chat-template", metavar="FILE", help=template_help)
-    group.add_argument("--chat-template-kwargs", "--chat-template-kwarg", dest="chat_template_kwargs", action="append",
+    group.add_argument("--chat-template-kwargs", dest="chat_template_kwargs", action="append",
                        type=_template_kwarg, default=None, metavar="KEY=VALUE", help=kwargs_help)
 
 
