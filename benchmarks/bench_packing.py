@@ -39,7 +39,7 @@ def main():
     from logitcache.pipeline.demo import build_model
     from logitcache.stages.train.alignment import TextExample
     from logitcache.stages.train.collate import Collator
-    from logitcache.stages.train.data import JsonlSource, ShardedStream
+    from logitcache.stages.train.data import RowsSource, ShardedStream
     from logitcache.stages.train.loss_settings import loss_settings
     from logitcache.stages.train.student import load_student
     from logitcache.stages.train.trainer import KDTrainer, training_arguments
@@ -51,7 +51,10 @@ def main():
     build_model(work / "model", texts, vocab=2048, width=256, layers=2, seed=0)
     student = load_student(str(work / "model"))
     assert student.model.config._attn_implementation == "sdpa", student.model.config._attn_implementation
-    source = JsonlSource(str(data), to_item=TextExample(student.tokenizer, max_length=512, where=str(data)))
+    from logitcache.storage.rows import load_rows
+
+    source = RowsSource(load_rows(str(data))[0], name=str(data),
+                        to_item=TextExample(student.tokenizer, max_length=512, where=str(data)))
     items = list(ShardedStream(source, seed=0, epochs=1, rank=0, world_size=1))
     batches = [items[i:i + a.batch_size] for i in range(0, len(items) - a.batch_size + 1, a.batch_size)]
     batches = batches[: a.batches + 1]

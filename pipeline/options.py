@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["Number", "RULES", "PATH_RULES", "check_options", "flag_name", "DeprecatedAlias", "add_deprecated_alias",
-           "warn_deprecated"]
+           "warn_deprecated", "add_chat_template_options", "chat_template_kwargs", "add_student_data_options"]
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,14 @@ RULES: dict[str, dict[str, Number]] = {
 #   "model": a local model folder, or (when no such path exists) a hub id;
 #   "out_dir": a folder to create or reuse, never an existing file;
 #   "in_dir": a cache folder to read (an existing file is refused; a missing one is the reader's to report);
-#   "out_file": a file to write, whose folder exists.
+#   "out_file": a file to write, whose folder exists;
+#   "in_file": a file to read (a folder is refused; a missing one when the command runs here).
 # fsspec URLs (s3://, memory://, ...) are left to the storage layer.
 PATH_RULES: dict[str, dict[str, str]] = {
-    "precompute": {"teacher": "model", "out": "out_dir"},
+    "precompute": {"teacher": "model", "out": "out_dir", "chat_template": "in_file"},
     "merge": {"cache": "in_dir"},
-    "train": {"student": "model", "out": "out_dir", "cache": "in_dir", "eval_cache": "in_dir"},
-    "eval": {"model": "model", "cache": "in_dir"},
+    "train": {"student": "model", "out": "out_dir", "cache": "in_dir", "eval_cache": "in_dir", "chat_template": "in_file"},
+    "eval": {"model": "model", "cache": "in_dir", "chat_template": "in_file"},
     "validate": {"cache": "in_dir"},
     "inspect": {"cache": "in_dir", "plot": "out_file"},
     "convert": {"src": "in_dir", "dst": "out_dir"},
@@ -195,6 +196,11 @@ def _path_problem(kind: str, value: str, *, must_exist: bool = True) -> str | No
     elif kind == "in_dir":
         if os.path.isfile(path):
             return "is a file; expected a cache folder (or fsspec URL)"
+    elif kind == "in_file":
+        if os.path.isdir(path):
+            return "is a folder; expected a file"
+        if must_exist and not os.path.exists(path):
+            return "no such file"
     elif kind == "out_file":
         if os.path.isdir(path):
             return "is a folder; expected a file name to write"
@@ -239,3 +245,74 @@ def add_deprecated_alias(group, old: str, new: str, *, dest: str, **kwargs) -> N
     """Accept `old` as a hidden alias of the option `new` (whose destination is `dest`)."""
     group.add_argument(old, dest=dest, action=DeprecatedAlias, replacement=new, default=argparse.SUPPRESS,
                        help=argparse.SUPPRESS, **kwargs)
+
+
+def _template_kwarg(text: str) -> tuple[str, object]:
+    """`--chat-template-kwargs KEY=VALUE`: the value read as YAML (false, 3, [a, b], {"k": 1}, text)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not YAML/JSON ({e})") from None
+
+
+def add_chat_template_options(group, *, template_help: str, kwargs_help: str) -> None:
+    """`--chat-template FILE` and `--chat-template-kwargs KEY=VALUE` (repeatable; in YAML a mapping)."""
+    group.add_argument("--chat-template", metavar="FILE", help=template_help)
+    group.add_argument("--chat-template-kwargs", dest="chat_template_kwargs", action="append",
+                       type=_template_kwarg, default=None, metavar="KEY=VALUE", help=kwargs_help)
+
+
+def chat_template_kwargs(value) -> dict | None:
+    """--chat-template-kwargs as a dict: [(key, value), ...] from flags, a mapping from YAML; None if not given.
+
+    Raises:
+        ConfigError: a YAML value that is neither.
+    """
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list) and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
+        return dict(value)
+    raise ConfigError(f"--chat-template-kwargs: expected KEY=VALUE pairs (in YAML a mapping), got {value!r}")
+
+
+# What --chat-template and --chat-template-kwargs do for a student (train, eval): the help of both commands.
+_STUDENT_TEMPLATE = (
+    "a Jinja chat template file (path or URL) the STUDENT renders chats with, instead of its tokenizer's: --data "
+    "rows, and a cache re-tokenized for a student with another tokenizer (whose chats are otherwise rendered with "
+    "the student's own template: a template file recorded in the cache was written for the teacher's special "
+    "tokens). A cache read with the teacher's tokenizer is used as its ids are, so the file must be the one the "
+    "cache records")
+_STUDENT_KWARGS = (
+    "a variable for the student's chat template, repeatable, the value read as YAML/JSON (e.g. Qwen3's "
+    "enable_thinking=false); in YAML a mapping. A cache re-tokenized for another tokenizer is rendered with the "
+    "variables the cache records (a cache made with enable_thinking=false trains the student without thinking "
+    "too), these replacing them key by key; a cache read with the teacher's tokenizer must record the same values")
+
+
+def add_student_data_options(group, *, data_flags: str) -> None:
+    """--data's loading and field flags as `precompute --data` takes them, and the chat options, for
+    `train` and `eval` (the student's side). `data_flags` names the options they apply to."""
+    group.add_argument("--split", help=f"split of {data_flags}; slices work, e.g. 'train[:1000]' (default: train)")
+    group.add_argument("--data-config", metavar="NAME", help="hub dataset configuration (subset) name")
+    group.add_argument("--data-revision", metavar="REV", help="hub dataset revision (branch, tag or commit)")
+    group.add_argument("--streaming", action="store_true",
+                       help="read .parquet/.jsonl files (local or URL) lazily, a shard of rows when it is needed, "
+                            "or stream a hub dataset id (needs --max-rows or a row slice)")
+    group.add_argument("--max-rows", type=int, metavar="N", help=f"use the first N rows of {data_flags}")
+    group.add_argument("--text-field", metavar="F", help="column with plain text (every token supervised)")
+    group.add_argument("--prompt-field", metavar="P", help="column with the prompt (not supervised)")
+    group.add_argument("--response-field", metavar="R", help="column with the response (supervised)")
+    group.add_argument("--messages-field", metavar="M", help="column with chat messages (assistant turns supervised)")
+    group.add_argument("--tools-field", metavar="T", help="with --messages-field: column of tool schemas for the "
+                                                          "chat template")
+    group.add_argument("--prompt-format", choices=["plain", "chat"],
+                       help="prompt/response rows: plain (default) or chat (a user and an assistant turn through the "
+                            "student's chat template); a cache's rows keep the format the cache records")
+    add_chat_template_options(group, template_help=_STUDENT_TEMPLATE, kwargs_help=_STUDENT_KWARGS)

@@ -29,6 +29,11 @@ Supervision (position t of a sequence is the prediction of token t+1):
   as the model sees the whole conversation, so such conversations are kept. An assistant message
   that opens a conversation has nothing to condition on; it is not supervised.
 
+Chat rendering options (`ChatOptions`, recorded in the index's `inputs` section where they change
+the tokens): `template`, Jinja text that replaces the tokenizer's chat template (`--chat-template
+FILE`), and `kwargs`, extra template variables (`--chat-template-kwargs enable_thinking=false`), both
+passed to `apply_chat_template` in every rendering, the end-of-turn probe included.
+
 Truncation policy (`max_length`): keep the first `max_length` tokens, cut the end; such rows
 are counted as truncated. A row left with no supervised position is skipped.
 
@@ -40,14 +45,14 @@ cut at the last kept token's end; a chat as JSON (`encode_chat`), whole.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from logitcache.storage.errors import CacheIndexError, ConfigError, InvalidDataError
 
-__all__ = ["KINDS", "PROMPT_FORMATS", "STORED_FIELDS", "SKIP_REASONS", "InputSpec", "TextEncoder", "Encoded",
-           "Skipped", "validate_inputs", "encode_chat", "decode_chat", "kind_of_row"]
+__all__ = ["KINDS", "PROMPT_FORMATS", "STORED_FIELDS", "SKIP_REASONS", "ChatOptions", "InputSpec", "TextEncoder",
+           "Encoded", "Skipped", "validate_inputs", "encode_chat", "decode_chat", "kind_of_row"]
 
 KINDS = ("text", "prompt_response", "chat")
 PROMPT_FORMATS = ("plain", "chat")
@@ -69,6 +74,92 @@ _PROBE = [{"role": "user", "content": "What is the capital of France?"},
           {"role": "assistant", "content": _PROBE_REPLY}]
 
 
+# apply_chat_template's own parameters (and the conversation): a template variable of one of these names
+# would be taken by transformers as that parameter, not reach the template.
+_RESERVED_TEMPLATE_KWARGS = frozenset((
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"))
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How chats are rendered besides the tokenizer's defaults.
+
+    Attributes:
+        template: Jinja text replacing the tokenizer's chat template (`--chat-template FILE`), or None.
+        kwargs: extra template variables (`--chat-template-kwargs KEY=VALUE`), e.g. {"enable_thinking": False}.
+    """
+
+    template: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.template is not None and (not isinstance(self.template, str) or not self.template.strip()):
+            raise ConfigError("--chat-template: the template file is empty")
+        check_template_kwargs(self.kwargs)
+
+    @classmethod
+    def load(cls, template_file: str | None = None, kwargs: dict | None = None, *,
+             storage_options: dict | None = None) -> "ChatOptions":
+        """Read `--chat-template FILE` (a local path or fsspec URL) and take `--chat-template-kwargs`.
+
+        Raises:
+            ConfigError: the file cannot be read, or a kwarg is not a template variable name.
+        """
+        template = None
+        if template_file is not None:
+            import fsspec
+
+            try:
+                with fsspec.open(str(template_file), "r", encoding="utf-8", **(storage_options or {})) as f:
+                    template = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"--chat-template {template_file}: cannot read it ({e.__class__.__name__}: "
+                                  f"{e})") from None
+        return cls(template, dict(kwargs or {}))
+
+    @classmethod
+    def from_index(cls, inputs: dict) -> "ChatOptions":
+        """The options a cache's chats were rendered with (none for caches written before they existed)."""
+        return cls(inputs.get("chat_template"), dict(inputs.get("chat_template_kwargs") or {}))
+
+    def __bool__(self) -> bool:
+        return self.template is not None or bool(self.kwargs)
+
+    def describe(self) -> dict:
+        """The index's keys for these options; none when unset, so older caches fingerprint the same."""
+        out = {}
+        if self.template is not None:
+            out["chat_template"] = self.template
+        if self.kwargs:
+            out["chat_template_kwargs"] = dict(self.kwargs)
+        return out
+
+
+def check_template_kwargs(kwargs) -> None:
+    """Refuse `--chat-template-kwargs` that cannot reach a template as variables.
+
+    Raises:
+        ConfigError: not a mapping, a key that is not an identifier, or one of apply_chat_template's
+            own parameters.
+    """
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--chat-template-kwargs: expected KEY=VALUE pairs (in YAML a mapping), got "
+                          f"{type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        if not (isinstance(key, str) and key.isidentifier()):
+            raise ConfigError(f"--chat-template-kwargs {key!r}: a template variable name must be an identifier")
+        if key in _RESERVED_TEMPLATE_KWARGS:
+            raise ConfigError(f"--chat-template-kwargs {key}: {key!r} is a parameter of apply_chat_template, not "
+                              f"a template variable (logitcache sets it)")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--chat-template-kwargs {key}: the value must be JSON (a string, number, "
+                              f"boolean, null, list or mapping), got {type(value).__name__}") from None
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What a row holds and how it becomes a sequence.
@@ -79,22 +170,25 @@ class InputSpec:
             chat may also map "tools" (a column of tool schemas passed to the template).
         max_length: keep at most this many tokens per sequence (the start); None: no limit.
         prompt_format: prompt/response only: "plain" (the default) or "chat" (through the template).
+        chat: the chat template and template variables (`ChatOptions`); used where a template is.
     """
 
     kind: str
     columns: dict
     max_length: int | None
     prompt_format: str = "plain"
+    chat: ChatOptions = ChatOptions()
 
     @classmethod
     def build(cls, *, text_field: str | None = None, prompt_field: str | None = None,
               response_field: str | None = None, messages_field: str | None = None, tools_field: str | None = None,
-              prompt_format: str = "plain", max_length: int | None) -> "InputSpec":
+              prompt_format: str = "plain", max_length: int | None,
+              chat: ChatOptions | None = None) -> "InputSpec":
         """Pick the input kind from which fields are given; exactly one kind must be.
 
         Raises:
-            ConfigError: no kind, several kinds, half of prompt/response, a bad prompt format, or
-                max_length < 2.
+            ConfigError: no kind, several kinds, half of prompt/response, a bad prompt format,
+                max_length < 2, or chat options for inputs that use no template.
         """
         given = [name for name, value in (("--text-field", text_field), ("--prompt-field", prompt_field),
                                           ("--response-field", response_field),
@@ -120,11 +214,16 @@ class InputSpec:
             raise ConfigError(f"--prompt-format {prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
             raise ConfigError(f"--max-length={max_length!r} must be an integer >= 2")
+        if chat:
+            if not spec.uses_template:
+                raise ConfigError("--chat-template/--chat-template-kwargs render chats: they go with --messages-field "
+                                  "or --prompt-format chat")
+            spec = cls(spec.kind, spec.columns, spec.max_length, spec.prompt_format, chat)
         return spec
 
     @classmethod
     def for_row(cls, row: dict, *, max_length: int | None = None, prompt_format: str = "plain",
-                where: str = "row") -> "InputSpec":
+                chat: ChatOptions | None = None, where: str = "row") -> "InputSpec":
         """The spec of a row that uses the stored field names ("messages", "prompt"/"response", "text").
 
         Raises:
@@ -137,7 +236,8 @@ class InputSpec:
         columns = {name: name for name in STORED_FIELDS[kind]}
         if kind == "chat" and row.get("tools") is not None:
             columns["tools"] = "tools"
-        return cls(kind, columns, max_length, prompt_format if kind == "prompt_response" else "plain")
+        return cls(kind, columns, max_length, prompt_format if kind == "prompt_response" else "plain",
+                   chat or ChatOptions())
 
     @classmethod
     def from_index(cls, inputs: dict, *, max_length: int | None = None) -> "InputSpec":
@@ -146,7 +246,7 @@ class InputSpec:
         columns = {name: name for name in STORED_FIELDS[kind]}
         if kind == "chat" and "tools" in (inputs.get("columns") or {}):
             columns["tools"] = "tools"
-        return cls(kind, columns, max_length, inputs.get("prompt_format", "plain"))
+        return cls(kind, columns, max_length, inputs.get("prompt_format", "plain"), ChatOptions.from_index(inputs))
 
     @property
     def stored_fields(self) -> tuple[str, ...]:
@@ -164,7 +264,7 @@ class InputSpec:
                "append_eos": self.kind == "prompt_response" and self.prompt_format == "plain"}
         if self.kind == "prompt_response":
             out["prompt_format"] = self.prompt_format
-        return out
+        return {**out, **self.chat.describe()}
 
 
 def kind_of_row(row: dict) -> str | None:
@@ -206,6 +306,13 @@ def validate_inputs(inputs, text_fields, where: str) -> None:
                                    and max_length >= 2), f"inputs.max_length must be an int >= 2, got {max_length!r}")
     fmt = inputs.get("prompt_format", "plain")
     require(fmt in PROMPT_FORMATS, f"inputs.prompt_format must be one of {PROMPT_FORMATS}, got {fmt!r}")
+    template = inputs.get("chat_template")
+    require(template is None or (isinstance(template, str) and template.strip()),
+            f"inputs.chat_template must be the template's text, got {type(template).__name__}")
+    try:
+        check_template_kwargs(inputs.get("chat_template_kwargs") or {})
+    except ConfigError as e:
+        raise CacheIndexError(f"{where}: inputs.chat_template_kwargs: {e}") from None
 
 
 def encode_chat(messages: list[dict], tools: list | None = None) -> str:
@@ -282,10 +389,11 @@ class TextEncoder:
     """
 
     def __init__(self, tokenizer, spec: InputSpec):
-        if spec.uses_template and not getattr(tokenizer, "chat_template", None):
+        if spec.uses_template and not (spec.chat.template or getattr(tokenizer, "chat_template", None)):
             what = "--messages-field" if spec.kind == "chat" else "--prompt-format chat"
             raise ConfigError(f"{what} needs a tokenizer with a chat template; "
-                              f"{getattr(tokenizer, 'name_or_path', '') or 'this one'} has none")
+                              f"{getattr(tokenizer, 'name_or_path', '') or 'this one'} has none (give one with "
+                              f"--chat-template FILE)")
         if spec.uses_template and not getattr(tokenizer, "is_fast", False):
             raise ConfigError(f"the tokenizer {type(tokenizer).__name__} is not a fast tokenizer; chat data needs "
                               "token offsets (a tokenizer.json)")
@@ -422,7 +530,8 @@ class TextEncoder:
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  chat_template=self.spec.chat.template, **self.spec.chat.kwargs)
 
     def _end_of_turn(self) -> str:
         """The text the template puts after an assistant message's content (e.g. "<|im_end|>\\n")."""

@@ -14,6 +14,8 @@ ids and `special` flags, the eos/pad tokens and the chat templates are the relea
     qwen2.5-base      151,665 ids, eos <|endoftext|>, Qwen2.5-* (base) template
     qwen3-thinking    151,669 ids (adds <tool_response>, <think>, ...), eos <|im_end|>, Qwen3 thinking
                       template (drops the reasoning of turns before the last user query)
+    qwen3             the same ids, Qwen3's first (hybrid) template: `enable_thinking=false` pre-fills
+                      an empty <think></think> block in the generation prompt
 
 The converted tokenizer.json (about 11 MB; 20 s to convert on 2 cores) is kept per process in a cache
 folder so that several variants and test files convert only once.
@@ -48,6 +50,7 @@ VARIANTS = {
     "qwen2.5-instruct": dict(added=QWEN25_ADDED, eos="<|im_end|>", template="qwen2.5-instruct.jinja"),
     "qwen2.5-base": dict(added=QWEN25_ADDED, eos="<|endoftext|>", template="qwen2.5-base.jinja"),
     "qwen3-thinking": dict(added=QWEN3_ADDED, eos="<|im_end|>", template="qwen3-thinking.jinja"),
+    "qwen3": dict(added=QWEN3_ADDED, eos="<|im_end|>", template="qwen3.jinja"),
 }
 
 

@@ -3,12 +3,17 @@
 import argparse
 import json
 
+from logitcache.pipeline.options import add_student_data_options, chat_template_kwargs
+
 HELP = "evaluate a model: perplexity and next-token accuracy on supervised tokens; with a cache, teacher agreement"
 
 EPILOG = """\
 examples:
   logitcache eval --model ./student --data heldout.jsonl
   logitcache eval --model ./student --data heldout.jsonl --cache ./heldout_cache --json
+  # the test split of a Parquet dataset on S3, prompt/response columns named, through the chat template
+  logitcache eval --model ./student --data s3://bucket/qa/ --split test --prompt-field question \
+      --response-field answer --prompt-format chat --storage-option endpoint_url=http://minio:9000
   # each position's scores, to compare two models on the same positions (paired standard errors)
   logitcache eval --model ./student --data heldout.jsonl --positions student_positions.npz
 
@@ -26,7 +31,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help=HELP, description=HELP + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="M", help="model directory or hub id")
-    p.add_argument("--data", metavar="D", help="held-out jsonl ('messages', 'text' or 'prompt'/'response' rows)")
+    p.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys are option names; flags win)")
+    p.add_argument("--data", metavar="D", help="held-out rows: what `precompute --data` takes (a .jsonl/.json/.parquet/"
+                   ".arrow file or folder, local or any fsspec URL; a save_to_disk folder; a hub dataset id), read by "
+                   "the field flags below, else by their 'messages', 'prompt'/'response' or 'text' columns")
     p.add_argument("--cache", metavar="C", help="a cache of held-out sequences (same tokenizer as the model)")
     p.add_argument("--loss", default="kl", metavar="NAME", help="the loss whose KD term --cache reports as kd_loss "
                    "(default kl; give the training --loss to compare with its eval_cache_kd_loss)")
@@ -41,7 +49,34 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fsspec option for --data/--cache URLs (s3://, gs://, hf://), repeatable (e.g. "
                    "endpoint_url=http://..., token=...); credentials are otherwise read from the usual environment")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modelling code")
+    g = p.add_argument_group("how --data is read (as precompute reads it), and the model's chat template")
+    add_student_data_options(g, data_flags="--data")
     return p
+
+
+def _data_options(args):
+    from logitcache.stages.train.sources import DataOptions
+
+    names = ("text_field", "prompt_field", "response_field", "messages_field", "tools_field")
+    return DataOptions(split=args.split, config_name=args.data_config, revision=args.data_revision,
+                       streaming=args.streaming, max_rows=args.max_rows,
+                       fields={n: getattr(args, n) for n in names if getattr(args, n)})
+
+
+def check(args) -> None:
+    """Every rule between options, with nothing loaded (`--print-config`)."""
+    from logitcache.storage.errors import ConfigError
+    from logitcache.storage.inputs import ChatOptions, InputSpec
+
+    rows = _data_options(args)
+    given = [f"--{n.replace('_', '-')}" for n in ("split", "data_config", "data_revision", "streaming", "max_rows")
+             if getattr(args, n)] + [f"--{n.replace('_', '-')}" for n in rows.fields]
+    if given and args.data is None:
+        raise ConfigError(f"{', '.join(given)} describe how --data is read; give --data")
+    # The file is read when the command runs; a stand-in says here that one is given.
+    chat = ChatOptions("(file)" if args.chat_template else None, chat_template_kwargs(args.chat_template_kwargs) or {})
+    if rows.fields:
+        InputSpec.build(**rows.fields, prompt_format=args.prompt_format or "plain", max_length=None, chat=chat)
 
 
 def execute(args) -> dict:
@@ -51,11 +86,15 @@ def execute(args) -> dict:
     from logitcache.stages.train.evaluate import evaluate
     from logitcache.stages.train.loss_settings import loss_settings
 
+    check(args)
     plan = loss_settings(args.loss, temperature=args.temperature)  # an unknown loss fails here, before any load
     result = evaluate(args.model, data=args.data, cache=args.cache, batch_size=args.batch_size,
                       max_sequences=args.max_sequences, max_length=args.max_length, device=args.device,
                       trust_remote_code=args.trust_remote_code, per_position=args.positions is not None,
-                      storage_options=parse_storage_options(args.storage_options), plan=plan)
+                      storage_options=parse_storage_options(args.storage_options), plan=plan,
+                      rows=_data_options(args), chat_template=args.chat_template,
+                      chat_template_kwargs=chat_template_kwargs(args.chat_template_kwargs),
+                      prompt_format=args.prompt_format)
     if args.positions is not None:
         import numpy as np
 

@@ -3,7 +3,7 @@
 import argparse
 import signal
 
-from logitcache.pipeline.options import add_deprecated_alias
+from logitcache.pipeline.options import add_chat_template_options, add_deprecated_alias, chat_template_kwargs
 from logitcache.stages.precompute.engine_registry import ENGINES
 from logitcache.storage.backends import BACKENDS
 
@@ -28,6 +28,10 @@ Inputs (choose one kind):
                                      their end-of-turn token) supervised. Every message key reaches
                                      the template (tool_calls, reasoning_content, ...); --tools-field
                                      names a column of tool schemas (a list, or JSON text)
+  --chat-template FILE, --chat-template-kwargs KEY=VALUE
+                                     render chats with another template file and/or template
+                                     variables (e.g. enable_thinking=false); both are recorded
+                                     in the index (docs/DATA.md)
 Rows whose field is missing, not a string or empty are skipped and counted in the index
 (--strict: stop with an error naming the row). Rows longer than --max-length tokens keep their
 start; they are counted as truncated.
@@ -99,6 +103,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="with --prompt-field/--response-field: plain (default) tokenizes prompt + response + EOS "
                         "as raw text; chat renders them as a user and an assistant turn with the teacher's chat "
                         "template")
+    add_chat_template_options(
+        g, template_help="a Jinja chat template file (local path or URL) that replaces the teacher tokenizer's for "
+        "--messages-field / --prompt-format chat (e.g. a model's released template its tokenizer lacks); its text is "
+        "recorded in the cache's index and fingerprint",
+        kwargs_help="a variable for the chat template, repeatable; the value is read as YAML/JSON (false, 3, "
+        "text), e.g. Qwen3's enable_thinking=false; in YAML a mapping. Recorded in the cache's index and "
+        "fingerprint (a rerun with other values is another cache)")
     g.add_argument("--max-length", type=int, metavar="L",
                    help="tokens kept per row, from the start (default: the teacher's context length)")
     g.add_argument("--strict", action="store_true",
@@ -210,9 +221,16 @@ def check(args) -> None:
     from logitcache.stages.precompute.plan import owned_shards
     from logitcache.stages.precompute.settings import Targets
 
+    from logitcache.storage.inputs import ChatOptions, InputSpec
+
     Targets.resolve(mode=args.mode, top_k=args.top_k, samples=args.samples, temperature=args.temperature,
                     seed=args.seed)
     owned_shards(0, args.num_jobs, args.job_index)
+    # The file is read when the command runs; here a stand-in says that one is given.
+    chat = ChatOptions("(file)" if args.chat_template else None, chat_template_kwargs(args.chat_template_kwargs) or {})
+    InputSpec.build(text_field=args.text_field, prompt_field=args.prompt_field, response_field=args.response_field,
+                    messages_field=args.messages_field, tools_field=args.tools_field, prompt_format=args.prompt_format,
+                    max_length=args.max_length, chat=chat)
 
 
 def execute(args):
@@ -232,7 +250,8 @@ def execute(args):
         rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs, job_index=args.job_index, strict=args.strict,
         trust_remote_code=args.trust_remote_code, revision=args.revision, ray=args.ray,
         ray_address=args.ray_address, ray_actors=args.ray_actors, progress=args.progress,
-        streaming=args.streaming, max_rows=args.max_rows, verify=args.verify)
+        streaming=args.streaming, max_rows=args.max_rows, verify=args.verify, chat_template=args.chat_template,
+        chat_template_kwargs=chat_template_kwargs(args.chat_template_kwargs))
     return result
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 
+from logitcache.pipeline.options import add_student_data_options, chat_template_kwargs
 from logitcache.stages.train.losses import registry
 
 HELP = "train a student by streaming a teacher's cache (any loss), or from a jsonl dataset (--loss sft)"
@@ -17,6 +18,9 @@ examples:
   logitcache train --student ./other --cache ./cache --loss uld --uld-lambda 1.5 --out ./uld --max-steps 500
   # train a teacher or an SFT baseline without a cache
   logitcache train --student ./tiny --data train.jsonl --loss sft --out ./teacher --epochs 3
+  # SFT on a Parquet folder on S3, its columns named, a Qwen3 student's chats rendered without thinking
+  logitcache train --student Qwen/Qwen3-0.6B --data s3://bucket/sft/ --messages-field conversation \\
+      --chat-template-kwargs enable_thinking=false --loss sft --out ./sft --max-steps 1000
   # 2 processes (CPU: gloo; GPU: nccl); resume after preemption with the same command plus --resume
   torchrun --nproc-per-node 2 -m logitcache.pipeline train --student ./small --cache ./cache --loss kl --out ./kl \\
       --max-steps 1000 --resume
@@ -81,9 +85,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--loss", default="kl", metavar="NAME", choices=registry.names(),
                    help=f"{', '.join(registry.names())} (default: kl; each is described under 'losses' below)")
     g.add_argument("--out", "--output-dir", "--output_dir", required=True, metavar="DIR", help="output directory (model, checkpoints, metrics)")
-    g.add_argument("--data", metavar="D", help="jsonl rows with 'messages' (a chat, through the student's chat template; "
-                   "assistant turns supervised), 'prompt'/'response' or 'text': the training data of --loss sft "
-                   "without a cache, or the text a student with another tokenizer re-tokenizes if the cache stores none")
+    g.add_argument("--data", metavar="D", help="what `precompute --data` takes: a .jsonl/.json/.parquet/.arrow file or "
+                   "folder (local or any fsspec URL: s3://, gs://, hf://), a save_to_disk folder or a hub dataset id; "
+                   "rows read by the field flags below, else by their 'messages' (a chat, through the student's chat "
+                   "template; assistant turns supervised), 'prompt'/'response' or 'text' columns. The training data "
+                   "of --loss sft without a cache, or the rows a student with another tokenizer re-tokenizes if the "
+                   "cache stores no text (the same --split the cache was made from)")
     g.add_argument("--teacher", metavar="NAME", help="refuse a cache made by any other teacher")
     g.add_argument("--online-teacher", metavar="MODEL", help="online distillation, to compare with a cached run: run "
                    "this teacher (same tokenizer) on every batch and train on its full-vocabulary log-probs instead "
@@ -162,8 +169,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--save-total-limit", "--save_total_limit", type=int, default=2, help="checkpoints to keep (default 2)")
     g.add_argument("--logging-steps", "--logging_steps", type=int, default=10, help="log every N steps (default 10)")
     g.add_argument("--report-to", "--report_to", default="none", help="tensorboard, wandb, ... (default none)")
-    g.add_argument("--eval-data", metavar="D", help="held-out jsonl ('messages', 'prompt'/'response' or 'text' rows) "
-                   "evaluated after training (into logitcache_train.json), and every --eval-steps while training")
+    g.add_argument("--eval-data", metavar="D", help="held-out rows (what --data takes, read with its field flags and "
+                   "--data-config, at --eval-split) evaluated after training (into logitcache_train.json), and every "
+                   "--eval-steps while training")
+    g.add_argument("--eval-split", metavar="SPLIT", help="split of --eval-data, e.g. test (default: train)")
     g.add_argument("--eval-cache", metavar="CACHE", help="held-out cache (the student's tokenizer) evaluated every "
                    "--eval-steps: adds teacher agreement")
     g.add_argument("--eval-steps", "--eval_steps", type=int, metavar="N", help="evaluate --eval-data/--eval-cache every N steps "
@@ -175,6 +184,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--hf-arg", dest="hf_args", action="append", type=_key_value, default=None, metavar="KEY=VALUE",
                    help="any other transformers TrainingArguments field, e.g. max_grad_norm=0.5; repeatable")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the student's own modelling code")
+
+    g = p.add_argument_group("how --data is read (as precompute reads it), and the student's chat template")
+    add_student_data_options(g, data_flags="--data")
     return p
 
 
@@ -208,7 +220,12 @@ def settings(args):
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
         report_to=args.report_to, resume=args.resume, eval_data=args.eval_data, eval_cache=args.eval_cache,
         eval_steps=args.eval_steps, deepspeed=args.deepspeed,
-        fsdp=args.fsdp, hf_args=_as_dict(args.hf_args), trust_remote_code=args.trust_remote_code)
+        fsdp=args.fsdp, hf_args=_as_dict(args.hf_args), trust_remote_code=args.trust_remote_code,
+        split=args.split, data_config=args.data_config, data_revision=args.data_revision, streaming=args.streaming,
+        max_rows=args.max_rows, text_field=args.text_field, prompt_field=args.prompt_field,
+        response_field=args.response_field, messages_field=args.messages_field, tools_field=args.tools_field,
+        prompt_format=args.prompt_format, eval_split=args.eval_split, chat_template=args.chat_template,
+        chat_template_kwargs=chat_template_kwargs(args.chat_template_kwargs) or {})
 
 
 def check(args) -> None:

@@ -43,6 +43,7 @@ from logitcache.storage import (FORMAT_VERSION, CacheWriter, chain_fingerprint, 
                                tokenizer_fingerprint)
 from logitcache.storage.errors import ConfigError
 from logitcache.storage.fingerprint import tokenizer_identity, weights_digest
+from logitcache.storage.inputs import ChatOptions
 from logitcache.storage.lease import hold_lease
 from logitcache.storage.redact import redact_text
 
@@ -88,14 +89,16 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
                revision: str | None = None, ray: bool = False, ray_address: str | None = None,
                ray_actors: int | None = None, progress: bool = True,
                storage_options: dict | None = None, streaming: bool = False,
-               max_rows: int | None = None, verify: bool = False) -> PrecomputeResult:
+               max_rows: int | None = None, verify: bool = False, chat_template: str | None = None,
+               chat_template_kwargs: dict | None = None) -> PrecomputeResult:
     """Fill (part of) a cache; finalize it when every shard exists. See the module docstring.
 
     `engine` says which engine runs the teacher and how (`EngineSpec("hf")`; default: vLLM where
     vLLM and a GPU are present, else hf). `EngineSpec.of(engine)` hands over an engine already
     started, which is used and left open (tests share one). `backend` is "zarr" or "arrow". `verify`
-    checks the sha256 of this job's shards already written (default: their sizes only). The
-    other arguments are the CLI's options (`logitcache precompute --help`).
+    checks the sha256 of this job's shards already written (default: their sizes only).
+    `chat_template` is a template file's path or URL. The other arguments are the CLI's options
+    (`logitcache precompute --help`).
 
     Raises:
         ConfigError: bad or conflicting settings, an unknown DATA, or a cache begun with other settings.
@@ -124,7 +127,8 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
                                           storage_options=storage_options, streaming=streaming, max_rows=max_rows)
         spec = InputSpec.build(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
                                messages_field=messages_field, tools_field=tools_field, prompt_format=prompt_format,
-                               max_length=max_length)
+                               max_length=max_length, chat=ChatOptions.load(chat_template, chat_template_kwargs,
+                                                                            storage_options=storage_options))
         absent = [c for c in spec.columns.values() if c not in dataset.column_names]
         if absent:
             raise ConfigError(f"--data {data}: column(s) {absent} not found; it has {dataset.column_names}")

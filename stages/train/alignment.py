@@ -23,7 +23,7 @@ Items from text alone (no cache) carry only input_ids, labels and row_index.
 import numpy as np
 
 from logitcache.storage.errors import ConfigError, InvalidDataError
-from logitcache.storage.inputs import SKIP_REASONS, STORED_FIELDS, InputSpec, Skipped, TextEncoder
+from logitcache.storage.inputs import SKIP_REASONS, STORED_FIELDS, ChatOptions, InputSpec, Skipped, TextEncoder
 
 __all__ = ["IGNORE", "SameTokenizerTargets", "keep_first_k", "fold_out_of_vocab", "CrossTokenizerTargets",
            "TextExample", "encode_example", "answer_turns", "align_answers", "supervised_positions"]
@@ -117,11 +117,13 @@ class SameTokenizerTargets:
 
 
 def encode_example(tokenizer, row: dict, *, max_length: int | None = None, prompt_format: str = "plain",
+                   chat: ChatOptions | None = None, spec: InputSpec | None = None,
                    where: str = "row") -> tuple[np.ndarray, np.ndarray]:
     """Tokenize a text row for training: returns (input_ids (T,) int64, labels (T,) int64).
 
-    The row uses the stored field names: `messages` (a chat: a list of messages, or the JSON text a
-    cache stores; `tools` alongside), `prompt` + `response`, or `text`. Tokens and supervised
+    Without `spec` the row uses the stored field names: `messages` (a chat: a list of messages, or
+    the JSON text a cache stores; `tools` alongside), `prompt` + `response`, or `text`, rendered with
+    `prompt_format` and `chat`; `spec` (the field flags) names the columns instead. Tokens and supervised
     positions follow the format's one rule (`logitcache.storage.inputs`), the one stage one used
     for the teacher, so a student re-tokenizing cached text is supervised where the teacher was.
     Truncated to the first `max_length` tokens. A row left with nothing to supervise gives labels
@@ -131,7 +133,8 @@ def encode_example(tokenizer, row: dict, *, max_length: int | None = None, promp
         InvalidDataError: the row has none of those fields, or a field is not a string / a chat.
         ConfigError: a chat (or `prompt_format="chat"`) for a tokenizer without a chat template.
     """
-    spec = InputSpec.for_row(row, max_length=max_length, prompt_format=prompt_format, where=where)
+    if spec is None:
+        spec = InputSpec.for_row(row, max_length=max_length, prompt_format=prompt_format, chat=chat, where=where)
     out = TextEncoder(tokenizer, spec)(row)
     if isinstance(out, Skipped):
         if out.token_ids is None:
@@ -145,15 +148,20 @@ def encode_example(tokenizer, row: dict, *, max_length: int | None = None, promp
 
 
 class TextExample:
-    """Text row -> item without teacher targets (`--loss sft` straight from a dataset)."""
+    """Text row -> item without teacher targets (`--loss sft` straight from a dataset, `eval --data`).
 
-    def __init__(self, tokenizer, *, max_length: int | None = None, prompt_format: str = "plain", where: str = "data"):
+    `spec` (from the field flags) fixes the columns and kind; without it each row's stored field
+    names decide (`encode_example`), rendered with `prompt_format` and `chat`.
+    """
+
+    def __init__(self, tokenizer, *, max_length: int | None = None, prompt_format: str = "plain",
+                 chat: ChatOptions | None = None, spec: InputSpec | None = None, where: str = "data"):
         self.tokenizer, self.max_length, self.where = tokenizer, max_length, where
-        self.prompt_format = prompt_format
+        self.prompt_format, self.chat, self.spec = prompt_format, chat, spec
 
     def __call__(self, row: dict) -> dict:
         ids, labels = encode_example(self.tokenizer, row, max_length=self.max_length, prompt_format=self.prompt_format,
-                                     where=f"{self.where} row {row.get('row_index')}")
+                                     chat=self.chat, spec=self.spec, where=f"{self.where} row {row.get('row_index')}")
         return {"input_ids": ids, "labels": labels, "row_index": int(row["row_index"])}
 
 
@@ -211,10 +219,11 @@ class CrossTokenizerTargets:
         texts: optional {row_index: row dict} source of the text when the cache stores none.
         keep_k: use only the teacher's top-k of the K cached ids (the rest joins the tail mass).
         prompt_format: how the cache rendered prompt/response ("plain" or "chat"; its index says).
+        chat: the student's chat template and template variables (see `sources._retokenized`).
     """
 
     def __init__(self, tokenizer, *, fields: tuple[str, ...], max_length: int | None = None, texts: dict | None = None,
-                 keep_k: int | None = None, prompt_format: str = "plain"):
+                 keep_k: int | None = None, prompt_format: str = "plain", chat: ChatOptions | None = None):
         if tuple(fields) == ("text",):
             # Pairing two tokenizations of a whole document by token index drifts apart as the
             # tokenizers split the text at different rates; aligning by character offsets would need
@@ -228,7 +237,7 @@ class CrossTokenizerTargets:
             raise ConfigError(f"cross-tokenizer training re-tokenizes 'prompt'+'response' or 'messages'; "
                               f"the cache's text fields are {list(fields)}")
         self.tokenizer, self.fields, self.max_length, self.texts = tokenizer, tuple(fields), max_length, texts
-        self.keep_k, self.prompt_format = keep_k, prompt_format
+        self.keep_k, self.prompt_format, self.chat = keep_k, prompt_format, chat
 
     def __call__(self, seq: dict) -> dict:
         row_index = int(seq["row_index"])
@@ -239,7 +248,7 @@ class CrossTokenizerTargets:
         else:
             row = {f: seq[f] for f in self.fields}
         ids, labels = encode_example(self.tokenizer, row, max_length=self.max_length, prompt_format=self.prompt_format,
-                                     where=f"cache row {row_index}")
+                                     chat=self.chat, where=f"cache row {row_index}")
         student = supervised_positions(labels)
         positions = np.asarray(seq["positions"])
         order = np.argsort(positions, kind="stable")

@@ -1,4 +1,4 @@
-"""`ShardedStream`: a torch IterableDataset over a cache (or a jsonl file), one item per sequence.
+"""`ShardedStream`: a torch IterableDataset over a cache (or the rows of --data), one item per sequence.
 
     stream = ShardedStream(CacheSource("s3://bucket/cache", to_item=SameTokenizerTargets(vocab_size=32000)),
                            seed=0, rank=0, world_size=1)
@@ -28,7 +28,6 @@ worker at its position, skipping whole windows without reading them: no sequence
 missed. Resuming needs the same world size and number of workers (checked).
 """
 
-import json
 import math
 from collections.abc import Callable, Iterator
 
@@ -36,10 +35,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from logitcache.storage.errors import ConfigError, InvalidDataError
+from logitcache.storage.errors import ConfigError
 from logitcache.storage.redact import redact_url
 
-__all__ = ["ShardedStream", "CacheSource", "JsonlSource", "distributed_layout", "resume_position", "this_worker"]
+__all__ = ["ShardedStream", "CacheSource", "RowsSource", "distributed_layout", "resume_position", "this_worker"]
 
 STATE_VERSION = 1
 
@@ -101,62 +100,35 @@ class CacheSource:
         return self.to_item(shard.sequence(s))
 
 
-class JsonlSource:
-    """Rows of a JSON-lines file in pseudo-shards of `rows_per_shard` lines, for training without a cache.
+class RowsSource:
+    """Rows of --data (`storage.rows.load_rows`) in pseudo-shards of `rows_per_shard`, for training or
+    evaluating without a cache.
 
     Args:
-        path: local path or fsspec URL of a .jsonl file (one JSON object per line).
+        rows: the loaded rows: a `datasets.Dataset`, or `--streaming`'s `StreamedRows` (anything with
+            len() and `rows[a:b]` -> {column: [values]}).
+        name: the --data value (kept without credentials: the identity is saved in checkpoints).
         to_item: picklable callable, row dict (with "row_index" added) -> training item.
-        rows_per_shard: lines per pseudo-shard (the unit of shuffling and of work splitting).
-        storage_options: passed to fsspec (with a URL).
+        rows_per_shard: rows per pseudo-shard (the unit of shuffling and of work splitting).
 
-    Only the byte offset of each pseudo-shard is kept in memory; a shard's lines are read when needed.
+    A shard's rows are read when it is loaded (a streamed source reads only then).
     """
 
-    def __init__(self, path: str, *, to_item: Callable[[dict], dict], rows_per_shard: int = 1024,
-                 storage_options: dict | None = None):
-        import fsspec
-
+    def __init__(self, rows, *, name: str, to_item: Callable[[dict], dict], rows_per_shard: int = 1024):
         if rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard={rows_per_shard} must be >= 1")
-        self.path, self.to_item, self.storage_options = str(path), to_item, storage_options
-        offsets, sizes, rows, pos = [], [], 0, 0
-        try:
-            with fsspec.open(self.path, "rb", **(storage_options or {})) as f:
-                for line in f:
-                    if line.strip():
-                        if rows % rows_per_shard == 0:
-                            offsets.append(pos)
-                            sizes.append(0)
-                        sizes[-1] += 1
-                        rows += 1
-                    pos += len(line)
-        except FileNotFoundError:
-            raise ConfigError(f"{self.path}: no such file") from None
-        if rows == 0:
-            raise ConfigError(f"{self.path}: no JSON lines in the file")
-        self.offsets, self.shard_sizes, self.rows_per_shard = offsets, sizes, rows_per_shard
-        self.identity = {"data": redact_url(self.path), "rows": rows}  # saved in checkpoints: no credentials
+        n = len(rows)
+        if n == 0:
+            raise ConfigError(f"--data {redact_url(name)}: no rows")
+        self.rows, self.to_item, self.rows_per_shard = rows, to_item, rows_per_shard
+        self.shard_sizes = [min(rows_per_shard, n - start) for start in range(0, n, rows_per_shard)]
+        self.identity = {"data": redact_url(str(name)), "rows": n}
 
     def load(self, j: int) -> list[dict]:
-        import fsspec
-
-        rows = []
-        with fsspec.open(self.path, "rb", **(self.storage_options or {})) as f:
-            f.seek(self.offsets[j])
-            while len(rows) < self.shard_sizes[j]:
-                line = f.readline()
-                if not line.strip():
-                    continue
-                number = j * self.rows_per_shard + len(rows)
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise InvalidDataError(f"{self.path}: row {number} is not valid JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise InvalidDataError(f"{self.path}: row {number} is not a JSON object")
-                rows.append({**row, "row_index": number})
-        return rows
+        first = j * self.rows_per_shard
+        block = self.rows[first:first + self.shard_sizes[j]]
+        return [{**{c: values[i] for c, values in block.items()}, "row_index": first + i}
+                for i in range(self.shard_sizes[j])]
 
     def item(self, rows: list[dict], s: int) -> dict:
         return self.to_item(rows[s])
@@ -166,7 +138,7 @@ class ShardedStream(IterableDataset):
     """Sequences of a sharded source, split across DDP ranks and DataLoader workers, resumable.
 
     Args:
-        source: `CacheSource`, `JsonlSource`, or any object with `shard_sizes`, `identity`,
+        source: `CacheSource`, `RowsSource`, or any object with `shard_sizes`, `identity`,
             `load(j)` and `item(loaded_shard, s)`.
         seed: decides the shard order and the shuffles, with the epoch.
         shuffle: False keeps index order (for evaluation).

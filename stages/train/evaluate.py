@@ -233,7 +233,7 @@ def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch
                     max_sequences: int | None = None, device="cpu", per_position: bool = False,
                     kd: LossPlan | None = FORWARD_KL, head: bool | None = None, chunk_size: int | None = None,
                     rank: int = 0, world_size: int = 1) -> dict:
-    """`evaluate_batches` over a `CacheSource` or `JsonlSource`, in order; with world_size > 1 shared
+    """`evaluate_batches` over a `CacheSource` or `RowsSource`, in order; with world_size > 1 shared
     across the ranks (see `evaluate_batches`; every rank reads the whole source and scores its share)."""
     stream = ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1)
     batches = collated_batches(stream, pad_id=pad_id, batch_size=batch_size, max_sequences=max_sequences)
@@ -244,11 +244,15 @@ def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch
 def evaluate(model: str, *, data: str | None = None, cache: str | None = None, batch_size: int = 8,
              max_sequences: int | None = None, max_length: int | None = None, device: str | None = None,
              trust_remote_code: bool = False, per_position: bool = False, storage_options: dict | None = None,
-             plan: LossPlan | None = None) -> dict:
-    """Load `model` and evaluate it on a jsonl (`data`) and/or a cache's sequences (`cache`), local or
-    fsspec URLs (`storage_options` reach fsspec).
+             plan: LossPlan | None = None, rows=None, chat_template: str | None = None,
+             chat_template_kwargs: dict | None = None, prompt_format: str | None = None) -> dict:
+    """Load `model` and evaluate it on rows (`data`: what `precompute --data` takes, loaded by `rows`, a
+    `sources.DataOptions`) and/or a cache's sequences (`cache`), local or fsspec URLs (`storage_options`
+    reach fsspec).
 
     `plan` chooses the KD loss reported on the cache (`kd_term(plan)`; None: forward KL).
+    `chat_template` (a file), `chat_template_kwargs` and `prompt_format` render --data's chats (see
+    `sources`; a cache must record the same ones).
 
     Returns:
         {"model": str, "data": {path, metrics...}, "cache": {path, teacher, metrics...}}, each of the
@@ -258,21 +262,24 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     Raises:
         ConfigError: neither data nor cache, an unloadable model, or a cache with another tokenizer.
     """
-    from logitcache.stages.train.sources import Reader, draw_temperature, eval_cache_source, jsonl_source
+    from logitcache.stages.train.sources import DataOptions, Reader, draw_temperature, eval_cache_source, rows_source
     from logitcache.storage.errors import ConfigError
+    from logitcache.storage.inputs import ChatOptions
 
     if data is None and cache is None:
         raise ConfigError("eval needs --data, --cache or both")
+    chat = ChatOptions.load(chat_template, chat_template_kwargs, storage_options=storage_options)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
     reader = Reader(model, student.tokenizer, student.vocab_size, max_length or student.max_length,
-                    storage_options=storage_options)
+                    storage_options=storage_options, chat=chat, prompt_format=prompt_format)
     kwargs = dict(pad_id=student.pad_id, vocab_size=student.vocab_size, batch_size=batch_size,
                   max_sequences=max_sequences, device=device, per_position=per_position,
                   kd=FORWARD_KL if plan is None else kd_term(plan))
     out = {"model": model}
     if data is not None:
-        out["data"] = {"path": data, **evaluate_source(student.model, jsonl_source(data, reader=reader), **kwargs)}
+        source = rows_source(data, reader=reader, rows=rows or DataOptions())
+        out["data"] = {"path": data, **evaluate_source(student.model, source, **kwargs)}
     if cache is not None:
         source = eval_cache_source(cache, reader=reader, flag="eval --cache")
         index = source.cache.index

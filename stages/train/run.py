@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 from logitcache.stages.train.loss_settings import loss_settings
 from logitcache.storage.errors import ConfigError
+from logitcache.storage.inputs import ChatOptions
 from logitcache.storage.redact import is_credential_key, redact_options, redact_text
 
 __all__ = ["TrainSettings", "train", "decide", "loss_settings", "RESULT_NAME"]
@@ -100,6 +101,22 @@ class TrainSettings:
     fsdp: str | None = None
     hf_args: dict = field(default_factory=dict)
     trust_remote_code: bool = False
+    # How --data (and --eval-data) are loaded and read, as `precompute --data` takes them.
+    split: str | None = None
+    data_config: str | None = None
+    data_revision: str | None = None
+    streaming: bool = False
+    max_rows: int | None = None
+    text_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    messages_field: str | None = None
+    tools_field: str | None = None
+    prompt_format: str | None = None
+    eval_split: str | None = None
+    # The student's chat rendering: a template file (path or URL) and template variables.
+    chat_template: str | None = None
+    chat_template_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         cache = self.cache
@@ -119,8 +136,8 @@ class TrainSettings:
         if self.online_teacher is not None:
             check_online_loss(self.loss)
         if not self.cache and self.data is None:
-            raise ConfigError(f"--loss {self.loss} without --cache needs --data (a .jsonl with 'text' or "
-                              f"'prompt'/'response')")
+            raise ConfigError(f"--loss {self.loss} without --cache needs --data (rows of 'messages', "
+                              f"'prompt'/'response' or 'text', or the columns the field flags name)")
         if (self.max_steps is None) == (self.epochs is None):
             raise ConfigError("give exactly one of --max-steps and --epochs")
         if len(self.cache) > 1 and self.epochs is not None:
@@ -143,6 +160,27 @@ class TrainSettings:
             raise ConfigError("--eval-steps evaluates --eval-data and/or --eval-cache while training; give one")
         if self.pack and self.online_teacher is not None:
             raise ConfigError("--online-teacher runs the teacher on padded batches; drop --pack")
+        self._check_data_options()
+
+    def data_fields(self) -> dict:
+        """The field flags given, as `InputSpec.build` takes them."""
+        names = ("text_field", "prompt_field", "response_field", "messages_field", "tools_field")
+        return {name: getattr(self, name) for name in names if getattr(self, name)}
+
+    def _check_data_options(self) -> None:
+        from logitcache.storage.inputs import ChatOptions, InputSpec
+
+        if self.eval_split and not self.eval_data:
+            raise ConfigError("--eval-split is the split of --eval-data; give --eval-data")
+        names = ("split", "data_config", "data_revision", "streaming", "max_rows", *self.data_fields())
+        given = [f"--{n.replace('_', '-')}" for n in names if getattr(self, n)]
+        if given and self.data is None and self.eval_data is None:
+            raise ConfigError(f"{', '.join(given)} describe how --data (and --eval-data) are read; give --data")
+        # The file is read when training starts; a stand-in says here that one is given.
+        chat = ChatOptions("(file)" if self.chat_template else None, self.chat_template_kwargs or {})
+        if self.data_fields():
+            InputSpec.build(**self.data_fields(), prompt_format=self.prompt_format or "plain", max_length=None,
+                            chat=chat)
 
 
 def train(s: TrainSettings) -> dict:
@@ -154,7 +192,7 @@ def train(s: TrainSettings) -> dict:
         ConfigError: bad or conflicting settings, or a cache and student that do not fit together.
     """
     from logitcache.stages.train.collate import Collator
-    from logitcache.stages.train.sources import Reader, open_training_data
+    from logitcache.stages.train.sources import DataOptions, Reader, open_training_data
     from logitcache.stages.train.student import fused_head_problem, packing_problem
     from logitcache.stages.train.trainer import KDTrainer, data_state_name
 
@@ -168,15 +206,18 @@ def train(s: TrainSettings) -> dict:
     student, model = _load_student(s)
     if s.pack and (problem := packing_problem(model)):
         raise ConfigError(f"--pack: {s.student}: {problem}")
+    chat = ChatOptions.load(s.chat_template, s.chat_template_kwargs, storage_options=s.storage_options)
     reader = Reader(s.student, student.tokenizer, student.vocab_size, s.max_length or student.max_length,
-                    storage_options=s.storage_options)
+                    storage_options=s.storage_options, chat=chat, prompt_format=s.prompt_format)
+    rows = DataOptions(split=s.split, config_name=s.data_config, revision=s.data_revision, streaming=s.streaming,
+                       max_rows=s.max_rows, fields=s.data_fields())
 
     # 3. Data, through the one door; the loss reads the caches' sampling temperature.
     data = open_training_data(s.cache, data=s.data, weights=s.cache_weights, plan=plan, teacher=s.teacher,
                               reader=reader, seed=s.seed, window=s.shuffle_window, epochs=s.epochs, rank=rank,
-                              world_size=world_size)
+                              world_size=world_size, rows=rows)
     plan = plan.reading(data.sample_temperature)
-    eval_sources = _eval_sources(s, reader)
+    eval_sources = _eval_sources(s, reader, rows)
 
     # 4. Trainer.
     args = _training_arguments(s, data.stream, rank=rank, world_size=world_size)
@@ -290,13 +331,17 @@ def _load_student(s: TrainSettings):
                               target_modules=s.lora_target_modules)
 
 
-def _eval_sources(s: TrainSettings, reader) -> dict:
-    """{"data": JsonlSource, "cache": CacheSource} for --eval-data / --eval-cache (the cache: same tokenizer)."""
-    from logitcache.stages.train.sources import eval_cache_source, jsonl_source
+def _eval_sources(s: TrainSettings, reader, rows) -> dict:
+    """{"data": RowsSource, "cache": CacheSource} for --eval-data / --eval-cache (the cache: same tokenizer).
+    --eval-data is read with --data's field flags and --data-config, at --eval-split (default: train)."""
+    from dataclasses import replace
+
+    from logitcache.stages.train.sources import eval_cache_source, rows_source
 
     sources = {}
     if s.eval_data:
-        sources["data"] = jsonl_source(s.eval_data, reader=reader)
+        sources["data"] = rows_source(s.eval_data, reader=reader, rows=replace(rows, split=s.eval_split, max_rows=None,
+                                                                               streaming=False))
     if s.eval_cache:
         sources["cache"] = eval_cache_source(s.eval_cache, reader=reader, flag="--eval-cache")
     return sources

@@ -4,7 +4,7 @@
                               seed=0, window=2, epochs=1, rank=0, world_size=1)
     data.stream, data.cache, data.sample_temperature     # ShardedStream, the run's cache record, draws' T
     source = eval_cache_source("heldout_cache/", reader=reader, flag="--eval-cache")   # same tokenizer only
-    source = jsonl_source("heldout.jsonl", reader=reader)
+    source = rows_source("s3://bucket/heldout/", reader=reader, rows=DataOptions(split="test"))
 
 Training reads one of four things, chosen here and nowhere else:
 - a **mixture** (`--cache A B`): caches that can feed one loss together (`check_mixable`), each with
@@ -12,30 +12,41 @@ Training reads one of four things, chosen here and nowhere else:
 - **one cache, same tokenizer**: the cached ids are student ids (`alignment.SameTokenizerTargets`);
 - **one cache re-tokenized**: a student with another tokenizer and a loss that allows it (ULD)
   re-tokenizes the cache's text, or `--data` (`alignment.CrossTokenizerTargets`);
-- **jsonl** (`--loss sft` without a cache): text rows (`alignment.TextExample`).
+- **rows of --data** (`--loss sft` without a cache): what `precompute --data` takes (a file or folder,
+  local or any fsspec URL, a save_to_disk folder, a hub id; `storage.rows.load_rows`), read by the
+  field flags or by the stored names 'messages' / 'prompt'+'response' / 'text' (`alignment.TextExample`).
 Every cache is opened once, here, and checked against the teacher named by --teacher, the loss
 (`checks.check_loss_fits_cache`) and the student's tokenizer (`checks.check_tokenizer`).
+
+Chats are rendered with the student's tokenizer and `Reader.chat` (--chat-template, --chat-template-kwargs).
+A cache records the options its teacher rendered with (`ChatOptions.from_index`):
+- read with the teacher's tokenizer, its token ids are used as they are, so given options must be the
+  recorded ones (`check_rendering`);
+- re-tokenized for another tokenizer, its chats are rendered with the student's own template (a
+  recorded template file was written for the teacher's special tokens) or --chat-template, and with the
+  recorded template variables, given ones replacing them key by key: a cache made with
+  enable_thinking=false trains the student without thinking too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from logitcache.stages.train.alignment import CrossTokenizerTargets, SameTokenizerTargets, TextExample
 from logitcache.stages.train.checks import check_cache_teacher, check_loss_fits_cache, check_tokenizer
-from logitcache.stages.train.data import CacheSource, JsonlSource, ShardedStream
+from logitcache.stages.train.data import CacheSource, RowsSource, ShardedStream
 from logitcache.stages.train.loss_settings import LossPlan
 from logitcache.stages.train.mixing import MixedStream
 from logitcache.storage import open_cache
 from logitcache.storage.errors import ConfigError
+from logitcache.storage.inputs import ChatOptions, InputSpec
 from logitcache.storage.redact import redact_text, redact_url
 
-__all__ = ["Reader", "TrainingData", "open_training_data", "eval_cache_source", "jsonl_source", "check_mixable",
-           "draw_temperature"]
+__all__ = ["Reader", "DataOptions", "TrainingData", "open_training_data", "eval_cache_source", "rows_source",
+           "check_rendering", "check_mixable", "draw_temperature"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class Reader:
         vocab: the logits columns training uses (`checks.student_vocab_size`).
         max_length: truncate sequences to this many tokens (None: no limit).
         storage_options: fsspec options for cache and data URLs.
+        chat: the chat template and template variables given for the student's rendering (module docstring).
+        prompt_format: --prompt-format as given (None: "plain" for --data, a cache's own for a cache).
     """
 
     student: str
@@ -54,6 +67,38 @@ class Reader:
     vocab: int
     max_length: int | None
     storage_options: dict | None = None
+    chat: ChatOptions = ChatOptions()
+    prompt_format: str | None = None
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How --data (and --eval-data) are loaded: `storage.rows.load_rows`'s arguments, and the field flags.
+
+    Attributes:
+        split, config_name, revision, streaming, max_rows: as `precompute --data` takes them.
+        fields: {"text_field": ..., "prompt_field": ..., ...} as `InputSpec.build` takes them; empty: each
+            row's stored names ('messages', 'prompt'/'response', 'text') decide.
+    """
+
+    split: str | None = None
+    config_name: str | None = None
+    revision: str | None = None
+    streaming: bool = False
+    max_rows: int | None = None
+    fields: dict = field(default_factory=dict)
+
+    def spec(self, reader: Reader) -> InputSpec | None:
+        """The input rule the field flags give (None without them).
+
+        Raises:
+            ConfigError: as `InputSpec.build` (several kinds, chat options for plain text, ...).
+        """
+        fields = {k: v for k, v in self.fields.items() if v}
+        if not fields:
+            return None
+        return InputSpec.build(**fields, prompt_format=reader.prompt_format or "plain", max_length=reader.max_length,
+                               chat=reader.chat)
 
 
 @dataclass(frozen=True)
@@ -62,7 +107,7 @@ class TrainingData:
 
     Attributes:
         stream: the training items, split by rank (a `MixedStream` for a mixture).
-        cache: logitcache_train.json's record of the cache(s) read; None for jsonl.
+        cache: logitcache_train.json's record of the cache(s) read; None for --data rows.
         sample_temperature: the temperature a sample-mode cache was drawn at (None: topk or jsonl).
     """
 
@@ -73,12 +118,13 @@ class TrainingData:
 
 def open_training_data(caches: Sequence[str], *, data: str | None, weights: Sequence[float] | None, plan: LossPlan,
                        teacher: str | None, reader: Reader, seed: int, window: int, epochs: int | None, rank: int,
-                       world_size: int) -> TrainingData:
+                       world_size: int, rows: DataOptions = DataOptions()) -> TrainingData:
     """Open the training data (module docstring) and split it by rank.
 
     Args:
-        caches: the --cache URLs (none: train from `data`, a jsonl). data: --data (a jsonl, or the
-            text one cache re-tokenizes; `TrainSettings.check` refuses it beside a mixture).
+        caches: the --cache URLs (none: train from `data`). data: --data (rows to train on, or the
+            text one cache re-tokenizes; `TrainSettings.check` refuses it beside a mixture), loaded
+            by `rows`.
         weights: --cache-weights, for a mixture. plan: the run's loss. teacher: --teacher (None: any).
         seed, window, epochs, rank, world_size: as for `ShardedStream`.
 
@@ -90,7 +136,8 @@ def open_training_data(caches: Sequence[str], *, data: str | None, weights: Sequ
     if len(caches) > 1:
         return _mixture(caches, weights=weights, plan=plan, teacher=teacher, reader=reader, **layout)
     if not caches:
-        return TrainingData(ShardedStream(jsonl_source(data, reader=reader), epochs=epochs, **layout), None, None)
+        return TrainingData(ShardedStream(rows_source(data, reader=reader, rows=rows), epochs=epochs, **layout),
+                            None, None)
     url, = caches
     cache = open_cache(url, storage_options=reader.storage_options)
     index = cache.index
@@ -102,10 +149,11 @@ def open_training_data(caches: Sequence[str], *, data: str | None, weights: Sequ
     if same and data is not None:
         raise ConfigError("--data is read for --loss sft without a cache, or as the text a student with another "
                           "tokenizer re-tokenizes; this student shares the cache's tokenizer, so drop --data")
+    check_rendering(index, reader, cache=url, same_tokenizer=same)
     if same:
         to_item = SameTokenizerTargets(reader.vocab, max_length=reader.max_length, keep_k=plan.keep_k)
     else:
-        to_item = _retokenized(index, data, reader=reader, keep_k=plan.keep_k)
+        to_item = _retokenized(index, data, reader=reader, keep_k=plan.keep_k, rows=rows)
     record = {"url": url, "fingerprint": cache.fingerprint, "teacher": index["teacher"], "mode": cache.mode,
               "k": cache.k, "sequences": len(cache), "same_tokenizer": same}
     stream = ShardedStream(CacheSource(cache, to_item=to_item), epochs=epochs, **layout)
@@ -122,13 +170,62 @@ def eval_cache_source(url: str, *, reader: Reader, flag: str) -> CacheSource:
     check_tokenizer(cache.index, reader.tokenizer, needs_same_tokenizer=True, student=reader.student, cache=url,
                     read_by=flag, advice="Teacher agreement and kd_loss compare token ids: evaluate on a cache made "
                     "with the student's tokenizer.")
+    check_rendering(cache.index, reader, cache=url, same_tokenizer=True)
     return CacheSource(cache, to_item=SameTokenizerTargets(reader.vocab, max_length=reader.max_length))
 
 
-def jsonl_source(path: str, *, reader: Reader) -> JsonlSource:
-    """Text rows of a jsonl ('messages', 'text' or 'prompt'/'response'), tokenized by the student's tokenizer."""
-    return JsonlSource(path, to_item=TextExample(reader.tokenizer, max_length=reader.max_length, where=path),
-                       storage_options=reader.storage_options)
+def rows_source(data: str, *, reader: Reader, rows: DataOptions = DataOptions()) -> RowsSource:
+    """The rows of --data (what `precompute --data` takes), tokenized by the student's tokenizer: by the
+    field flags, or by each row's 'messages', 'prompt'/'response' or 'text'.
+
+    Raises:
+        ConfigError: DATA cannot be loaded (`load_rows`), a field flag names a column it lacks, or the
+            field flags do not make one input kind.
+    """
+    from logitcache.storage.rows import load_rows
+
+    spec = rows.spec(reader)  # refused before anything is read
+    loaded, _ = load_rows(data, split=rows.split, config_name=rows.config_name, revision=rows.revision,
+                          storage_options=reader.storage_options, streaming=rows.streaming, max_rows=rows.max_rows)
+    if spec is not None:
+        absent = [c for c in spec.columns.values() if c not in loaded.column_names]
+        if absent:
+            raise ConfigError(f"--data {redact_url(data)}: column(s) {absent} not found; it has "
+                              f"{loaded.column_names}")
+        loaded = loaded.select_columns(list(spec.columns.values()))
+    to_item = TextExample(reader.tokenizer, max_length=reader.max_length, prompt_format=reader.prompt_format or "plain",
+                          chat=reader.chat, spec=spec, where=redact_url(data))
+    return RowsSource(loaded, name=data, to_item=to_item)
+
+
+def check_rendering(index: dict, reader: Reader, *, cache: str, same_tokenizer: bool) -> None:
+    """Refuse rendering options that cannot apply to a cache (module docstring).
+
+    Raises:
+        ConfigError: --prompt-format other than the cache's; with the teacher's tokenizer, a
+            --chat-template or --chat-template-kwargs value other than the cache's (its ids are final).
+    """
+    inputs = index["inputs"]
+    recorded_format = inputs.get("prompt_format", "plain")
+    if reader.prompt_format is not None and inputs["kind"] == "prompt_response" \
+            and reader.prompt_format != recorded_format:
+        raise ConfigError(f"--prompt-format {reader.prompt_format}: the cache {cache} was written with --prompt-format "
+                          f"{recorded_format}, which decides its supervised positions; drop --prompt-format")
+    if not same_tokenizer:
+        return
+    recorded, given = ChatOptions.from_index(inputs), reader.chat
+    differs = []
+    if given.template is not None and given.template != recorded.template:
+        was = "another file" if recorded.template else "the tokenizer's own template"
+        differs.append(f"--chat-template (the cache: {was})")
+    for key, value in given.kwargs.items():
+        if key not in recorded.kwargs or recorded.kwargs[key] != value:
+            was = repr(recorded.kwargs[key]) if key in recorded.kwargs else "not set"
+            differs.append(f"{key}={value!r} (the cache: {was})")
+    if differs:
+        raise ConfigError(f"the cache {cache} holds token ids its teacher rendered, which a student with the same "
+                          f"tokenizer trains on as they are; the chat options given differ from the cache's: "
+                          f"{', '.join(differs)}. Drop them, or precompute a cache with them")
 
 
 # ---- one cache ----------------------------------------------------------------------------------------
@@ -152,9 +249,11 @@ def _uld_advice(has_text: bool) -> str:
             "so give the source data as --data.")
 
 
-def _retokenized(index: dict, data: str | None, *, reader: Reader, keep_k: int | None) -> CrossTokenizerTargets:
+def _retokenized(index: dict, data: str | None, *, reader: Reader, keep_k: int | None,
+                 rows: DataOptions) -> CrossTokenizerTargets:
     """Targets for a student with another tokenizer: the cache's own text (what the teacher saw, cut where
-    stage one truncated) re-tokenized, else the rows of --data it was made from."""
+    stage one truncated) re-tokenized, else the rows of --data it was made from. Chats are rendered with
+    the student's template (or --chat-template) and the cache's template variables, given ones winning."""
     from logitcache.storage.inputs import STORED_FIELDS
 
     fields = STORED_FIELDS[index["inputs"]["kind"]]  # validated when the index was read
@@ -165,24 +264,30 @@ def _retokenized(index: dict, data: str | None, *, reader: Reader, keep_k: int |
     if cached_text and data:
         print(redact_text(f"train: the cache stores the {'/'.join(fields)} text; re-tokenizing that, not --data "
                           f"{data}"), file=sys.stderr, flush=True)
+    recorded = ChatOptions.from_index(index["inputs"])
+    chat = ChatOptions(reader.chat.template, {**recorded.kwargs, **reader.chat.kwargs})
     return CrossTokenizerTargets(reader.tokenizer, fields=fields, max_length=reader.max_length, keep_k=keep_k,
-                                 texts=None if cached_text else _rows_by_index(data, index),
-                                 prompt_format=index["inputs"].get("prompt_format", "plain"))
+                                 texts=None if cached_text else _rows_by_index(data, index, reader=reader, rows=rows),
+                                 prompt_format=index["inputs"].get("prompt_format", "plain"), chat=chat)
 
 
-def _rows_by_index(path: str, index: dict) -> dict[int, dict]:
-    """Rows of the jsonl the cache was made from, by row number, under the cache's stored field names."""
+def _rows_by_index(data: str, index: dict, *, reader: Reader, rows: DataOptions) -> dict[int, dict]:
+    """Rows of the DATA the cache was made from (loaded as --data is, so give the --split the cache was made
+    from), by row number, under the cache's stored field names; the field flags name the source columns,
+    else the cache's index does."""
     from logitcache.storage.inputs import STORED_FIELDS
+    from logitcache.storage.rows import load_rows
 
-    columns = index["inputs"].get("columns") or {}
+    columns = dict(index["inputs"].get("columns") or {})
+    spec = rows.spec(reader)
+    if spec is not None:
+        columns = dict(spec.columns)
     names = (*STORED_FIELDS[index["inputs"]["kind"]], *(("tools",) if "tools" in columns else ()))
-    rows = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                rows[len(rows)] = {name: row.get(columns.get(name, name)) for name in names}
-    return rows
+    loaded, _ = load_rows(data, split=rows.split, config_name=rows.config_name, revision=rows.revision,
+                          storage_options=reader.storage_options, streaming=rows.streaming, max_rows=rows.max_rows)
+    block = loaded[0:len(loaded)]
+    return {i: {name: (block.get(columns.get(name, name)) or [None] * len(loaded))[i] for name in names}
+            for i in range(len(loaded))}
 
 
 def _local_tokenizer(index: dict, reader: Reader):
@@ -212,6 +317,8 @@ def _mixture(urls: Sequence[str], *, weights: Sequence[float] | None, plan: Loss
                           f"--cache-weights value")
     caches = [open_cache(url, storage_options=reader.storage_options) for url in urls]
     check_mixable({url: c.index for url, c in zip(urls, caches)}, keep_k=plan.keep_k)
+    for url, cache in zip(urls, caches):
+        check_rendering(cache.index, reader, cache=url, same_tokenizer=True)
     targets = SameTokenizerTargets(reader.vocab, max_length=reader.max_length, keep_k=plan.keep_k)
     streams = []
     for url, cache in zip(urls, caches):

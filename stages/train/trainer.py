@@ -139,7 +139,7 @@ class KDTrainer(Trainer):
             CE is skipped at weight 0; sft trains on the labels alone).
         vocab_size: the logits columns to use (see `checks`); None uses all.
         chunk_size: rows per loss chunk (None: automatic).
-        eval_sources: {name: `CacheSource` or `JsonlSource`} evaluated by `evaluate` (every
+        eval_sources: {name: `CacheSource` or `RowsSource`} evaluated by `evaluate` (every
             `eval_steps` with eval_strategy="steps"): `evaluate.evaluate_source`'s metrics, the ones
             `logitcache eval` reports (kd_loss with this trainer's loss), logged as
             eval_{name}_{metric}. eval_pad_id pads their batches.

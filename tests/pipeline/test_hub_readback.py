@@ -99,3 +99,34 @@ def test_precompute_streams_a_slice_of_a_hub_dataset_repo(online, tmp_path):
         again = load_rows("hf://datasets/team/corpus@v1", streaming=True, max_rows=15,
                           storage_options={**options, "skip_instance_cache": True})[1]
     assert again["fingerprint"] != info["fingerprint"]
+
+
+def test_train_and_eval_stream_rows_of_a_hub_dataset_repo(online, tmp_path, capsys):
+    """`train --data` / `eval --data hf://datasets/...@REV --streaming --max-rows N` with field flags, as
+    `precompute --data` takes them: only the files the slice reaches are downloaded, in DataLoader workers too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    w = world()
+    rows = text_rows(30, seed=41)
+    for f in range(3):
+        part = rows[10 * f:10 * f + 10]
+        pq.write_table(pa.table({"q": [r["prompt"] for r in part], "a": [r["response"] for r in part]}),
+                       tmp_path / f"train-{f:02d}.parquet", row_group_size=5)
+    flags = ["--data", "hf://datasets/team/qa@v1", "--streaming", "--max-rows", "12", "--prompt-field", "q",
+             "--response-field", "a"]
+    with fake_hub({"team/qa": str(tmp_path)}, revisions={"v1"}) as hub:
+        rc = main(["eval", "--model", str(w.student), *flags, "--storage-option", f"endpoint={hub.endpoint}",
+                   "--device", "cpu", "--json"])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        data = json.loads(captured.out)["data"]
+        expected = sum(len(w.tokenizer(r["response"], add_special_tokens=False)["input_ids"]) + 1 for r in rows[:12])
+        assert data["sequences"] == 12 and data["positions"] == expected
+        rc = main(["train", "--student", str(w.student), *flags, "--storage-option", f"endpoint={hub.endpoint}",
+                   "--loss", "sft", "--out", str(tmp_path / "sft"), "--epochs", "1", "--batch-size", "4",
+                   "--num-workers", "1", "--save-steps", "1000"])
+        assert rc == 0, capsys.readouterr().err
+        downloaded = {p for _, p, _ in hub.requests if "/resolve/" in p}
+    assert downloaded == {f"/datasets/team/qa/resolve/v1/train-{f:02d}.parquet" for f in range(2)}
+    assert json.loads((tmp_path / "sft" / "logitcache_train.json").read_text())["global_step"] == 3

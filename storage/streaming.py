@@ -30,7 +30,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from logitcache.stages.precompute.files import list_data_files
+from logitcache.storage.data_files import list_data_files
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
 __all__ = ["StreamedRows", "stream_rows", "STREAM_SUFFIXES", "parse_row_range"]
@@ -229,7 +229,7 @@ def stream_rows(data: str, *, split: str | None, max_rows: int | None, storage_o
     """Rows of a local or fsspec file/folder of .parquet or .jsonl files, read lazily (module docstring).
 
     Returns:
-        (StreamedRows, info), info as `data.load_rows` gives it: loader "stream:parquet|json",
+        (StreamedRows, info), info as `rows.load_rows` gives it: loader "stream:parquet|json",
         fingerprint, num_rows (of the slice), and files_read (the files the slice reaches).
 
     Raises:

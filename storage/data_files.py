@@ -1,5 +1,5 @@
 """The files of `--data`, a file or a folder, local or behind an fsspec URL: one listing for the
-loader (`data`) and for `--streaming` (`streaming`), each of which imports it.
+loader (`rows`) and for `--streaming` (`streaming`), each of which imports it.
 
     fs, root, files = list_data_files("s3://bucket/corpus/", {"endpoint_url": "http://..."}, suffixes={".jsonl"})
 """
