@@ -26,7 +26,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
+import loss_reference  # noqa: E402
 from bench_storage import read_texts, stdlib_files  # noqa: E402
 from llm_tails import topk_cache  # noqa: E402
 
@@ -49,15 +50,6 @@ def train(tok, ids: np.ndarray, steps: int, seed: int):
         opt.step()
         opt.zero_grad()
     return model.eval()
-
-
-def bild_reference(s, t, k=8, temperature=3.0):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("loss_reference", HERE.parent / "tests/stages/loss_reference.py")
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
-    return ref.bild(s, t, k, temperature)
 
 
 def value_and_grad(fn, s):
@@ -95,11 +87,12 @@ def main():
     t, s = torch.cat(t_rows), torch.cat(s_rows)
     cache = topk_cache(t.float(), 32)
     cids, lp, tail = cache["ids"].long(), cache["logprobs"].double(), cache["tail_mass"].double()
-    full_v, full_g = value_and_grad(lambda y: bild_reference(y, t), s)
+    full_v, full_g = value_and_grad(lambda y: loss_reference.bild(y, t), s)
     metrics = {}
     got_v, got_g = value_and_grad(lambda y: losses.bild(y, cids, lp, metrics=metrics), s)
     spread = (tail / (t.shape[1] - 32)).log()
-    old_v, old_g = value_and_grad(lambda y: bild_reference(y, spread[:, None].expand(t.shape).scatter(1, cids, lp)), s)
+    flat = spread[:, None].expand(t.shape).scatter(1, cids, lp)
+    old_v, old_g = value_and_grad(lambda y: loss_reference.bild(y, flat), s)
 
     def cos(a, b):
         return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))

@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/bench_fidelity.py --rows 32 --model-vocab 4096 --model-steps 20   # what RESULTS.md holds
     .venv/bin/python benchmarks/bench_fidelity.py --rskd 20 --regimes zipf --rows 8   # rskd: N x tau, 20 seeds (~3 min)
 
-Teachers: three LLM-like regimes over V = 151,936 from tests/llm_tails.py (zipf: a heavy Zipf tail;
+Teachers: three LLM-like regimes over V = 151,936 from tests/support/llm_tails.py (zipf: a heavy Zipf tail;
 peaked: a few favourites over a Gaussian bulk, like a fine-tuned model; flat: high entropy), plus
 "model": the real next-token logits of the small Llama the storage benchmark trains
 (bench_storage.train_model, kept in benchmarks/out/) on held-out standard-library source.
@@ -15,7 +15,7 @@ itself ("self", for stationarity).
 
 For each loss, K in {8, 16, 32, 64} and T in {1, 2, 3} (losses without a temperature: once):
 - rel err: |L_cached - L_full| / |L_full|, where L_full is the same loss on the full logits: the plain
-  formula of tests/stages/loss_reference.py with the library loss's default options, which the
+  formula of tests/support/loss_reference.py with the library loss's default options, which the
   library computes with a cache of the whole vocabulary (checked here on a few rows: `check_references`;
   a loss whose reference disagrees is computed with the library at K = V instead, about 20x slower).
   For rskd, whose cache is K samples at T = 1, L_full is the cross entropy against the full teacher.
@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+import loss_reference  # noqa: E402
 from llm_tails import NOISE, REGIMES, VOCAB, student_logits, teacher_logits, topk_cache  # noqa: E402
 
 from logitcache.stages.train import losses  # noqa: E402
@@ -79,24 +80,11 @@ def sample_rows(t: torch.Tensor, n: int, seed: int) -> dict:
     return sample_cache(t, n, seed=seed)
 
 
-def _load_reference():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "tests" / "stages" / "loss_reference.py"
-    spec = importlib.util.spec_from_file_location("loss_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-REFERENCE = _load_reference()
-
-
 def reference_fn(name: str):
     """(s, t, options) -> 0-dim loss on full (rows, V) logits, with the library loss's default options; or None."""
     import inspect
 
-    fn = REFERENCE.REFERENCES.get(name)
+    fn = loss_reference.REFERENCES.get(name)
     if fn is None:
         return None
     lib = inspect.signature(getattr(losses, name)).parameters

@@ -6,7 +6,7 @@
 One cache (Zarr, compact, K = 32, 16 shards of 256 sequences x 512 tokens: ~131k positions and ~11 MB
 a shard, about a stage-one shard's size) is written to local disk and copied as is to a real
 S3-compatible server (moto, in its own process on loopback) behind a TCP proxy that adds 50 ms to
-every request (tests/s3server.py). Its ids are uniform over 151,936 (the worst case for bytes over the
+every request (tests/support/s3server.py). Its ids are uniform over 151,936 (the worst case for bytes over the
 wire, see RESULTS.md's storage table), its log-probs sorted random values.
 
 Each pass reads the whole cache as `logitcache train` does with its defaults: `ShardedStream` over a
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from s3server import make_bucket, moto_server, s3_options, tcp_proxy  # noqa: E402
 
 from logitcache.stages.train.alignment import SameTokenizerTargets  # noqa: E402

@@ -7,14 +7,13 @@ At T != 1 the K + 1 grouped classes need the teacher's tempered tail weight sum_
 which a top-K cache does not hold. Two guesses, each inside the same KL over the K + 1 classes:
 "student shape" (the library, `tails.kd_classes`): the teacher's tail has the student's shape, scaled to the
 stored tail mass; "flat": the tail mass spread evenly over the V - K uncovered ids. Yardstick: KL over the
-exact grouped classes at T, from the teacher's full logits (tests/stages/loss_reference.grouped_kl).
-Teachers: tests/llm_tails.py (V = 151,936); students: teacher + noise 0.5 ("near") and 2 ("far"); T = 2.
+exact grouped classes at T, from the teacher's full logits (tests/support/loss_reference.grouped_kl).
+Teachers: tests/support/llm_tails.py (V = 151,936); students: teacher + noise 0.5 ("near") and 2 ("far"); T = 2.
 Prints the gradient cosine against the yardstick and the gradient left at student = teacher (relative to
 the far student's), per regime, student and seed; writes benchmarks/out/tail_bucket.json.
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -25,14 +24,11 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 import llm_tails  # noqa: E402
+import loss_reference as ref  # noqa: E402
 
 from logitcache.stages.train import losses  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("loss_reference", HERE.parent / "tests/stages/loss_reference.py")
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 
 def flat_tail_kl(s, ids, lp, tail, temperature):

@@ -82,7 +82,7 @@ def hf_engine(teacher):
 
 @pytest.fixture(scope="session")
 def reference_cache(tiny_teacher, tmp_path_factory):
-    """(teacher, data, reference): the reference job of tests/precompute_util.py (24 text rows, 12 shards)
+    """(teacher, data, reference): the reference job of tests/support/precompute_util.py (24 text rows, 12 shards)
     written by one uninterrupted `logitcache precompute`, run in this process as a one-thread process
     (`run_here`: a process start-up would cost more than the job).
 
@@ -102,7 +102,7 @@ def reference_cache(tiny_teacher, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def big_vocab_world(tmp_path_factory):
-    """The folder of tests/big_vocab.py's world (a student, a teacher and a cache at V = 151,936), built once
+    """The folder of tests/support/big_vocab.py's world (a student, a teacher and a cache at V = 151,936), built once
     for the session's memory tests (test_fused_head's training peak, test_trainer_eval's evaluation peak),
     which measure in their own processes and read it with `big_world(folder)`."""
     from big_vocab import big_world
@@ -114,29 +114,12 @@ def big_vocab_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def s3():
-    """(endpoint, env) of a moto S3 server process on loopback (tests/s3server.py), started on first
+    """(endpoint, env) of a moto S3 server process on loopback (tests/support/s3server.py), started on first
     use and shared by the session; env holds the AWS_* variables a CLI subprocess reads."""
     from s3server import moto_server
 
     with moto_server() as server:
         yield server
-
-
-def _vllm_engine(model, **kwargs):
-    pytest.importorskip("vllm")
-    from logitcache.stages.precompute.engines import build_engine
-
-    # Small KV cache (prefill-only work needs little; VLLM_CPU_KVCACHE_SPACE, if set, wins) and
-    # no torch.compile: start-up time and memory beside other test runs.
-    return build_engine(
-        "vllm",
-        str(model),
-        max_batch_tokens=1024,
-        max_model_len=512,
-        kv_cache_memory_bytes=256 << 20,
-        enforce_eager=True,
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -147,10 +130,12 @@ def vllm_pooling_engine(tiny_teacher, vllm_logprobs_engine):
     logits step as the session's logprobs-path engine of the same teacher records it, rather than
     from a reference engine of its own: one vLLM start-up fewer.
     """
+    from precompute_util import vllm_engine
+
     from logitcache.stages.precompute.engines.vllm_engine import head_check_reference
 
     reference = head_check_reference(vllm_logprobs_engine, str(tiny_teacher[0]))
-    engine = _vllm_engine(tiny_teacher[0], vllm_path="pooling", k=8, reference=reference)
+    engine = vllm_engine(tiny_teacher[0], vllm_path="pooling", k=8, reference=reference)
     yield engine
     engine.close()
 
@@ -160,14 +145,16 @@ def vllm_logprobs_engine(tiny_teacher):
     """vLLM prompt_logprobs-path engine (k=8) on `tiny_teacher`: a second vLLM engine, so it
     costs another start-up (~30 s on 2 CPU cores). It also serves as the pooling engine's check
     reference (`head_check_reference`)."""
-    engine = _vllm_engine(tiny_teacher[0], vllm_path="logprobs", k=8)
+    from precompute_util import vllm_engine
+
+    engine = vllm_engine(tiny_teacher[0], vllm_path="logprobs", k=8)
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="session")
 def qwen(tmp_path_factory):
-    """Real Qwen vocabulary (151,665 ids) and real chat templates on tiny random models (tests/realtok.py).
+    """Real Qwen vocabulary (151,665 ids) and real chat templates on tiny random models (tests/support/realtok.py).
 
     Returns a dict of model folders, all with logits padded to 151,936 columns as Qwen's checkpoints:
     "instruct" (Qwen2.5-Instruct tokenizer and template, untied head, 2 layers: the teacher),

@@ -4,14 +4,14 @@
 
 A circle hidden behind a function-level import still ties two modules into one: neither can be read,
 tested or moved without the other, and the import order decides which half of it exists when. Each
-module's imports are read with `ast` (as `test_layering` reads them), an edge is drawn to every
-imported name that is one of our modules, and the strongly connected components of that graph with
-more than one module (or a module importing itself) are the circles.
+module's imports are read with `ast` (tests/support/source_imports.py, as `test_layering` reads them), an
+edge is drawn to every imported name that is one of our modules, and the strongly connected components of
+that graph with more than one module (or a module importing itself) are the circles.
 """
 
 from __future__ import annotations
 
-from test_layering import _source_files, imported_modules
+from source_imports import imported_modules, source_files
 
 
 def import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
@@ -50,7 +50,7 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_source_has_no_import_circles():
-    sources = {module: (path.read_text(), is_package) for path, module, is_package in _source_files()}
+    sources = {module: (path.read_text(), is_package) for path, module, is_package in source_files()}
     graph = import_graph(sources)
     assert sum(len(deps) for deps in graph.values()) > 100  # the edges were found, not an empty graph
     assert not circles(graph), "import circles:\n" + "\n".join(" <-> ".join(c) for c in circles(graph))

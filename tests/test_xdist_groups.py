@@ -40,7 +40,7 @@ def test_the_vllm_tests_run_on_one_worker(tmp_path):
     # The tests of the session vLLM engines (not the one that starts an engine of its own).
     select = "(vllm_pooling or vllm_logprobs) and not refuses"
     res = subprocess.run([sys.executable, "-m", "pytest", "-p", "dry_run", "-n", "2", "--dist", "loadgroup", "-rs",
-                          "-p", "no:cacheprovider", "-m", "slow", "-k", select, "tests/stages/test_engines.py"],
+                          "-p", "no:cacheprovider", "-m", "slow", "-k", select, "tests/stages/precompute/test_engines.py"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     ran = re.findall(r"dry run on (gw\d+): (\S+)", res.stdout)
     assert len(ran) >= 4, res.stdout[-3000:] + res.stderr[-3000:]

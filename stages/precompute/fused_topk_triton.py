@@ -33,7 +33,7 @@ logits exists in any dtype.
 CPU tensors run the same kernel under Triton's interpreter, in a process where TRITON_INTERPRET=1
 was set before triton was first imported (triton decorates its own `tl.zeros`, `tl.topk`, ...
 then, not only this kernel). That is how the tests check it, in a child process
-(tests/triton_interpreter.py), slowly. The interpreter cannot tell whether the kernel compiles
+(tests/support/triton_interpreter.py), slowly. The interpreter cannot tell whether the kernel compiles
 for a GPU, how many registers `tl.topk` over an int64 (BM x BN) block takes there, or how fast it
 is: the block defaults (`default_blocks`) are sensible for an H100/H200 but untuned.
 """

@@ -68,7 +68,7 @@ def pass_through(shard) -> None:
 
     It reads private-by-convention attributes (`num_processes`, `process_index`), so they are
     checked first: an accelerate that renames them fails here, loudly, rather than silently
-    keeping one batch in world_size (tests/stages/test_trainer_patch.py checks the behaviour).
+    keeping one batch in world_size (tests/stages/train/test_trainer_patch.py checks the behaviour).
 
     Raises:
         RuntimeError: `shard` lacks the attributes this relies on.
@@ -95,7 +95,7 @@ def cpu_fsdp(trainer) -> None:
 
     Raises:
         ConfigError: FSDP1 (`fsdp_config` version 1) asked for on CPU: transformers deprecates it,
-            and only FSDP2 is tested here (tests/stages/test_trainer_fsdp.py).
+            and only FSDP2 is tested here (tests/stages/train/test_trainer_fsdp.py).
     """
     from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin

@@ -1,5 +1,5 @@
 """A dead network ends in an error, not a hang: an S3 endpoint that accepts connections and never answers
-(a listener on loopback, tests/s3server.py's `black_hole`) ends `precompute --data`, `precompute --out`
+(a listener on loopback, tests/support/s3server.py's `black_hole`) ends `precompute --data`, `precompute --out`
 and `train --cache` with a one-line error naming the s3:// URL. With short bounds given through
 `--storage-option` each ends in seconds; one slow test holds the DEFAULT bound (under 2 minutes; before,
 botocore's and s3fs's retries of 60 s reads took more than 5).

@@ -1,6 +1,6 @@
 """Reading a shared cache back as `hf://datasets/OWNER/NAME[@REV]`: `logitcache train` runs through the real
 `huggingface_hub.HfFileSystem` against a loopback server that answers the Hub's read API
-(`tests/fake_hub.py`), since the Hub itself cannot be reached here. What is checked: the path and
+(`tests/support/fake_hub.py`), since the Hub itself cannot be reached here. What is checked: the path and
 revision it asks for, that `--storage-option token=/endpoint=` reach it (in DataLoader workers too),
 and the one-line errors of offline mode and of an unknown revision.
 

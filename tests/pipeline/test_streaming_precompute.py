@@ -1,9 +1,9 @@
 """`logitcache precompute --streaming --max-rows N`: a slice of a many-file Parquet dataset on a real S3
 server (moto, loopback), stopped and resumed, gives the cache of one uninterrupted run, and the arrays
 of a non-streaming run of the same rows; the resumed job reads fewer bytes than a whole run (counted
-through fsspec, `tests/counting_fs.py`), since it skips the finished shards' row groups.
+through fsspec, `tests/support/counting_fs.py`), since it skips the finished shards' row groups.
 
-Ray actors streaming the same slice: tests/stages/test_precompute_ray.py.
+Ray actors streaming the same slice: tests/stages/precompute/test_precompute_ray.py.
 
 A "stopped" job is one of `--num-jobs 3` that wrote its shards and no index; the rerun of the plain
 command resumes it (SIGKILL mid-shard is covered by tests/pipeline/test_s3_precompute.py).

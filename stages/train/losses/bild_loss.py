@@ -42,7 +42,7 @@ def bild_rows(student_logits, teacher_ids, teacher_logprobs, *, top_k, temperatu
     so the student-led half sees the uncovered ids as the teacher's near-equals of rank K and its
     value comes out low, never high, where coverage is low. The alternative, the tail mass spread
     evenly over the V - K uncovered ids, errs high; it is worse for near students on LLM-like
-    synthetic tails (V = 151,936, K = 32, tests/llm_tails.py); on students from a real training run
+    synthetic tails (V = 151,936, K = 32, tests/support/llm_tails.py); on students from a real training run
     neither wins (benchmarks/bench_bild_trained.py: cos 0.78 / 0.90 against 0.86 / 0.84 over two
     seeds). docs/LOSSES.md has the figures and their commands. The teacher-led half is exact whenever K >= k.
 
