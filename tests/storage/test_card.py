@@ -11,7 +11,7 @@ import pytest
 from synthetic import TEXT_FIELDS, VOCAB, make_sequence, metadata
 
 from logitcache.storage import CacheWriter, ShardData, open_cache
-from logitcache.storage.card import CARD_NAME, dataset_card
+from logitcache.storage.card import CARD_NAME, dataset_card, shard_schema
 
 
 def write_cache(root, backend: str, encoding: str = "compact", mode: str = "topk"):
@@ -42,7 +42,8 @@ def test_parquet_cache_folder_loads_with_datasets_load_dataset(tmp_path):
 @pytest.mark.parametrize("backend, mode", [("zarr", "topk"), ("arrow", "sample")])
 def test_card_names_teacher_k_encoding_fingerprint_counts_and_training(tmp_path, backend, mode):
     index = write_cache(tmp_path / "c", backend, encoding="lossless", mode=mode)
-    card = dataset_card(index, repo_id="me/tiny-logits", top_k_mass=0.9321)
+    fs = open_cache(str(tmp_path / "c")).fs
+    card = dataset_card(index, repo_id="me/tiny-logits", top_k_mass=0.9321, schema=shard_schema(fs, str(tmp_path / "c"), index))
     assert "tiny-teacher" in card and "fp-card" in card and "lossless" in card
     assert f"{mode}, {'K' if mode == 'topk' else 'N'} = 4" in card and "| 6 / " in card and "0.9321" in card
     assert "logitcache train --cache hf://datasets/me/tiny-logits" in card
