@@ -2,17 +2,23 @@
 
 import argparse
 
-HELP = "upload a finished cache to a Hugging Face dataset repo, with a generated dataset card"
+HELP = "upload a finished Parquet cache to a Hugging Face dataset repo, with a generated dataset card"
 
 DESCRIPTION = """\
-Upload a finished local cache folder to the Hugging Face dataset repo REPO_ID (created if needed),
-with a generated README.md: teacher, K or N, encoding, fingerprint, counts, the mean probability
-the stored ids hold, the columns and how to decode them, and the command that trains from it.
-Others then train straight from the repo:
+Upload a finished Parquet cache (a folder, or a URL such as s3://...) to the Hugging Face dataset
+repo REPO_ID (created if needed), with a generated README.md: its header (license, source dataset,
+task category, size category, tags, and the configs that point datasets.load_dataset(REPO_ID) and the
+Hub's viewer at the shards), then the teacher, K or N, encoding, fingerprint, counts, the mean
+probability the stored ids hold, the columns as the shards type them, and the command that trains
+from it. Others then train straight from the repo:
 
   logitcache train --cache hf://datasets/REPO_ID --student ... --loss kl --out ./student
 
-A cache written with --backend parquet is also a plain dataset: datasets.load_dataset(REPO_ID).
+The shards go first (several commits for a large cache; run the same command again to resume), the
+index and card last, in one commit: until then the repo is no cache. A URL is read a batch of shards
+(about 2 GiB) at a time through a temporary folder, not copied whole. A Zarr cache is refused with
+the `logitcache convert ... --backend parquet` command that makes a Parquet copy: the Hub's viewer
+and datasets.load_dataset read Parquet only.
 Credentials: `hf auth login` (the Hub's own login), the HF_TOKEN variable, or --token-file FILE.
 A token is never taken on the command line, where `ps` and the shell's history would show it.
 """
