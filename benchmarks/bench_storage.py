@@ -236,6 +236,43 @@ def backends_table(seqs, vocab, target):
     json.dump(rows, open(OUT / "storage_backends.json", "w"), indent=1)
 
 
+def whole_precompute(model_dir, texts, rounds=3):
+    """`logitcache precompute --engine hf` of the held-out texts with each backend (K=32; lossless, the
+    default, and compact), interleaved; wall and CPU seconds of the command in this process, median."""
+    import resource
+    import shutil
+
+    from logitcache.pipeline.cli import main as cli
+
+    data = OUT / "heldout.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    times = {}
+    warm = tempfile.mkdtemp(dir=OUT)  # imports and the first model load are not either backend's
+    assert cli(["precompute", "--teacher", str(model_dir), "--data", str(data), "--out", f"{warm}/c", "--engine", "hf",
+                "--text-field", "text", "--top-k", "32", "--max-rows", "2", "--no-progress"]) == 0
+    shutil.rmtree(warm)
+    for r in range(rounds):
+        for enc in ("lossless", "compact"):
+            for backend in (("parquet", "zarr") if r % 2 == 0 else ("zarr", "parquet")):
+                out = tempfile.mkdtemp(dir=OUT)
+                shutil.rmtree(out)
+                cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                assert cli(["precompute", "--teacher", str(model_dir), "--data", str(data), "--out", out,
+                            "--engine", "hf", "--text-field", "text", "--top-k", "32", "--max-length", "512",
+                            "--backend", backend, "--encoding", enc, "--no-progress"]) == 0
+                dt, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+                cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+                size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+                times.setdefault((enc, backend), []).append((dt, cpu, size))
+                shutil.rmtree(out)
+    print(f"\nwhole `precompute --engine hf`, K=32, {len(texts)} held-out files (first 512 tokens each):")
+    print("| encoding | backend | wall s | CPU s | cache bytes |")
+    print("|---|---|---|---|---|")
+    for (enc, backend), v in times.items():
+        print(f"| {enc} | {backend} | {np.median([x[0] for x in v]):.1f} | {np.median([x[1] for x in v]):.1f} | "
+              f"{v[0][2]:,} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -257,7 +294,9 @@ def main():
           f"mean top-1 prob {np.mean([np.exp(s['topk_logprobs'][:, 0]).mean() for s in seqs]):.3f}")
     if args.backends:
         torch.set_num_threads(1)
-        return backends_table(seqs, vocab, 200_000 if args.quick else 500_000)
+        backends_table(seqs, vocab, 200_000 if args.quick else 500_000)
+        texts = [t for t in read_texts(stdlib_files("heldout"), 1e9) if len(t) >= 200][:40 if args.quick else 120]
+        return whole_precompute(OUT / f"model-v{args.vocab}-s{args.steps}", texts)
     rows = size_table(seqs, vocab)
     rows += size_table(random_ids(seqs, 151_936), 151_936, ks=(32,), label="uniform random over 151,936")
     print("\n| ids | K | backend | encoding | bytes/entry | bytes/position | max abs error (nats) |")
