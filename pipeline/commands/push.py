@@ -86,12 +86,14 @@ def push_cache(cache: str, repo_id: str, *, api=None, private: bool = False, tok
     Raises:
         ConfigError: not a finished cache (via `open_cache`), a Zarr cache, or credentials in its index.
     """
+    import fnmatch
     import json
+    import os
 
     import numpy as np
 
     from logitcache.storage import open_cache
-    from logitcache.storage.card import CARD_NAME, dataset_card, shard_schema
+    from logitcache.storage.card import CARD_NAME, SHARD_GLOB, dataset_card, shard_schema
     from logitcache.storage.errors import ConfigError
     from logitcache.storage.layout import INDEX_NAME
     from logitcache.storage.paths import safe_join
@@ -105,6 +107,14 @@ def push_cache(cache: str, repo_id: str, *, api=None, private: bool = False, tok
     if redact_text(json.dumps(opened.index)) != json.dumps(opened.index):
         raise ConfigError(f"push: {cache}/index.json records a URL with credentials (written by an older "
                           f"logitcache); remove them from its dataset section before sharing the cache")
+    names = [entry["name"] for entry in opened.shards]
+    if "://" not in cache:
+        # The card's configs glob reads every shard-*.parquet as rows: one the index does not name would be read.
+        strays = sorted(set(fnmatch.filter(os.listdir(cache), SHARD_GLOB)) - set(names))
+        if strays:
+            raise ConfigError(f"push: {cache} holds {len(strays)} shard file(s) its index does not name "
+                              f"({', '.join(strays[:3])}); datasets.load_dataset would read them as rows. "
+                              f"Move them out of the folder first")
     mass = None
     if mass_shards > 0:
         tails = [shard.tail_mass for _, shard in opened.iter_shards(list(range(min(mass_shards, len(opened.shards)))))]
@@ -118,10 +128,9 @@ def push_cache(cache: str, repo_id: str, *, api=None, private: bool = False, tok
         api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     message = f"logitcache cache {opened.fingerprint[:12]}"
-    names = [entry["name"] for entry in opened.shards]
     if "://" not in cache:
         api.upload_folder(folder_path=cache, repo_id=repo_id, repo_type="dataset", revision=revision,
-                          allow_patterns=names, commit_message=f"{message}: shards")
+                          allow_patterns=[SHARD_GLOB], commit_message=f"{message}: shards")
     else:
         _upload_staged(api, opened, repo_id, revision, stage_bytes, f"{message}: shards")
     from huggingface_hub import CommitOperationAdd

@@ -139,3 +139,20 @@ def test_push_of_a_zarr_cache_refuses_with_the_convert_command_and_that_command_
         assert_repo_is_the_cache(hub, "me/z", cache)
         index = json.load(open(os.path.join(hub.repos["me/z"], "index.json")))
         assert index["backend"] == "arrow"
+
+
+def test_a_shard_file_the_index_does_not_name_is_refused_before_any_request(online, tmp_path):
+    """The card's configs glob would make datasets read it as rows; a temporary file is simply not uploaded."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    write_cache(str(cache))
+    (cache / "shard-00001.parquet.tmp-1a2b3c4d").write_bytes(b"partial")
+    shutil.copy(cache / "shard-00000.parquet", cache / "shard-00042.parquet")
+    with fake_hub({}, new_repos_root=str(tmp_path / "hub")) as hub:
+        with pytest.raises(ConfigError, match="shard-00042.parquet"):
+            push_cache(str(cache), "me/x", api=hub_api(hub), mass_shards=0)
+        assert hub.requests == []
+        (cache / "shard-00042.parquet").unlink()
+        push_cache(str(cache), "me/x", api=hub_api(hub), mass_shards=0)
+        assert_repo_is_the_cache(hub, "me/x", str(cache))
