@@ -5,9 +5,11 @@
     .venv/bin/python benchmarks/bench_storage.py --backends # only the side-by-side default-backend table (below)
 
 --backends: the two backends side by side at K=32, for the lossless (precompute's default) and compact
-encodings, on the model's ids and on uniformly random ids over 151,936: bytes/entry, write throughput
-(encode + write + sha256 of ~128k-position shards, wall and CPU seconds) and read throughput (as below),
-the backends interleaved in each of 3 rounds so that load on a shared machine hits both alike.
+encodings, on the model's ids and on uniformly random ids over 151,936: bytes/entry (the real rows once,
+as in the size table), write throughput (`CacheWriter.write_shard` of ~500k positions tiled into ~128k-position
+shards: encode + write + sha256, wall and CPU seconds) and read throughput (as below), the backends
+interleaved in each of 3 rounds (median) so that load on a shared machine hits both alike; then a whole
+`logitcache precompute --engine hf` of held-out files with the trained model, each backend, 3 rounds.
 
 The values are log-probs from a real model's forward pass, not random numbers: a 4-layer, 256-wide
 Llama with a 32k byte-level BPE vocabulary, trained briefly on this Python's standard-library source and
