@@ -82,7 +82,11 @@ class _Hub:
         if os.path.isfile(full):
             with open(full, "rb") as f:
                 oid = hashlib.sha1(f.read()).hexdigest()
-            return {"type": "file", "oid": oid, "size": os.path.getsize(full), "path": rel}
+            entry = {"type": "file", "oid": oid, "size": os.path.getsize(full), "path": rel}
+            if rel.endswith(".parquet"):  # the Hub's .gitattributes tracks *.parquet: it lists them as LFS files
+                with open(full, "rb") as f:
+                    entry["lfs"] = {"oid": hashlib.sha256(f.read()).hexdigest(), "size": entry["size"], "pointerSize": 134}
+            return entry
         return None
 
     def tree(self, repo: str, rel: str, recursive: bool) -> list[dict] | None:

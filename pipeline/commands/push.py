@@ -149,12 +149,14 @@ def _upload_staged(api, opened, repo_id: str, revision: str | None, stage_bytes:
 
     from logitcache.storage.paths import safe_join
 
-    done = {}
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    done = {}  # shards the repo holds as LFS/xet files, by sha256 (the index's checksum of a Parquet shard)
     try:
         for item in api.list_repo_tree(repo_id, repo_type="dataset", revision=revision):
             if getattr(item, "lfs", None) is not None:
                 done[item.path] = item.lfs.sha256
-    except Exception:  # an empty repo has no tree yet: nothing to skip
+    except (EntryNotFoundError, RevisionNotFoundError):  # nothing committed there yet: nothing to skip
         done = {}
     todo = [entry for entry in opened.shards if done.get(entry["name"]) != entry["sha256"]]
     while todo:

@@ -117,6 +117,13 @@ def test_push_reads_an_s3_cache_shard_by_shard(online, s3, tmp_path, monkeypatch
         assert [len(added) for _, added in hub.commits] == [1] * SHARDS + [2]  # one staged shard per upload
         assert os.listdir(stage_root) == []
         assert_repo_is_the_cache(hub, "me/from-s3", "s3://lc-push/cache", storage_options=opts)
+        # Again (as after an interruption): the repo lists every shard with the index's sha256, so none is
+        # fetched from the store or staged again; only the index and card are committed (unchanged: no commit).
+        before = len(hub.requests)
+        push_cache("s3://lc-push/cache", "me/from-s3", api=hub_api(hub), storage_options=opts, stage_bytes=1)
+        posts = [path for method, path, _ in hub.requests[before:] if method == "POST"]
+        assert len(hub.commits) == SHARDS + 1 and posts == ["/api/repos/create", "/api/validate-yaml",
+                                                           "/api/datasets/me/from-s3/preupload/main"]
         with monkeypatch.context() as m:  # the CLI's HfApi() reads the endpoint the Hub client would
             for key, value in {**env, "HF_TOKEN": "hf_test"}.items():
                 m.setenv(key, value)
