@@ -13,7 +13,6 @@ the counts, the kept top-K mass, and the command that trains from it.
 from __future__ import annotations
 
 import json
-
 import re
 
 from logitcache.storage.encoding import COMPACT_STEP
@@ -33,6 +32,7 @@ _MEANING = {
     "target_logprob": "log-probability of the actual next token",
     "tail_mass": "teacher probability outside the stored ids",
     "sample_counts": "how often each id was drawn",
+    "sample_logz": "log sum of p^(1/T) over the vocabulary, T the sampling temperature",
 }
 # The Hub's size_categories bins, by number of rows (sequences).
 _SIZES = [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"), (1e7, "1M<n<10M"),
@@ -45,7 +45,9 @@ def shard_schema(fs, root: str, index: dict):
         return None
     import pyarrow.parquet as pq
 
-    with fs.open(f"{root.rstrip('/')}/{index['shards'][0]['name']}", "rb") as f:
+    from logitcache.storage.paths import safe_join
+
+    with fs.open(safe_join(root, index["shards"][0]["name"]), "rb") as f:
         return pq.read_schema(f)
 
 
@@ -135,7 +137,8 @@ def dataset_card(index: dict, *, repo_id: str | None = None, top_k_mass: float |
                   "| column | type | meaning |", "|---|---|---|"]
         for field in schema:
             meaning = _MEANING.get(field.name, f"the {field.name} text the tokens cover"
-                                   f"{' (JSON)' if field.name == 'messages' else ''}")
+                                   f"{' (JSON)' if field.name == 'messages' else ''}"
+                                   if _type_name(field.type) == "string" else "see logitcache's docs/FORMAT.md")
             lines.append(f"| `{field.name}` | {_type_name(field.type)} | {meaning.format(decode=decode)} |")
         lines.append("")
     lines += ["## Index", "", f"`index.json` holds the full description; its inputs section:", "", "```json",
