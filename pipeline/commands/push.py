@@ -143,13 +143,16 @@ def push_cache(cache: str, repo_id: str, *, api=None, private: bool = False, tok
 
 
 def _upload_staged(api, opened, repo_id: str, revision: str | None, stage_bytes: int, message: str) -> None:
-    """Upload a remote cache's shards through a temporary local folder, about `stage_bytes` at a time."""
+    """Upload a remote cache's shards through a temporary local folder, about `stage_bytes` at a time; each
+    staged file is checked against the index's sha256 first, so a damaged shard is not published."""
+    import hashlib
     import shutil
     import tempfile
 
-    from logitcache.storage.paths import safe_join
-
     from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    from logitcache.storage.errors import ShardError
+    from logitcache.storage.paths import safe_join
 
     done = {}  # shards the repo holds as LFS/xet files, by sha256 (the index's checksum of a Parquet shard)
     try:
@@ -159,20 +162,26 @@ def _upload_staged(api, opened, repo_id: str, revision: str | None, stage_bytes:
     except (EntryNotFoundError, RevisionNotFoundError):  # nothing committed there yet: nothing to skip
         done = {}
     todo = [entry for entry in opened.shards if done.get(entry["name"]) != entry["sha256"]]
-    while todo:
-        batch, size = [], 0
-        while todo and (not batch or size + todo[0]["bytes"] <= stage_bytes):
-            entry = todo.pop(0)
-            batch.append(entry["name"])
-            size += entry["bytes"]
+    start = 0
+    while start < len(todo):
+        end, size = start + 1, todo[start]["bytes"]
+        while end < len(todo) and size + todo[end]["bytes"] <= stage_bytes:
+            size += todo[end]["bytes"]
+            end += 1
         stage = tempfile.mkdtemp(prefix="logitcache-push-")
         try:
-            for name in batch:
-                opened.fs.get_file(safe_join(opened.root, name), f"{stage}/{name}")
+            for entry in todo[start:end]:
+                local = f"{stage}/{entry['name']}"
+                opened.fs.get_file(safe_join(opened.root, entry["name"]), local)
+                with open(local, "rb") as f:
+                    if hashlib.file_digest(f, "sha256").hexdigest() != entry["sha256"]:
+                        raise ShardError(f"push: {entry['name']} of {opened.url} does not match its sha256 in the "
+                                         f"index; nothing of it was uploaded (`logitcache validate` lists them all)")
             api.upload_folder(folder_path=stage, repo_id=repo_id, repo_type="dataset", revision=revision,
                               commit_message=message)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+        start = end
 
 
 def execute(args) -> str:

@@ -163,3 +163,27 @@ def test_a_shard_file_the_index_does_not_name_is_refused_before_any_request(onli
         (cache / "shard-00042.parquet").unlink()
         push_cache(str(cache), "me/x", api=hub_api(hub), mass_shards=0)
         assert_repo_is_the_cache(hub, "me/x", str(cache))
+
+
+def test_a_damaged_shard_on_s3_is_not_published(online, s3, tmp_path):
+    """Each staged shard is checked against the index's sha256 before it goes up: the push stops with a
+    one-line ShardError naming it, and the repo has no index (no reader takes it for a cache)."""
+    import s3fs
+    from s3server import make_bucket, s3_options
+
+    from logitcache.storage.errors import ShardError
+
+    endpoint, _ = s3
+    make_bucket(endpoint, "lc-push-bad")
+    opts = s3_options(endpoint)
+    write_cache("s3://lc-push-bad/cache", storage_options=opts)
+    fs = s3fs.S3FileSystem(**opts)
+    raw = bytearray(fs.cat_file("lc-push-bad/cache/shard-00001.parquet"))
+    raw[len(raw) // 2] ^= 0x10
+    fs.pipe_file("lc-push-bad/cache/shard-00001.parquet", bytes(raw))
+    with fake_hub({}, new_repos_root=str(tmp_path / "hub")) as hub:
+        with pytest.raises(ShardError, match="shard-00001.parquet of s3://lc-push-bad/cache does not match"):
+            push_cache("s3://lc-push-bad/cache", "me/bad", api=hub_api(hub), storage_options=opts, stage_bytes=1,
+                       mass_shards=0)
+        assert [added for _, added in hub.commits] == [["shard-00000.parquet"]]
+        assert not os.path.exists(os.path.join(hub.repos["me/bad"], "index.json"))
