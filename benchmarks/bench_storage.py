@@ -2,6 +2,14 @@
 
     .venv/bin/python benchmarks/bench_storage.py            # ~10-15 min on 2 CPU cores (trains a small model once)
     .venv/bin/python benchmarks/bench_storage.py --quick    # smaller model and cache, for a smoke run
+    .venv/bin/python benchmarks/bench_storage.py --backends # only the side-by-side default-backend table (below)
+
+--backends: the two backends side by side at K=32, for the lossless (precompute's default) and compact
+encodings, on the model's ids and on uniformly random ids over 151,936: bytes/entry (the real rows once,
+as in the size table), write throughput (`CacheWriter.write_shard` of ~500k positions tiled into ~128k-position
+shards: encode + write + sha256, wall and CPU seconds) and read throughput (as below), the backends
+interleaved in each of 3 rounds (median) so that load on a shared machine hits both alike; then a whole
+`logitcache precompute --engine hf` of held-out files with the trained model, each backend, 3 rounds.
 
 The values are log-probs from a real model's forward pass, not random numbers: a 4-layer, 256-wide
 Llama with a 32k byte-level BPE vocabulary, trained briefly on this Python's standard-library source and
@@ -143,7 +151,7 @@ def size_table(seqs, vocab, ks=(8, 32, 64), label="model ids"):
 
 
 def meta(k, vocab):
-    return {"teacher": {"name_or_path": "bench"}, "tokenizer": {"vocab_size": vocab, "logits_width": vocab},
+    return {"teacher": {"name_or_path": "bench"}, "tokenizer": {"vocab_size": vocab, "logits_width": vocab, "fingerprint": "0" * 64},
             "dataset": {}, "inputs": {"kind": "text"}, "sparsification": {"mode": "topk", "k": k}, "engine": {}}
 
 
@@ -173,11 +181,106 @@ def read_throughput(seqs, vocab, backend, encoding, target_positions, verify):
     return n, results
 
 
+def backend_rounds(seqs, vocab, label, encoding, target_positions, rounds=3):
+    """Write then read the same K=32 cache with each backend, interleaved; the median of `rounds` per backend."""
+    import resource
+    import shutil
+
+    data = at_k(seqs, 32)
+    per_copy = sum(len(s["positions"]) for s in data)
+    copies = max(1, target_positions // per_copy)
+    shards_per = max(1, -(-131072 // per_copy))
+    shards = [ShardData.from_sequences([dict(s, row_index=c * len(data) + s["row_index"])
+                                        for c in range(start, min(copies, start + shards_per)) for s in data])
+              for start in range(0, copies, shards_per)]
+    npos = sum(sh.num_positions for sh in shards)
+    out = {b: {"write": [], "write_cpu": [], "read": [], "bytes": None} for b in ("arrow", "zarr")}
+    for r in range(rounds):
+        for backend in (("arrow", "zarr") if r % 2 == 0 else ("zarr", "arrow")):
+            d = tempfile.mkdtemp(dir=OUT)
+            w = CacheWriter(d, backend=backend, encoding=encoding, vocab_size=vocab, fingerprint="b")
+            cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            for i, sh in enumerate(shards):
+                w.write_shard(i, sh)
+            w.finalize(meta(32, vocab))
+            dt, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+            cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+            t0 = time.perf_counter()
+            n = sum(seq["topk_ids"].shape[0] + 0 * seq["topk_logprobs"].shape[0] for seq in open_cache(d))
+            assert n == npos
+            out[backend]["read"].append(npos / (time.perf_counter() - t0))
+            out[backend]["write"].append(npos / dt)
+            out[backend]["write_cpu"].append(npos / cpu)
+            shutil.rmtree(d)
+    for backend in out:  # size of the real rows once: tiled copies would compress against each other
+        with tempfile.TemporaryDirectory(dir=OUT) as d:
+            one = ShardData.from_sequences(data)
+            entry = CacheWriter(d, backend=backend, encoding=encoding, vocab_size=vocab, fingerprint="b").write_shard(0, one)
+        out[backend]["bytes"] = entry["bytes"] / (one.num_positions * 32)
+    med = lambda v: float(np.median(v))  # noqa: E731
+    return [{"ids": label, "encoding": encoding, "backend": b, "positions": npos, "bytes_per_entry": v["bytes"],
+             "write_pos_s": med(v["write"]), "write_pos_cpu_s": med(v["write_cpu"]), "read_pos_s": med(v["read"])}
+            for b, v in out.items()]
+
+
+def backends_table(seqs, vocab, target):
+    rows = []
+    for label, s, v in (("model", seqs, vocab), ("uniform random / 151,936", random_ids(seqs, 151_936), 151_936)):
+        for enc in ("lossless", "compact"):
+            rows += backend_rounds(s, v, label, enc, target)
+    print("\n| ids | encoding | backend | positions | bytes/entry | write pos/s (wall) | write pos/CPU-s | "
+          "read pos/s (verify on) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['ids']} | {r['encoding']} | {r['backend']} | {r['positions']} | {r['bytes_per_entry']:.2f} | "
+              f"{r['write_pos_s'] / 1e6:.2f}M | {r['write_pos_cpu_s'] / 1e6:.2f}M | {r['read_pos_s'] / 1e6:.2f}M |",
+              flush=True)
+    json.dump(rows, open(OUT / "storage_backends.json", "w"), indent=1)
+
+
+def whole_precompute(model_dir, texts, rounds=3):
+    """`logitcache precompute --engine hf` of the held-out texts with each backend (K=32; lossless, the
+    default, and compact), interleaved; wall and CPU seconds of the command in this process, median."""
+    import resource
+    import shutil
+
+    from logitcache.pipeline.cli import main as cli
+
+    data = OUT / "heldout.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    times = {}
+    warm = tempfile.mkdtemp(dir=OUT)  # imports and the first model load are not either backend's
+    assert cli(["precompute", "--teacher", str(model_dir), "--data", str(data), "--out", f"{warm}/c", "--engine", "hf",
+                "--text-field", "text", "--top-k", "32", "--max-rows", "2", "--no-progress"]) == 0
+    shutil.rmtree(warm)
+    for r in range(rounds):
+        for enc in ("lossless", "compact"):
+            for backend in (("parquet", "zarr") if r % 2 == 0 else ("zarr", "parquet")):
+                out = tempfile.mkdtemp(dir=OUT)
+                shutil.rmtree(out)
+                cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                assert cli(["precompute", "--teacher", str(model_dir), "--data", str(data), "--out", out,
+                            "--engine", "hf", "--text-field", "text", "--top-k", "32", "--max-length", "512",
+                            "--backend", backend, "--encoding", enc, "--no-progress"]) == 0
+                dt, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+                cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+                size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+                times.setdefault((enc, backend), []).append((dt, cpu, size))
+                shutil.rmtree(out)
+    print(f"\nwhole `precompute --engine hf`, K=32, {len(texts)} held-out files (first 512 tokens each):")
+    print("| encoding | backend | wall s | CPU s | cache bytes |")
+    print("|---|---|---|---|---|")
+    for (enc, backend), v in times.items():
+        print(f"| {enc} | {backend} | {np.median([x[0] for x in v]):.1f} | {np.median([x[1] for x in v]):.1f} | "
+              f"{v[0][2]:,} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--backends", action="store_true", help="only the side-by-side backend table at K=32")
     args = ap.parse_args()
     torch.set_num_threads(2)
     OUT.mkdir(exist_ok=True)
@@ -191,6 +294,11 @@ def main():
     top8 = np.mean([np.exp(s["topk_logprobs"][:, :8]).sum(1).mean() for s in seqs])
     print(f"\nmodel: vocab {vocab}, {npos} held-out positions, mean top-8 mass {top8:.3f}, "
           f"mean top-1 prob {np.mean([np.exp(s['topk_logprobs'][:, 0]).mean() for s in seqs]):.3f}")
+    if args.backends:
+        torch.set_num_threads(1)
+        backends_table(seqs, vocab, 200_000 if args.quick else 500_000)
+        texts = [t for t in read_texts(stdlib_files("heldout"), 1e9) if len(t) >= 200][:40 if args.quick else 120]
+        return whole_precompute(OUT / f"model-v{args.vocab}-s{args.steps}", texts)
     rows = size_table(seqs, vocab)
     rows += size_table(random_ids(seqs, 151_936), 151_936, ks=(32,), label="uniform random over 151,936")
     print("\n| ids | K | backend | encoding | bytes/entry | bytes/position | max abs error (nats) |")

@@ -203,9 +203,10 @@ class CacheWriter:
                  "text_fields": list(self.text_fields), "counts": {**(counts or {}), **totals}, "shards": entries}
         write_index(self.fs, self.root, index)
         # The card makes the folder a dataset repo (`datasets.load_dataset(folder)` reads the shards only).
-        from logitcache.storage.card import CARD_NAME, dataset_card
+        from logitcache.storage.card import CARD_NAME, dataset_card, shard_schema
 
-        atomic_write_bytes(self.fs, safe_join(self.root, CARD_NAME), dataset_card(index).encode())
+        card = dataset_card(index, schema=shard_schema(self.fs, self.root, index))
+        atomic_write_bytes(self.fs, safe_join(self.root, CARD_NAME), card.encode())
         return index
 
 

@@ -128,10 +128,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sample-mode seed (default 0)")
 
     g = p.add_argument_group("cache storage")
-    g.add_argument("--backend", choices=[*BACKENDS, "parquet"], default="zarr",
-                   help="storage backend: zarr: a Zarr v3 group per shard (default); parquet (alias: arrow): a "
-                        "Parquet file per shard, and the folder is a Hugging Face dataset "
-                        "(`datasets.load_dataset(CACHE)` works)")
+    g.add_argument("--backend", choices=[*BACKENDS, "parquet"], default="parquet",
+                   help="storage backend: parquet (alias: arrow; the default): a Parquet file per shard, and the "
+                        "folder is a Hugging Face dataset (`datasets.load_dataset(CACHE)`, the Hub's viewer, "
+                        "`logitcache push`); measured 3-11%% smaller than zarr, with ~30%% less CPU to write and reads as "
+                        "fast (docs/FORMAT.md, 'Choosing a backend'). zarr: a Zarr v3 group per shard, read by zarr-python; "
+                        "`logitcache convert` turns one into the other")
     add_deprecated_alias(g, "--format", "--backend", dest="backend", choices=[*BACKENDS, "parquet"])
     g.add_argument("--encoding", choices=["lossless", "float16", "compact"], default="lossless",
                    help="lossless: float32, exactly what the teacher computed (default; `logitcache convert` can "

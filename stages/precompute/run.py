@@ -78,7 +78,7 @@ class PrecomputeResult:
     index: dict | None = None
 
 
-def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None = None, backend: str = "zarr",
+def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None = None, backend: str = "arrow",
                encoding: str = "lossless", mode: str = "topk", top_k: int | None = None, samples: int | None = None,
                temperature: float | None = None, seed: int = 0,
                text_field: str | None = None, prompt_field: str | None = None, response_field: str | None = None,
@@ -95,10 +95,10 @@ def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None =
 
     `engine` says which engine runs the teacher and how (`EngineSpec("hf")`; default: vLLM where
     vLLM and a GPU are present, else hf). `EngineSpec.of(engine)` hands over an engine already
-    started, which is used and left open (tests share one). `backend` is "zarr" or "arrow". `verify`
-    checks the sha256 of this job's shards already written (default: their sizes only).
-    `chat_template` is a template file's path or URL. The other arguments are the CLI's options
-    (`logitcache precompute --help`).
+    started, which is used and left open (tests share one). `backend` is "arrow" (Parquet, the
+    default) or "zarr". `verify` checks the sha256 of this job's shards already written (default:
+    their sizes only). `chat_template` is a template file's path or URL. The other arguments are
+    the CLI's options (`logitcache precompute --help`).
 
     Raises:
         ConfigError: bad or conflicting settings, an unknown DATA, or a cache begun with other settings.

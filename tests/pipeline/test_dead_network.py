@@ -1,10 +1,10 @@
 """A dead network ends in an error, not a hang: an S3 endpoint that accepts connections and never answers
-(a listener on loopback, tests/support/s3server.py's `black_hole`) ends `precompute --data`, `precompute --out`
-and `train --cache` with a one-line error naming the s3:// URL. With short bounds given through
+(a listener on loopback, tests/support/s3server.py's `black_hole`) ends `precompute --data`, `precompute --out`,
+`train --cache` and `push` with a one-line error naming the s3:// URL. With short bounds given through
 `--storage-option` each ends in seconds; one slow test holds the DEFAULT bound (under 2 minutes; before,
 botocore's and s3fs's retries of 60 s reads took more than 5).
 
-`push` reads only a local folder (it refuses URLs), so it has no network read to bound.
+`push s3://...` reads the cache's index first, so the same bound ends it before any upload.
 
     .venv/bin/python -m pytest tests/pipeline/test_dead_network.py -q          # ~20 s
     .venv/bin/python -m pytest tests/pipeline/test_dead_network.py -m slow -q  # the default bound, ~50 s
@@ -31,6 +31,8 @@ def command(kind: str, teacher: str, data, tmp_path, url: str) -> tuple[list[str
         return reference_flags(teacher, url, tmp_path / "cache"), "precompute"
     if kind == "precompute --out":
         return reference_flags(teacher, data, url), "precompute"
+    if kind == "push":
+        return ["push", url, "me/logits"], "push"
     return ["train", "--student", teacher, "--cache", url, "--loss", "kl", "--out", str(tmp_path / "student"),
             "--max-steps", "2"], "train"
 
@@ -46,7 +48,7 @@ def end_within(argv: list[str], name: str, url: str, endpoint: str, capsys, boun
     return took
 
 
-@pytest.mark.parametrize("kind", ["precompute --data", "precompute --out", "train --cache"])
+@pytest.mark.parametrize("kind", ["precompute --data", "precompute --out", "train --cache", "push"])
 def test_a_black_holed_store_ends_in_an_error_naming_the_url(kind, tiny_teacher, tmp_path, capsys):
     teacher = str(tiny_teacher[0])
     data = write_jsonl(tmp_path / "rows.jsonl", text_rows(4))

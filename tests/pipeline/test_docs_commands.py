@@ -1,6 +1,6 @@
 """docs/SCALING.md cannot drift from the tools it quotes: every `logitcache` command parses with the
 real CLI parser, every `torchrun` / `accelerate launch` line with theirs, the YAML files load the way
-their tools load them, and the dataset card makes `datasets` read a cache's Parquet shards.
+their tools load them. (The card `push` writes is tested in tests/pipeline/test_push.py.)
 
     .venv/bin/pytest tests/pipeline/test_docs_commands.py     # ~10 s
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from doc_commands import commands_in, fenced_blocks, parse_logitcache, parse_with, shell_commands
 
@@ -26,7 +25,7 @@ def named_block(language: str, name: str) -> str:
 
 
 def test_scaling_doc_covers_both_stages_and_every_launcher():
-    assert {"precompute", "merge", "train", "convert", "validate"} <= {c.argv[0] for c in COMMANDS}
+    assert {"precompute", "merge", "train", "convert", "validate", "push"} <= {c.argv[0] for c in COMMANDS}
     launched = {c.words[0] for c in COMMANDS}
     assert {"logitcache", "srun", "torchrun", "accelerate", "ray"} <= launched, launched
     assert any("--ray-address" in c.argv for c in COMMANDS)
@@ -85,35 +84,3 @@ def test_python_snippets_compile():
     assert blocks
     for line, _, text in blocks:
         compile(text, f"{SCALING}:{line}", "exec")
-
-
-def test_dataset_card_makes_datasets_read_the_parquet_shards(tmp_path):
-    """The card from the doc beside a Parquet cache (index, entries, job record): `load_dataset(folder)`
-    yields one row per sequence, equal to what `open_cache` decodes, and nothing else."""
-    import datasets
-    from synthetic import TEXT_FIELDS, make_sequence, metadata
-
-    from logitcache.storage import CacheWriter, ShardData, open_cache
-
-    card = [text for _, _, text in fenced_blocks(SCALING, ("markdown",)) if text.startswith("---\nconfigs:")]
-    assert len(card) == 1
-    root = tmp_path / "cache"
-    rng = np.random.default_rng(0)
-    writer = CacheWriter(str(root), backend="arrow", encoding="lossless", vocab_size=600, fingerprint="card",
-                         text_fields=TEXT_FIELDS)
-    for j in range(2):
-        seqs = [make_sequence(rng, 3 * j + i, 12, 4) for i in range(3)]
-        writer.write_shard(j, ShardData.from_sequences(seqs, text_fields=TEXT_FIELDS),
-                           extra={"rows": [3 * j, 3 * j + 3]})
-    writer.finalize(metadata(4))
-    (root / "job.json").write_text("{}")  # a writer's file, as a real cache has
-    (root / "README.md").write_text(card[0] + "\n")
-
-    rows = datasets.load_dataset(str(root), split="train", cache_dir=str(tmp_path / "hf-cache"))
-    cache = open_cache(str(root))
-    assert cache.validate() == [] and len(rows) == len(cache) == 6
-    for row in rows:
-        seq = cache[row["row_index"]]
-        np.testing.assert_array_equal(np.array(row["topk_ids"]), seq["topk_ids"])
-        np.testing.assert_array_equal(np.array(row["topk_logprobs"], dtype=np.float32), seq["topk_logprobs"])
-        assert row["prompt"] == seq["prompt"]

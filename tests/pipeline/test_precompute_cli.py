@@ -152,5 +152,5 @@ def test_help_and_defaults(capsys):
     for hidden in ("--num-shards", "--shard-index", "--format"):
         assert hidden not in text
     args = build_parser().parse_args(["precompute", "--teacher", "t", "--data", "d", "--out", "o", "--text-field", "x"])
-    assert args.trust_remote_code is False and args.backend == "zarr" and args.encoding == "lossless"
+    assert args.trust_remote_code is False and args.backend == "parquet" and args.encoding == "lossless"
     assert args.top_k is None and args.mode == "topk" and args.num_jobs == 1 and args.job_index == 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_hub import LocalHub
+from fake_hub import fake_hub
 from precompute_util import text_rows, write_jsonl
 from s3server import make_bucket, s3_options
 
@@ -137,20 +137,24 @@ def test_no_credential_is_written_or_printed(tiny_teacher, s3, http_data, tmp_pa
     assert main(["train", "--student", str(student), "--cache", bad, "--storage-option", f"endpoint_url={endpoint}",
                  "--out", str(tmp_path / "bad"), "--max-steps", "1"]) == 2
 
-    # push: the token from --token-file reaches the Hub client; --token on the command line is refused.
-    tokens, repo = [], tmp_path / "repo"
-
-    def hub(token=None, **_):
-        tokens.append(token)
-        return LocalHub(str(repo))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    # push: the token from --token-file reaches the Hub (a loopback one, the real client); --token on the
+    # command line is refused.
+    tokens, real_api = [], huggingface_hub.HfApi
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", SECRETS["hf env token"])
     token_file = tmp_path / "token"  # outside every folder searched below: it is the user's own file
     token_file.write_text(SECRETS["token file"] + "\n")
-    assert main(["push", str(local_cache), "me/logits", "--token-file", str(token_file), "--mass-shards", "0"]) == 0
-    assert tokens == [SECRETS["token file"]]
-    assert main(["push", str(local_cache), "me/logits", "--token", SECRETS["token flag"]]) == 2
+    with fake_hub({}, new_repos_root=str(tmp_path / "hub")) as fake:
+        def hub(token=None, **_):
+            tokens.append(token)
+            return real_api(endpoint=fake.endpoint, token=token)
+
+        monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+        assert main(["push", str(local_cache), "me/logits", "--token-file", str(token_file), "--mass-shards", "0"]) == 0
+        assert main(["push", str(local_cache), "me/logits", "--token", SECRETS["token flag"]]) == 2
+    repo = Path(fake.repos["me/logits"])
+    assert tokens == [SECRETS["token file"]] and (repo / "index.json").exists()
+    assert {auth for _, _, auth in fake.requests} == {f"Bearer {SECRETS['token file']}"}
     printed = capfd.readouterr()
     assert "--token is not taken on the command line" in printed.err
 

@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-from fake_hub import LocalHub
 from synthetic import TEXT_FIELDS, VOCAB, make_sequence, metadata
 
 from logitcache.pipeline.cli import main
@@ -95,28 +94,13 @@ def test_convert_rejects_unknown_or_missing_backend(cache_dir, tmp_path, capsys)
     assert not (tmp_path / "x").exists()
 
 
-def test_parquet_alias_then_push_with_a_card_and_load_it_back(cache_dir, tmp_path):
-    """`convert --backend parquet` (arrow's other name), then `push`: the uploaded folder is a valid cache and a
-    dataset `datasets.load_dataset` reads with no arguments; the card says what it holds."""
+def test_parquet_alias_converts_to_a_folder_datasets_loads(cache_dir, tmp_path):
+    """`convert --backend parquet` (arrow's other name): the new folder is a valid cache and a dataset
+    `datasets.load_dataset` reads with no arguments (its card's configs); `push` is tested in test_push.py."""
     import datasets
-
-    from logitcache.pipeline.commands.push import push_cache
 
     parquet = str(tmp_path / "parquet")
     assert main(["convert", cache_dir, parquet, "--backend", "parquet"]) == 0
-    assert open_cache(parquet).backend == "arrow"
-    (tmp_path / "parquet" / "job.json").write_text("{}")  # a writer's record: not uploaded
-    hub = LocalHub(str(tmp_path / "repo"))
-    card = push_cache(parquet, "me/tiny-logits", api=hub, private=True)
-    assert hub.calls[0] == ("create_repo", "me/tiny-logits", {"repo_type": "dataset", "private": True,
-                                                             "exist_ok": True})
-    assert not (tmp_path / "repo" / "job.json").exists()
-    assert open_cache(str(tmp_path / "repo")).validate() == []
-    ds = datasets.load_dataset(str(tmp_path / "repo"), split="train")
+    assert open_cache(parquet).backend == "arrow" and open_cache(parquet).validate() == []
+    ds = datasets.load_dataset(parquet, split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert ds.num_rows == 6 and "topk_logprobs" in ds.column_names
-    mass = 1 - np.concatenate([s.tail_mass for _, s in open_cache(parquet).iter_shards()]).astype(np.float64).mean()
-    assert f"{mass:.4f}" in card and "compact" in card and "tiny-teacher" in card
-    assert "logitcache train --cache hf://datasets/me/tiny-logits" in card
-    assert (tmp_path / "repo" / "README.md").read_text() == card
-    with pytest.raises(Exception, match="not a local folder"):
-        push_cache("s3://bucket/cache", "me/x", api=hub)

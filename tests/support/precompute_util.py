@@ -86,10 +86,11 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def reference_flags(teacher: str, data: Path | str, out: str | Path) -> list[str]:
-    """`logitcache precompute` arguments of the reference job, writing to `out` (a path or URL)."""
+    """`logitcache precompute` arguments of the reference job, writing to `out` (a path or URL). Zarr, not the
+    default Parquet: the fault, repair and resume tests damage and count a shard's many files."""
     return ["precompute", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--engine", "hf",
             "--text-field", "text", "--top-k", "8", "--rows-per-shard", str(REF_ROWS_PER_SHARD), "--batch-size", "1",
-            "--no-progress"]
+            "--backend", "zarr", "--no-progress"]
 
 
 @contextmanager
