@@ -147,7 +147,7 @@ def vllm_pooling_engine(tiny_teacher, vllm_logprobs_engine):
     logits step as the session's logprobs-path engine of the same teacher records it, rather than
     from a reference engine of its own: one vLLM start-up fewer.
     """
-    from logitcache.stages.precompute.engines.vllm_engine import head_check_reference
+    from logitcache.stages.precompute.engines.pooling_check import head_check_reference
 
     reference = head_check_reference(vllm_logprobs_engine, str(tiny_teacher[0]))
     engine = _vllm_engine(tiny_teacher[0], vllm_path="pooling", k=8, reference=reference)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from logitcache.pipeline.scratch import toy_corpus
-from logitcache.stages.precompute.run import EngineSpec, precompute
+from logitcache.stages.precompute.run import EngineSpec, PrecomputeSettings, precompute
 from logitcache.storage import open_cache
 from logitcache.storage import resolve
 from logitcache.storage.backends import read_shard_files, shard_checksum
@@ -31,7 +31,7 @@ def run(teacher, data, out, engine, **kw):
     open): top-`K`, 4 rows a shard and no progress bar unless `kw` says otherwise."""
     kw = {"top_k": K, "rows_per_shard": 4, "progress": False, **kw}
     engine = EngineSpec(engine) if isinstance(engine, str) else EngineSpec.of(engine)
-    return precompute(teacher=teacher, data=str(data), out=str(out), engine=engine, **kw)
+    return precompute(PrecomputeSettings(teacher=teacher, data=str(data), out=str(out), engine=engine, **kw))
 
 
 def _good(i: int, words: list[str], long: bool = False) -> dict:

@@ -205,35 +205,30 @@ def parse_storage_options(values) -> dict | None:
     return options
 
 
+def settings(args):
+    """The command line as `PrecomputeSettings`: each of its fields is the option of the same name, but for
+    the engine's four (`EngineSpec`), --backend's alias and the parsed storage options."""
+    from dataclasses import fields
+
+    from logitcache.stages.precompute.settings import EngineSpec, PrecomputeSettings
+
+    given = {"engine": EngineSpec(name=args.engine, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
+                                  options=parse_engine_args(args.engine_args)),
+             "backend": backend_name(args.backend), "storage_options": parse_storage_options(args.storage_options)}
+    return PrecomputeSettings(**{f.name: given[f.name] if f.name in given else getattr(args, f.name)
+                                 for f in fields(PrecomputeSettings)})
+
+
 def check(args) -> None:
     """Every rule between options, with nothing loaded (`--print-config`): the targets, the jobs."""
-    from logitcache.stages.precompute.plan import owned_shards
-    from logitcache.stages.precompute.settings import Targets
-
-    Targets.resolve(mode=args.mode, top_k=args.top_k, samples=args.samples, temperature=args.temperature,
-                    seed=args.seed)
-    owned_shards(0, args.num_jobs, args.job_index)
+    settings(args).check()
 
 
 def execute(args):
     """The command's work; returns the `PrecomputeResult` (`logitcache.pipeline.api.precompute`)."""
-    from logitcache.stages.precompute.run import EngineSpec, precompute
+    from logitcache.stages.precompute.run import precompute
 
-    engine = EngineSpec(name=args.engine, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
-                        options=parse_engine_args(args.engine_args))
-    result = precompute(
-        teacher=args.teacher, data=args.data, out=args.out, engine=engine, backend=backend_name(args.backend),
-        encoding=args.encoding, mode=args.mode, top_k=args.top_k, samples=args.samples,
-        temperature=args.temperature, seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
-        response_field=args.response_field, messages_field=args.messages_field,
-        tools_field=args.tools_field, prompt_format=args.prompt_format, data_revision=args.data_revision,
-        storage_options=parse_storage_options(args.storage_options), split=args.split,
-        data_config=args.data_config, max_length=args.max_length, batch_size=args.batch_size,
-        rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs, job_index=args.job_index, strict=args.strict,
-        trust_remote_code=args.trust_remote_code, revision=args.revision, ray=args.ray,
-        ray_address=args.ray_address, ray_actors=args.ray_actors, progress=args.progress,
-        streaming=args.streaming, max_rows=args.max_rows, verify=args.verify)
-    return result
+    return precompute(settings(args))
 
 
 def run(args) -> int:
