@@ -132,7 +132,8 @@ def _vllm_engine(model, **kwargs):
         "vllm",
         str(model),
         max_batch_tokens=1024,
-        max_model_len=512,
+        max_model_len=512,  # with tensor_parallel_size: two of vLLM's settings run for real (test_vllm_settings)
+        tensor_parallel_size=1,
         kv_cache_memory_bytes=256 << 20,
         enforce_eager=True,
         **kwargs,

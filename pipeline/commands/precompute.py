@@ -49,6 +49,10 @@ examples:
   # 10,000 rows of a large Parquet dataset on S3, without downloading it
   logitcache precompute --teacher ./teacher --data s3://bucket/corpus/ --streaming --max-rows 10000 \\
       --text-field text --out ./cache --storage-option endpoint_url=http://minio:9000
+  # a large teacher on vLLM: 4 GPUs (tensor parallel), fp8 weights, 8k tokens, 85% of each GPU's memory
+  logitcache precompute --teacher Qwen/Qwen2.5-72B-Instruct --data chats.jsonl --messages-field messages \
+      --out ./cache --engine vllm --engine-arg tensor_parallel_size=4 --engine-arg quantization=fp8 \
+      --engine-arg max_model_len=8192 --max-length 8192 --engine-arg gpu_memory_utilization=0.85
   # four independent jobs (e.g. a Slurm array) fill one cache, then one merge:
   logitcache precompute --config job.yaml --num-jobs 4 --job-index $SLURM_ARRAY_TASK_ID
   logitcache merge ./cache
@@ -142,9 +146,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "student's micro-batch)")
     g.add_argument("--max-batch-tokens", type=int, metavar="N", help="engine token budget per forward pass")
     g.add_argument("--engine-arg", dest="engine_args", action="append", metavar="KEY=VALUE",
-                   help="extra engine option, repeatable (e.g. vllm_path=logprobs; fused_kernel=auto|triton|torch picks "
-                        "the fused head + top-K: the Triton kernel on a GPU or the torch tile fold); in YAML a mapping "
-                        "`engine_args:`")
+                   help="engine option, repeatable; in YAML a mapping `engine_args:`; part of the cache's "
+                        "fingerprint (credentials excepted). vllm: vllm_path=pooling|logprobs (default pooling: "
+                        "vLLM's hidden states and our head; logprobs: vLLM's own prompt log-probs, top-K only), and "
+                        "any vllm.LLM setting, passed as given (a setting vLLM refuses stops the job before it "
+                        "starts); the most used: "
+                        "tensor_parallel_size=N (GPUs per teacher), gpu_memory_utilization=F (the share of each "
+                        "GPU vLLM reserves; default 0.9, less the pooling path's head), max_model_len=L (longest "
+                        "sequence; keep it >= --max-length, +1 on the logprobs path; default on CPU "
+                        "--max-batch-tokens), quantization=METHOD (e.g. fp8; the targets are then the quantized "
+                        "teacher's). hf and the vllm pooling path: fused_kernel=auto|triton|torch (the fused head + "
+                        "top-K: the Triton kernel on a GPU or the torch tile fold). docs/SCALING.md has more")
 
     g = p.add_argument_group("several jobs or machines")
     g.add_argument("--num-jobs", type=int, default=1, metavar="N",

@@ -111,8 +111,8 @@ class HFEngine:
             items = [checked[i] for i in batch]
             next_ids, seeds = gather_inputs(items, [requests[i].seed for i in batch], self.targets)
             rows, self.fused_kernel = targets_or_fallback(
-                self._hidden_rows(items), self.head, next_ids, self.targets, seeds=seeds, chunk_rows=self.head_chunk_rows,
-                fused=self.fused_head, fused_kernel=self.fused_kernel,
+                self._hidden_rows(items), self.head, next_ids, self.targets, seeds=seeds,
+                chunk_rows=self.head_chunk_rows, fused=self.fused_head, fused_kernel=self.fused_kernel,
             )
             for i, out in zip(batch, split_rows(rows, [len(pos) for _, pos in items])):
                 results[i] = out
