@@ -93,12 +93,12 @@ def precompute(settings: PrecomputeSettings) -> PrecomputeResult:
     targets = settings.check()
     s = replace(settings, engine=settings.engine.resolved())
     # One writer per job of a cache: a second run of this job is refused before any work.
-    with hold_lease(*resolve(s.out, s.storage_options), str(s.out), name=layout.lease_name(s.num_jobs, s.job_index)) \
-            as lease:
+    where = resolve(s.out, s.storage_options)
+    with hold_lease(*where, str(s.out), name=layout.lease_name(s.num_jobs, s.job_index)) as lease:
         job = _open_job(s, targets)  # 2.-5.
         result = PrecomputeResult(out=str(s.out), fingerprint=job.settings.record["fingerprint"],
                                   num_shards=job.total, owned=job.owned)
-        todo, done = _plan(s, job, result)
+        todo, done = _plan(job, result)
         if result.finished:
             return result
         if todo:
@@ -176,14 +176,14 @@ def _open_job(s: PrecomputeSettings, targets: Targets) -> _Job:
                 owned_shards(total, s.num_jobs, s.job_index), max_length)
 
 
-def _plan(s: PrecomputeSettings, job: _Job, result: PrecomputeResult) -> tuple[list[int], dict[int, dict]]:
+def _plan(job: _Job, result: PrecomputeResult) -> tuple[list[int], dict[int, dict]]:
     """Step 6.: (this job's shards to write, {shard id: entry} of the intact ones).
 
     A shard is to write when it is not written yet, or no longer intact (missing, another size than its
     entry records, or with `verify` another sha256). A finished cache is checked the same way and
     repaired in place; one with nothing to repair sets `result.finished`. The entries are read here once.
     """
-    writer, owned = job.writer, job.owned
+    s, writer, owned = job.settings.options, job.writer, job.owned
     finished = writer.is_finished()
     entries = writer.shard_entries()
     damaged = writer.damaged_shards(entries, verify=set(owned) if s.verify else ())

@@ -80,7 +80,7 @@ def test_max_model_len_and_tensor_parallel_size_run(vllm_logprobs_engine, vllm_p
         assert engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 1
     # The logprobs path counts its one generated token: 511 prompt tokens are its limit, 512 the pooling path's.
     assert (vllm_logprobs_engine.max_request_tokens, vllm_pooling_engine.max_request_tokens) == (511, 512)
-    longest = Request(token_ids=list(range(2, 514)), positions=np.array([0, 510]))
+    longest = Request(token_ids=[2 + i % 400 for i in range(512)], positions=np.array([0, 510]))
     assert len(vllm_pooling_engine.run([longest])[0]["topk_ids"]) == 2
     with pytest.raises(InvalidDataError, match="max_model_len=512"):
         vllm_logprobs_engine.run([longest])
