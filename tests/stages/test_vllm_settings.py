@@ -6,7 +6,7 @@
 
 `tensor_parallel_size=1` and `max_model_len` run for real on vLLM's CPU build (the session's engines
 are built with them); `quantization` and `gpu_memory_utilization` are checked to reach `vllm.LLM` as
-given, and vLLM's refusals of them on CPU to come back as one-line `ConfigError`s before any engine
+given, and vLLM's refusals of bad values to come back as one-line `ConfigError`s before any engine
 process starts.
 """
 
@@ -88,10 +88,10 @@ def test_max_model_len_and_tensor_parallel_size_run(vllm_logprobs_engine, vllm_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting, reason", [
-    ({"quantization": "fp8"}, "fp8"),
+    ({"quantization": "fp9"}, "fp9"),
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
     ({"tensor_paralel_size": 2}, "tensor_paralel_size"),
-], ids=["quantization-on-cpu", "memory-share-above-1", "misspelled"])
+], ids=["unknown-quantization", "memory-share-above-1", "misspelled"])
 def test_a_setting_vllm_refuses_is_a_one_line_config_error(tiny_teacher, setting, reason):
     pytest.importorskip("vllm")
     with pytest.raises(ConfigError, match=reason) as caught:
