@@ -107,8 +107,8 @@ class VLLMEngineBase:
         try:
             self.llm = vllm.LLM(**self.llm_args)
         except (TypeError, ValueError) as e:  # vLLM's checks of its arguments (pydantic's are ValueErrors)
-            raise ConfigError(f"vLLM refused the engine settings {_user_facing(user_args)}: "
-                              f"{' '.join(str(e).split())}") from e
+            given = f" (--engine-arg {_user_facing(user_args)})" if user_args else ""
+            raise ConfigError(f"vLLM refused its settings{given}: {' '.join(str(e).split())}") from e
         # One thread hands slabs to vLLM in order, across run()/submit() calls (see `submit`).
         self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-feeder")
         self._room = threading.Semaphore(AHEAD_SLABS)
@@ -219,7 +219,7 @@ def token_slabs(lengths: list[int], slab_tokens: int) -> list[list[int]]:
 def _user_facing(user_args: dict) -> str:
     from logitcache.storage.redact import is_credential_key
 
-    return "{" + ", ".join(f"{k}={'***' if is_credential_key(k) else v!r}" for k, v in user_args.items()) + "}"
+    return " ".join(f"{k}={'***' if is_credential_key(k) else v}" for k, v in user_args.items())
 
 
 def _config_max_len(model: str, revision: str | None, trust_remote_code: bool) -> int:
