@@ -414,7 +414,7 @@ def bench_job_own_work(model: str, args) -> None:
     import resource
 
     from logitcache.stages.precompute.engines import Request
-    from logitcache.stages.precompute.run import EngineSpec, precompute
+    from logitcache.stages.precompute.run import EngineSpec, PrecomputeSettings, precompute
 
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     torch.set_num_threads(1)
@@ -436,8 +436,8 @@ def bench_job_own_work(model: str, args) -> None:
                 out = os.path.join(tmp, f"cache-{name}-{backend}-{r}")
                 cpu0 = resource.getrusage(resource.RUSAGE_SELF)
                 t0 = time.perf_counter()
-                precompute(teacher=model, data=data[name], out=out, engine=EngineSpec.of(replay), backend=backend,
-                           text_field="text", top_k=args.k, progress=False)
+                precompute(PrecomputeSettings(teacher=model, data=data[name], out=out, engine=EngineSpec.of(replay),
+                                              backend=backend, text_field="text", top_k=args.k, progress=False))
                 wall = time.perf_counter() - t0
                 cpu1 = resource.getrusage(resource.RUSAGE_SELF)
                 cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
@@ -470,7 +470,8 @@ def bench_topk_micro(args) -> None:
     "fused, torch threads per op" is the fused pass with `workers=1`: every chunk on the calling
     thread, each small op split over torch's threads (the behaviour before `_fold_on_workers`).
     """
-    from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden
+    from logitcache.stages.precompute.engines.base import targets_from_hidden
+    from logitcache.stages.precompute.targets import Targets
     from logitcache.stages.precompute.fused_topk import fused_topk_targets
     from logitcache.storage.head import LMHead
 
@@ -480,7 +481,7 @@ def bench_topk_micro(args) -> None:
         head = LMHead(weight=(torch.randn(args.vocab, args.hidden, generator=gen) * 0.15).to(dtype))
         hidden = torch.randn(rows, args.hidden, generator=gen).to(dtype)
         next_ids = torch.randint(0, args.vocab, (rows,), generator=gen)
-        spec = TargetSpec(k=args.k)
+        spec = Targets("topk", args.k)
         paths = {
             "head matmul only": lambda: [head(hidden[lo:lo + 256]) for lo in range(0, rows, 256)],
             "unfused (head chunk, then topk_targets)": lambda: targets_from_hidden(
@@ -521,13 +522,14 @@ def bench_head_widths(args) -> None:
     first round is a warm-up and is not counted). The baseline is one (rows x V) matmul, what a
     bare forward's `lm_head` does.
     """
-    from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden
+    from logitcache.stages.precompute.engines.base import targets_from_hidden
+    from logitcache.stages.precompute.targets import Targets
     from logitcache.stages.precompute.fused_topk import fused_topk_targets
     from logitcache.storage.head import LMHead
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    rows, spec = args.micro_rows, TargetSpec(k=args.k)
+    rows, spec = args.micro_rows, Targets("topk", args.k)
     print(f"{rows} rows x V {args.vocab}, k={args.k}, fp32, 1 torch thread; CPU seconds per round; "
           f"ratio = one-matmul time / path time, best counted rounds")
     fused = {}

@@ -103,7 +103,8 @@ def _diff(a: dict, b: dict) -> float:
 def bench_shape(name: str, args, started: float, sweep: bool) -> list[dict]:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden
+    from logitcache.stages.precompute.engines.base import targets_from_hidden
+    from logitcache.stages.precompute.targets import Targets
     from logitcache.stages.precompute.fused_topk import fused_topk_targets
     from logitcache.stages.precompute.head import head_from_model
 
@@ -117,7 +118,7 @@ def bench_shape(name: str, args, started: float, sweep: bool) -> list[dict]:
     head = head_from_model(model)
     ids = torch.randint(0, args.vocab, (args.seqs, args.tokens), device=device)
     next_ids = torch.roll(ids, -1, dims=1).reshape(-1)
-    spec = TargetSpec(mode="topk", k=args.k)
+    spec = Targets("topk", args.k)
     positions = args.seqs * args.tokens
     rows = []
 
@@ -200,7 +201,8 @@ def bench_shape(name: str, args, started: float, sweep: bool) -> list[dict]:
 def _interpreter_smoke(model, head, spec) -> dict:
     """The Triton row on CPU: the kernel under Triton's interpreter, 16 rows x a 256-id slice of
     the head, K = 8, checked against the unfused path on the same slice (tail and all)."""
-    from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden
+    from logitcache.stages.precompute.engines.base import targets_from_hidden
+    from logitcache.stages.precompute.targets import Targets
     from logitcache.stages.precompute.fused_topk_triton import triton_topk_targets
     from logitcache.stages.precompute.head import LMHead
 
@@ -212,7 +214,7 @@ def _interpreter_smoke(model, head, spec) -> dict:
     t0 = time.perf_counter()
     got = triton_topk_targets(hidden, small, next_ids, 8, block_rows=16, block_vocab=32, block_hidden=64, splits=2)
     seconds = time.perf_counter() - t0
-    err = _diff(targets_from_hidden(hidden, small, next_ids, TargetSpec(mode="topk", k=8), fused=False), got)
+    err = _diff(targets_from_hidden(hidden, small, next_ids, Targets("topk", 8), fused=False), got)
     if not err < 5e-2:
         raise WrongResult(f"smoke: the interpreted Triton kernel differs from unfused by {err}")
     return {"shape": "smoke", "path": "Triton kernel, interpreter, 16 x 256", "seconds": seconds, "max_abs_diff": err,

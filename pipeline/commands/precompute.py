@@ -53,6 +53,10 @@ examples:
   # 10,000 rows of a large Parquet dataset on S3, without downloading it
   logitcache precompute --teacher ./teacher --data s3://bucket/corpus/ --streaming --max-rows 10000 \\
       --text-field text --out ./cache --storage-option endpoint_url=http://minio:9000
+  # a large teacher on vLLM: 4 GPUs (tensor parallel), fp8 weights, 8k tokens, 85% of each GPU's memory
+  logitcache precompute --teacher Qwen/Qwen2.5-72B-Instruct --data chats.jsonl --messages-field messages \
+      --out ./cache --engine vllm --engine-arg tensor_parallel_size=4 --engine-arg quantization=fp8 \
+      --engine-arg max_model_len=8192 --max-length 8192 --engine-arg gpu_memory_utilization=0.85
   # four independent jobs (e.g. a Slurm array) fill one cache, then one merge:
   logitcache precompute --config job.yaml --num-jobs 4 --job-index $SLURM_ARRAY_TASK_ID
   logitcache merge ./cache
@@ -155,9 +159,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "student's micro-batch)")
     g.add_argument("--max-batch-tokens", type=int, metavar="N", help="engine token budget per forward pass")
     g.add_argument("--engine-arg", dest="engine_args", action="append", metavar="KEY=VALUE",
-                   help="extra engine option, repeatable (e.g. vllm_path=logprobs; fused_kernel=auto|triton|torch picks "
-                        "the fused head + top-K: the Triton kernel on a GPU or the torch tile fold); in YAML a mapping "
-                        "`engine_args:`")
+                   help="engine option, repeatable; in YAML a mapping `engine_args:`; part of the cache's "
+                        "fingerprint (credentials excepted). vllm: vllm_path=pooling|logprobs (default pooling: "
+                        "vLLM's hidden states and our head; logprobs: vLLM's own prompt log-probs, top-K only), and "
+                        "any vllm.LLM setting, passed as given (a setting vLLM refuses stops the job before it "
+                        "starts); the most used: "
+                        "tensor_parallel_size=N (GPUs per teacher), gpu_memory_utilization=F (the share of each "
+                        "GPU vLLM reserves; default 0.9, less the pooling path's head), max_model_len=L (longest "
+                        "sequence; keep it >= --max-length, +1 on the logprobs path; default on CPU "
+                        "--max-batch-tokens), quantization=METHOD (e.g. fp8; the targets are then the quantized "
+                        "teacher's). hf and the vllm pooling path: fused_kernel=auto|triton|torch (the fused head + "
+                        "top-K: the Triton kernel on a GPU or the torch tile fold). docs/SCALING.md has more")
 
     g = p.add_argument_group("several jobs or machines")
     g.add_argument("--num-jobs", type=int, default=1, metavar="N",
@@ -218,16 +230,26 @@ def parse_storage_options(values) -> dict | None:
     return options
 
 
+def settings(args):
+    """The command line as `PrecomputeSettings`: each of its fields is the option of the same name, but for
+    the engine's four (`EngineSpec`), --backend's alias and the parsed storage options and template variables."""
+    from dataclasses import fields
+
+    from logitcache.stages.precompute.settings import EngineSpec, PrecomputeSettings
+
+    given = {"engine": EngineSpec(name=args.engine, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
+                                  options=parse_engine_args(args.engine_args)),
+             "backend": backend_name(args.backend), "storage_options": parse_storage_options(args.storage_options),
+             "chat_template_kwargs": chat_template_kwargs(args.chat_template_kwargs)}
+    return PrecomputeSettings(**{f.name: given[f.name] if f.name in given else getattr(args, f.name)
+                                 for f in fields(PrecomputeSettings)})
+
+
 def check(args) -> None:
     """Every rule between options, with nothing loaded (`--print-config`): the targets, the jobs."""
-    from logitcache.stages.precompute.plan import owned_shards
-    from logitcache.stages.precompute.settings import Targets
-
     from logitcache.storage.inputs import ChatOptions, InputSpec
 
-    Targets.resolve(mode=args.mode, top_k=args.top_k, samples=args.samples, temperature=args.temperature,
-                    seed=args.seed)
-    owned_shards(0, args.num_jobs, args.job_index)
+    settings(args).check()
     # The file is read when the command runs; here a stand-in says that one is given.
     chat = ChatOptions("(file)" if args.chat_template else None, chat_template_kwargs(args.chat_template_kwargs) or {})
     InputSpec.build(text_field=args.text_field, prompt_field=args.prompt_field, response_field=args.response_field,
@@ -237,24 +259,9 @@ def check(args) -> None:
 
 def execute(args):
     """The command's work; returns the `PrecomputeResult` (`logitcache.pipeline.api.precompute`)."""
-    from logitcache.stages.precompute.run import EngineSpec, precompute
+    from logitcache.stages.precompute.run import precompute
 
-    engine = EngineSpec(name=args.engine, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
-                        options=parse_engine_args(args.engine_args))
-    result = precompute(
-        teacher=args.teacher, data=args.data, out=args.out, engine=engine, backend=backend_name(args.backend),
-        encoding=args.encoding, mode=args.mode, top_k=args.top_k, samples=args.samples,
-        temperature=args.temperature, seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
-        response_field=args.response_field, messages_field=args.messages_field,
-        tools_field=args.tools_field, prompt_format=args.prompt_format, data_revision=args.data_revision,
-        storage_options=parse_storage_options(args.storage_options), split=args.split,
-        data_config=args.data_config, max_length=args.max_length, batch_size=args.batch_size,
-        rows_per_shard=args.rows_per_shard, num_jobs=args.num_jobs, job_index=args.job_index, strict=args.strict,
-        trust_remote_code=args.trust_remote_code, revision=args.revision, ray=args.ray,
-        ray_address=args.ray_address, ray_actors=args.ray_actors, progress=args.progress,
-        streaming=args.streaming, max_rows=args.max_rows, verify=args.verify, chat_template=args.chat_template,
-        chat_template_kwargs=chat_template_kwargs(args.chat_template_kwargs))
-    return result
+    return precompute(settings(args))
 
 
 def run(args) -> int:

@@ -49,11 +49,10 @@ class ShardWorker:
         from logitcache.stages.precompute.plan import writer_from_record
         from logitcache.storage import tokenizer_fingerprint
 
-        tokenizer = AutoTokenizer.from_pretrained(settings.teacher, revision=settings.revision,
-                                                  trust_remote_code=settings.trust_remote_code)
-        self.dataset, info = load_rows(settings.data, split=settings.split, config_name=settings.data_config,
-                                       revision=settings.data_revision, storage_options=settings.storage_options,
-                                       streaming=settings.streaming, max_rows=settings.max_rows)
+        o = settings.options
+        tokenizer = AutoTokenizer.from_pretrained(o.teacher, revision=o.revision, trust_remote_code=o.trust_remote_code)
+        self.dataset, info = load_rows(o.data, split=o.split, config_name=o.data_config, revision=o.data_revision,
+                                       storage_options=o.storage_options, streaming=o.streaming, max_rows=o.max_rows)
         # A node with another copy of the data or tokenizer would write a different cache.
         got = {"dataset": info, "tokenizer": tokenizer_fingerprint(tokenizer)}
         for name, expected in settings.expected.items():
@@ -61,23 +60,22 @@ class ShardWorker:
                 raise ConfigError(f"Ray worker: its {name} ({_short(got[name])}) differs from the driver's "
                                   f"({_short(expected)}); every node must see the same {name}")
         self.encoder = RowEncoder(tokenizer, settings.inputs)
-        self.engine = settings.engine.start(settings.teacher, settings.targets, revision=settings.revision,
-                                            trust_remote_code=settings.trust_remote_code)
+        self.engine = settings.start_engine()
         if self.engine.logits_width != settings.logits_width:
             raise ConfigError(f"Ray worker: engine logits width {self.engine.logits_width} != {settings.logits_width}")
-        self.writer = writer_from_record(settings.out, settings.record, storage_options=settings.storage_options)
+        self.writer = writer_from_record(o.out, settings.record, storage_options=o.storage_options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from logitcache.stages.precompute.shard_work import make_shard
 
-        s, entries = self.settings, []
+        s, targets, entries = self.settings.options, self.settings.targets, []
         for shard_id in batch["shard_id"]:
             try:
                 if self.error is not None:
                     raise self.error
                 shard, extra = make_shard(int(shard_id), dataset=self.dataset, encoder=self.encoder,
                                           engine=self.engine, text_fields=self.writer.text_fields,
-                                          rows_per_shard=s.rows_per_shard, strict=s.strict, targets=s.targets,
+                                          rows_per_shard=s.rows_per_shard, strict=s.strict, targets=targets,
                                           batch_size=s.batch_size)
                 entry = self.writer.write_shard(int(shard_id), shard, extra=extra)
             except LogitCacheError as e:
@@ -105,7 +103,7 @@ def run_on_ray(todo: list[int], *, settings: JobSettings, address: str | None, a
     """
     import ray
 
-    if settings.engine.running is not None:
+    if settings.options.engine.running is not None:
         raise ConfigError("a started engine cannot go to Ray actors; give the engine by name (each actor starts one)")
     started = not ray.is_initialized()
     if started:

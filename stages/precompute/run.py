@@ -5,8 +5,12 @@
     # CPU, a tiny model (see logitcache.pipeline.scratch):
     logitcache precompute --teacher /tmp/tiny --data /tmp/text.jsonl --text-field text --out /tmp/cache --engine hf
 
-The recipe, top to bottom (`precompute`):
-  1. settings: the targets (top-K or RS-KD samples, defaults applied here once) and the engine.
+From Python: `precompute(PrecomputeSettings(teacher=..., data=..., out=..., text_field="text"))`, or
+`logitcache.pipeline.api.precompute(...)` with the same names.
+
+The recipe, top to bottom (`precompute`; steps 2.-5. are `_open_job`, then `_plan`, `_work`, `_finalize`):
+  1. settings: `PrecomputeSettings.check` (the targets, top-K or RS-KD samples, defaults applied once) and
+     the engine's name.
   2. teacher: config (identity hash, logits width, context length) and tokenizer.
   3. dataset: load DATA (or, with --streaming, plan its slice to read shard by shard), pick the input kind,
      build the row encoder.
@@ -32,12 +36,13 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from logitcache.stages.precompute.data import InputSpec, RowEncoder, load_rows
 from logitcache.stages.precompute.plan import (finalize_cache, num_shards, owned_shards,
                                                write_job_record)
-from logitcache.stages.precompute.settings import EngineSpec, JobSettings, Targets
+from logitcache.stages.precompute.settings import EngineSpec, JobSettings, PrecomputeSettings
+from logitcache.stages.precompute.targets import Targets
 from logitcache.stages.precompute.shard_work import ShardWriterThread, make_shard
 from logitcache.storage import (FORMAT_VERSION, CacheWriter, chain_fingerprint, layout, read_index, resolve,
                                tokenizer_fingerprint)
@@ -47,7 +52,7 @@ from logitcache.storage.inputs import ChatOptions
 from logitcache.storage.lease import hold_lease
 from logitcache.storage.redact import redact_text
 
-__all__ = ["precompute", "PrecomputeResult", "FINGERPRINT_PARTS", "EngineSpec"]
+__all__ = ["precompute", "PrecomputeSettings", "PrecomputeResult", "FINGERPRINT_PARTS", "EngineSpec"]
 
 # The order of the fingerprint chain; changing it changes every fingerprint.
 FINGERPRINT_PARTS = ("dataset", "teacher", "tokenizer", "inputs", "sparsification", "engine", "format")
@@ -78,182 +83,190 @@ class PrecomputeResult:
     index: dict | None = None
 
 
-def precompute(*, teacher: str, data: str, out: str, engine: EngineSpec | None = None, backend: str = "arrow",
-               encoding: str = "lossless", mode: str = "topk", top_k: int | None = None, samples: int | None = None,
-               temperature: float | None = None, seed: int = 0,
-               text_field: str | None = None, prompt_field: str | None = None, response_field: str | None = None,
-               messages_field: str | None = None, tools_field: str | None = None, prompt_format: str = "plain",
-               split: str | None = None, data_config: str | None = None, data_revision: str | None = None,
-               max_length: int | None = None, batch_size: int = 64, rows_per_shard: int = 1000,
-               num_jobs: int = 1, job_index: int = 0, strict: bool = False, trust_remote_code: bool = False,
-               revision: str | None = None, ray: bool = False, ray_address: str | None = None,
-               ray_actors: int | None = None, progress: bool = True,
-               storage_options: dict | None = None, streaming: bool = False,
-               max_rows: int | None = None, verify: bool = False, chat_template: str | None = None,
-               chat_template_kwargs: dict | None = None) -> PrecomputeResult:
+def precompute(settings: PrecomputeSettings) -> PrecomputeResult:
     """Fill (part of) a cache; finalize it when every shard exists. See the module docstring.
-
-    `engine` says which engine runs the teacher and how (`EngineSpec("hf")`; default: vLLM where
-    vLLM and a GPU are present, else hf). `EngineSpec.of(engine)` hands over an engine already
-    started, which is used and left open (tests share one). `backend` is "arrow" (Parquet, the
-    default) or "zarr". `verify` checks the sha256 of this job's shards already written (default:
-    their sizes only). `chat_template` is a template file's path or URL. The other arguments are
-    the CLI's options (`logitcache precompute --help`).
 
     Raises:
         ConfigError: bad or conflicting settings, an unknown DATA, or a cache begun with other settings.
         InvalidDataError: with `strict`, the first row that would be skipped.
     """
-    from transformers import AutoTokenizer
-
     # 1. Settings: defaults applied once, here.
-    targets = Targets.resolve(mode=mode, top_k=top_k, samples=samples, temperature=temperature, seed=seed)
-    engine = (engine or EngineSpec()).resolved()
-    for name, value in (("--batch-size", batch_size), ("--rows-per-shard", rows_per_shard)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
+    targets = settings.check()
+    s = replace(settings, engine=settings.engine.resolved())
     # One writer per job of a cache: a second run of this job is refused before any work.
-    owned_shards(1, num_jobs, job_index)  # checks --job-index against --num-jobs
-    with hold_lease(*resolve(out, storage_options), str(out), name=layout.lease_name(num_jobs, job_index)) as lease:
-        # 2. Teacher: identity, logits width, context length; tokenizer.
-        teacher_info, logits_width, context = _teacher_identity(teacher, revision, trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(teacher, revision=revision, trust_remote_code=trust_remote_code)
-        if max_length is None:
-            max_length = context or _tokenizer_limit(tokenizer)
-
-        # 3. Dataset and input kind.
-        dataset, dataset_info = load_rows(data, split=split, config_name=data_config, revision=data_revision,
-                                          storage_options=storage_options, streaming=streaming, max_rows=max_rows)
-        spec = InputSpec.build(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
-                               messages_field=messages_field, tools_field=tools_field, prompt_format=prompt_format,
-                               max_length=max_length, chat=ChatOptions.load(chat_template, chat_template_kwargs,
-                                                                            storage_options=storage_options))
-        absent = [c for c in spec.columns.values() if c not in dataset.column_names]
-        if absent:
-            raise ConfigError(f"--data {data}: column(s) {absent} not found; it has {dataset.column_names}")
-        encoder = RowEncoder(tokenizer, spec)
-
-        # 4. Fingerprint and index metadata.
-        tok_fp = tokenizer_fingerprint(tokenizer)
-        parts = {
-            "dataset": {key: dataset_info[key] for key in ("fingerprint", "split", "config_name", "num_rows")},
-            "teacher": {key: teacher_info[key]
-                        for key in ("name_or_path", "revision", "config_hash", "weights_digest")},
-            "tokenizer": tok_fp,
-            "inputs": {**spec.describe(), "rows_per_shard": rows_per_shard},
-            "sparsification": targets.describe(),
-            "engine": engine.describe(),
-            "format": {"format_version": FORMAT_VERSION},
-        }
-        fingerprint = chain_fingerprint(*(parts[name] for name in FINGERPRINT_PARTS))
-        metadata = {
-            "teacher": teacher_info,
-            "tokenizer": {**tokenizer_identity(tokenizer), "logits_width": logits_width},
-            "dataset": dataset_info,
-            "inputs": parts["inputs"],
-            "sparsification": parts["sparsification"],
-            "engine": parts["engine"],
-        }
-
-        # 5. Cache writer and job record.
-        total = num_shards(len(dataset), rows_per_shard)
-        owned = owned_shards(total, num_jobs, job_index)
-        writer = CacheWriter(out, backend=backend, encoding=encoding, vocab_size=logits_width, fingerprint=fingerprint,
-                             text_fields=spec.stored_fields, storage_options=storage_options)
-        record = {"fingerprint": fingerprint, "fingerprint_parts": parts, "backend": backend, "encoding": encoding,
-                  "logits_width": logits_width, "text_fields": list(spec.stored_fields), "num_shards": total,
-                  "rows_per_shard": rows_per_shard, "metadata": metadata}
-        write_job_record(writer, record)
-        result = PrecomputeResult(out=str(out), fingerprint=fingerprint, num_shards=total, owned=owned)
-
-        # 6. Plan: this job's shards that are not written yet, or no longer intact (missing, another size
-        # than their entry records, or with `verify` another sha256). A finished cache is checked the same
-        # way and repaired in place. `done` ({shard id: entry}) is read once and kept up to date.
-        finished = writer.is_finished()
-        entries = writer.shard_entries()
-        damaged = writer.damaged_shards(entries, verify=set(owned) if verify else ())
-        done = {s: e for s, e in entries.items() if s not in damaged}
-        todo = [s for s in owned if s not in done]
-        for s in damaged:
-            who = "this job rewrites it" if s in owned else "its job must rewrite it"
-            _say(f"{out}: {entries[s]['name']} is {damaged[s]}; {who}")
-        if finished and not todo:
-            result.finished, result.index = True, read_index(writer.fs, writer.root)
-            _say(f"{out}: already finished ({total} shards, fingerprint {fingerprint[:12]}); this job's {len(owned)} "
-                 f"shard(s) are intact ({'sha256 checked' if verify else 'sizes checked; --verify checks sha256'}); "
-                 f"nothing to do")
+    where = resolve(s.out, s.storage_options)
+    with hold_lease(*where, str(s.out), name=layout.lease_name(s.num_jobs, s.job_index)) as lease:
+        job = _open_job(s, targets)  # 2.-5.
+        result = PrecomputeResult(out=str(s.out), fingerprint=job.settings.record["fingerprint"],
+                                  num_shards=job.total, owned=job.owned)
+        todo, done = _plan(job, result)
+        if result.finished:
             return result
-        writer.remove_stale_temporaries(todo)
-        _say(f"{out}: {total} shard(s) of {rows_per_shard} rows; this job owns {len(owned)}, "
-             f"{len(owned) - len(todo)} already written, {len(todo)} to do")
-
-        # 7. Work.
         if todo:
-            settings = JobSettings(
-                teacher=teacher, revision=revision, trust_remote_code=trust_remote_code, data=data, split=split,
-                data_config=data_config, data_revision=data_revision, storage_options=storage_options,
-                streaming=streaming, max_rows=max_rows, out=str(out),
-                record=record, inputs=spec, engine=engine, targets=targets, rows_per_shard=rows_per_shard,
-                batch_size=batch_size, strict=strict, expected={"dataset": dataset_info, "tokenizer": tok_fp})
-            bar = _Progress(sum(min(rows_per_shard, len(dataset) - s * rows_per_shard) for s in todo), enabled=progress)
-            with _StopSignals() as stop:
-                if ray or ray_address:
-                    from logitcache.stages.precompute.ray_job import run_on_ray
-
-                    written = run_on_ray(todo, settings=settings, address=ray_address, actors=ray_actors,
-                                         on_shard=bar.remote_shard_done, should_stop=stop.is_set)
-                else:
-                    written = _write_locally(todo, settings, dataset=dataset, encoder=encoder, writer=writer, bar=bar,
-                                             should_stop=stop.is_set)
-            bar.close()
-            done.update(written)
-            result.written = list(written)
-            if stop.signum is not None:
-                result.stopped_by = signal.Signals(stop.signum).name
-                _say(f"{out}: stopped by {result.stopped_by} after writing {len(result.written)} shard(s) in this run; "
-                     f"the shard in flight was discarded and nothing partial is visible. Rerun the same command to "
-                     f"resume.")
+            done.update(_work(todo, job, result))
+            if result.stopped_by:
                 return result
-
-        # 8. Finalize once every shard of every job exists. Other jobs may have written theirs while
-        # this one ran: only then is the list read again.
-        if len(done) < total:
-            done = writer.finished_shards()
-        if len(done) < total:
-            _say(f"{out}: this job is done; {total - len(done)} shard(s) of other jobs are still missing. When all "
-                 f"jobs have finished, run `logitcache merge {out}`.")
-            return result
-        lease.check()
-        result.index = finalize_cache(writer, record, done=done)
-        result.finished = True
-        counts = result.index["counts"]
-        reasons = ", ".join(f"{key[8:]} {n}" for key, n in counts.items() if key.startswith("skipped_") and n)
-        _say(f"{out}: finished: {counts['sequences']} sequences, {counts['positions']} positions, "
-             f"{counts['skipped']} row(s) skipped{f' ({reasons})' if reasons else ''}, {counts['truncated']} "
-             f"truncated to {max_length} tokens (fingerprint {fingerprint[:12]})")
+        _finalize(done, job, lease, result)
         return result
 
 
-def _write_locally(todo: list[int], settings: JobSettings, *, dataset, encoder: RowEncoder, writer: CacheWriter,
-                   bar: "_Progress", should_stop) -> dict[int, dict]:
+@dataclass
+class _Job:
+    """What steps 2.-5. decided: the job's settings, its rows and how they become tokens, its writer."""
+
+    settings: JobSettings
+    dataset: object
+    encoder: RowEncoder
+    writer: CacheWriter
+    total: int
+    owned: list[int]
+    max_length: int
+
+
+def _open_job(s: PrecomputeSettings, targets: Targets) -> _Job:
+    """Steps 2.-5.: the teacher, the dataset, the fingerprint, the writer and the job record."""
+    from transformers import AutoTokenizer
+
+    # 2. Teacher: identity, logits width, context length; tokenizer.
+    teacher_info, logits_width, context = _teacher_identity(s.teacher, s.revision, s.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(s.teacher, revision=s.revision, trust_remote_code=s.trust_remote_code)
+    max_length = s.max_length if s.max_length is not None else context or _tokenizer_limit(tokenizer)
+
+    # 3. Dataset and input kind.
+    dataset, dataset_info = load_rows(s.data, split=s.split, config_name=s.data_config, revision=s.data_revision,
+                                      storage_options=s.storage_options, streaming=s.streaming, max_rows=s.max_rows)
+    spec = InputSpec.build(text_field=s.text_field, prompt_field=s.prompt_field, response_field=s.response_field,
+                           messages_field=s.messages_field, tools_field=s.tools_field, prompt_format=s.prompt_format,
+                           max_length=max_length, chat=ChatOptions.load(s.chat_template, s.chat_template_kwargs,
+                                                                        storage_options=s.storage_options))
+    absent = [c for c in spec.columns.values() if c not in dataset.column_names]
+    if absent:
+        raise ConfigError(f"--data {s.data}: column(s) {absent} not found; it has {dataset.column_names}")
+
+    # 4. Fingerprint and index metadata.
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    parts = {
+        "dataset": {key: dataset_info[key] for key in ("fingerprint", "split", "config_name", "num_rows")},
+        "teacher": {key: teacher_info[key] for key in ("name_or_path", "revision", "config_hash", "weights_digest")},
+        "tokenizer": tok_fp,
+        "inputs": {**spec.describe(), "rows_per_shard": s.rows_per_shard},
+        "sparsification": targets.describe(),
+        "engine": s.engine.describe(),
+        "format": {"format_version": FORMAT_VERSION},
+    }
+    fingerprint = chain_fingerprint(*(parts[name] for name in FINGERPRINT_PARTS))
+    metadata = {
+        "teacher": teacher_info,
+        "tokenizer": {**tokenizer_identity(tokenizer), "logits_width": logits_width},
+        "dataset": dataset_info,
+        "inputs": parts["inputs"],
+        "sparsification": parts["sparsification"],
+        "engine": parts["engine"],
+    }
+
+    # 5. Cache writer and job record.
+    total = num_shards(len(dataset), s.rows_per_shard)
+    writer = CacheWriter(s.out, backend=s.backend, encoding=s.encoding, vocab_size=logits_width,
+                         fingerprint=fingerprint, text_fields=spec.stored_fields, storage_options=s.storage_options)
+    record = {"fingerprint": fingerprint, "fingerprint_parts": parts, "backend": s.backend, "encoding": s.encoding,
+              "logits_width": logits_width, "text_fields": list(spec.stored_fields), "num_shards": total,
+              "rows_per_shard": s.rows_per_shard, "metadata": metadata}
+    write_job_record(writer, record)
+    settings = JobSettings(options=s, record=record, inputs=spec, targets=targets,
+                           expected={"dataset": dataset_info, "tokenizer": tok_fp})
+    return _Job(settings, dataset, RowEncoder(tokenizer, spec), writer, total,
+                owned_shards(total, s.num_jobs, s.job_index), max_length)
+
+
+def _plan(job: _Job, result: PrecomputeResult) -> tuple[list[int], dict[int, dict]]:
+    """Step 6.: (this job's shards to write, {shard id: entry} of the intact ones).
+
+    A shard is to write when it is not written yet, or no longer intact (missing, another size than its
+    entry records, or with `verify` another sha256). A finished cache is checked the same way and
+    repaired in place; one with nothing to repair sets `result.finished`. The entries are read here once.
+    """
+    s, writer, owned = job.settings.options, job.writer, job.owned
+    finished = writer.is_finished()
+    entries = writer.shard_entries()
+    damaged = writer.damaged_shards(entries, verify=set(owned) if s.verify else ())
+    done = {i: e for i, e in entries.items() if i not in damaged}
+    todo = [i for i in owned if i not in done]
+    for i in damaged:
+        who = "this job rewrites it" if i in owned else "its job must rewrite it"
+        _say(f"{s.out}: {entries[i]['name']} is {damaged[i]}; {who}")
+    if finished and not todo:
+        result.finished, result.index = True, read_index(writer.fs, writer.root)
+        _say(f"{s.out}: already finished ({job.total} shards, fingerprint {result.fingerprint[:12]}); this job's "
+             f"{len(owned)} shard(s) are intact "
+             f"({'sha256 checked' if s.verify else 'sizes checked; --verify checks sha256'}); nothing to do")
+        return todo, done
+    writer.remove_stale_temporaries(todo)
+    _say(f"{s.out}: {job.total} shard(s) of {s.rows_per_shard} rows; this job owns {len(owned)}, "
+         f"{len(owned) - len(todo)} already written, {len(todo)} to do")
+    return todo, done
+
+
+def _work(todo: list[int], job: _Job, result: PrecomputeResult) -> dict[int, dict]:
+    """Step 7.: write shards `todo`, here or on Ray; returns {shard id: entry} of those written. A signal
+    stops it between shards (`result.stopped_by`)."""
+    s = job.settings.options
+    rows = s.rows_per_shard
+    bar = _Progress(sum(min(rows, len(job.dataset) - i * rows) for i in todo), enabled=s.progress)
+    with _StopSignals() as stop:
+        if s.ray or s.ray_address:
+            from logitcache.stages.precompute.ray_job import run_on_ray
+
+            written = run_on_ray(todo, settings=job.settings, address=s.ray_address, actors=s.ray_actors,
+                                 on_shard=bar.remote_shard_done, should_stop=stop.is_set)
+        else:
+            written = _write_locally(todo, job, bar=bar, should_stop=stop.is_set)
+    bar.close()
+    result.written = list(written)
+    if stop.signum is not None:
+        result.stopped_by = signal.Signals(stop.signum).name
+        _say(f"{s.out}: stopped by {result.stopped_by} after writing {len(result.written)} shard(s) in this run; "
+             f"the shard in flight was discarded and nothing partial is visible. Rerun the same command to resume.")
+    return written
+
+
+def _finalize(done: dict[int, dict], job: _Job, lease, result: PrecomputeResult) -> None:
+    """Step 8.: write the index once every shard of every job exists. Other jobs may have written theirs
+    while this one ran: only then is the list read again."""
+    out, total = result.out, job.total
+    if len(done) < total:
+        done = job.writer.finished_shards()
+    if len(done) < total:
+        _say(f"{out}: this job is done; {total - len(done)} shard(s) of other jobs are still missing. When all "
+             f"jobs have finished, run `logitcache merge {out}`.")
+        return
+    lease.check()
+    result.index = finalize_cache(job.writer, job.settings.record, done=done)
+    result.finished = True
+    counts = result.index["counts"]
+    reasons = ", ".join(f"{key[8:]} {n}" for key, n in counts.items() if key.startswith("skipped_") and n)
+    _say(f"{out}: finished: {counts['sequences']} sequences, {counts['positions']} positions, "
+         f"{counts['skipped']} row(s) skipped{f' ({reasons})' if reasons else ''}, {counts['truncated']} "
+         f"truncated to {job.max_length} tokens (fingerprint {result.fingerprint[:12]})")
+
+
+def _write_locally(todo: list[int], job: _Job, *, bar: "_Progress", should_stop) -> dict[int, dict]:
     """Write shards `todo` in this process. Returns {shard id: entry} of those written, in order.
 
     Shard s is compressed, checksummed and written on a thread while shard s+1 is computed (the
     write releases the GIL in zstd and file I/O). At most one shard waits: memory stays at two shards.
     """
-    s = settings
-    engine = s.engine.start(s.teacher, s.targets, revision=s.revision, trust_remote_code=s.trust_remote_code)
+    settings, s = job.settings, job.settings.options
+    engine = settings.start_engine()
     try:
-        if engine.logits_width != s.logits_width:
+        if engine.logits_width != settings.logits_width:
             raise ConfigError(f"engine {s.engine.name} reports logits width {engine.logits_width}, the config of "
-                              f"{s.teacher} says {s.logits_width}")
-        with ShardWriterThread(writer, on_written=bar.shard_done) as writes:
+                              f"{s.teacher} says {settings.logits_width}")
+        with ShardWriterThread(job.writer, on_written=bar.shard_done) as writes:
             for shard_id in todo:
-                made = make_shard(shard_id, dataset=dataset, encoder=encoder, engine=engine,
-                                  text_fields=writer.text_fields, rows_per_shard=s.rows_per_shard, strict=s.strict,
-                                  targets=s.targets, batch_size=s.batch_size, on_batch=bar.update,
-                                  should_stop=should_stop)
+                made = make_shard(shard_id, dataset=job.dataset, encoder=job.encoder, engine=engine,
+                                  text_fields=job.writer.text_fields, rows_per_shard=s.rows_per_shard,
+                                  strict=s.strict, targets=settings.targets, batch_size=s.batch_size,
+                                  on_batch=bar.update, should_stop=should_stop)
                 if made is None:
                     break
                 writes.submit(shard_id, *made)

@@ -1,10 +1,11 @@
-"""Stage one's settings as values: what to keep per position, which engine, and one job's whole setup.
+"""Stage one's settings as values: the run's options, which engine, and one job's whole setup.
 
-`Targets.resolve` applies the defaults of --top-k / --samples / --temperature once; everything
-after reads the resolved values. `EngineSpec` is which engine to start and with what options;
-`EngineSpec.start` is the one call that turns a name into a running engine (the local loop and
-every Ray actor use it). `JobSettings` is everything a worker needs to make this job's shards,
-the same value for the local loop and each Ray actor (picklable, so Ray ships it as is).
+`PrecomputeSettings` is every option of a run (`logitcache precompute --help`), written once: the CLI,
+`pipeline.api` and `precompute()` take it, and its `check()` holds the rules between options that need
+nothing loaded (`--print-config` runs it). `EngineSpec` is which engine to start and with what options;
+`EngineSpec.start` is the one call that turns a name into a running engine (the local loop and every
+Ray actor use it). `JobSettings` is everything a worker needs to make this job's shards, the same value
+for the local loop and each Ray actor (picklable, so Ray ships it as is).
 """
 
 from __future__ import annotations
@@ -13,68 +14,12 @@ from dataclasses import dataclass, field, replace
 
 from logitcache.stages.precompute.data import InputSpec
 from logitcache.stages.precompute.engines import Engine, build_engine, default_engine_name
+from logitcache.stages.precompute.plan import owned_shards
+from logitcache.stages.precompute.targets import Targets
 from logitcache.storage.errors import ConfigError
 from logitcache.storage.redact import is_credential_key
 
-__all__ = ["Targets", "EngineSpec", "JobSettings", "DEFAULT_TOP_K", "DEFAULT_SAMPLES"]
-
-DEFAULT_TOP_K, DEFAULT_SAMPLES = 32, 64
-
-
-@dataclass(frozen=True)
-class Targets:
-    """What a cache keeps per position.
-
-    Attributes:
-        mode: "topk" (the `width` most likely ids) or "sample" (RS-KD: distinct ids of `width` draws).
-        width: K in topk mode, N (draws) in sample mode.
-        temperature: the sampling temperature (sample mode); 1.0 in topk mode.
-        seed: the sample-mode seed (each sequence's is derived from it and its row).
-    """
-
-    mode: str
-    width: int
-    temperature: float = 1.0
-    seed: int = 0
-
-    @classmethod
-    def resolve(cls, *, mode: str, top_k: int | None, samples: int | None, temperature: float | None,
-                seed: int) -> "Targets":
-        """The CLI's options, checked, with their defaults applied (K 32, N 64, temperature 1).
-
-        Raises:
-            ConfigError: an option of the other mode, or a width that is not a positive integer.
-        """
-        if mode not in ("topk", "sample"):
-            raise ConfigError(f"--mode {mode!r}: expected 'topk' or 'sample'")
-        if mode == "topk":
-            if samples is not None or temperature not in (None, 1.0):
-                raise ConfigError("--samples and --temperature belong to --mode sample; top-K log-probs are "
-                                  "stored at temperature 1")
-            width, name, temperature = (DEFAULT_TOP_K if top_k is None else top_k), "--top-k", 1.0
-        else:
-            if top_k is not None:
-                raise ConfigError("--top-k belongs to --mode topk; sample mode keeps the distinct ids of --samples "
-                                  "draws")
-            width, name = (DEFAULT_SAMPLES if samples is None else samples), "--samples"
-            temperature = 1.0 if temperature is None else temperature
-        if not (isinstance(width, int) and width >= 1):
-            raise ConfigError(f"{name} must be a positive integer, got {width!r}")
-        return cls(mode=mode, width=width, temperature=float(temperature), seed=seed)
-
-    def describe(self) -> dict:
-        """The index's `sparsification` section (and its fingerprint part)."""
-        out = {"mode": self.mode, "k": self.width, "temperature": self.temperature}
-        if self.mode == "sample":
-            # sample_logz: each row stores its draw distribution's normaliser (docs/FORMAT.md).
-            out.update(num_samples=self.width, seed=self.seed, sample_logz=True)
-        return out
-
-    def engine_kwargs(self) -> dict:
-        """`build_engine`'s target arguments."""
-        if self.mode == "topk":
-            return {"mode": "topk", "k": self.width}
-        return {"mode": "sample", "num_samples": self.width, "temperature": self.temperature}
+__all__ = ["PrecomputeSettings", "EngineSpec", "JobSettings"]
 
 
 @dataclass(frozen=True)
@@ -120,14 +65,83 @@ class EngineSpec:
         """The running engine: the one given, or a new one (the only place a name becomes an engine)."""
         if self.running is not None:
             return self.running
-        return build_engine(self.name, teacher, dtype=self.dtype, max_batch_tokens=self.max_batch_tokens,
-                            trust_remote_code=trust_remote_code, revision=revision, **targets.engine_kwargs(),
-                            **self.options)
+        return build_engine(self.name, teacher, mode=targets.mode, k=targets.width, num_samples=targets.width,
+                            temperature=targets.temperature, dtype=self.dtype, max_batch_tokens=self.max_batch_tokens,
+                            trust_remote_code=trust_remote_code, revision=revision, **self.options)
 
     def close(self, engine: Engine) -> None:
         """Close `engine` if `start` started it."""
         if engine is not self.running:
             engine.close()
+
+
+@dataclass(frozen=True)
+class PrecomputeSettings:
+    """Every option of a run: the CLI's (`logitcache precompute --help`), in snake_case.
+
+    `engine` says which engine runs the teacher and how (`EngineSpec("hf")`; default: vLLM where vLLM
+    and a GPU are present, else hf); `EngineSpec.of(engine)` hands over an engine already started, which
+    is used and left open (tests share one). `backend` is "arrow" (Parquet, the default) or "zarr".
+    `verify` checks the sha256 of this job's shards already written (default: their sizes only).
+    `chat_template` is a template file's path or URL; `chat_template_kwargs` its variables.
+    """
+
+    teacher: str
+    data: str
+    out: str
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    backend: str = "arrow"
+    encoding: str = "lossless"
+    mode: str = "topk"
+    top_k: int | None = None
+    samples: int | None = None
+    temperature: float | None = None
+    seed: int = 0
+    text_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    messages_field: str | None = None
+    tools_field: str | None = None
+    prompt_format: str = "plain"
+    split: str | None = None
+    data_config: str | None = None
+    data_revision: str | None = None
+    max_length: int | None = None
+    batch_size: int = 64
+    rows_per_shard: int = 1000
+    num_jobs: int = 1
+    job_index: int = 0
+    strict: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+    ray: bool = False
+    ray_address: str | None = None
+    ray_actors: int | None = None
+    progress: bool = True
+    storage_options: dict | None = None  # fsspec options for DATA and the cache (endpoint, credentials)
+    streaming: bool = False
+    max_rows: int | None = None
+    verify: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict | None = None
+
+    def check(self) -> Targets:
+        """Refuse options that cannot run together, before anything is loaded; return the targets.
+
+        Raises:
+            ConfigError: naming the options.
+        """
+        targets = self.targets()
+        for name, value in (("--batch-size", self.batch_size), ("--rows-per-shard", self.rows_per_shard)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        owned_shards(1, self.num_jobs, self.job_index)  # --job-index against --num-jobs
+        return targets
+
+    def targets(self) -> Targets:
+        """What to keep per position, defaults applied (`Targets.resolve`)."""
+        return Targets.resolve(mode=self.mode, top_k=self.top_k, samples=self.samples,
+                               temperature=self.temperature, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -138,41 +152,25 @@ class JobSettings:
     which of them made it. Plain values only (picklable): Ray ships it to the actors as is.
 
     Attributes:
-        teacher, revision, trust_remote_code: the teacher model (and its tokenizer).
-        data, split, data_config, data_revision, streaming, max_rows: DATA, as `load_rows` takes them.
-        storage_options: fsspec options (endpoint, credentials) for DATA and the cache.
-        out: the cache location.
+        options: the run's options, its engine resolved (`EngineSpec.resolved`).
         record: the job record (`plan.write_job_record`): fingerprint, backend, encoding, layout.
         inputs: how a row becomes tokens and supervised positions.
-        engine: which engine to start.
         targets: what to keep per position.
-        rows_per_shard: source rows per storage shard.
-        batch_size: sequences per engine call.
-        strict: stop at the first row that would be skipped.
         expected: the driver's dataset info and tokenizer fingerprint; an actor that loads other
             data or another tokenizer refuses to write.
     """
 
-    teacher: str
-    revision: str | None
-    trust_remote_code: bool
-    data: str
-    split: str | None
-    data_config: str | None
-    data_revision: str | None
-    storage_options: dict | None
-    streaming: bool
-    max_rows: int | None
-    out: str
+    options: PrecomputeSettings
     record: dict
     inputs: InputSpec
-    engine: EngineSpec
     targets: Targets
-    rows_per_shard: int
-    batch_size: int
-    strict: bool
     expected: dict
 
     @property
     def logits_width(self) -> int:
         return self.record["logits_width"]
+
+    def start_engine(self) -> Engine:
+        """The job's engine (`EngineSpec.start`)."""
+        o = self.options
+        return o.engine.start(o.teacher, self.targets, revision=o.revision, trust_remote_code=o.trust_remote_code)

@@ -18,7 +18,7 @@ import numpy as np
 from logitcache.stages.precompute.data import Encoded, RowEncoder, Skipped
 from logitcache.stages.precompute.engines import Engine, Request, run_ahead
 from logitcache.stages.precompute.plan import sequence_seed, shard_rows
-from logitcache.stages.precompute.settings import Targets
+from logitcache.stages.precompute.targets import Targets
 from logitcache.storage import CacheWriter, ShardData
 from logitcache.storage.errors import ConfigError
 

@@ -26,7 +26,7 @@ from precompute_util import text_rows, write_jsonl
 
 from logitcache.pipeline import cli
 from logitcache.pipeline.options import check_options
-from logitcache.stages.precompute.run import EngineSpec, precompute
+from logitcache.stages.precompute.run import EngineSpec, PrecomputeSettings, precompute
 from logitcache.storage.errors import ConfigError
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,10 @@ def world(tiny_teacher, tmp_path_factory):
     teacher = str(tiny_teacher[0])
     good = write_jsonl(root / "good.jsonl", text_rows(6))
     common = dict(engine=EngineSpec("hf"), text_field="text", rows_per_shard=3, batch_size=6, progress=False)
-    precompute(teacher=teacher, data=str(good), out=str(root / "topk"), top_k=4, backend="zarr", **common)
-    precompute(teacher=teacher, data=str(good), out=str(root / "sample"), mode="sample", samples=4, **common)
+    precompute(PrecomputeSettings(teacher=teacher, data=str(good), out=str(root / "topk"), top_k=4, backend="zarr",
+                                  **common))
+    precompute(PrecomputeSettings(teacher=teacher, data=str(good), out=str(root / "sample"), mode="sample", samples=4,
+                                  **common))
     (root / "empty.jsonl").write_text("")
     (root / "blank.jsonl").write_text("\n\n")
     (root / "malformed.jsonl").write_text('{"text": "a b c"}\n{"text": oops\n')

@@ -87,8 +87,9 @@ def test_image_tag_and_version_floors_match_the_code():
     assert Version(tag) == vllm_floor, (tag, floor["vllm"])
     text = (ROOT / "docker" / "precompute.Dockerfile").read_text()
     assert "-c /tmp/image-pins.txt" in text and "'^(torch|transformers|vllm" in text
-    engine = (ROOT / "stages" / "precompute" / "engines" / "vllm_engine.py").read_text()
-    assert "tok_pooling_type" in engine and "flat_logprobs" in engine  # the APIs the floor is for
+    engines = ROOT / "stages" / "precompute" / "engines"
+    assert "tok_pooling_type" in (engines / "vllm_pooling.py").read_text()  # the APIs the floor is for
+    assert "flat_logprobs" in (engines / "vllm_logprobs.py").read_text()
     transformers_floor = Version(floor["transformers"].split(">=")[1])
     assert transformers_floor >= Version("4.56")  # from_pretrained(dtype=...), which stage two calls
     for name, low in (("vllm", vllm_floor), ("transformers", transformers_floor)):

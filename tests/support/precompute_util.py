@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from logitcache.pipeline.scratch import toy_corpus
-from logitcache.stages.precompute.run import EngineSpec, precompute
+from logitcache.stages.precompute.run import EngineSpec, PrecomputeSettings, precompute
 from logitcache.storage import open_cache
 from logitcache.storage import resolve
 from logitcache.storage.backends import read_shard_files, shard_checksum
@@ -32,7 +32,7 @@ def run(teacher, data, out, engine, **kw):
     open): top-`K`, 4 rows a shard and no progress bar unless `kw` says otherwise."""
     kw = {"top_k": K, "rows_per_shard": 4, "progress": False, **kw}
     engine = EngineSpec(engine) if isinstance(engine, str) else EngineSpec.of(engine)
-    return precompute(teacher=teacher, data=str(data), out=str(out), engine=engine, **kw)
+    return precompute(PrecomputeSettings(teacher=teacher, data=str(data), out=str(out), engine=engine, **kw))
 
 
 def vllm_engine(model, **kwargs):
@@ -42,8 +42,9 @@ def vllm_engine(model, **kwargs):
     pytest.importorskip("vllm")
     from logitcache.stages.precompute.engines import build_engine
 
-    return build_engine("vllm", str(model), max_batch_tokens=1024, max_model_len=512, kv_cache_memory_bytes=256 << 20,
-                        enforce_eager=True, **kwargs)
+    # max_model_len and tensor_parallel_size: two of vLLM's settings run for real (test_vllm_settings).
+    return build_engine("vllm", str(model), max_batch_tokens=1024, max_model_len=512, tensor_parallel_size=1,
+                        kv_cache_memory_bytes=256 << 20, enforce_eager=True, **kwargs)
 
 
 def _good(i: int, words: list[str], long: bool = False) -> dict:

@@ -4,7 +4,8 @@
     [targets] = engine.run([Request(token_ids=ids, positions=np.arange(len(ids) - 1))])
     engine.close()
 
-`hf` runs transformers (CPU or CUDA); `vllm` runs vLLM (see `vllm_engine` for its two paths).
+`hf` runs transformers (CPU or CUDA); `vllm` runs vLLM (see `vllm_engine` for its two paths). Every
+engine is given the same `Targets` (what to keep per position) and the common arguments below.
 Engine modules are imported on demand: importing vLLM is slow and starts nothing useful for
 the hf engine.
 """
@@ -16,10 +17,11 @@ import importlib.util
 import inspect
 
 from logitcache.stages.precompute.engine_registry import ENGINE_NAMES, ENGINES
-from logitcache.stages.precompute.engines.base import Engine, Request, TargetSpec, run_ahead
+from logitcache.stages.precompute.engines.base import Engine, Request, run_ahead
+from logitcache.stages.precompute.targets import Targets
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["Engine", "Request", "TargetSpec", "build_engine", "default_engine_name", "run_ahead", "ENGINE_NAMES"]
+__all__ = ["Engine", "Request", "build_engine", "default_engine_name", "run_ahead", "ENGINE_NAMES"]
 
 
 def build_engine(
@@ -53,14 +55,14 @@ def build_engine(
         trust_remote_code: Allow the checkpoint's own modelling code.
         revision: Hub revision.
         **engine_kwargs: Engine-specific options, e.g. `vllm_path`, `max_model_len`,
-            `head_chunk_rows`; see `HFEngine` and `VLLMEngine`.
+            `head_chunk_rows`; see `HFEngine`, `VLLMPoolingEngine` and `VLLMLogprobsEngine`.
 
     Raises:
         ConfigError: unknown engine name, bad target settings, or an option the engine lacks.
     """
-    spec = TargetSpec(mode=mode, k=k, num_samples=num_samples, temperature=temperature)
+    targets = Targets(mode=mode, width=k if mode == "topk" else num_samples, temperature=temperature)
     common = dict(
-        spec=spec,
+        targets=targets,
         dtype=dtype,
         device=device,
         max_batch_tokens=max_batch_tokens,

@@ -18,20 +18,18 @@ import numpy as np
 import torch
 
 from logitcache.stages.precompute.fused_topk import fused_kernel_choice, fused_topk_targets
+from logitcache.stages.precompute.targets import Targets
 from logitcache.storage.head import LMHead
 from logitcache.stages.precompute.sparsify import (
-    SAMPLE_FIELDS,
-    TOPK_FIELDS,
     position_seeds,
     sample_targets,
     topk_targets,
 )
-from logitcache.storage.errors import ConfigError, InvalidDataError
+from logitcache.storage.errors import InvalidDataError
 
-__all__ = ["Request", "Engine", "TargetSpec", "check_requests", "gather_inputs", "targets_from_hidden", "split_rows",
+__all__ = ["Request", "Engine", "check_requests", "gather_inputs", "targets_from_hidden", "split_rows",
            "run_ahead", "targets_or_fallback"]
 
-MODES = ("topk", "sample")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -102,45 +100,6 @@ def run_ahead(engine: Engine, batches: Iterable[list[Request]]) -> Iterator[list
             handed_over.result()
 
 
-@dataclass(frozen=True)
-class TargetSpec:
-    """What to keep per position.
-
-    Attributes:
-        mode: "topk" (the K most likely ids) or "sample" (RS-KD draws).
-        k: Ids kept per position in topk mode.
-        num_samples: Draws per position in sample mode.
-        temperature: Sampling temperature. Top-K log-probs are always at temperature 1 (a
-            student applies its own), so topk mode refuses any other value rather than
-            silently ignore it.
-    """
-
-    mode: str = "topk"
-    k: int = 32
-    num_samples: int = 64
-    temperature: float = 1.0
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r}; expected one of {MODES}")
-        if self.mode == "topk" and self.k < 1:
-            raise ConfigError(f"k={self.k} must be >= 1")
-        if self.mode == "sample" and not 1 <= self.num_samples <= np.iinfo(np.uint16).max:
-            raise ConfigError(f"num_samples={self.num_samples} must be between 1 and 65535")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0")
-        if self.mode == "topk" and self.temperature != 1.0:
-            raise ConfigError(
-                f"temperature={self.temperature} in topk mode: top-K log-probs are stored at temperature 1; "
-                "temperature applies to sample mode only"
-            )
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        """Names of the result arrays."""
-        return TOPK_FIELDS if self.mode == "topk" else SAMPLE_FIELDS
-
-
 def check_requests(requests: list[Request], vocab: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Validate requests; return (token_ids (T,) int64, positions (P,) int64) for each.
 
@@ -172,7 +131,7 @@ def targets_from_hidden(
     hidden: torch.Tensor,
     head: LMHead,
     next_ids: torch.Tensor,
-    spec: TargetSpec,
+    targets: Targets,
     *,
     seeds: np.ndarray | None = None,
     chunk_rows: int | None = None,
@@ -190,7 +149,7 @@ def targets_from_hidden(
         hidden: (n, H) final hidden states of the supervised rows.
         head: The model's head; logits are (chunk_rows, V) at a time, never (n, V).
         next_ids: (n,) int64 token after each row.
-        spec: What to keep.
+        targets: What to keep.
         seeds: (n,) uint64 per-row seeds; required in sample mode.
         chunk_rows: Rows per head call; defaults to 64M logits (128 MiB in bf16), or to
             `fused_topk.default_tiles` when fused.
@@ -202,12 +161,12 @@ def targets_from_hidden(
     Returns:
         The `sparsify` fields, n rows each.
     """
-    if fused and spec.mode == "topk":
-        if fused_kernel_choice(fused_kernel, head.weight.device, spec.k) == "triton":
+    if fused and targets.mode == "topk":
+        if fused_kernel_choice(fused_kernel, head.weight.device, targets.width) == "triton":
             from logitcache.stages.precompute.fused_topk_triton import triton_topk_targets
 
-            return triton_topk_targets(hidden, head, next_ids, spec.k)
-        return fused_topk_targets(hidden, head, next_ids, spec.k, chunk_rows=chunk_rows)
+            return triton_topk_targets(hidden, head, next_ids, targets.width)
+        return fused_topk_targets(hidden, head, next_ids, targets.width, chunk_rows=chunk_rows)
     n = hidden.shape[0]
     chunk_rows = chunk_rows or max(1, (1 << 26) // head.width)
     parts = []
@@ -216,19 +175,19 @@ def targets_from_hidden(
         hi = min(lo + chunk_rows, n)
         logits = head(hidden[lo:hi])
         ids = next_ids[lo:hi].to(logits.device)
-        if spec.mode == "topk":
-            parts.append(topk_targets(logits, ids, spec.k))
+        if targets.mode == "topk":
+            parts.append(topk_targets(logits, ids, targets.width))
         else:
             parts.append(
                 sample_targets(
-                    logits, ids, num_samples=spec.num_samples, temperature=spec.temperature, seeds=seeds[lo:hi]
+                    logits, ids, num_samples=targets.width, temperature=targets.temperature, seeds=seeds[lo:hi]
                 )
             )
-    return {name: np.concatenate([p[name] for p in parts]) for name in spec.fields}
+    return {name: np.concatenate([p[name] for p in parts]) for name in targets.fields}
 
 
 def targets_or_fallback(
-    hidden: torch.Tensor, head: LMHead, next_ids: torch.Tensor, spec: TargetSpec, *, fused_kernel: str, **kwargs
+    hidden: torch.Tensor, head: LMHead, next_ids: torch.Tensor, targets: Targets, *, fused_kernel: str, **kwargs
 ) -> tuple[dict[str, np.ndarray], str]:
     """`targets_from_hidden`, and the `fused_kernel` for the engine's next call.
 
@@ -237,20 +196,20 @@ def targets_or_fallback(
     the later ones take the torch tile fold (returned as "torch"). An explicit "triton" raises.
 
     Args:
-        hidden, head, next_ids, spec: As `targets_from_hidden`. fused_kernel: the engine's option.
+        hidden, head, next_ids, targets: As `targets_from_hidden`. fused_kernel: the engine's option.
         **kwargs: Further `targets_from_hidden` arguments (seeds, chunk_rows, fused).
 
     Returns:
         (the `sparsify` fields, the `fused_kernel` to pass next time).
     """
     try:
-        return targets_from_hidden(hidden, head, next_ids, spec, fused_kernel=fused_kernel, **kwargs), fused_kernel
+        return targets_from_hidden(hidden, head, next_ids, targets, fused_kernel=fused_kernel, **kwargs), fused_kernel
     except Exception as e:
         if fused_kernel != "auto" or not _raised_in_triton(e):
             raise
         warnings.warn(f"the Triton fused head failed ({type(e).__name__}: {str(e)[:500]}); this engine uses the "
                       "torch tile fold from now on (fused_kernel='torch')", RuntimeWarning, stacklevel=2)
-        return targets_from_hidden(hidden, head, next_ids, spec, fused_kernel="torch", **kwargs), "torch"
+        return targets_from_hidden(hidden, head, next_ids, targets, fused_kernel="torch", **kwargs), "torch"
 
 
 def _raised_in_triton(error: BaseException) -> bool:
@@ -274,12 +233,12 @@ def split_rows(rows: dict[str, np.ndarray], counts: list[int]) -> list[dict[str,
 
 
 def gather_inputs(
-    checked: list[tuple[np.ndarray, np.ndarray]], seeds: list[int], spec: TargetSpec
+    checked: list[tuple[np.ndarray, np.ndarray]], seeds: list[int], targets: Targets
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """The next-token ids (n,) int64 and, in sample mode, the per-row seeds (n,) uint64 of the
     supervised rows of several requests, concatenated in request order."""
     next_ids = torch.from_numpy(np.concatenate([ids[pos + 1] for ids, pos in checked] or [np.zeros(0, np.int64)]))
-    if spec.mode != "sample":
+    if targets.mode != "sample":
         return next_ids, None
     row_seeds = [position_seeds(seed, pos) for (_, pos), seed in zip(checked, seeds)]
     return next_ids, np.concatenate(row_seeds or [np.zeros(0, np.uint64)])

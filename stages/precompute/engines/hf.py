@@ -17,13 +17,13 @@ import torch
 from logitcache.stages.precompute.engines.base import (
     TORCH_DTYPES,
     Request,
-    TargetSpec,
     check_requests,
     gather_inputs,
     split_rows,
     targets_or_fallback,
 )
 from logitcache.stages.precompute.fused_topk import fused_kernel_choice
+from logitcache.stages.precompute.targets import Targets
 from logitcache.storage.head import head_from_model, verify_head
 from logitcache.storage.errors import ConfigError
 
@@ -36,7 +36,7 @@ class HFEngine:
 
     Args:
         model: Local directory or hub id.
-        spec: What to keep per position.
+        targets: What to keep per position.
         dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16".
         device: "cpu", "cuda", "cuda:1", ...; defaults to CUDA when available.
         max_batch_tokens: Padded tokens per forward (batch size x longest sequence); a longer
@@ -57,7 +57,7 @@ class HFEngine:
         self,
         model: str,
         *,
-        spec: TargetSpec,
+        targets: Targets,
         dtype: str = "auto",
         device: str | None = None,
         max_batch_tokens: int | None = None,
@@ -70,13 +70,13 @@ class HFEngine:
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Checked first: a bad name, or "triton" where it cannot run, fails before anything loads.
-        fused_kernel_choice(fused_kernel, self.device, spec.k if spec.mode == "topk" else None)
+        fused_kernel_choice(fused_kernel, self.device, targets.width if targets.mode == "topk" else None)
         self.fused_kernel = fused_kernel
         import transformers
         from transformers import AutoModelForCausalLM
 
         self.version = transformers.__version__
-        self.spec = spec
+        self.targets = targets
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         elif dtype in TORCH_DTYPES:
@@ -97,8 +97,8 @@ class HFEngine:
         ).eval()
         self.head = head_from_model(self.model)
         self.logits_width = self.head.width
-        if spec.mode == "topk" and spec.k > self.logits_width:
-            raise ConfigError(f"k={spec.k} exceeds the logits width {self.logits_width} of {model!r}")
+        if targets.mode == "topk" and targets.width > self.logits_width:
+            raise ConfigError(f"k={targets.width} exceeds the logits width {self.logits_width} of {model!r}")
         probe = torch.arange(min(16, self.logits_width), device=self.device)[None]
         verify_head(self.model, self.head, probe)
 
@@ -109,10 +109,10 @@ class HFEngine:
         results: list[dict[str, np.ndarray] | None] = [None] * len(requests)
         for batch in length_batches([len(ids) for ids, _ in checked], self.max_batch_tokens):
             items = [checked[i] for i in batch]
-            next_ids, seeds = gather_inputs(items, [requests[i].seed for i in batch], self.spec)
+            next_ids, seeds = gather_inputs(items, [requests[i].seed for i in batch], self.targets)
             rows, self.fused_kernel = targets_or_fallback(
-                self._hidden_rows(items), self.head, next_ids, self.spec, seeds=seeds, chunk_rows=self.head_chunk_rows,
-                fused=self.fused_head, fused_kernel=self.fused_kernel,
+                self._hidden_rows(items), self.head, next_ids, self.targets, seeds=seeds,
+                chunk_rows=self.head_chunk_rows, fused=self.fused_head, fused_kernel=self.fused_kernel,
             )
             for i, out in zip(batch, split_rows(rows, [len(pos) for _, pos in items])):
                 results[i] = out

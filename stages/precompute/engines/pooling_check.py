@@ -30,15 +30,29 @@ logit near zero made of large products of opposite signs can differ by a few bf1
 `ATOL_DOT * (|h| @ |W|^T)` on top (ATOL_DOT = 2^-7). The bound scales with the logits, so the large
 logits of a trained teacher pass; a missing scale of 1.1 moves every logit by 9 % of its size,
 which the row's largest logits exceed many times over.
+
+A caller that already runs a logprobs engine of the same teacher passes what that engine records
+instead (`reference=`, from `head_check_reference`), and no reference engine starts. On CPU the
+reference engine's scheduler runs in this process, its worker in its own, which saves one of the two
+spawned processes (each imports torch and vLLM).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import os
+
 import numpy as np
 
+from logitcache.stages.precompute.engines.base import Request
+from logitcache.stages.precompute.engines.logits_tap import tap_result
+from logitcache.stages.precompute.engines.vllm_logprobs import VLLMLogprobsEngine
+from logitcache.stages.precompute.targets import Targets
 from logitcache.storage.errors import ConfigError
 
-__all__ = ["probe_token_ids", "compare_logits", "PROBE_ROWS", "RTOL", "ATOL_DOT"]
+__all__ = ["checked_head", "head_check_reference", "probe_token_ids", "compare_logits", "PROBE_ROWS", "RTOL",
+           "ATOL_DOT"]
 
 PROBE_ROWS = 64  # probe positions whose full logits rows come back from vLLM's worker (64 x V fp32)
 RTOL = 2.0 ** -6  # per unit of |logit|: two roundings to bf16 on each side, doubled
@@ -127,3 +141,118 @@ def compare_logits(head, hidden: np.ndarray, logits: np.ndarray, *, model: str, 
             "vllm_path='logprobs', whose log-probs are vLLM's own."
         )
     return worst
+
+
+def checked_head(model: str, reference: tuple[np.ndarray, np.ndarray] | None, **engine_kwargs) -> float:
+    """The check, before the pooling engine starts (so a refusal costs no second engine).
+
+    Our head is an fp32 copy: only the transform is in question; the job's own head differs from it
+    by its dtype's rounding, which `compare_logits` allows for.
+
+    Args:
+        model: The teacher.
+        reference: `(hidden, logits)` from `head_check_reference`, or None to start a logprobs engine
+            for it (`reference_logits`) with `engine_kwargs` (the pooling engine's dtype, revision,
+            trust_remote_code, max_batch_tokens, max_model_len and vLLM arguments).
+
+    Returns:
+        The largest logit difference (nats).
+
+    Raises:
+        ConfigError: the head disagrees with vLLM's logits step (`compare_logits`).
+    """
+    import torch
+
+    from logitcache.storage.head import head_from_checkpoint
+
+    if reference is None:
+        reference = reference_logits(model, **engine_kwargs)
+    head = head_from_checkpoint(model, revision=engine_kwargs.get("revision"),
+                                trust_remote_code=engine_kwargs.get("trust_remote_code", False),
+                                dtype=torch.float32, device="cpu")
+    return compare_logits(head, *reference, model=model)
+
+
+def reference_logits(model: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's side of the check (see `head_check_reference`), from a logprobs engine started for it and closed."""
+    # Three short probes, once: compiling the graph (vLLM's default) would cost more than running
+    # them, and the logits step is the same code either way.
+    kwargs.setdefault("enforce_eager", True)
+    with _engine_core_in_this_process(kwargs):
+        engine = VLLMLogprobsEngine(model, targets=Targets(width=1), **kwargs)
+        try:
+            return head_check_reference(engine, model, revision=kwargs.get("revision"),
+                                        trust_remote_code=kwargs.get("trust_remote_code", False))
+        finally:
+            engine.close()
+
+
+@contextlib.contextmanager
+def _engine_core_in_this_process(kwargs: dict):
+    """On CPU, run a short-lived engine's scheduler (vLLM's EngineCore) in this process.
+
+    vLLM on CPU starts two processes per engine, each importing torch and vLLM afresh (spawned):
+    the EngineCore (scheduler), which spawns the worker (the model). For the head check's three
+    probes, the scheduler needs no process of its own: that saves one of the two imports, 97 s ->
+    52 s of that engine's life on a loaded 2-core machine (benchmarks/RESULTS.md, "vLLM engine start
+    on CPU"). The worker keeps its own process (`distributed_executor_backend="mp"`), where vLLM
+    binds its OpenMP threads.
+
+    An EngineCore in this process leaves two things behind, both undone on exit: it freezes
+    vLLM's environment variables (`vllm.envs.enable_envs_cache`), with multiprocessing off, which
+    would put the next engine's scheduler here too; and it sets torch to one thread.
+    """
+    import torch
+    from vllm.platforms import current_platform
+
+    if (not current_platform.is_cpu() or kwargs.get("tensor_parallel_size", 1) != 1
+            or kwargs.get("distributed_executor_backend", "mp") != "mp"):
+        yield
+        return
+    import vllm.envs
+
+    kwargs.setdefault("distributed_executor_backend", "mp")
+    name = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    saved, threads = os.environ.get(name), torch.get_num_threads()
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+        vllm.envs.disable_envs_cache()
+        torch.set_num_threads(threads)
+
+
+def head_check_reference(engine: VLLMLogprobsEngine, model: str, *, revision: str | None = None,
+                         trust_remote_code: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's side of the check, from a running logprobs engine.
+
+    Runs the probe sequences with prompt log-probs, so that vLLM's runner applies its logits step
+    to every probe position, and records that step's inputs and outputs in vLLM's worker
+    (`logits_tap`). What a pooling engine computes before it starts, for a caller that already runs
+    a logprobs engine of the same teacher and passes the result as `reference=` instead of starting
+    a third engine.
+
+    Args:
+        engine: A `VLLMLogprobsEngine` of `model` (built with the `logits_tap` extension, as it is
+            unless `worker_extension_cls` was overridden).
+        model, revision, trust_remote_code: The teacher (its tokenizer makes the probes).
+
+    Returns:
+        (hidden (n, H), logits (n, V)), float32, n <= PROBE_ROWS.
+    """
+    if engine.path != "logprobs":
+        raise ConfigError(f"the head check's reference comes from a logprobs-path engine, not {engine.path!r}")
+    probing = copy.copy(engine)
+    probing.targets = Targets(width=1)
+    probes = probe_token_ids(model, revision=revision, width=engine.logits_width,
+                             trust_remote_code=trust_remote_code, max_tokens=min(128, engine.max_request_tokens))
+    engine.llm.collective_rpc("logitcache_tap_start", args=(PROBE_ROWS,))
+    try:
+        probing.run([Request(token_ids=ids, positions=np.arange(len(ids) - 1)) for ids in probes])
+    finally:
+        reply = engine.llm.collective_rpc("logitcache_tap_stop")[0]
+    return tap_result(reply)

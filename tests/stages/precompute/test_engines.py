@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 from logitcache.pipeline.scratch import toy_corpus
-from logitcache.stages.precompute.engines import Request, TargetSpec, build_engine, default_engine_name, run_ahead
+from logitcache.stages.precompute.engines import Request, build_engine, default_engine_name, run_ahead
 from logitcache.stages.precompute.engines.hf import length_batches
 from logitcache.stages.precompute.engines.pooling_check import RTOL, compare_logits
-from logitcache.stages.precompute.engines.vllm_engine import token_slabs
+from logitcache.stages.precompute.engines.vllm_base import token_slabs
+from logitcache.stages.precompute.targets import Targets
 from logitcache.storage.errors import ConfigError, InvalidDataError
 
 ATOL_BF16 = 0.1  # nats; see the module docstring
@@ -214,10 +215,10 @@ def test_vllm_pooling_slabs_do_not_change_results(vllm_pooling_engine, requests_
 
 @pytest.mark.slow
 def test_vllm_pooling_sample_mode_matches_hf(vllm_pooling_engine, tiny_teacher, requests_):
-    # Same LLM, sample targets: the pooling path sparsifies in this process, so a spec is all
+    # Same LLM, sample targets: the pooling path sparsifies in this process, so its targets are all
     # that differs; no second vLLM start-up.
     sampler = copy.copy(vllm_pooling_engine)
-    sampler.spec = TargetSpec(mode="sample", num_samples=64, temperature=1.0)
+    sampler.targets = Targets("sample", 64, temperature=1.0)
     hf = build_engine("hf", str(tiny_teacher[0]), mode="sample", num_samples=64)
     shared = []
     for a, b in zip(sampler.run(requests_), hf.run(requests_)):
@@ -315,7 +316,7 @@ def test_vllm_head_check_admits_a_teacher_with_large_logits(tmp_path, tiny_teach
     import torch
     from safetensors.torch import load_file, save_file
 
-    from logitcache.stages.precompute.engines.vllm_engine import _reference_logits
+    from logitcache.stages.precompute.engines.pooling_check import reference_logits
     from logitcache.storage.head import head_from_checkpoint
 
     model = tmp_path / "loud"
@@ -324,7 +325,7 @@ def test_vllm_head_check_admits_a_teacher_with_large_logits(tmp_path, tiny_teach
     weights["lm_head.weight"] = (weights["lm_head.weight"].float() * 40).to(torch.bfloat16)
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     pytest.importorskip("vllm")
-    hidden, logits = _reference_logits(str(model), dtype="auto", max_batch_tokens=1024, max_model_len=512,
+    hidden, logits = reference_logits(str(model), dtype="auto", max_batch_tokens=1024, max_model_len=512,
                                        kv_cache_memory_bytes=256 << 20, trust_remote_code=False, revision=None)
     assert len(hidden) == 64 and np.abs(logits).max() > 40
     head = head_from_checkpoint(str(model), dtype=torch.float32)
@@ -408,8 +409,8 @@ def test_shard_batches_go_longest_first_and_the_shard_stays_in_row_order(hf_engi
 class ToyEngine:
     """An engine declared by the registry line alone (`test_a_registered_engine_is_built_and_offered`)."""
 
-    def __init__(self, model, *, spec, **common):
-        self.model, self.spec, self.common = model, spec, common
+    def __init__(self, model, *, targets, **common):
+        self.model, self.targets, self.common = model, targets, common
 
 
 def test_a_registered_engine_is_built_and_offered(monkeypatch, capsys):
@@ -421,7 +422,7 @@ def test_a_registered_engine_is_built_and_offered(monkeypatch, capsys):
 
     monkeypatch.setitem(ENGINES, "toy", (f"{__name__}:ToyEngine", "a toy engine for the registry test"))
     engine = build_engine("toy", "some/model", k=4)
-    assert isinstance(engine, ToyEngine) and engine.model == "some/model" and engine.spec.k == 4
+    assert isinstance(engine, ToyEngine) and engine.model == "some/model" and engine.targets == Targets("topk", 4)
     assert main(["precompute", "--teacher", "Qwen/Qwen2.5-0.5B", "--data", "d.jsonl", "--text-field", "text",
                  "--out", "c", "--engine", "toy", "--print-config"]) == 0
     assert "engine: toy" in capsys.readouterr().out

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden
+from logitcache.stages.precompute.engines.base import targets_from_hidden
+from logitcache.stages.precompute.targets import Targets
 from logitcache.stages.precompute.fused_topk import fused_topk_targets
 from logitcache.storage.head import LMHead
 from logitcache.stages.precompute.sparsify import topk_targets
@@ -166,11 +167,11 @@ def test_workers_give_the_same_bits_as_one_thread_and_leave_torch_threads_as_the
 def test_engines_take_the_fused_path_in_topk_mode_only():
     head, hidden = _llm_like_head(3000, seed=5)
     next_ids = torch.randint(0, 3000, (48,), generator=torch.Generator().manual_seed(6))
-    topk = TargetSpec(mode="topk", k=16)
+    topk = Targets("topk", 16)
     fused = targets_from_hidden(hidden, head, next_ids, topk)
     plain = targets_from_hidden(hidden, head, next_ids, topk, fused=False)
     _assert_same_targets(fused, plain, head(hidden), atol=2e-5, tail_rtol=1e-4)
-    sample = TargetSpec(mode="sample", num_samples=8)
+    sample = Targets("sample", 8)
     seeds = np.arange(48, dtype=np.uint64)
     a = targets_from_hidden(hidden, head, next_ids, sample, seeds=seeds)
     b = targets_from_hidden(hidden, head, next_ids, sample, seeds=seeds, fused=False)
@@ -182,7 +183,7 @@ def test_pooling_gpu_memory_budget_arithmetic():
     """A 7B teacher (V = 152,064, H = 3,584, bf16 head) on a 24 GiB card: the head (1.02 GiB) and
     the fused top-K's tiles (4096 x 16384 in bf16 + fp32 + fp32 exp = 0.625 GiB, hidden rows
     0.08 GiB) come out of vLLM's 0.9."""
-    from logitcache.stages.precompute.engines.vllm_engine import pooling_gpu_memory_utilization
+    from logitcache.stages.precompute.engines.vllm_pooling import pooling_gpu_memory_utilization
 
     gib = 1 << 30
     share = pooling_gpu_memory_utilization(24 * gib, vocab=152_064, hidden=3_584)

@@ -19,7 +19,8 @@ import torch
 pytest.importorskip("triton")
 
 from logitcache.stages.precompute.engines import build_engine  # noqa: E402
-from logitcache.stages.precompute.engines.base import TargetSpec, targets_from_hidden  # noqa: E402
+from logitcache.stages.precompute.engines.base import targets_from_hidden  # noqa: E402
+from logitcache.stages.precompute.targets import Targets  # noqa: E402
 from logitcache.stages.precompute.fused_topk import TRITON_MAX_K, fused_kernel_choice  # noqa: E402
 from logitcache.stages.precompute.fused_topk_triton import triton_topk_targets  # noqa: E402
 from logitcache.stages.precompute.sparsify import topk_targets  # noqa: E402
@@ -191,7 +192,7 @@ def test_which_kernel_runs():
         fused_kernel_choice("cuda", "cuda", 32)
     head, hidden = _peaked_head(500, hidden=16, rows=8)
     next_ids = torch.arange(8)
-    spec = TargetSpec(mode="topk", k=4)
+    spec = Targets("topk", 4)
     auto = targets_from_hidden(hidden, head, next_ids, spec)  # CPU: the torch fold
     forced = targets_from_hidden(hidden, head, next_ids, spec, fused_kernel="torch")
     for name in auto:
@@ -211,7 +212,7 @@ def test_auto_falls_back_to_the_torch_fold_when_the_kernel_fails(monkeypatch):
     import logitcache.stages.precompute.fused_topk_triton as fused_topk_triton
 
     head, hidden = _peaked_head(500, hidden=16, rows=8)
-    next_ids, spec = torch.arange(8), TargetSpec(mode="topk", k=4)
+    next_ids, spec = torch.arange(8), Targets("topk", 4)
     want = targets_from_hidden(hidden, head, next_ids, spec, fused_kernel="torch")
 
     def fails(*args, **kwargs):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from realtok import chat_rows
 
-from logitcache.stages.precompute.run import EngineSpec, precompute
+from logitcache.stages.precompute.run import EngineSpec, PrecomputeSettings, precompute
 from logitcache.stages.train.run import TrainSettings, train
 from logitcache.storage import open_cache
 from logitcache.storage.errors import ConfigError
@@ -37,7 +37,7 @@ def chats(tmp_path_factory):
 def _precompute(teacher, data, out, **kw):
     kw = {"engine": EngineSpec("hf"), "top_k": 8, "rows_per_shard": 6, "progress": False, "max_length": 1024,
           "strict": True, "messages_field": "messages", "tools_field": "tools", **kw}
-    return precompute(teacher=str(teacher), data=str(data), out=str(out), **kw)
+    return precompute(PrecomputeSettings(teacher=str(teacher), data=str(data), out=str(out), **kw))
 
 
 @pytest.fixture(scope="module")
