@@ -122,27 +122,6 @@ def s3():
         yield server
 
 
-<<<<<<< HEAD
-=======
-def _vllm_engine(model, **kwargs):
-    pytest.importorskip("vllm")
-    from logitcache.stages.precompute.engines import build_engine
-
-    # Small KV cache (prefill-only work needs little; VLLM_CPU_KVCACHE_SPACE, if set, wins) and
-    # no torch.compile: start-up time and memory beside other test runs.
-    return build_engine(
-        "vllm",
-        str(model),
-        max_batch_tokens=1024,
-        max_model_len=512,  # with tensor_parallel_size: two of vLLM's settings run for real (test_vllm_settings)
-        tensor_parallel_size=1,
-        kv_cache_memory_bytes=256 << 20,
-        enforce_eager=True,
-        **kwargs,
-    )
-
-
->>>>>>> r26a
 @pytest.fixture(scope="session")
 def vllm_pooling_engine(tiny_teacher, vllm_logprobs_engine):
     """vLLM pooling-path engine (top-K, k=8) on `tiny_teacher`; start-up ~30 s on 2 CPU cores.
