@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+import s3fs
 from fake_hub import fake_hub
 from synthetic import TEXT_FIELDS, VOCAB, make_sequence, metadata
 
@@ -128,6 +129,9 @@ def test_push_reads_an_s3_cache_shard_by_shard(online, s3, tmp_path, monkeypatch
             for key, value in {**env, "HF_TOKEN": "hf_test"}.items():
                 m.setenv(key, value)
             m.setattr("huggingface_hub.constants.ENDPOINT", hub.endpoint)
+            # fsspec keeps one S3FileSystem per set of options: one an earlier test made without these
+            # variables would be reused, with no credentials.
+            s3fs.S3FileSystem.clear_instance_cache()
             assert main(["push", "s3://lc-push/cache", "me/from-s3-cli", "--mass-shards", "0"]) == 0
         assert_repo_is_the_cache(hub, "me/from-s3-cli", "s3://lc-push/cache", storage_options=opts)
 
@@ -168,7 +172,6 @@ def test_a_shard_file_the_index_does_not_name_is_refused_before_any_request(onli
 def test_a_damaged_shard_on_s3_is_not_published(online, s3, tmp_path):
     """Each staged shard is checked against the index's sha256 before it goes up: the push stops with a
     one-line ShardError naming it, and the repo has no index (no reader takes it for a cache)."""
-    import s3fs
     from s3server import make_bucket, s3_options
 
     from logitcache.storage.errors import ShardError
