@@ -50,8 +50,8 @@ def test_engine_args_are_printed_and_fingerprinted(capsys):
     from logitcache.stages.precompute.settings import EngineSpec
 
     flags = [a for k, v in DOCUMENTED.items() for a in ("--engine-arg", f"{k}={v}")]
-    assert main(["precompute", "--teacher", "t", "--data", "d.jsonl", "--out", "c", "--engine", "vllm", *flags,
-                 "--print-config"]) == 0
+    assert main(["precompute", "--teacher", "t", "--data", "d.jsonl", "--text-field", "text", "--out", "c",
+                 "--engine", "vllm", *flags, "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert all(f"{k}={v}" in printed for k, v in DOCUMENTED.items())
     options = parse_engine_args([f"{k}={v}" for k, v in DOCUMENTED.items()])
