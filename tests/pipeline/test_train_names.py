@@ -72,3 +72,14 @@ def test_the_api_takes_both_names():
     names = keywords(train_parser())
     for short, name in OLD.items():
         assert names[short] == names[name] == name
+
+
+def test_hf_arg_refusals_name_real_flags():
+    """`--hf-arg learning_rate=...` is refused naming the flag to use instead; every such flag exists."""
+    from logitcache.stages.train.run import _HF_FLAGS, check_hf_args
+
+    flags = {s for action in train_parser()._actions for s in action.option_strings}
+    for field, named in _HF_FLAGS.items():
+        assert field in HF_FIELDS and set(named.split("/")) <= flags, (field, named)
+    with pytest.raises(ConfigError, match="TrainingArguments.learning_rate is set by --learning-rate"):
+        check_hf_args({"learning_rate": 1e-3}, {})
