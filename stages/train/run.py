@@ -180,7 +180,7 @@ def train(s: TrainSettings) -> dict:
                               reader=reader, seed=s.seed, window=s.shuffle_window, epochs=s.num_train_epochs, rank=rank,
                               world_size=world_size)
     plan = plan.reading(data.sample_temperature)
-    eval_sources = _eval_sources(s, reader)
+    eval_sources = _eval_sources(s, reader, plan)
 
     # 4. Trainer.
     args = _training_arguments(s, data.stream, rank=rank, world_size=world_size)
@@ -294,8 +294,10 @@ def _load_student(s: TrainSettings):
                               target_modules=s.lora_target_modules)
 
 
-def _eval_sources(s: TrainSettings, reader) -> dict:
-    """{"data": JsonlSource, "cache": CacheSource} for --eval-data / --eval-cache (the cache: same tokenizer)."""
+def _eval_sources(s: TrainSettings, reader, plan) -> dict:
+    """{"data": JsonlSource, "cache": CacheSource} for --eval-data / --eval-cache (the cache: same tokenizer,
+    and one the loss can read: refused now rather than at the first evaluation)."""
+    from logitcache.stages.train.checks import check_loss_fits_cache
     from logitcache.stages.train.sources import eval_cache_source, jsonl_source
 
     sources = {}
@@ -303,6 +305,7 @@ def _eval_sources(s: TrainSettings, reader) -> dict:
         sources["data"] = jsonl_source(s.eval_data, reader=reader)
     if s.eval_cache:
         sources["cache"] = eval_cache_source(s.eval_cache, reader=reader, flag="--eval-cache")
+        check_loss_fits_cache(sources["cache"].cache.index, plan, cache=f"--eval-cache {s.eval_cache}")
     return sources
 
 

@@ -255,6 +255,21 @@ def test_eval_cache_while_training_reads_its_own_sampling_temperature(caches, tm
     assert abs(logged - at_train_tau) > 1e-3 * abs(logged)
 
 
+@pytest.mark.parametrize("train_cache, loss, eval_cache, mode", [("SAMPLE", "rskd", "TOPK", "topk"),
+                                                                ("TOPK", "bild", "SAMPLE", "sample")])
+def test_an_eval_cache_the_loss_cannot_read_is_refused_before_training(caches, tmp_path, train_cache, loss,
+                                                                       eval_cache, mode):
+    """Before, training ran and logged no kd_loss (rskd, a cache without draw counts) or bild's loss on sampled
+    ids, which are not the teacher's top ranks; now it is refused before training, naming the flag."""
+    w = world()
+    paths = {**caches, "TOPK": w.cache}
+    with pytest.raises(ConfigError, match=f"--loss {loss} needs .*; --eval-cache .* is a {mode}-mode cache"):
+        train(TrainSettings(student=str(w.student), cache=str(paths[train_cache]), output_dir=str(tmp_path / "x"),
+                            loss=loss, max_steps=1, dataloader_num_workers=0, eval_steps=1,
+                            eval_cache=str(paths[eval_cache])))
+    assert not (tmp_path / "x").exists()
+
+
 def test_same_vocabulary_other_blocks_are_named(caches):
     w = world()
     index = open_cache(str(w.cache)).index
