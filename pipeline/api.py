@@ -5,8 +5,8 @@
     api.precompute(teacher="Qwen/Qwen2.5-7B-Instruct", data="chats.jsonl", messages_field="messages",
                    out="./cache", top_k=32)                      # -> PrecomputeResult
     api.validate(cache="./cache")["problems"]                    # -> [] when every shard checks out
-    result = api.train(student="Qwen/Qwen2.5-0.5B", cache="./cache", loss="bild", out="./student",
-                       max_steps=1000)                           # -> what logitcache_train.json holds
+    result = api.train(student="Qwen/Qwen2.5-0.5B", cache="./cache", loss="bild", output_dir="./student",
+                       max_steps=1000, learning_rate=1e-4)       # -> what logitcache_train.json holds
     api.evaluate(model="./student", cache="./cache")["cache"]["teacher_agreement"]
     cache = api.open_cache("./cache")                            # the reader any trainer can use
     for shard_id, shard in cache.iter_shards(): ...
@@ -15,9 +15,11 @@
     # in your own transformers.Trainer (or loop): train_dataset=kd.dataset, data_collator=kd.collator,
     # and in compute_loss: kd.loss(model(**kd.model_inputs(inputs)).logits, inputs)
 
-Keyword arguments are the command's options in snake_case (`top_k`, `storage_options`,
-`per_device_train_batch_size`: any of an option's names), the same names a `--config` YAML takes;
-`logitcache <command> --help` lists them. They pass the same checks as the command line, in the same
+Keyword arguments are the command's options in snake_case (`top_k`, `storage_options`), the same names
+a `--config` YAML takes; `logitcache <command> --help` lists them. `train`'s options that mirror a
+transformers `TrainingArguments` field take its name (`per_device_train_batch_size`, `learning_rate`,
+`output_dir`: `TrainSettings`' fields and `--print-config`'s keys); the command line's short names
+(`batch_size`, `lr`, `out`) are accepted too, as in a YAML, but not both for one option. They pass the same checks as the command line, in the same
 code (a wrong value raises the same `ConfigError`), and each function returns what the command
 computed instead of printing it.
 """
@@ -172,6 +174,9 @@ def _run(command: str, options: dict):
     if unknown:
         raise ConfigError(f"{command}(): unknown option(s) {', '.join(unknown)}; `logitcache {command} --help` "
                           f"lists them")
+    for dest in {names[k] for k in options}:
+        if len(same := [k for k in options if names[k] == dest]) > 1:  # lr= and learning_rate=
+            raise ConfigError(f"{command}(): {' and '.join(same)} name the same option; give one")
     values = {names[k]: v for k, v in options.items()}
     missing = [a.dest for a in sub._actions if a.required and a.dest not in values]
     if missing:

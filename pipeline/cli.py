@@ -92,7 +92,11 @@ def _parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> tupl
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     known = {a.dest for a in sub_parser._actions}
-    values = {_config_key(sub_parser, k.replace("-", "_")): v for k, v in values.items()}
+    keys = {k: _config_key(sub_parser, k.replace("-", "_")) for k in values}
+    for dest in set(keys.values()):
+        if len(names := [k for k, d in keys.items() if d == dest]) > 1:  # `lr:` and `learning_rate:`
+            raise ConfigError(f"--config {path}: {' and '.join(names)} name the same option; keep one")
+    values = {keys[k]: v for k, v in values.items()}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)} for `logitcache {argv[0]}`")

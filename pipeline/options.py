@@ -70,9 +70,10 @@ RULES: dict[str, dict[str, Number]] = {
         "ray_actors": POSITIVE, "max_rows": POSITIVE,
     },
     "train": {
-        "lr": ABOVE_ZERO, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "grad_accum": POSITIVE,
+        "per_device_train_batch_size": POSITIVE, "num_train_epochs": POSITIVE, "learning_rate": ABOVE_ZERO,
+        "weight_decay": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "gradient_accumulation_steps": POSITIVE,
         "ce_weight": NON_NEGATIVE, "kd_weight": NON_NEGATIVE, "uld_lambda": NON_NEGATIVE,
-        "num_workers": NON_NEGATIVE, "shuffle_window": POSITIVE, "chunk_size": POSITIVE, "save_steps": POSITIVE,
+        "dataloader_num_workers": NON_NEGATIVE, "shuffle_window": POSITIVE, "chunk_size": POSITIVE, "save_steps": POSITIVE,
         "save_total_limit": POSITIVE, "logging_steps": POSITIVE,
         "lora_r": POSITIVE, "lora_alpha": ABOVE_ZERO, "lora_dropout": NON_NEGATIVE, "eval_steps": POSITIVE,
         "cache_weights": NON_NEGATIVE,
@@ -92,7 +93,8 @@ RULES: dict[str, dict[str, Number]] = {
 PATH_RULES: dict[str, dict[str, str]] = {
     "precompute": {"teacher": "model", "out": "out_dir", "chat_template": "in_file"},
     "merge": {"cache": "in_dir"},
-    "train": {"student": "model", "out": "out_dir", "cache": "in_dir", "eval_cache": "in_dir", "chat_template": "in_file"},
+    "train": {"student": "model", "output_dir": "out_dir", "cache": "in_dir", "eval_cache": "in_dir",
+              "chat_template": "in_file"},
     "eval": {"model": "model", "cache": "in_dir", "chat_template": "in_file"},
     "validate": {"cache": "in_dir"},
     "inspect": {"cache": "in_dir", "plot": "out_file"},

@@ -84,7 +84,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "environment (AWS_*, GOOGLE_*, HF_TOKEN)")
     g.add_argument("--loss", default="kl", metavar="NAME", choices=registry.names(),
                    help=f"{', '.join(registry.names())} (default: kl; each is described under 'losses' below)")
-    g.add_argument("--out", "--output-dir", "--output_dir", required=True, metavar="DIR", help="output directory (model, checkpoints, metrics)")
+    g.add_argument("--out", "--output-dir", "--output_dir", dest="output_dir", required=True, metavar="DIR",
+                   help="output directory (model, checkpoints, metrics)")
     g.add_argument("--data", metavar="D", help="what `precompute --data` takes: a .jsonl/.json/.parquet/.arrow file or "
                    "folder (local or any fsspec URL: s3://, gs://, hf://), a save_to_disk folder or a hub dataset id; "
                    "rows read by the field flags below, else by their 'messages' (a chat, through the student's chat "
@@ -117,21 +118,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("schedule")
     g.add_argument("--max-steps", "--max_steps", type=int, metavar="N", help="optimizer steps (or give --epochs)")
-    g.add_argument("--epochs", "--num-train-epochs", "--num_train_epochs", type=int, metavar="E", help="passes over the data (or give --max-steps)")
-    # TrainingArguments' own names first; the short ones stay as aliases.
-    g.add_argument("--per-device-train-batch-size", "--per_device_train_batch_size", "--batch-size", dest="batch_size", type=int, default=8, metavar="B",
+    # Each option that mirrors a TrainingArguments field is stored under that field's name (its dest, the
+    # TrainSettings field and the --print-config key); the short spellings stay as aliases.
+    g.add_argument("--epochs", "--num-train-epochs", "--num_train_epochs", dest="num_train_epochs", type=int,
+                   metavar="E", help="passes over the data (or give --max-steps)")
+    g.add_argument("--per-device-train-batch-size", "--per_device_train_batch_size", "--batch-size",
+                   dest="per_device_train_batch_size", type=int, default=8, metavar="B",
                    help="STUDENT TRAINING: sequences per device and micro-batch (default 8). "
                    "(`precompute --batch-size` is the teacher's inference batch)")
-    g.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps", "--grad-accum", dest="grad_accum", type=int, default=1,
-                   metavar="G", help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--learning-rate", "--learning_rate", "--lr", dest="lr", type=float, default=1e-4, metavar="LR",
+    g.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps", "--grad-accum",
+                   dest="gradient_accumulation_steps", type=int, default=1, metavar="G", help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--learning-rate", "--learning_rate", "--lr", dest="learning_rate", type=float, default=1e-4, metavar="LR",
                    help="peak learning rate (default 1e-4)")
     g.add_argument("--weight-decay", "--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    g.add_argument("--warmup", "--warmup-steps", "--warmup_steps", "--warmup-ratio", "--warmup_ratio", type=float, default=0.0, help="linear warm-up: steps if >= 1, else a share of all "
-                   "steps (default 0)")
-    g.add_argument("--scheduler", "--lr-scheduler-type", "--lr_scheduler_type", default="cosine", help="transformers lr_scheduler_type (default cosine)")
+    g.add_argument("--warmup", "--warmup-steps", "--warmup_steps", "--warmup-ratio", "--warmup_ratio",
+                   dest="warmup_steps", type=float, default=0.0, help="linear warm-up: steps if >= 1, else a share "
+                   "of all steps, as transformers' warmup_steps (default 0)")
+    g.add_argument("--scheduler", "--lr-scheduler-type", "--lr_scheduler_type", dest="lr_scheduler_type",
+                   default="cosine", help="transformers lr_scheduler_type (default cosine)")
     g.add_argument("--seed", type=int, default=0, metavar="S", help="data order and the Trainer's random state (default 0)")
-    g.add_argument("--resume", "--resume-from-checkpoint", "--resume_from_checkpoint", action="store_true", help="continue from the last checkpoint in --out, if any")
+    g.add_argument("--resume", "--resume-from-checkpoint", "--resume_from_checkpoint", dest="resume_from_checkpoint",
+                   action="store_true", help="continue from the last checkpoint in --out, if any")
 
     g = p.add_argument_group("LoRA (peft): train low-rank adapters instead of every weight")
     g.add_argument("--lora-r", type=int, metavar="R", help="adapter rank; turns LoRA on")
@@ -145,7 +152,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data and system")
     g.add_argument("--max-length", type=int, metavar="L", help="truncate sequences (default: the model's context)")
-    g.add_argument("--num-workers", "--dataloader-num-workers", "--dataloader_num_workers", type=int, default=1, help="DataLoader workers per process (default 1); "
+    g.add_argument("--num-workers", "--dataloader-num-workers", "--dataloader_num_workers",
+                   dest="dataloader_num_workers", type=int, default=1, help="DataLoader workers per process (default 1); "
                    "resuming needs the same number")
     g.add_argument("--shuffle-window", type=int, default=2, metavar="SHARDS",
                    help="shards read and shuffled together per worker (default 2)")
@@ -198,34 +206,16 @@ def _as_dict(value) -> dict:
 
 
 def settings(args):
-    """The command line as `TrainSettings`."""
-    from logitcache.stages.train.run import TrainSettings
+    """The command line as `TrainSettings`: each field is the option whose destination has its name."""
+    from dataclasses import fields
 
     from logitcache.pipeline.commands.precompute import parse_storage_options
+    from logitcache.stages.train.run import TrainSettings
 
-    return TrainSettings(
-        student=args.student, out=args.out, loss=args.loss, cache=args.cache, data=args.data, teacher=args.teacher,
-        cache_weights=args.cache_weights, storage_options=parse_storage_options(args.storage_options),
-        online_teacher=args.online_teacher,
-        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, scheduler=args.scheduler,
-        seed=args.seed, temperature=args.temperature, top_k=args.top_k, tail=args.tail,
-        loss_options=_as_dict(args.loss_options), ce_weight=args.ce_weight, kd_weight=args.kd_weight,
-        uld_lambda=args.uld_lambda, max_length=args.max_length, num_workers=args.num_workers,
-        shuffle_window=args.shuffle_window, chunk_size=args.chunk_size, fused_head=args.fused_head, pack=args.pack,
-        dtype=args.dtype, bf16=args.bf16, student_revision=args.student_revision,
-        attn_implementation=args.attn_implementation, gradient_checkpointing=args.gradient_checkpointing,
-        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_target_modules=args.lora_target_modules, merge_lora=args.merge_lora,
-        save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
-        report_to=args.report_to, resume=args.resume, eval_data=args.eval_data, eval_cache=args.eval_cache,
-        eval_steps=args.eval_steps, deepspeed=args.deepspeed,
-        fsdp=args.fsdp, hf_args=_as_dict(args.hf_args), trust_remote_code=args.trust_remote_code,
-        split=args.split, data_config=args.data_config, data_revision=args.data_revision, streaming=args.streaming,
-        max_rows=args.max_rows, text_field=args.text_field, prompt_field=args.prompt_field,
-        response_field=args.response_field, messages_field=args.messages_field, tools_field=args.tools_field,
-        prompt_format=args.prompt_format, eval_split=args.eval_split, chat_template=args.chat_template,
-        chat_template_kwargs=chat_template_kwargs(args.chat_template_kwargs) or {})
+    values = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
+    return TrainSettings(**{**values, "storage_options": parse_storage_options(args.storage_options),
+                            "loss_options": _as_dict(args.loss_options), "hf_args": _as_dict(args.hf_args),
+                            "chat_template_kwargs": chat_template_kwargs(args.chat_template_kwargs) or {}})
 
 
 def check(args) -> None:
@@ -249,7 +239,7 @@ def run(args) -> int:
 
         return 128 + signal.Signals[result["stopped_by"]].value
     final = [h for h in result["log_history"] if "loss" in h]
-    summary = f"train: {result['global_step']} steps -> {args.out}"
+    summary = f"train: {result['global_step']} steps -> {args.output_dir}"
     if final:
         summary += f"; last logged loss {final[-1]['loss']:.4f}"
     if "eval" in result:

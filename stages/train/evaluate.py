@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from logitcache.stages.train.batch_loss import TEACHER_FIELDS, final_hidden, head_weights, loss_parts
-from logitcache.stages.train.data import ShardedStream
+from logitcache.stages.train.data import CacheSource, ShardedStream
 from logitcache.stages.train.loss_settings import LossPlan, loss_settings
 from logitcache.stages.train.student import collated_batches, fused_head_problem, load_student
 
@@ -55,9 +55,20 @@ def _ece(sums: np.ndarray) -> float:
 FORWARD_KL = loss_settings("kl").weighted(0.0, 1.0)
 
 
-def kd_term(plan: LossPlan) -> LossPlan:
-    """The KD term evaluation reports as kd_loss: `plan`'s alone (weights 0 and 1), or `FORWARD_KL`."""
-    return plan.weighted(0.0, 1.0) if plan.distills else FORWARD_KL
+def kd_term(plan: LossPlan, source=None) -> LossPlan:
+    """The KD term evaluation reports as kd_loss on `source`: `plan`'s alone (weights 0 and 1), or `FORWARD_KL`.
+
+    A sample-mode cache's draw temperature is a fact of that cache, so the term reads the temperature
+    of the cache `source` holds, not that of the cache `plan` was trained on (rskd: older caches
+    without `sample_logz` weigh their draws by it).
+    """
+    if not plan.distills:
+        return FORWARD_KL
+    if isinstance(source, CacheSource):
+        from logitcache.stages.train.sources import draw_temperature
+
+        plan = plan.reading(draw_temperature(source.cache.index))
+    return plan.weighted(0.0, 1.0)
 
 
 def row_logits(model, inputs: dict, rows: torch.Tensor, *, vocab_size: int | None, head: bool,
@@ -262,7 +273,7 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     Raises:
         ConfigError: neither data nor cache, an unloadable model, or a cache with another tokenizer.
     """
-    from logitcache.stages.train.sources import DataOptions, Reader, draw_temperature, eval_cache_source, rows_source
+    from logitcache.stages.train.sources import DataOptions, Reader, eval_cache_source, rows_source
     from logitcache.storage.errors import ConfigError
     from logitcache.storage.inputs import ChatOptions
 
@@ -282,9 +293,8 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
         out["data"] = {"path": data, **evaluate_source(student.model, source, **kwargs)}
     if cache is not None:
         source = eval_cache_source(cache, reader=reader, flag="eval --cache")
-        index = source.cache.index
-        if plan is not None:  # the draws' temperature is a fact of this cache (rskd), not of the plan
-            kwargs["kd"] = kd_term(plan.reading(draw_temperature(index)))
-        out["cache"] = {"path": cache, "teacher": index["teacher"].get("name_or_path"),
+        if plan is not None:
+            kwargs["kd"] = kd_term(plan, source)
+        out["cache"] = {"path": cache, "teacher": source.cache.index["teacher"].get("name_or_path"),
                         **evaluate_source(student.model, source, **kwargs)}
     return out

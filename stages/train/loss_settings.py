@@ -5,7 +5,7 @@ ranges, and its default weights. The name is looked up here, once; the trainer, 
 fused head, evaluation and the refusals take the plan.
 
     plan = loss_settings("bild", top_k=8)
-    plan.loss.name, plan.options["top_k"], plan.keep_k, plan.ce_weight, plan.kd_weight   # "bild", 8, None, 0.0, 1.0
+    plan.loss.name, plan.options["top_k"], plan.keep_k, plan.ce_weight, plan.kd_weight   # "bild", 8, None, 0.5, 1.0
     plan = plan.reading(sample_temperature=0.7)   # a sample-mode cache's draw temperature, from its index
 """
 

@@ -42,14 +42,17 @@ RESULT_NAME = "logitcache_train.json"
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Every setting of a training run; the CLI's options (`logitcache train --help`).
+    """Every setting of a training run; the CLI's options (`logitcache train --help`), each field named
+    as its option's destination. A setting that mirrors a transformers `TrainingArguments` field has
+    that field's name (`learning_rate`, `per_device_train_batch_size`, `output_dir`, ...); the CLI
+    still takes the short spellings (`--lr`, `--batch-size`, `--out`).
 
     `cache` is always a tuple: empty without a cache, several for a weighted mixture (`mixing`); a
     single URL or a list is turned into one.
     """
 
     student: str
-    out: str
+    output_dir: str
     loss: str = "kl"
     cache: tuple[str, ...] = ()
     cache_weights: list[float] | None = None
@@ -58,13 +61,13 @@ class TrainSettings:
     teacher: str | None = None
     online_teacher: str | None = None
     max_steps: int | None = None
-    epochs: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
+    num_train_epochs: int | None = None
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
     weight_decay: float = 0.0
-    warmup: float = 0.0
-    scheduler: str = "cosine"
+    warmup_steps: float = 0.0  # as transformers': steps if >= 1, else a share of all steps
+    lr_scheduler_type: str = "cosine"
     seed: int = 0
     temperature: float | None = None
     top_k: int | None = None
@@ -74,7 +77,7 @@ class TrainSettings:
     kd_weight: float | None = None
     uld_lambda: float | None = None
     max_length: int | None = None
-    num_workers: int = 1
+    dataloader_num_workers: int = 1
     shuffle_window: int = 2
     chunk_size: int | None = None
     fused_head: bool = True
@@ -93,7 +96,7 @@ class TrainSettings:
     save_total_limit: int | None = 2
     logging_steps: int = 10
     report_to: str = "none"
-    resume: bool = False
+    resume_from_checkpoint: bool = False  # as Trainer.train(resume_from_checkpoint=True): the last in output_dir
     eval_data: str | None = None
     eval_cache: str | None = None
     eval_steps: int | None = None
@@ -138,17 +141,18 @@ class TrainSettings:
         if not self.cache and self.data is None:
             raise ConfigError(f"--loss {self.loss} without --cache needs --data (rows of 'messages', "
                               f"'prompt'/'response' or 'text', or the columns the field flags name)")
-        if (self.max_steps is None) == (self.epochs is None):
+        if (self.max_steps is None) == (self.num_train_epochs is None):
             raise ConfigError("give exactly one of --max-steps and --epochs")
-        if len(self.cache) > 1 and self.epochs is not None:
+        if len(self.cache) > 1 and self.num_train_epochs is not None:
             raise ConfigError("--epochs is not defined for a mixture of caches (each cache repeats at its own rate); "
                               "give --max-steps")
-        for name in ("max_steps", "epochs", "batch_size", "grad_accum", "eval_steps"):
+        for name in ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "eval_steps"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.num_workers < 0:
-            raise ConfigError(f"--num-workers {self.num_workers} must be >= 0")
+        if self.dataloader_num_workers < 0:
+            raise ConfigError(f"--num-workers {self.dataloader_num_workers} must be >= 0")
         if self.cache_weights is not None and len(self.cache) < 2:
             raise ConfigError("--cache-weights weighs several caches (--cache A B); give more than one --cache")
         if len(self.cache) > 1 and self.data is not None:
@@ -186,7 +190,7 @@ class TrainSettings:
 def train(s: TrainSettings) -> dict:
     """Run the recipe (module docstring). Returns the contents of `logitcache_train.json`; after a
     SIGTERM/SIGINT, {"stopped_by": signal name, "global_step", "log_history"} (a checkpoint of that
-    step is in `s.out`; nothing else is written).
+    step is in `s.output_dir`; nothing else is written).
 
     Raises:
         ConfigError: bad or conflicting settings, or a cache and student that do not fit together.
@@ -198,7 +202,7 @@ def train(s: TrainSettings) -> dict:
 
     # 1. Settings, the loss plan, the rank.
     plan = decide(s)
-    last = _last_checkpoint(s.out, resume=s.resume)
+    last = _last_checkpoint(s.output_dir, resume=s.resume_from_checkpoint)
     # torchrun's variables, which TrainingArguments reads too (checked against it in step 4).
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -214,10 +218,10 @@ def train(s: TrainSettings) -> dict:
 
     # 3. Data, through the one door; the loss reads the caches' sampling temperature.
     data = open_training_data(s.cache, data=s.data, weights=s.cache_weights, plan=plan, teacher=s.teacher,
-                              reader=reader, seed=s.seed, window=s.shuffle_window, epochs=s.epochs, rank=rank,
-                              world_size=world_size, rows=rows)
+                              reader=reader, seed=s.seed, window=s.shuffle_window, epochs=s.num_train_epochs,
+                              rank=rank, world_size=world_size, rows=rows)
     plan = plan.reading(data.sample_temperature)
-    eval_sources = _eval_sources(s, reader, rows)
+    eval_sources = _eval_sources(s, reader, rows, plan)
 
     # 4. Trainer.
     args = _training_arguments(s, data.stream, rank=rank, world_size=world_size)
@@ -239,18 +243,18 @@ def train(s: TrainSettings) -> dict:
              f"(B, T, V) logits")
 
     # 5. Train.
-    if s.resume and last is None:
-        _say(f"--resume: no checkpoint in {s.out} yet; starting from step 0")
-    output = trainer.train(resume_from_checkpoint=last if s.resume else None)
+    if s.resume_from_checkpoint and last is None:
+        _say(f"--resume: no checkpoint in {s.output_dir} yet; starting from step 0")
+    output = trainer.train(resume_from_checkpoint=last if s.resume_from_checkpoint else None)
     if trainer.stop.name is not None:  # preempted: the checkpoint of this step is the result
         step = trainer.state.global_step
-        _say(f"stopped by {trainer.stop.name} at step {step}; {s.out}/checkpoint-{step} holds the model, optimizer "
+        _say(f"stopped by {trainer.stop.name} at step {step}; {s.output_dir}/checkpoint-{step} holds the model, optimizer "
              f"and data position. Rerun the same command with --resume to continue.")
         return {"stopped_by": trainer.stop.name, "global_step": step, "log_history": trainer.state.log_history}
 
     # 6. Save.
     model = _save_model(s, trainer, model, reader.tokenizer)
-    with open(os.path.join(s.out, data_state_name(rank)), "w") as f:
+    with open(os.path.join(s.output_dir, data_state_name(rank)), "w") as f:
         json.dump(data.stream.state_dict(), f)
     result = {"settings": _recorded(s), "loss": plan.record(), "student_vocab_size": reader.vocab,
               "cache": data.cache, "data": s.data, "world_size": world_size, "max_steps": args.max_steps,
@@ -263,11 +267,11 @@ def train(s: TrainSettings) -> dict:
         from logitcache.stages.train.evaluate import evaluate_source
 
         result["eval"] = {"data": s.eval_data, **evaluate_source(model, eval_sources["data"], pad_id=student.pad_id,
-                                                                 vocab_size=reader.vocab, batch_size=s.batch_size,
+                                                                 vocab_size=reader.vocab, batch_size=s.per_device_train_batch_size,
                                                                  device=args.device, **trainer.eval_options())}
     result = _redact_urls(result)
     if trainer.is_world_process_zero():
-        with open(os.path.join(s.out, RESULT_NAME), "w") as f:
+        with open(os.path.join(s.output_dir, RESULT_NAME), "w") as f:
             json.dump(result, f, indent=1, default=str)
     return result
 
@@ -331,11 +335,13 @@ def _load_student(s: TrainSettings):
                               target_modules=s.lora_target_modules)
 
 
-def _eval_sources(s: TrainSettings, reader, rows) -> dict:
-    """{"data": RowsSource, "cache": CacheSource} for --eval-data / --eval-cache (the cache: same tokenizer).
-    --eval-data is read with --data's field flags and --data-config, at --eval-split (default: train)."""
+def _eval_sources(s: TrainSettings, reader, rows, plan) -> dict:
+    """{"data": RowsSource, "cache": CacheSource} for --eval-data / --eval-cache (the cache: same tokenizer,
+    and one the loss can read: refused now rather than at the first evaluation). --eval-data is read with
+    --data's field flags and --data-config, at --eval-split (default: train)."""
     from dataclasses import replace
 
+    from logitcache.stages.train.checks import check_loss_fits_cache
     from logitcache.stages.train.sources import eval_cache_source, rows_source
 
     sources = {}
@@ -344,6 +350,7 @@ def _eval_sources(s: TrainSettings, reader, rows) -> dict:
                                                                                streaming=False))
     if s.eval_cache:
         sources["cache"] = eval_cache_source(s.eval_cache, reader=reader, flag="--eval-cache")
+        check_loss_fits_cache(sources["cache"].cache.index, plan, cache=f"--eval-cache {s.eval_cache}")
     return sources
 
 
@@ -357,19 +364,17 @@ def _training_arguments(s: TrainSettings, stream, *, rank: int, world_size: int)
     from logitcache.stages.train.trainer import training_arguments
 
     max_steps = s.max_steps
-    if s.epochs is not None:
-        max_steps = -(-stream.batches_per_rank(s.batch_size, s.num_workers, s.epochs) // s.grad_accum)
-    own = dict(max_steps=max_steps, per_device_train_batch_size=s.batch_size,
-               gradient_accumulation_steps=s.grad_accum, learning_rate=s.lr, weight_decay=s.weight_decay,
-               warmup_steps=s.warmup, lr_scheduler_type=s.scheduler, seed=s.seed, bf16=s.bf16,
-               logging_steps=s.logging_steps, save_steps=s.save_steps, save_total_limit=s.save_total_limit,
-               report_to=s.report_to, dataloader_num_workers=s.num_workers, deepspeed=s.deepspeed, fsdp=s.fsdp)
+    if s.num_train_epochs is not None:
+        batches = stream.batches_per_rank(s.per_device_train_batch_size, s.dataloader_num_workers, s.num_train_epochs)
+        max_steps = -(-batches // s.gradient_accumulation_steps)
+    own = {name: getattr(s, name) for name in PASSED_AS_IS}
+    own["max_steps"] = max_steps
     if s.eval_steps is not None:  # `check` made sure there is something to evaluate
-        own.update(eval_strategy="steps", eval_steps=s.eval_steps, per_device_eval_batch_size=s.batch_size)
+        own.update(eval_strategy="steps", eval_steps=s.eval_steps, per_device_eval_batch_size=s.per_device_train_batch_size)
     if s.gradient_checkpointing:
         # Non-reentrant: gradients reach the adapters even where the frozen embeddings need none.
         own.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    args = training_arguments(s.out, **own, **check_hf_args(s.hf_args, own))
+    args = training_arguments(s.output_dir, **own, **check_hf_args(s.hf_args, own))
     if (args.process_index, args.world_size) != (rank, world_size):
         raise ConfigError(f"the launcher says rank {args.process_index} of {args.world_size}, the environment "
                           f"RANK={rank} WORLD_SIZE={world_size}; launch with torchrun or accelerate")
@@ -380,13 +385,13 @@ def _save_model(s: TrainSettings, trainer, model, tokenizer):
     """Save the student (with LoRA: the adapters, or with --merge-lora the merged student and the adapters in
     out/adapter); returns the model as saved."""
     if not s.merge_lora:
-        trainer.save_model(s.out)
+        trainer.save_model(s.output_dir)
         return model
-    trainer.save_model(os.path.join(s.out, "adapter"))
+    trainer.save_model(os.path.join(s.output_dir, "adapter"))
     model = model.merge_and_unload()
     if trainer.is_world_process_zero():
-        model.save_pretrained(s.out)
-        tokenizer.save_pretrained(s.out)
+        model.save_pretrained(s.output_dir)
+        tokenizer.save_pretrained(s.output_dir)
     return model
 
 
@@ -394,15 +399,17 @@ def _say(message: str) -> None:
     print(f"train: {redact_text(message)}", file=sys.stderr, flush=True)
 
 
+# TrainSettings fields that TrainingArguments takes as they are, under the same name. The other fields named
+# after one are read on the way: output_dir, max_steps and num_train_epochs (optimizer steps),
+# resume_from_checkpoint (Trainer.train's), eval_steps and gradient_checkpointing (with their companions).
+PASSED_AS_IS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
+                "warmup_steps", "lr_scheduler_type", "seed", "bf16", "logging_steps", "save_steps", "save_total_limit",
+                "report_to", "dataloader_num_workers", "deepspeed", "fsdp")
+
 # TrainingArguments that `train` sets from its own flags (or `training_arguments` itself): not for --hf-arg.
-_HF_FLAGS = {"max_steps": "--max-steps/--epochs", "per_device_train_batch_size": "--per-device-train-batch-size",
-             "gradient_accumulation_steps": "--gradient-accumulation-steps", "learning_rate": "--learning-rate",
-             "weight_decay": "--weight-decay", "warmup_steps": "--warmup", "lr_scheduler_type": "--scheduler",
-             "seed": "--seed", "bf16": "--bf16", "logging_steps": "--logging-steps", "save_steps": "--save-steps",
-             "save_total_limit": "--save-total-limit", "report_to": "--report-to",
-             "dataloader_num_workers": "--num-workers", "deepspeed": "--deepspeed", "fsdp": "--fsdp",
-             "gradient_checkpointing": "--gradient-checkpointing", "output_dir": "--out",
-             "num_train_epochs": "--epochs", "resume_from_checkpoint": "--resume",
+_HF_FLAGS = {**{name: f"--{name.replace('_', '-')}" for name in PASSED_AS_IS},
+             "max_steps": "--max-steps/--epochs", "num_train_epochs": "--epochs", "output_dir": "--out",
+             "resume_from_checkpoint": "--resume", "gradient_checkpointing": "--gradient-checkpointing",
              "eval_strategy": "--eval-steps", "eval_steps": "--eval-steps"}
 _HF_FIXED = ("remove_unused_columns", "ignore_data_skip")
 

@@ -231,11 +231,11 @@ class KDTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         metrics = {}
-        kd = kd_term(self.plan)  # the training loss's KD term on held-out teacher targets (forward KL for SFT)
         for name, source in self.eval_sources.items():
+            # The training loss's KD term on held-out teacher targets, at this source's draw temperature.
             found = evaluate_source(model, source, pad_id=self.eval_pad_id, vocab_size=self.vocab_size,
                                     batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-                                    kd=kd, **self.eval_options())
+                                    kd=kd_term(self.plan, source), **self.eval_options())
             metrics.update({f"{metric_key_prefix}_{name}_{key}": float(value) for key, value in found.items()})
         model.train(was_training)
         self.log(metrics)

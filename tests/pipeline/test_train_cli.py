@@ -106,7 +106,7 @@ def test_yaml_takes_every_name_of_an_option(tmp_path):
         config = tmp_path / "train.yaml"
         config.write_text(yaml.safe_dump({"student": "s", "cache": "c", "out": "o", **names}))
         args, _ = _parse_with_config(build_parser(), ["train", "--config", str(config)])
-        assert (args.batch_size, args.lr, args.grad_accum) == (3, 0.002, 5)
+        assert (args.per_device_train_batch_size, args.learning_rate, args.gradient_accumulation_steps) == (3, 0.002, 5)
 
 
 def test_transformers_spellings_of_training_arguments():

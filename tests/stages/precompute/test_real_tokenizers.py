@@ -76,8 +76,8 @@ def test_reasoning_teacher_keeps_every_conversation_under_strict(qwen, chats, tm
 
 def test_base_student_trains_from_the_instruct_cache(qwen, instruct_cache, tmp_path, capfd):
     """Same vocabulary, other chat template and eos: trains, with the differences named as warnings."""
-    result = train(TrainSettings(student=str(qwen["base"]), cache=str(instruct_cache), out=str(tmp_path / "out"),
-                                 loss="kl", max_steps=2, batch_size=2, num_workers=0, logging_steps=1, lr=1e-3))
+    result = train(TrainSettings(student=str(qwen["base"]), cache=str(instruct_cache), output_dir=str(tmp_path / "out"),
+                                 loss="kl", max_steps=2, per_device_train_batch_size=2, dataloader_num_workers=0, logging_steps=1, learning_rate=1e-3))
     err = capfd.readouterr().err
     assert result["global_step"] == 2 and result["cache"]["same_tokenizer"] is True
     assert "chat template differs" in err and "eos_token: cache [151645, '<|im_end|>']" in err
@@ -105,13 +105,13 @@ def test_compatibility_is_about_ids_not_fingerprints(qwen, tiny_teacher):
 
 def test_other_vocabulary_is_refused_then_trains_with_uld(qwen, instruct_cache, tiny_teacher, tmp_path):
     student = str(tiny_teacher[0])  # byte-level toy vocabulary with its own chat template
-    common = dict(student=student, cache=str(instruct_cache), max_steps=2, batch_size=2, num_workers=0,
+    common = dict(student=student, cache=str(instruct_cache), max_steps=2, per_device_train_batch_size=2, dataloader_num_workers=0,
                   logging_steps=1)
     with pytest.raises(ConfigError) as e:
-        train(TrainSettings(out=str(tmp_path / "kl"), loss="kl", **common))
+        train(TrainSettings(output_dir=str(tmp_path / "kl"), loss="kl", **common))
     assert "id 0: cache '!'" in str(e.value) and "--loss uld" in str(e.value)
     # ULD re-renders each cached chat with the student's template and pairs the assistant tokens.
-    result = train(TrainSettings(out=str(tmp_path / "uld"), loss="uld", **common))
+    result = train(TrainSettings(output_dir=str(tmp_path / "uld"), loss="uld", **common))
     assert result["global_step"] == 2 and result["cache"]["same_tokenizer"] is False
 
 

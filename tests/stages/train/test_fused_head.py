@@ -174,8 +174,9 @@ w = big_world(sys.argv[2])
 import logitcache.stages.train.student, logitcache.stages.train.trainer  # noqa: E401
 out = {"tokens": w["tokens"], "vocab": w["vocab"]}
 for mode in ("fused", "unfused"):
-    settings = TrainSettings(student=str(w["student"]), cache=str(w["cache"]), out=f"{sys.argv[3]}/{mode}", loss="kl",
-                             max_steps=2, batch_size=8, lr=1e-3, logging_steps=1, num_workers=0, save_steps=1000,
+    settings = TrainSettings(student=str(w["student"]), cache=str(w["cache"]), output_dir=f"{sys.argv[3]}/{mode}",
+                             loss="kl", max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3,
+                             logging_steps=1, dataloader_num_workers=0, save_steps=1000,
                              chunk_size=64, fused_head=mode == "fused")
     gc.collect()
     open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS

@@ -188,8 +188,8 @@ def test_rskd_reads_the_sampling_temperature_from_the_index(caches, tmp_path):
     hot = str(caches["SAMPLE_HOT"])
     for name, cache in (("one", hot), ("mix", [hot, str(caches["SAMPLE_HOT"]) + "/"])):
         out = tmp_path / name
-        result = train(TrainSettings(student=str(w.student), cache=cache, out=str(out), loss="rskd", max_steps=1,
-                                     batch_size=2, num_workers=0))
+        result = train(TrainSettings(student=str(w.student), cache=cache, output_dir=str(out), loss="rskd", max_steps=1,
+                                     per_device_train_batch_size=2, dataloader_num_workers=0))
         assert result["loss"]["options"]["sample_temperature"] == 2.0, name
 
 
@@ -198,8 +198,8 @@ def test_uld_refuses_a_sample_mode_cache_before_training(caches, tmp_path):
     student = teacher (0 on a top-64 cache). Refused before training, in one line naming the mode."""
     w = world()
     with pytest.raises(ConfigError, match=r"--loss uld needs a topk-mode cache .*; .* is a sample-mode cache") as e:
-        train(TrainSettings(student=str(w.other_student), cache=str(caches["SAMPLE"]), out=str(tmp_path / "x"),
-                            loss="uld", max_steps=1, num_workers=0))
+        train(TrainSettings(student=str(w.other_student), cache=str(caches["SAMPLE"]), output_dir=str(tmp_path / "x"),
+                            loss="uld", max_steps=1, dataloader_num_workers=0))
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
 
 
@@ -225,6 +225,51 @@ def test_eval_rskd_reads_the_sampling_temperature_of_the_cache_it_evaluates(cach
     assert got == pytest.approx(kd(2.0), rel=1e-6) and abs(got - kd(1.0)) > 1e-3 * abs(got)
 
 
+def test_eval_cache_while_training_reads_its_own_sampling_temperature(caches, tmp_path, capsys):
+    """rskd trained on a cache drawn at tau = 1 and evaluated every step on one drawn at tau = 2 (both without
+    sample_logz, where tau is read): eval_cache_kd_loss is `logitcache eval --loss rskd` on that checkpoint,
+    which reads tau = 2, and not rskd at the training cache's tau = 1 (what it logged before)."""
+    from logitcache.pipeline.cli import main
+    from logitcache.stages.train.alignment import SameTokenizerTargets
+    from logitcache.stages.train.data import CacheSource
+    from logitcache.stages.train.evaluate import evaluate_source, kd_term
+    from logitcache.stages.train.loss_settings import loss_settings
+    from logitcache.stages.train.student import load_student
+
+    w = world()
+    hot, out = str(caches["SAMPLE_HOT"]), tmp_path / "out"
+    result = train(TrainSettings(student=str(w.student), cache=str(caches["SAMPLE"]), output_dir=str(out),
+                                 loss="rskd", max_steps=1, per_device_train_batch_size=2, dataloader_num_workers=0,
+                                 save_steps=1, eval_steps=1, eval_cache=hot))
+    assert result["loss"]["options"]["sample_temperature"] == 1.0
+    logged = next(h["eval_cache_kd_loss"] for h in result["log_history"] if "eval_cache_kd_loss" in h)
+    capsys.readouterr()
+    checkpoint = str(out / "checkpoint-1")
+    assert main(["eval", "--model", checkpoint, "--cache", hot, "--loss", "rskd", "--batch-size", "2",
+                 "--device", "cpu", "--json"]) == 0
+    assert logged == pytest.approx(json.loads(capsys.readouterr().out)["cache"]["kd_loss"], rel=1e-6)
+    student = load_student(checkpoint, dtype=None, device="cpu")
+    at_train_tau = evaluate_source(student.model, CacheSource(hot, to_item=SameTokenizerTargets(student.vocab_size)),
+                                   pad_id=student.pad_id, vocab_size=student.vocab_size, batch_size=2,
+                                   kd=kd_term(loss_settings("rskd").reading(1.0)))["kd_loss"]
+    assert abs(logged - at_train_tau) > 1e-3 * abs(logged)
+
+
+@pytest.mark.parametrize("train_cache, loss, eval_cache, mode", [("SAMPLE", "rskd", "TOPK", "topk"),
+                                                                ("TOPK", "bild", "SAMPLE", "sample")])
+def test_an_eval_cache_the_loss_cannot_read_is_refused_before_training(caches, tmp_path, train_cache, loss,
+                                                                       eval_cache, mode):
+    """Before, training ran and logged no kd_loss (rskd, a cache without draw counts) or bild's loss on sampled
+    ids, which are not the teacher's top ranks; now it is refused before training, naming the flag."""
+    w = world()
+    paths = {**caches, "TOPK": w.cache}
+    with pytest.raises(ConfigError, match=f"--loss {loss} needs .*; --eval-cache .* is a {mode}-mode cache"):
+        train(TrainSettings(student=str(w.student), cache=str(paths[train_cache]), output_dir=str(tmp_path / "x"),
+                            loss=loss, max_steps=1, dataloader_num_workers=0, eval_steps=1,
+                            eval_cache=str(paths[eval_cache])))
+    assert not (tmp_path / "x").exists()
+
+
 def test_same_vocabulary_other_blocks_are_named(caches):
     w = world()
     index = open_cache(str(w.cache)).index
@@ -240,7 +285,7 @@ def test_same_vocabulary_other_blocks_are_named(caches):
 def settings(tmp_path, caches, **kw):
     w = world()
     base = dict(student=str(w.student), cache=[str(w.cache), str(caches["B"])], cache_weights=[3, 1],
-                out=str(tmp_path / "out"), max_steps=40, batch_size=4, lr=1e-2, logging_steps=10, num_workers=0,
+                output_dir=str(tmp_path / "out"), max_steps=40, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=10, dataloader_num_workers=0,
                 save_steps=1000)
     return TrainSettings(**{**base, **kw})
 
@@ -281,14 +326,14 @@ def test_training_resumes_the_mixture_exactly(tmp_path, caches, monkeypatch):
     import shutil
 
     seen = recorder(monkeypatch)
-    common = dict(max_steps=7, batch_size=3, num_workers=2, save_steps=3, save_total_limit=None)
+    common = dict(max_steps=7, per_device_train_batch_size=3, dataloader_num_workers=2, save_steps=3, save_total_limit=None)
     train(settings(tmp_path, caches, **common))
     uninterrupted = seen[:]
     out = tmp_path / "out"
     for later in ("checkpoint-6", "checkpoint-7"):
         shutil.rmtree(out / later)
     seen.clear()
-    result = train(settings(tmp_path, caches, resume=True, **common))
+    result = train(settings(tmp_path, caches, resume_from_checkpoint=True, **common))
     assert result["global_step"] == 7
     assert seen == uninterrupted[3:]  # the same batches, in the same order
     state = json.loads((out / "logitcache_data_rank0.json").read_text())
@@ -298,7 +343,7 @@ def test_training_resumes_the_mixture_exactly(tmp_path, caches, monkeypatch):
 def test_training_refusals(tmp_path, caches):
     w = world()
     with pytest.raises(ConfigError, match="--epochs is not defined for a mixture"):
-        train(settings(tmp_path, caches, max_steps=None, epochs=1))
+        train(settings(tmp_path, caches, max_steps=None, num_train_epochs=1))
     with pytest.raises(ConfigError, match="K = 8 .* K = 4"):
         train(settings(tmp_path, caches, cache=[str(w.cache), str(caches["K4"])]))
     with pytest.raises(ConfigError, match="several caches"):

@@ -88,19 +88,19 @@ def test_pack_refuses_an_attention_that_ignores_position_ids():
 def test_train_packed_matches_padded_and_resumes(tmp_path):
     """Two steps packed = two steps padded (same data, loss within fp32 noise); resume reads the same position."""
     w = world()
-    base = dict(student=str(w.student), cache=str(w.cache), max_steps=2, batch_size=4, lr=1e-2, logging_steps=1,
-                num_workers=0, save_steps=1, seed=0)
-    runs = {pack: train(TrainSettings(out=str(tmp_path / str(pack)), pack=pack, **base)) for pack in (False, True)}
+    base = dict(student=str(w.student), cache=str(w.cache), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+                dataloader_num_workers=0, save_steps=1, seed=0)
+    runs = {pack: train(TrainSettings(output_dir=str(tmp_path / str(pack)), pack=pack, **base)) for pack in (False, True)}
     losses = {pack: [h["loss"] for h in r["log_history"] if "loss" in h] for pack, r in runs.items()}
     assert len(losses[True]) == 2
     assert losses[True] == pytest.approx(losses[False], rel=1e-4), losses
     assert runs[True]["sequences_per_rank"] == runs[False]["sequences_per_rank"]
-    resumed = train(TrainSettings(out=str(tmp_path / "True"), pack=True, resume=True, **{**base, "max_steps": 3}))
+    resumed = train(TrainSettings(output_dir=str(tmp_path / "True"), pack=True, resume_from_checkpoint=True, **{**base, "max_steps": 3}))
     assert resumed["global_step"] == 3
     state = json.loads((tmp_path / "True" / "checkpoint-2" / "logitcache_data_rank0.json").read_text())
     assert state  # the position the resumed run started from
     with pytest.raises(ConfigError):
-        train(TrainSettings(out=str(tmp_path / "x"), pack=True, **{**base, "max_steps": 0}))
+        train(TrainSettings(output_dir=str(tmp_path / "x"), pack=True, **{**base, "max_steps": 0}))
 
 
 def test_packed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -115,15 +115,15 @@ def test_packed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path,
         return step(self, model, inputs, num_items_in_batch)
 
     monkeypatch.setattr(KDTrainer, "training_step", recording)
-    base = dict(student=str(w.student), cache=str(w.cache), out=str(tmp_path / "out"), max_steps=6, batch_size=3,
-                lr=1e-2, logging_steps=1, num_workers=2, save_steps=2, save_total_limit=None, seed=3, pack=True)
+    base = dict(student=str(w.student), cache=str(w.cache), output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=3,
+                learning_rate=1e-2, logging_steps=1, dataloader_num_workers=2, save_steps=2, save_total_limit=None, seed=3, pack=True)
     whole = train(TrainSettings(**base))
     uninterrupted = seen[:]
     assert len(uninterrupted) == 6 and all(len(b[0]) == 3 and len(b[1]) == 1 for b in uninterrupted)  # packed rows
     for later in ("checkpoint-4", "checkpoint-6"):
         shutil.rmtree(tmp_path / "out" / later)
     seen.clear()
-    resumed = train(TrainSettings(**base, resume=True))
+    resumed = train(TrainSettings(**base, resume_from_checkpoint=True))
     assert resumed["global_step"] == 6
     assert seen == uninterrupted[2:]
     logs = {r: {h["step"]: h for h in res["log_history"] if "loss" in h} for r, res in (("a", whole), ("b", resumed))}

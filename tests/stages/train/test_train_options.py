@@ -14,8 +14,8 @@ from logitcache.storage.errors import ConfigError
 
 def settings(tmp_path, **kw):
     w = world()
-    base = dict(student=str(w.student), cache=str(w.cache), out=str(tmp_path / "out"), max_steps=3, batch_size=4,
-                lr=1e-2, logging_steps=1, num_workers=0, save_steps=1000)
+    base = dict(student=str(w.student), cache=str(w.cache), output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                learning_rate=1e-2, logging_steps=1, dataloader_num_workers=0, save_steps=1000)
     return TrainSettings(**{**base, **kw})
 
 
@@ -78,7 +78,7 @@ def test_cli_takes_training_arguments_names_and_the_short_aliases():
                                        "--learning-rate", "0.5"])
     short = parser.parse_args(common + ["--batch-size", "3", "--grad-accum", "2", "--lr", "0.5"])
     for args in (long, short):
-        assert (args.batch_size, args.grad_accum, args.lr) == (3, 2, 0.5)
+        assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.learning_rate) == (3, 2, 0.5)
     lora = parser.parse_args(common + ["--lora-r", "8", "--lora-target-modules", "q_proj", "v_proj",
                                        "--attn-implementation", "sdpa", "--student-revision", "main",
                                        "--gradient-checkpointing", "--pack", "--no-fused-head"])

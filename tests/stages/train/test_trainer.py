@@ -20,8 +20,8 @@ from logitcache.storage.errors import ConfigError
 
 def settings(tmp_path, **kw):
     w = world()
-    base = dict(student=str(w.student), cache=str(w.cache), out=str(tmp_path / "out"), max_steps=2, batch_size=4,
-                lr=1e-2, logging_steps=1, num_workers=0, save_steps=1000)
+    base = dict(student=str(w.student), cache=str(w.cache), output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                learning_rate=1e-2, logging_steps=1, dataloader_num_workers=0, save_steps=1000)
     return TrainSettings(**{**base, **kw})
 
 
@@ -190,7 +190,7 @@ def test_each_loss_trains_and_its_kd_term_decreases(tmp_path, loss, kw, request)
         extra = dict(student=str(w.other_student))  # another tokenizer: re-tokenizes the cached text
     # ULD is an L1 distance, already small here (a tiny teacher and student): a smaller step.
     lr = 5e-3 if loss == "uld" else 2e-2
-    result = train(settings(tmp_path, loss=loss, ce_weight=0.0, max_steps=8, lr=lr, **kw, **extra))
+    result = train(settings(tmp_path, loss=loss, ce_weight=0.0, max_steps=8, learning_rate=lr, **kw, **extra))
     kd = logged(result, "kd")
     assert len(kd) == 8 and all(map(lambda x: x == x, kd))
     assert sum(kd[-3:]) / 3 < kd[0], kd
@@ -202,13 +202,13 @@ def test_each_loss_trains_and_its_kd_term_decreases(tmp_path, loss, kw, request)
 
 def test_sft_without_a_cache(tmp_path):
     w = world()
-    result = train(settings(tmp_path, loss="sft", cache=None, data=str(w.train), max_steps=None, epochs=2,
-                            batch_size=8, eval_data=str(w.heldout)))
+    result = train(settings(tmp_path, loss="sft", cache=None, data=str(w.train), max_steps=None, num_train_epochs=2,
+                            per_device_train_batch_size=8, eval_data=str(w.heldout)))
     ce = logged(result, "ce")
     assert result["global_step"] == 6 and result["sequences_per_rank"] == 48  # 24 rows x 2 epochs, batch 8
     assert ce[-1] < ce[0]
     assert set(result["eval"]) >= {"perplexity", "accuracy", "ece", "nll", "positions"}
-    assert (Path(result["settings"]["out"]) / "model.safetensors").exists()
+    assert (Path(result["settings"]["output_dir"]) / "model.safetensors").exists()
 
 
 def test_sft_and_eval_on_chat_data(tmp_path):
@@ -249,14 +249,14 @@ def test_resume_mid_epoch_trains_on_exactly_the_remaining_sequences(tmp_path, mo
 
     monkeypatch.setattr(KDTrainer, "training_step", recording)
     # 24 sequences, batch 3: 8 steps an epoch; checkpoint at step 2; 2 workers.
-    common = dict(max_steps=5, batch_size=3, num_workers=2, save_steps=2, save_total_limit=None)
+    common = dict(max_steps=5, per_device_train_batch_size=3, dataloader_num_workers=2, save_steps=2, save_total_limit=None)
     train(settings(tmp_path, **common))
     uninterrupted = seen[:]
     out = tmp_path / "out"
     for later in ("checkpoint-4", "checkpoint-5"):
         shutil.rmtree(out / later)
     seen.clear()
-    result = train(settings(tmp_path, resume=True, **common))
+    result = train(settings(tmp_path, resume_from_checkpoint=True, **common))
     assert result["global_step"] == 5
     assert sorted(sum(seen, [])) == sorted(sum(uninterrupted[2:], []))
     assert not set(sum(seen, [])) & set(sum(uninterrupted[:2], []))
@@ -336,9 +336,9 @@ def test_settings_are_decided_once_before_anything_loads(tmp_path):
     """Frozen settings, `cache` always a tuple, and the settings-only refusals before the student is loaded."""
     import dataclasses
 
-    one = TrainSettings(student="nowhere", out="o", cache="a", max_steps=1)
-    assert one.cache == ("a",) and TrainSettings(student="s", out="o", cache=["a", "b"]).cache == ("a", "b")
-    assert TrainSettings(student="s", out="o", loss="sft", data="d.jsonl").cache == ()
+    one = TrainSettings(student="nowhere", output_dir="o", cache="a", max_steps=1)
+    assert one.cache == ("a",) and TrainSettings(student="s", output_dir="o", cache=["a", "b"]).cache == ("a", "b")
+    assert TrainSettings(student="s", output_dir="o", loss="sft", data="d.jsonl").cache == ()
     with pytest.raises(dataclasses.FrozenInstanceError):
         one.cache = ("b",)
     for kw, match in ((dict(cache_weights=[1.0]), "more than one --cache"), (dict(lora_alpha=4.0), "need --lora-r"),

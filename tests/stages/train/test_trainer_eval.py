@@ -30,8 +30,8 @@ def test_eval_steps_log_the_kd_loss_that_logitcache_eval_reports(tmp_path, capsy
 
     w = world()
     out = tmp_path / "out"
-    result = train(TrainSettings(student=str(w.student), cache=str(w.cache), out=str(out), loss="kl", temperature=2.0,
-                                 max_steps=2, batch_size=4, lr=2e-2, logging_steps=1, num_workers=0, save_steps=1,
+    result = train(TrainSettings(student=str(w.student), cache=str(w.cache), output_dir=str(out), loss="kl", temperature=2.0,
+                                 max_steps=2, per_device_train_batch_size=4, learning_rate=2e-2, logging_steps=1, dataloader_num_workers=0, save_steps=1,
                                  save_total_limit=None, eval_steps=1, eval_cache=str(w.cache), eval_data=str(w.heldout)))
     capsys.readouterr()  # the Trainer's own log lines
     evals = {h["step"]: h for h in result["log_history"] if "eval_cache_perplexity" in h}

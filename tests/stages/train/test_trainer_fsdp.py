@@ -105,8 +105,9 @@ w = big_world(sys.argv[2])
 rank = int(os.environ["RANK"])
 out = {"tokens_per_sequence": w["tokens"] // 8, "vocab": w["vocab"]}
 for name, fused, batch in (("unfused2", False, 2), ("fused2", True, 2), ("fused8", True, 8)):
-    settings = TrainSettings(student=str(w["student"]), cache=str(w["cache"]), out=f"{sys.argv[3]}/{name}", loss="kl",
-                             max_steps=2, batch_size=batch, lr=1e-3, logging_steps=1, num_workers=0, save_steps=1000,
+    settings = TrainSettings(student=str(w["student"]), cache=str(w["cache"]), output_dir=f"{sys.argv[3]}/{name}",
+                             loss="kl", max_steps=2, per_device_train_batch_size=batch, learning_rate=1e-3,
+                             logging_steps=1, dataloader_num_workers=0, save_steps=1000,
                              chunk_size=64, fused_head=fused, fsdp="full_shard")
     gc.collect()
     open("/proc/self/clear_refs", "w").write("5")
