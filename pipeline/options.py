@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["Number", "RULES", "PATH_RULES", "check_options", "flag_name", "DeprecatedAlias", "add_deprecated_alias",
-           "warn_deprecated"]
+           "warn_deprecated", "add_progress_option", "show_progress"]
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _type_problem(action: argparse.Action, value) -> str | None:
             return "expected at least one value"
         one = argparse.Action(action.option_strings, action.dest, type=action.type, choices=action.choices)
         return next((p for v in values if (p := _type_problem(one, v))), None)
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         return None if isinstance(value, bool) else "expected true or false"
     if isinstance(action, argparse._AppendAction):
         return None  # lists from flags, or mappings from YAML: the command reads both
@@ -239,3 +239,15 @@ def add_deprecated_alias(group, old: str, new: str, *, dest: str, **kwargs) -> N
     """Accept `old` as a hidden alias of the option `new` (whose destination is `dest`)."""
     group.add_argument(old, dest=dest, action=DeprecatedAlias, replacement=new, default=argparse.SUPPRESS,
                        help=argparse.SUPPRESS, **kwargs)
+
+
+def add_progress_option(parser) -> None:
+    """`--progress/--no-progress` of the commands that read a whole cache (validate, inspect, eval, merge,
+    convert); unset, a bar shows only on a terminal, so piped and scripted runs print only their result."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress bar on stderr (default: only when stderr is a terminal)")
+
+
+def show_progress(flag: bool | None) -> bool:
+    """`--progress`'s value, its default (None) decided here: a bar only on a terminal."""
+    return sys.stderr.isatty() if flag is None else flag

@@ -2,7 +2,7 @@
 
 import argparse
 
-from logitcache.pipeline.options import add_deprecated_alias
+from logitcache.pipeline.options import add_deprecated_alias, add_progress_option, show_progress
 from logitcache.storage.backends import BACKENDS
 
 HELP = "rewrite a cache with another backend (zarr <-> arrow) and optionally another encoding"
@@ -19,6 +19,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_deprecated_alias(p, "--format", "--backend", dest="backend", choices=[*BACKENDS, "parquet"])
     p.add_argument("--encoding", choices=["lossless", "float16", "compact"], default=None,
                    help="value encoding of the new cache (default: keep the source's)")
+    add_progress_option(p)
     return p
 
 
@@ -29,7 +30,8 @@ def execute(args) -> dict:
     if args.backend is None:
         raise ConfigError(f"convert: --backend is required ({' or '.join(BACKENDS)})")
     backend = "arrow" if args.backend == "parquet" else args.backend  # the name users look for
-    return convert_cache(args.src, args.dst, backend=backend, encoding=args.encoding)
+    return convert_cache(args.src, args.dst, backend=backend, encoding=args.encoding,
+                         progress=show_progress(args.progress))
 
 
 def run(args) -> int:

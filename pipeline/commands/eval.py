@@ -3,6 +3,8 @@
 import argparse
 import json
 
+from logitcache.pipeline.options import add_progress_option, show_progress
+
 HELP = "evaluate a model: perplexity and next-token accuracy on supervised tokens; with a cache, teacher agreement"
 
 EPILOG = """\
@@ -41,6 +43,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fsspec option for --data/--cache URLs (s3://, gs://, hf://), repeatable (e.g. "
                    "endpoint_url=http://..., token=...); credentials are otherwise read from the usual environment")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modelling code")
+    add_progress_option(p)
     return p
 
 
@@ -55,7 +58,8 @@ def execute(args) -> dict:
     result = evaluate(args.model, data=args.data, cache=args.cache, batch_size=args.batch_size,
                       max_sequences=args.max_sequences, max_length=args.max_length, device=args.device,
                       trust_remote_code=args.trust_remote_code, per_position=args.positions is not None,
-                      storage_options=parse_storage_options(args.storage_options), plan=plan)
+                      storage_options=parse_storage_options(args.storage_options), plan=plan,
+                      progress=show_progress(args.progress))
     if args.positions is not None:
         import numpy as np
 

@@ -2,6 +2,8 @@
 
 import argparse
 
+from logitcache.pipeline.options import add_progress_option, show_progress
+
 HELP = "check a cache: the index, then every shard's checksum, counts and values"
 
 
@@ -11,6 +13,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        epilog="examples:\n  logitcache validate ./cache\n  logitcache validate s3://bucket/cache",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", help="cache directory or fsspec URL (s3://, gs://, ...)")
+    add_progress_option(p)
     return p
 
 
@@ -19,7 +22,7 @@ def execute(args) -> dict:
     from logitcache.storage import open_cache
 
     cache = open_cache(args.cache)
-    return {"problems": cache.validate(), "shards": len(cache.shards), "sequences": len(cache),
+    return {"problems": cache.validate(progress=show_progress(args.progress)), "shards": len(cache.shards), "sequences": len(cache),
             "positions": cache.index["counts"]["positions"]}
 
 
