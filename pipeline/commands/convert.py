@@ -9,9 +9,10 @@ HELP = "rewrite a cache with another backend (zarr <-> arrow) and optionally ano
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("convert", help=HELP, description=HELP + ". Lossless when the encoding is unchanged; "
+    p = sub.add_parser("convert", help=HELP, description=HELP + ".\nLossless when the encoding is unchanged; "
                        "rerunning resumes an interrupted conversion.",
-                       epilog="example: logitcache convert ./cache-zarr ./cache-arrow --backend arrow")
+                       epilog="example:\n  logitcache convert ./cache-zarr ./cache-arrow --backend parquet",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="the finished cache to read (path or fsspec URL)")
     p.add_argument("dst", help="where to write the converted cache")
     p.add_argument("--backend", choices=[*BACKENDS, "parquet"],

@@ -15,13 +15,13 @@ examples:
   logitcache eval --model ./student --data heldout.jsonl --positions student_positions.npz
 
 Metrics are pooled over supervised tokens (assistant turns of 'messages' chats, responses of prompt/response
-rows, every token after the first of text rows, the cache's positions for a cache): nll, perplexity = exp(nll), accuracy (top-1 == next token),
-ece (expected calibration error of the top-1 probability, 15 equal-width bins). With --cache also
-teacher_agreement (student top-1 == teacher top-1), teacher_accuracy (teacher top-1 == next token) and
-kd_loss (the KD term of --loss, default kl, over the cached rows: what `train --eval-cache` logs as
-eval_cache_kd_loss); the cache must use the model's tokenizer. --positions writes each position's nll and correct (and agree,
-with --cache) as arrays named data_nll, data_correct, cache_nll, ... in an .npz file (no pickle), in the
-order of the data: models with one tokenizer, evaluated on the same data, get the same positions."""
+rows, every token after the first of text rows, the cache's positions for a cache): nll, perplexity = exp(nll),
+accuracy (top-1 == next token), ece (expected calibration error of the top-1 probability, 15 equal-width bins).
+With --cache also teacher_agreement (student top-1 == teacher top-1), teacher_accuracy (teacher top-1 == next
+token) and kd_loss (the KD term of --loss, default kl, over the cached rows: what `train --eval-cache` logs as
+eval_cache_kd_loss); the cache must use the model's tokenizer. --positions writes each position's nll and
+correct (and agree, with --cache) as arrays named data_nll, data_correct, cache_nll, ... in an .npz file (no
+pickle), in the order of the data: models with one tokenizer, evaluated on the same data, get the same positions."""
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

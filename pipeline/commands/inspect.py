@@ -10,7 +10,9 @@ HELP = "summarize a cache: counts, bytes per position and per entry, and how muc
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help=HELP, description=HELP + ".",
-                       epilog="example: logitcache inspect ./cache --plot topk_mass.png")
+                       epilog="examples:\n  logitcache inspect ./cache --plot topk_mass.png\n"
+                              "  logitcache inspect s3://bucket/cache --json --max-shards 8",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", help="cache directory or fsspec URL")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--plot", metavar="PNG", help="save a histogram of the top-K probability mass per position")

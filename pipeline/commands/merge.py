@@ -8,9 +8,9 @@ HELP = "finalize a cache filled by several `precompute --num-jobs N --job-index 
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("merge", help=HELP, description=HELP + ". Reads the jobs' record (job.json) and their "
-                       "shard entries, refuses while a job still runs (holds its lease), missing shards (naming "
-                       "them), overlapping rows or shards from other settings, and writes the index. Safe to run again.",
+    p = sub.add_parser("merge", help=HELP, description=HELP + ".\nReads the jobs' record (job.json) and their "
+                       "shard entries, refuses while a job still runs (holds its lease),\nmissing shards (naming "
+                       "them), overlapping rows or shards from other settings, and writes the index.\nSafe to run again.",
                        epilog="examples:\n  logitcache merge ./cache\n  logitcache merge s3://bucket/cache",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", help="cache folder or fsspec URL")

@@ -30,7 +30,8 @@ examples:
 
 Total loss = ce_weight * CE + kd_weight * KD, each a mean over supervised tokens (default weights: the
 loss's own, CE 1 and KD 1 unless listed below). The student's logits are sliced to its tokenizer's
-vocabulary (padded logits widths such as 152064 vs 151665 tokens). Writes DIR/ (model, tokenizer), DIR/checkpoint-*/ and DIR/logitcache_train.json."""
+vocabulary (padded logits widths such as 152064 vs 151665 tokens). Writes DIR/ (model, tokenizer),
+DIR/checkpoint-*/ and DIR/logitcache_train.json."""
 
 
 class _Caches(argparse.Action):

@@ -8,7 +8,7 @@ HELP = "check a cache: the index, then every shard's checksum, counts and values
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("validate", help=HELP, description=HELP + ". Exit 0 when all is well; otherwise "
+    p = sub.add_parser("validate", help=HELP, description=HELP + ".\nExit 0 when all is well; otherwise "
                        "exit 1 and print each bad shard with the reason.",
                        epilog="examples:\n  logitcache validate ./cache\n  logitcache validate s3://bucket/cache",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
