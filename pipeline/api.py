@@ -159,6 +159,17 @@ def keywords(parser) -> dict[str, str]:
     return names
 
 
+def negated_keywords(parser) -> set[str]:
+    """The keywords that set their option's destination to the opposite of their value: `no_progress`
+    (`--no-progress` stores False) and `no_fused_head` (`--fused-head/--no-fused-head`)."""
+    import argparse
+
+    return {flag.lstrip("-").replace("-", "_") for action in parser._actions for flag in action.option_strings
+            if flag.lstrip("-").replace("-", "_") != action.dest and (
+                isinstance(action, argparse._StoreFalseAction)
+                or (isinstance(action, argparse.BooleanOptionalAction) and flag.startswith("--no-")))}
+
+
 def _run(command: str, options: dict):
     import importlib
 
@@ -172,7 +183,8 @@ def _run(command: str, options: dict):
     if unknown:
         raise ConfigError(f"{command}(): unknown option(s) {', '.join(unknown)}; `logitcache {command} --help` "
                           f"lists them")
-    values = {names[k]: v for k, v in options.items()}
+    negated = negated_keywords(sub)  # no_progress=True is progress=False, as --no-progress is
+    values = {names[k]: (not v if k in negated and isinstance(v, bool) else v) for k, v in options.items()}
     missing = [a.dest for a in sub._actions if a.required and a.dest not in values]
     if missing:
         raise ConfigError(f"{command}(): {', '.join(missing)} required")
