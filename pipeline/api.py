@@ -159,22 +159,11 @@ def keywords(parser) -> dict[str, str]:
     return names
 
 
-def negated_keywords(parser) -> set[str]:
-    """The keywords that set their option's destination to the opposite of their value: `no_progress`
-    (`--no-progress` stores False) and `no_fused_head` (`--fused-head/--no-fused-head`)."""
-    import argparse
-
-    return {flag.lstrip("-").replace("-", "_") for action in parser._actions for flag in action.option_strings
-            if flag.lstrip("-").replace("-", "_") != action.dest and (
-                isinstance(action, argparse._StoreFalseAction)
-                or (isinstance(action, argparse.BooleanOptionalAction) and flag.startswith("--no-")))}
-
-
 def _run(command: str, options: dict):
     import importlib
 
     from logitcache.pipeline.cli import build_parser
-    from logitcache.pipeline.options import check_options
+    from logitcache.pipeline.options import check_options, negated_keywords
 
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices[command]

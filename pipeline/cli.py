@@ -23,7 +23,7 @@ import sys
 
 import yaml
 
-from logitcache.pipeline.options import DeprecatedAlias, check_options, warn_deprecated
+from logitcache.pipeline.options import DeprecatedAlias, check_options, negated_keywords, warn_deprecated
 from logitcache.storage.errors import ConfigError, LogitCacheError, io_failure
 from logitcache.storage.redact import REDACTED, credentials_in, redact_text
 
@@ -92,7 +92,9 @@ def _parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> tupl
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     known = {a.dest for a in sub_parser._actions}
-    values = {_config_key(sub_parser, k.replace("-", "_")): v for k, v in values.items()}
+    negated = negated_keywords(sub_parser)  # `no_progress: true` is --no-progress
+    values = {_config_key(sub_parser, k.replace("-", "_")): (not v if k.replace("-", "_") in negated and
+                                                               isinstance(v, bool) else v) for k, v in values.items()}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)} for `logitcache {argv[0]}`")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["Number", "RULES", "PATH_RULES", "check_options", "flag_name", "DeprecatedAlias", "add_deprecated_alias",
-           "warn_deprecated", "add_progress_option", "show_progress"]
+           "warn_deprecated", "add_progress_option", "show_progress", "negated_keywords"]
 
 
 @dataclass(frozen=True)
@@ -251,3 +251,13 @@ def add_progress_option(parser) -> None:
 def show_progress(flag: bool | None) -> bool:
     """`--progress`'s value, its default (None) decided here: a bar only on a terminal."""
     return sys.stderr.isatty() if flag is None else flag
+
+
+def negated_keywords(parser: argparse.ArgumentParser) -> set[str]:
+    """Option names, in snake_case, that set their destination to the opposite of the value given for them
+    (a `--config` key or an `api` keyword): `no_progress` (`--no-progress` stores False), `no_fused_head`
+    (`--fused-head/--no-fused-head`)."""
+    return {flag.lstrip("-").replace("-", "_") for action in parser._actions for flag in action.option_strings
+            if flag.lstrip("-").replace("-", "_") != action.dest and (
+                isinstance(action, argparse._StoreFalseAction)
+                or (isinstance(action, argparse.BooleanOptionalAction) and flag.startswith("--no-")))}

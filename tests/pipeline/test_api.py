@@ -61,9 +61,10 @@ def test_a_no_keyword_means_what_its_flag_means(tmp_path, capsys):
         api.validate(cache=str(w.cache), **kwargs)
         assert ("validate: 100%" in capsys.readouterr().err) == bar, kwargs
     from logitcache.pipeline.cli import build_parser
+    from logitcache.pipeline.options import negated_keywords
 
     parsers = build_parser()._subparsers._group_actions[0].choices
-    assert {"no_progress", "no_fused_head"} <= api.negated_keywords(parsers["precompute"]) | api.negated_keywords(
+    assert {"no_progress", "no_fused_head"} <= negated_keywords(parsers["precompute"]) | negated_keywords(
         parsers["train"])
 
 
