@@ -22,8 +22,8 @@ def execute(args) -> dict:
     from logitcache.storage import open_cache
 
     cache = open_cache(args.cache)
-    return {"problems": cache.validate(progress=show_progress(args.progress)), "shards": len(cache.shards), "sequences": len(cache),
-            "positions": cache.index["counts"]["positions"]}
+    return {"problems": cache.validate(progress=show_progress(args.progress)), "shards": len(cache.shards),
+            "sequences": len(cache), "positions": cache.index["counts"]["positions"]}
 
 
 def run(args) -> int:
