@@ -165,7 +165,7 @@ def _run(command: str, options: dict):
     import importlib
 
     from logitcache.pipeline.cli import build_parser
-    from logitcache.pipeline.options import check_options
+    from logitcache.pipeline.options import check_options, negated_keywords
 
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices[command]
@@ -177,7 +177,8 @@ def _run(command: str, options: dict):
     for dest in {names[k] for k in options}:
         if len(same := [k for k in options if names[k] == dest]) > 1:  # lr= and learning_rate=
             raise ConfigError(f"{command}(): {' and '.join(same)} name the same option; give one")
-    values = {names[k]: v for k, v in options.items()}
+    negated = negated_keywords(sub)  # no_progress=True is progress=False, as --no-progress is
+    values = {names[k]: (not v if k in negated and isinstance(v, bool) else v) for k, v in options.items()}
     missing = [a.dest for a in sub._actions if a.required and a.dest not in values]
     if missing:
         raise ConfigError(f"{command}(): {', '.join(missing)} required")

@@ -23,7 +23,7 @@ import sys
 
 import yaml
 
-from logitcache.pipeline.options import DeprecatedAlias, check_options, warn_deprecated
+from logitcache.pipeline.options import DeprecatedAlias, check_options, negated_keywords, warn_deprecated
 from logitcache.storage.errors import ConfigError, LogitCacheError, io_failure
 from logitcache.storage.redact import REDACTED, credentials_in, redact_text
 
@@ -96,7 +96,9 @@ def _parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> tupl
     for dest in set(keys.values()):
         if len(names := [k for k, d in keys.items() if d == dest]) > 1:  # `lr:` and `learning_rate:`
             raise ConfigError(f"--config {path}: {' and '.join(names)} name the same option; keep one")
-    values = {keys[k]: v for k, v in values.items()}
+    negated = negated_keywords(sub_parser)  # `no_progress: true` is --no-progress
+    values = {keys[k]: (not v if k.replace("-", "_") in negated and isinstance(v, bool) else v)
+              for k, v in values.items()}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)} for `logitcache {argv[0]}`")

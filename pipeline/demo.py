@@ -11,10 +11,13 @@ of vLLM's engine process, goes to demo.log):
   2. teacher: a tokenizer and a small Llama built from scratch, trained with `logitcache train --loss sft`.
   3. caches: `logitcache precompute --engine vllm` over the train split, top-K and sample mode (only the
      first checks the teacher's head against vLLM's logits); a top-K cache of the held-out split (for
-     teacher-agreement metrics) with the hf engine.
+     teacher-agreement metrics) with the hf engine. Then what a user runs next: `validate` the top-K
+     cache, `inspect --json --plot` it (the report's mass figures and histogram), `convert` it to parquet.
   4. students: one smaller architecture trained from the same initial weights with sft, kl, bild and
      rskd (sampled targets); online bild (`train --online-teacher`: the teacher runs in the loop on
-     full logits, on the cached bild student's batches); a student with its own tokenizer trained with uld.
+     full logits, on the cached bild student's batches); a student with its own tokenizer trained with uld;
+     and the sft student tuned further with bild through LoRA adapters (`--lora-r 8 --merge-lora`) on
+     packed rows (`--pack`) of the parquet copy, evaluated on the held-out cache while it trains (`--eval-steps`).
   5. eval: `logitcache eval --positions` on the held-out split; report.md (table, paired differences
      on the same positions) + PNG plots, printed at the end.
 A rerun reuses every finished step (each leaves a marker file); delete a folder to redo that step.
@@ -64,6 +67,7 @@ PRESETS = {
 }
 STUDENT_LOSSES = ("sft", "kl", "bild", "rskd")  # same tokenizer as the teacher; plus online bild, and uld cross-tokenizer
 ONLINE = "bild online"
+LORA = "student sft + lora bild"  # the sft student, tuned further as a user tunes a small pretrained model
 
 
 def cli(*args: str, log: Path) -> float:
@@ -172,6 +176,22 @@ def main(argv=None) -> int:
         "precompute", *pre, "--data", heldout, "--out", str(out / "cache_heldout"), "--engine", "hf",
         "--top-k", str(p.top_k), log=log))
 
+    # What a user does next with a cache: check it, look at it, convert it to the other backend (the LoRA
+    # student below trains from the copy).
+    def run_validate():
+        t = cli("validate", str(out / "cache_topk"), log=log)
+        (out / "validate_topk.txt").write_text(log.read_text().rstrip().rsplit("\n", 1)[-1] + "\n")  # its OK line
+        return t
+    step(out, "validate cache top-K", "validate_topk.txt", run_validate)
+    for folder, plot in (("cache_topk", ["--plot", str(out / "topk_mass.png")]), ("cache_heldout", [])):
+        def run_inspect(folder=folder, plot=plot):
+            t = cli("inspect", str(out / folder), "--json", *plot, log=log)
+            (out / f"inspect_{folder}.json").write_text(_last_json(log))
+            return t
+        step(out, f"inspect {folder}", f"inspect_{folder}.json", run_inspect)
+    step(out, "convert top-K to parquet", "cache_topk_parquet/index.json", lambda: cli(
+        "convert", str(out / "cache_topk"), str(out / "cache_topk_parquet"), "--backend", "parquet", log=log))
+
     # 4. students: one init, shared by every same-tokenizer loss, so only the loss differs
     step(out, "student init", "student_init/config.json", lambda: _timed(lambda: _student_init(
         out / "teacher", out / "student_init", width=p.student_width, layers=p.student_layers)))
@@ -192,9 +212,14 @@ def main(argv=None) -> int:
         "train", "--student", str(out / "xtok_init"), "--loss", "uld", "--cache", str(out / "cache_topk"),
         "--data", train, "--out", str(out / "student_uld"), *student, log=log))
 
+    step(out, LORA, "student_lora/logitcache_train.json", lambda: cli(
+        "train", "--student", str(out / "student_sft"), "--loss", "bild", "--cache", str(out / "cache_topk_parquet"),
+        "--pack", "--lora-r", "8", "--merge-lora", "--eval-cache", str(out / "cache_heldout"),
+        "--eval-steps", str(max(p.student_steps // 2, 1)), "--out", str(out / "student_lora"), *student, log=log))
+
     # 5. eval + report
     models = {"teacher": "teacher", **{f"student {loss}": f"student_{loss.replace(' ', '_')}"
-                                       for loss in (*STUDENT_LOSSES, ONLINE, "uld")}}
+                                       for loss in (*STUDENT_LOSSES, ONLINE, "uld")}, LORA: "student_lora"}
     for label, folder in models.items():
         same_tok = folder != "student_uld"
         def run_eval(folder=folder, same_tok=same_tok):

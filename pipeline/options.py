@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from logitcache.storage.errors import ConfigError
 
 __all__ = ["Number", "RULES", "PATH_RULES", "check_options", "flag_name", "DeprecatedAlias", "add_deprecated_alias",
-           "warn_deprecated", "add_chat_template_options", "chat_template_kwargs", "add_student_data_options"]
+           "warn_deprecated", "add_chat_template_options", "chat_template_kwargs", "add_student_data_options",
+           "add_progress_option", "show_progress", "negated_keywords"]
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def _type_problem(action: argparse.Action, value) -> str | None:
             return "expected at least one value"
         one = argparse.Action(action.option_strings, action.dest, type=action.type, choices=action.choices)
         return next((p for v in values if (p := _type_problem(one, v))), None)
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         return None if isinstance(value, bool) else "expected true or false"
     if isinstance(action, argparse._AppendAction):
         return None  # lists from flags, or mappings from YAML: the command reads both
@@ -318,3 +319,25 @@ def add_student_data_options(group, *, data_flags: str) -> None:
                        help="prompt/response rows: plain (default) or chat (a user and an assistant turn through the "
                             "student's chat template); a cache's rows keep the format the cache records")
     add_chat_template_options(group, template_help=_STUDENT_TEMPLATE, kwargs_help=_STUDENT_KWARGS)
+
+
+def add_progress_option(parser) -> None:
+    """`--progress/--no-progress` of the commands that read a whole cache (validate, inspect, eval, merge,
+    convert); unset, a bar shows only on a terminal, so piped and scripted runs print only their result."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress bar on stderr (default: only when stderr is a terminal)")
+
+
+def show_progress(flag: bool | None) -> bool:
+    """`--progress`'s value, its default (None) decided here: a bar only on a terminal."""
+    return sys.stderr.isatty() if flag is None else flag
+
+
+def negated_keywords(parser: argparse.ArgumentParser) -> set[str]:
+    """Option names, in snake_case, that set their destination to the opposite of the value given for them
+    (a `--config` key or an `api` keyword): `no_progress` (`--no-progress` stores False), `no_fused_head`
+    (`--fused-head/--no-fused-head`)."""
+    return {flag.lstrip("-").replace("-", "_") for action in parser._actions for flag in action.option_strings
+            if flag.lstrip("-").replace("-", "_") != action.dest and (
+                isinstance(action, argparse._StoreFalseAction)
+                or (isinstance(action, argparse.BooleanOptionalAction) and flag.startswith("--no-")))}

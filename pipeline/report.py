@@ -1,4 +1,5 @@
-"""The demo's report: markdown tables and two PNG plots from the finished steps' own outputs.
+"""The demo's report: markdown tables and a PNG plot of the training curves from the finished steps' own
+outputs (the top-K mass histogram is `logitcache inspect --plot`'s, the mass figures its `--json`).
 
 Paired differences: the same-tokenizer models are evaluated on the same held-out positions in the same
 order (`logitcache eval --positions`), so the difference of two models is the mean of per-position
@@ -15,7 +16,11 @@ __all__ = ["write_report", "paired_difference", "PAIRS"]
 
 # (model, baseline) rows of the paired table: cached against online BiLD first, then each KD student against SFT.
 PAIRS = (("student bild", "student bild online"), ("student kl", "student sft"), ("student bild", "student sft"),
-         ("student bild online", "student sft"), ("student rskd", "student sft"))
+         ("student bild online", "student sft"), ("student rskd", "student sft"),
+         ("student sft + lora bild", "student sft"))
+# Each cache folder the demo may write, and the name of the step that wrote it (its wall time).
+CACHES = {"cache_topk": "cache top-K (vllm)", "cache_sample": "cache sample (vllm)",
+          "cache_heldout": "cache held-out (hf)", "cache_topk_parquet": "convert top-K to parquet"}
 
 
 def _load(path: Path) -> dict:
@@ -57,19 +62,14 @@ def _paired_table(out: Path, models: dict[str, str]) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
-def _mass(cache_dir: Path) -> dict | None:
-    """The teacher's top-K mass per position in a cache: quantiles and mean (see `inspect`)."""
-    from logitcache.pipeline.commands.inspect import summarize
-    from logitcache.storage import open_cache
-
-    if not (cache_dir / "index.json").exists():
-        return None
-    summary, _ = summarize(open_cache(str(cache_dir)))
-    return {"k": summary["top_k"], **summary["topk_mass"]}
+def _mass(out: Path, cache: str) -> dict | None:
+    """The teacher's top-K mass per position in a cache: quantiles and mean, from its `inspect --json`."""
+    summary = _load(out / f"inspect_{cache}.json")
+    return {"k": summary["top_k"], **summary["topk_mass"]} if summary else None
 
 
 def write_report(out: Path, models: dict[str, str], preset) -> str:
-    """Write report.md, report.json, loss_curves.png and topk_mass.png under `out`; return the tables."""
+    """Write report.md, report.json and loss_curves.png under `out`; return the tables."""
     timings = _load(out / "timings.json")
     rows, curves = [], {}
     for label, folder in models.items():
@@ -91,12 +91,12 @@ def write_report(out: Path, models: dict[str, str], preset) -> str:
                      f"{_fmt(r['agreement'])} | {_fmt(r['ece'])} | {_fmt(r['train_s'], '.0f')} |")
     table = "\n".join(lines)
     paired, paired_rows = _paired_table(out, models)
-    masses = {name: _mass(out / name) for name in ("cache_topk", "cache_heldout")}
+    masses = {name: _mass(out, name) for name in ("cache_topk", "cache_heldout")}
     held = masses["cache_heldout"] or masses["cache_topk"]
     mass_line = (f"Teacher's top-{held['k']} mass per held-out position: median {held['p50']:.3f}, 10th percentile "
                  f"{held['p10']:.3f}, mean {held['mean']:.3f}." if held else "")
     caches = []
-    for name in ("cache_topk", "cache_sample", "cache_heldout"):
+    for name, step in CACHES.items():
         index = _load(out / name / "index.json")
         if index:
             nbytes = sum(e["bytes"] for e in index["shards"])
@@ -105,16 +105,21 @@ def write_report(out: Path, models: dict[str, str], preset) -> str:
             mass_cell = f"{mass['p50']:.3f} ({mass['p10']:.3f})" if mass and sp["mode"] == "topk" else "–"
             caches.append(f"| {name} | {index['engine'].get('name')} | {sp['mode']} K/N={sp.get('k')} | {mass_cell} | "
                           f"{index['counts']['positions']} | {nbytes:,} | {nbytes / max(index['counts']['positions'], 1):.1f} | "
-                          f"{_fmt(timings.get({'cache_topk': 'cache top-K (vllm)', 'cache_sample': 'cache sample (vllm)', 'cache_heldout': 'cache held-out (hf)'}[name]), '.0f')} |")
+                          f"{_fmt(timings.get(step), '.0f')} |")
     cache_table = "\n".join(["| cache | engine | mode | top-K mass median (p10) | positions | bytes | bytes/position | wall s |",
                              "|---|---|---|---|---|---|---|---|", *caches])
+    validated = (out / "validate_topk.txt").read_text().strip() if (out / "validate_topk.txt").exists() else "–"
+    cache_note = (f"`logitcache validate cache_topk`: {validated}. cache_topk_parquet is `logitcache convert "
+                  f"cache_topk ... --backend parquet` (lossless: the same targets in the other backend); the "
+                  f"LoRA student trains from it. The histogram is `logitcache inspect cache_topk --plot`'s.")
     _plot_curves(curves, out / "loss_curves.png")
-    _plot_mass(out / "cache_topk", out / "topk_mass.png")
     note = ("Perplexity and accuracy are per token of each model's own tokenizer over the held-out responses; "
             "the uld student tokenizes differently, so its numbers compare with the others only loosely, and "
             "top-1 agreement needs the teacher's tokenizer (–). Every other student starts from the same weights "
             "and sees the same batches; only the loss differs (student bild online: the same loss and batches as "
-            "student bild, on the teacher's full logits computed in the loop instead of the top-K cache). s.e. is "
+            "student bild, on the teacher's full logits computed in the loop instead of the top-K cache; student "
+            "sft + lora bild: the sft student tuned further with bild through rank-8 LoRA adapters on packed rows, "
+            "so it has trained twice as many steps). s.e. is "
             "the binomial standard error over the held-out positions; the paired table below compares two models "
             "position by position, which removes the positions' shared difficulty from the error.")
     paired_note = ("Differences over the same held-out positions (mean of per-position differences ± its standard "
@@ -124,7 +129,7 @@ def write_report(out: Path, models: dict[str, str], preset) -> str:
           f"Corpus: Python standard library, function signature -> {preset.task}, split by file.\n\n"
           f"{mass_line}\n\n"
           f"## Models (held-out)\n\n{table}\n\n{note}\n\n## Paired differences\n\n{paired}\n\n{paired_note}\n\n"
-          f"## Caches\n\n{cache_table}\n\n"
+          f"## Caches\n\n{cache_table}\n\n{cache_note}\n\n"
           f"![loss curves](loss_curves.png)\n\n![top-K mass](topk_mass.png)\n\n"
           f"## Step wall times (s)\n\n" + "\n".join(f"- {k}: {v:.1f}" for k, v in timings.items()) + "\n")
     (out / "report.md").write_text(md)
@@ -150,25 +155,17 @@ def _plot_curves(curves: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    colors = dict(zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))  # one color per run, both panels
     for key, ax, title in (("objective", axes[0], "training objective (each loss's own scale)"),
                            ("ce", axes[1], "cross entropy on the labels (nats/token)")):
         for label, parts in curves.items():
             if parts[key]:
-                ax.plot(*zip(*parts[key]), label=label)
-        ax.set_xlabel("optimizer step")
+                ax.plot(*zip(*parts[key]), label=label, color=colors[label])
+        ax.set_xscale("log")  # the teacher trains several times longer: linear steps squeeze every student left
+        ax.set_xlabel("optimizer step (log scale)")
         ax.set_title(title, fontsize=10)
-    axes[1].legend(fontsize=8)
+        ax.legend(fontsize=7)
     axes[1].annotate("uld's student has its own tokenizer", xy=(0.02, 0.02), xycoords="axes fraction", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def _plot_mass(cache_dir: Path, path: Path) -> None:
-    from logitcache.pipeline.commands.inspect import plot_mass, summarize
-    from logitcache.storage import open_cache
-
-    if (cache_dir / "index.json").exists():
-        cache = open_cache(str(cache_dir))
-        _, mass = summarize(cache)
-        plot_mass(mass, cache.k, str(path))

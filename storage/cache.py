@@ -193,10 +193,14 @@ class Cache:
         if data.k != self.k and self.mode == "topk":
             raise ShardError(f"{path}: K={data.k}, the index says {self.k}")
 
-    def validate(self) -> list[str]:
-        """Read every shard with checksums on. Returns one problem line per bad shard (empty: all good)."""
+    def validate(self, *, progress: bool = False) -> list[str]:
+        """Read every shard with checksums on. Returns one problem line per bad shard (empty: all good).
+
+        `progress`: a tqdm bar on stderr, in shards."""
+        from tqdm.auto import tqdm
+
         problems = []
-        for j, entry in enumerate(self.shards):
+        for j, entry in enumerate(tqdm(self.shards, desc="validate", unit="shard", disable=not progress)):
             try:
                 self.read_shard(j, verify=True)
             except StorageIOError:

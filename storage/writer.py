@@ -49,8 +49,9 @@ class CacheWriter:
     def is_finished(self) -> bool:
         return self.fs.exists(safe_join(self.root, layout.INDEX_NAME))
 
-    def shard_entries(self) -> dict[int, dict]:
+    def shard_entries(self, *, progress: bool = False) -> dict[int, dict]:
         """Every shard entry in the cache, by shard id, whether or not its shard is still intact.
+        One read per entry (on an object store, one request each): `progress` shows a bar on stderr.
 
         Raises:
             ConfigError: an entry was written with another fingerprint, backend or encoding.
@@ -58,8 +59,11 @@ class CacheWriter:
         entry_dir = safe_join(self.root, layout.ENTRIES_DIR)
         if not self.fs.exists(entry_dir):
             return {}
+        from tqdm.auto import tqdm
+
         entries = {}
-        for path in self.fs.ls(entry_dir, detail=False):
+        paths = self.fs.ls(entry_dir, detail=False)
+        for path in tqdm(paths, desc="read shard entries", unit="shard", disable=not progress):
             shard_id = layout.entry_shard_id(posixpath.basename(path))
             if shard_id is None:
                 continue  # temporary files of an interrupted write
@@ -111,14 +115,14 @@ class CacheWriter:
                 sizes[top] = sizes.get(top, 0) + int(info.get("size") or 0)
         return sizes
 
-    def finished_shards(self) -> dict[int, dict]:
+    def finished_shards(self, *, progress: bool = False) -> dict[int, dict]:
         """Entries of shards already written by this or a compatible earlier run and still intact
-        (present, of the size their entry records), by shard id.
+        (present, of the size their entry records), by shard id; `progress`: see `shard_entries`.
 
         Raises:
             ConfigError: an entry was written with another fingerprint, backend or encoding.
         """
-        entries = self.shard_entries()
+        entries = self.shard_entries(progress=progress)
         damaged = self.damaged_shards(entries)
         return {i: e for i, e in entries.items() if i not in damaged}
 

@@ -2,16 +2,17 @@
 
 import argparse
 
-from logitcache.pipeline.options import add_deprecated_alias
+from logitcache.pipeline.options import add_deprecated_alias, add_progress_option, show_progress
 from logitcache.storage.backends import BACKENDS
 
 HELP = "rewrite a cache with another backend (zarr <-> arrow) and optionally another encoding"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("convert", help=HELP, description=HELP + ". Lossless when the encoding is unchanged; "
+    p = sub.add_parser("convert", help=HELP, description=HELP + ".\nLossless when the encoding is unchanged; "
                        "rerunning resumes an interrupted conversion.",
-                       epilog="example: logitcache convert ./cache-zarr ./cache-arrow --backend arrow")
+                       epilog="example:\n  logitcache convert ./cache-zarr ./cache-arrow --backend parquet",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="the finished cache to read (path or fsspec URL)")
     p.add_argument("dst", help="where to write the converted cache")
     p.add_argument("--backend", choices=[*BACKENDS, "parquet"],
@@ -19,6 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_deprecated_alias(p, "--format", "--backend", dest="backend", choices=[*BACKENDS, "parquet"])
     p.add_argument("--encoding", choices=["lossless", "float16", "compact"], default=None,
                    help="value encoding of the new cache (default: keep the source's)")
+    add_progress_option(p)
     return p
 
 
@@ -29,7 +31,8 @@ def execute(args) -> dict:
     if args.backend is None:
         raise ConfigError(f"convert: --backend is required ({' or '.join(BACKENDS)})")
     backend = "arrow" if args.backend == "parquet" else args.backend  # the name users look for
-    return convert_cache(args.src, args.dst, backend=backend, encoding=args.encoding)
+    return convert_cache(args.src, args.dst, backend=backend, encoding=args.encoding,
+                         progress=show_progress(args.progress))
 
 
 def run(args) -> int:

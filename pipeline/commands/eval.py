@@ -3,7 +3,8 @@
 import argparse
 import json
 
-from logitcache.pipeline.options import add_student_data_options, chat_template_kwargs
+from logitcache.pipeline.options import (add_progress_option, add_student_data_options, chat_template_kwargs,
+                                         show_progress)
 
 HELP = "evaluate a model: perplexity and next-token accuracy on supervised tokens; with a cache, teacher agreement"
 
@@ -18,13 +19,13 @@ examples:
   logitcache eval --model ./student --data heldout.jsonl --positions student_positions.npz
 
 Metrics are pooled over supervised tokens (assistant turns of 'messages' chats, responses of prompt/response
-rows, every token after the first of text rows, the cache's positions for a cache): nll, perplexity = exp(nll), accuracy (top-1 == next token),
-ece (expected calibration error of the top-1 probability, 15 equal-width bins). With --cache also
-teacher_agreement (student top-1 == teacher top-1), teacher_accuracy (teacher top-1 == next token) and
-kd_loss (the KD term of --loss, default kl, over the cached rows: what `train --eval-cache` logs as
-eval_cache_kd_loss); the cache must use the model's tokenizer. --positions writes each position's nll and correct (and agree,
-with --cache) as arrays named data_nll, data_correct, cache_nll, ... in an .npz file (no pickle), in the
-order of the data: models with one tokenizer, evaluated on the same data, get the same positions."""
+rows, every token after the first of text rows, the cache's positions for a cache): nll, perplexity = exp(nll),
+accuracy (top-1 == next token), ece (expected calibration error of the top-1 probability, 15 equal-width bins).
+With --cache also teacher_agreement (student top-1 == teacher top-1), teacher_accuracy (teacher top-1 == next
+token) and kd_loss (the KD term of --loss, default kl, over the cached rows: what `train --eval-cache` logs as
+eval_cache_kd_loss); the cache must use the model's tokenizer. --positions writes each position's nll and
+correct (and agree, with --cache) as arrays named data_nll, data_correct, cache_nll, ... in an .npz file (no
+pickle), in the order of the data: models with one tokenizer, evaluated on the same data, get the same positions."""
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -51,6 +52,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modelling code")
     g = p.add_argument_group("how --data is read (as precompute reads it), and the model's chat template")
     add_student_data_options(g, data_flags="--data")
+    add_progress_option(p)
     return p
 
 
@@ -94,7 +96,7 @@ def execute(args) -> dict:
                       storage_options=parse_storage_options(args.storage_options), plan=plan,
                       rows=_data_options(args), chat_template=args.chat_template,
                       chat_template_kwargs=chat_template_kwargs(args.chat_template_kwargs),
-                      prompt_format=args.prompt_format)
+                      prompt_format=args.prompt_format, progress=show_progress(args.progress))
     if args.positions is not None:
         import numpy as np
 

@@ -3,28 +3,35 @@
 import argparse
 import json
 
+from logitcache.pipeline.options import add_progress_option, show_progress
+
 HELP = "summarize a cache: counts, bytes per position and per entry, and how much probability the top-K holds"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help=HELP, description=HELP + ".",
-                       epilog="example: logitcache inspect ./cache --plot topk_mass.png")
+                       epilog="examples:\n  logitcache inspect ./cache --plot topk_mass.png\n"
+                              "  logitcache inspect s3://bucket/cache --json --max-shards 8",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", help="cache directory or fsspec URL")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--plot", metavar="PNG", help="save a histogram of the top-K probability mass per position")
-    p.add_argument("--max-shards", type=int, default=None,
+    p.add_argument("--max-shards", type=int, default=None, metavar="N",
                    help="read at most this many shards for the mass statistics (default: all)")
+    add_progress_option(p)
     return p
 
 
-def summarize(cache, max_shards: int | None = None):
-    """Return (summary dict, per-position top-K mass array) for a cache."""
+def summarize(cache, max_shards: int | None = None, *, progress: bool = False):
+    """Return (summary dict, per-position top-K mass array) for a cache; `progress`: a bar on stderr, in shards."""
     import numpy as np
+    from tqdm.auto import tqdm
 
     idx = cache.index
     counts, total_bytes = idx["counts"], sum(e["bytes"] for e in idx["shards"])
     n = len(cache.shards) if max_shards is None else min(max_shards, len(cache.shards))
-    mass = [1.0 - shard.tail_mass for _, shard in cache.iter_shards(range(n))]
+    shards = tqdm(cache.iter_shards(range(n)), total=n, desc="inspect", unit="shard", disable=not progress)
+    mass = [1.0 - shard.tail_mass for _, shard in shards]
     mass = np.concatenate(mass) if mass else np.zeros(0)
     positions = max(counts["positions"], 1)
     summary = {
@@ -67,7 +74,7 @@ def execute(args) -> dict:
     """The command's work: the summary `--json` prints (after drawing --plot if asked)."""
     from logitcache.storage import open_cache
 
-    summary, mass = summarize(open_cache(args.cache), args.max_shards)
+    summary, mass = summarize(open_cache(args.cache), args.max_shards, progress=show_progress(args.progress))
     if args.plot:
         plot_mass(mass, summary["top_k"], args.plot)
     return summary

@@ -2,16 +2,19 @@
 
 import argparse
 
+from logitcache.pipeline.options import add_progress_option, show_progress
+
 HELP = "finalize a cache filled by several `precompute --num-jobs N --job-index I` jobs"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("merge", help=HELP, description=HELP + ". Reads the jobs' record (job.json) and their "
-                       "shard entries, refuses while a job still runs (holds its lease), missing shards (naming "
-                       "them), overlapping rows or shards from other settings, and writes the index. Safe to run again.",
+    p = sub.add_parser("merge", help=HELP, description=HELP + ".\nReads the jobs' record (job.json) and their "
+                       "shard entries, refuses while a job still runs (holds its lease),\nmissing shards (naming "
+                       "them), overlapping rows or shards from other settings, and writes the index.\nSafe to run again.",
                        epilog="examples:\n  logitcache merge ./cache\n  logitcache merge s3://bucket/cache",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", help="cache folder or fsspec URL")
+    add_progress_option(p)
     return p
 
 
@@ -28,7 +31,8 @@ def execute(args) -> dict:
         raise CacheBusyError(f"{args.cache}: {len(running)} job(s) still running, e.g. {name[:-5]} "
                              f"({describe(lease)}); merge once they have finished")
     record = read_job_record(args.cache)
-    return finalize_cache(writer_from_record(args.cache, record), record)
+    writer = writer_from_record(args.cache, record)
+    return finalize_cache(writer, record, done=writer.finished_shards(progress=show_progress(args.progress)))
 
 
 def run(args) -> int:

@@ -26,7 +26,7 @@ A token is never taken on the command line, where `ps` and the shell's history w
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("push", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example: logitcache push ./cache me/qwen2.5-7b-instruct-top32 --private")
+                       epilog="example:\n  logitcache push ./cache me/qwen2.5-7b-instruct-top32 --private")
     p.add_argument("cache", help="a finished Parquet cache: a folder or a URL (s3://..., read without a full local copy)")
     p.add_argument("repo_id", metavar="REPO_ID", help="dataset repo, e.g. me/qwen-logits")
     p.add_argument("--private", action="store_true", help="create the repo private")

@@ -27,14 +27,15 @@ examples:
   # online BiLD on the same batches as a cached run: the teacher runs in the loop, full vocabulary
   logitcache train --student ./small --cache ./cache --online-teacher ./teacher --loss bild --out ./online --max-steps 500
   # mix two caches, 3:1 (each sequence drawn from A with probability 0.75), deterministic given --seed
-  logitcache train --student ./small --cache s3://team/cache-a s3://team/cache-b --cache-weights 3 1 \
+  logitcache train --student ./small --cache s3://team/cache-a s3://team/cache-b --cache-weights 3 1 \\
       --storage-option endpoint_url=http://minio:9000 --loss kl --out ./mix --max-steps 1000
   # all options from a file (flags on the command line override it)
   logitcache train --config train.yaml
 
 Total loss = ce_weight * CE + kd_weight * KD, each a mean over supervised tokens (default weights: the
 loss's own, CE 1 and KD 1 unless listed below). The student's logits are sliced to its tokenizer's
-vocabulary (padded logits widths such as 152064 vs 151665 tokens). Writes DIR/ (model, tokenizer), DIR/checkpoint-*/ and DIR/logitcache_train.json."""
+vocabulary (padded logits widths such as 152064 vs 151665 tokens). Writes DIR/ (model, tokenizer),
+DIR/checkpoint-*/ and DIR/logitcache_train.json."""
 
 
 class _Caches(argparse.Action):

@@ -2,15 +2,18 @@
 
 import argparse
 
+from logitcache.pipeline.options import add_progress_option, show_progress
+
 HELP = "check a cache: the index, then every shard's checksum, counts and values"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("validate", help=HELP, description=HELP + ". Exit 0 when all is well; otherwise "
+    p = sub.add_parser("validate", help=HELP, description=HELP + ".\nExit 0 when all is well; otherwise "
                        "exit 1 and print each bad shard with the reason.",
                        epilog="examples:\n  logitcache validate ./cache\n  logitcache validate s3://bucket/cache",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", help="cache directory or fsspec URL (s3://, gs://, ...)")
+    add_progress_option(p)
     return p
 
 
@@ -19,8 +22,8 @@ def execute(args) -> dict:
     from logitcache.storage import open_cache
 
     cache = open_cache(args.cache)
-    return {"problems": cache.validate(), "shards": len(cache.shards), "sequences": len(cache),
-            "positions": cache.index["counts"]["positions"]}
+    return {"problems": cache.validate(progress=show_progress(args.progress)), "shards": len(cache.shards),
+            "sequences": len(cache), "positions": cache.index["counts"]["positions"]}
 
 
 def run(args) -> int:

@@ -13,6 +13,8 @@ training loss, evaluation applies the LM head to a chunk of supervised rows at a
 """
 
 import math
+import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -243,27 +245,62 @@ def _all_reduce(sums: dict, bins: np.ndarray, scores: dict, device, per_position
 def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch_size: int = 8,
                     max_sequences: int | None = None, device="cpu", per_position: bool = False,
                     kd: LossPlan | None = FORWARD_KL, head: bool | None = None, chunk_size: int | None = None,
-                    rank: int = 0, world_size: int = 1) -> dict:
+                    rank: int = 0, world_size: int = 1, progress: str | None = None) -> dict:
     """`evaluate_batches` over a `CacheSource` or `RowsSource`, in order; with world_size > 1 shared
-    across the ranks (see `evaluate_batches`; every rank reads the whole source and scores its share)."""
+    across the ranks (see `evaluate_batches`; every rank reads the whole source and scores its share).
+    `progress`: the label of a bar on stderr counting sequences; None for none."""
     stream = ShardedStream(source, shuffle=False, epochs=1, rank=0, world_size=1)
     batches = collated_batches(stream, pad_id=pad_id, batch_size=batch_size, max_sequences=max_sequences)
+    if progress is not None:
+        total = sum(source.shard_sizes)
+        batches = _counted(batches, progress, total if max_sequences is None else min(total, max_sequences))
     return evaluate_batches(model, batches, vocab_size=vocab_size, device=device, per_position=per_position,
                             kd=kd, head=head, chunk_size=chunk_size, rank=rank, world_size=world_size)
+
+
+@contextmanager
+def _transformers_bars(show: bool):
+    """transformers' own bars (its "Loading weights") shown only with `show`, like ours."""
+    from transformers.utils import logging
+
+    if show or not logging.is_progress_bar_enabled():
+        yield
+        return
+    with warnings.catch_warnings():  # huggingface_hub's, when HF_HUB_DISABLE_PROGRESS_BARS overrides the switch
+        warnings.simplefilter("ignore")
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.enable_progress_bar()
+
+
+def _counted(batches, label: str, total: int):
+    """`batches`, a tqdm bar counting their sequences as each is taken."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=label, unit="seq") as bar:
+        for batch in batches:
+            yield batch
+            bar.update(batch["input_ids"].shape[0])
 
 
 def evaluate(model: str, *, data: str | None = None, cache: str | None = None, batch_size: int = 8,
              max_sequences: int | None = None, max_length: int | None = None, device: str | None = None,
              trust_remote_code: bool = False, per_position: bool = False, storage_options: dict | None = None,
              plan: LossPlan | None = None, rows=None, chat_template: str | None = None,
-             chat_template_kwargs: dict | None = None, prompt_format: str | None = None) -> dict:
+             chat_template_kwargs: dict | None = None, prompt_format: str | None = None,
+             progress: bool = False) -> dict:
     """Load `model` and evaluate it on rows (`data`: what `precompute --data` takes, loaded by `rows`, a
     `sources.DataOptions`) and/or a cache's sequences (`cache`), local or fsspec URLs (`storage_options`
     reach fsspec).
 
     `plan` chooses the KD loss reported on the cache (`kd_term(plan)`; None: forward KL).
     `chat_template` (a file), `chat_template_kwargs` and `prompt_format` render --data's chats (see
-    `sources`; a cache must record the same ones).
+    `sources`; a cache must record the same ones). `progress`: a bar on stderr per source, counting
+    sequences.
 
     Returns:
         {"model": str, "data": {path, metrics...}, "cache": {path, teacher, metrics...}}, each of the
@@ -281,7 +318,8 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
         raise ConfigError("eval needs --data, --cache or both")
     chat = ChatOptions.load(chat_template, chat_template_kwargs, storage_options=storage_options)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
+    with _transformers_bars(progress):
+        student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
     reader = Reader(model, student.tokenizer, student.vocab_size, max_length or student.max_length,
                     storage_options=storage_options, chat=chat, prompt_format=prompt_format)
     kwargs = dict(pad_id=student.pad_id, vocab_size=student.vocab_size, batch_size=batch_size,
@@ -290,11 +328,13 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
     out = {"model": model}
     if data is not None:
         source = rows_source(data, reader=reader, rows=rows or DataOptions())
-        out["data"] = {"path": data, **evaluate_source(student.model, source, **kwargs)}
+        out["data"] = {"path": data, **evaluate_source(student.model, source, **kwargs,
+                                                       progress="eval --data" if progress else None)}
     if cache is not None:
         source = eval_cache_source(cache, reader=reader, flag="eval --cache")
         if plan is not None:
             kwargs["kd"] = kd_term(plan, source)
         out["cache"] = {"path": cache, "teacher": source.cache.index["teacher"].get("name_or_path"),
-                        **evaluate_source(student.model, source, **kwargs)}
+                        **evaluate_source(student.model, source, **kwargs,
+                                          progress="eval --cache" if progress else None)}
     return out

@@ -53,6 +53,21 @@ def test_the_same_checks_as_the_command_line():
         api.validate()
 
 
+def test_a_no_keyword_means_what_its_flag_means(tmp_path, capsys):
+    """`no_progress=True` is `--no-progress`: the bar off (it once turned it on, as progress=True)."""
+    w = world()
+    for kwargs, bar in (({"progress": True}, True), ({"no_progress": False}, True), ({"no_progress": True}, False),
+                        ({"progress": False}, False)):
+        api.validate(cache=str(w.cache), **kwargs)
+        assert ("validate: 100%" in capsys.readouterr().err) == bar, kwargs
+    from logitcache.pipeline.cli import build_parser
+    from logitcache.pipeline.options import negated_keywords
+
+    parsers = build_parser()._subparsers._group_actions[0].choices
+    assert {"no_progress", "no_fused_head"} <= negated_keywords(parsers["precompute"]) | negated_keywords(
+        parsers["train"])
+
+
 def test_a_plain_transformers_trainer_trains_from_a_cache(tmp_path):
     """The cache in someone else's trainer: a plain `transformers.Trainer` subclass (not logitcache's), with
     `cached_kd`'s dataset, collator and loss, trains a few steps; its loss is the one `KDTrainer` computes."""

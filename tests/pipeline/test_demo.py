@@ -1,4 +1,5 @@
-"""The end-to-end demo: teacher from scratch, vLLM caches, six students (one online), eval, report.
+"""The end-to-end demo: teacher from scratch, vLLM caches, seven students (one online, one LoRA), eval, report,
+and the commands a user runs next on a cache (validate, inspect --plot, convert).
 
 Runs the demo's own code path with its `smoke` preset (every step and model of `make demo QUICK=1`, on a
 quarter of the corpus and a fifth of the training steps), then reruns it. Marked slow (about 1-2 minutes on 2 cores).
@@ -24,7 +25,7 @@ def test_demo_end_to_end(tmp_path):
     report = json.loads((out / "report.json").read_text())
     rows = {r["model"]: r for r in report["models"]}
     assert set(rows) == {"teacher", "student sft", "student kl", "student bild", "student bild online", "student rskd",
-                         "student uld"}
+                         "student uld", "student sft + lora bild"}
     for name, row in rows.items():
         assert row["perplexity"] and row["accuracy"] is not None, name
     assert rows["teacher"]["agreement"] == pytest.approx(1.0, abs=0.02)  # its own held-out cache
@@ -43,8 +44,26 @@ def test_demo_end_to_end(tmp_path):
     assert 0 <= first["accuracy_se"] < rows["student bild"]["accuracy_se"]
     mass = report["topk_mass"]["cache_heldout"]
     assert mass["k"] == 32 and 0.0 < mass["p10"] <= mass["p50"] <= 1.0
-    for png in ("loss_curves.png", "topk_mass.png"):
+    for png in ("loss_curves.png", "topk_mass.png"):  # the second is `inspect --plot`'s
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # The user's next commands, run as a user runs them: validate, inspect, convert, a LoRA student.
+    topk = json.loads((out / "cache_topk" / "index.json").read_text())
+    assert (out / "validate_topk.txt").read_text().startswith(f"OK   {len(topk['shards'])} shard(s)")
+    assert json.loads((out / "inspect_cache_topk.json").read_text())["positions"] == topk["counts"]["positions"]
+    parquet = json.loads((out / "cache_topk_parquet" / "index.json").read_text())
+    assert parquet["backend"] == "arrow" and parquet["fingerprint"] == topk["fingerprint"]
+    assert parquet["counts"] == topk["counts"]
+    lora = json.loads((out / "student_lora" / "logitcache_train.json").read_text())
+    settings = lora["settings"]
+    assert settings["lora_r"] == 8 and settings["pack"] and settings["cache"] == [str(out / "cache_topk_parquet")]
+    assert settings["student"] == str(out / "student_sft")
+    evals = [h for h in lora["log_history"] if "eval_cache_teacher_agreement" in h]
+    assert len(evals) >= 2  # every --eval-steps while it trained
+    assert ("student sft + lora bild", "student sft") in paired
+    # Every student's curve is in both panels: each one logs its label cross entropy (bild: --ce-weight 0.5).
+    for folder in ("student_bild", "student_bild_online", "student_lora"):
+        history = json.loads((out / folder / "logitcache_train.json").read_text())["log_history"]
+        assert any("ce" in h for h in history), folder
     engines = {cache: json.loads((out / cache / "index.json").read_text())["engine"] for cache in ("cache_topk",
                                                                                                  "cache_sample")}
     assert {e["name"] for e in engines.values()} == {"vllm"}

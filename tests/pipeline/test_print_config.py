@@ -167,3 +167,16 @@ def test_every_help_example_passes_print_config(name, argv, tmp_path, monkeypatc
 
 CONFIGS = {"precompute": "teacher: Qwen/Qwen2.5-0.5B\ndata: d.jsonl\ntext_field: text\nout: ./c\n",
            "train": "student: Qwen/Qwen2.5-0.5B\ncache: ./c\nout: ./s\nmax_steps: 10\n"}
+
+
+def test_a_no_key_in_a_config_means_what_its_flag_means(tmp_path, capsys):
+    """`no_progress: true` is `--no-progress` (it once turned the bar on: the key was read as `progress`)."""
+    config = tmp_path / "c.yaml"
+    for key, value, dest, want in (("no_progress", "true", "progress", False), ("no-progress", "false", "progress", True),
+                                   ("progress", "false", "progress", False)):
+        config.write_text(CONFIGS["precompute"] + f"{key}: {value}\n")
+        assert main(["precompute", "--config", str(config), "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)[dest] is want, key
+    config.write_text(CONFIGS["train"] + "no_fused_head: true\n")
+    assert main(["train", "--config", str(config), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["fused_head"] is False
