@@ -13,7 +13,7 @@ examples:
   logitcache eval --model ./student --data heldout.jsonl
   logitcache eval --model ./student --data heldout.jsonl --cache ./heldout_cache --json
   # the test split of a Parquet dataset on S3, prompt/response columns named, through the chat template
-  logitcache eval --model ./student --data s3://bucket/qa/ --split test --prompt-field question \
+  logitcache eval --model ./student --data s3://bucket/qa/ --split test --prompt-field question \\
       --response-field answer --prompt-format chat --storage-option endpoint_url=http://minio:9000
   # each position's scores, to compare two models on the same positions (paired standard errors)
   logitcache eval --model ./student --data heldout.jsonl --positions student_positions.npz

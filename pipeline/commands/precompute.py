@@ -54,8 +54,8 @@ examples:
   logitcache precompute --teacher ./teacher --data s3://bucket/corpus/ --streaming --max-rows 10000 \\
       --text-field text --out ./cache --storage-option endpoint_url=http://minio:9000
   # a large teacher on vLLM: 4 GPUs (tensor parallel), fp8 weights, 8k tokens, 85% of each GPU's memory
-  logitcache precompute --teacher Qwen/Qwen2.5-72B-Instruct --data chats.jsonl --messages-field messages \
-      --out ./cache --engine vllm --engine-arg tensor_parallel_size=4 --engine-arg quantization=fp8 \
+  logitcache precompute --teacher Qwen/Qwen2.5-72B-Instruct --data chats.jsonl --messages-field messages \\
+      --out ./cache --engine vllm --engine-arg tensor_parallel_size=4 --engine-arg quantization=fp8 \\
       --engine-arg max_model_len=8192 --max-length 8192 --engine-arg gpu_memory_utilization=0.85
   # four independent jobs (e.g. a Slurm array) fill one cache, then one merge:
   logitcache precompute --config job.yaml --num-jobs 4 --job-index $SLURM_ARRAY_TASK_ID

@@ -44,10 +44,13 @@ def test_help_reads_cleanly(command, capsys):
     lines = text.splitlines()
     examples = example_lines(text)
     assert examples, "no example"
+    start = None  # the indent of the command a continuation belongs to
     for i, line in enumerate(lines):
         if line.rstrip().endswith("\\"):  # a continuation: the next line is indented deeper, on its own line
-            indent = len(line) - len(line.lstrip())
-            assert len(lines[i + 1]) - len(lines[i + 1].lstrip()) > indent, (line, lines[i + 1])
+            start = len(line) - len(line.lstrip()) if start is None else start
+            assert len(lines[i + 1]) - len(lines[i + 1].lstrip()) > start, (line, lines[i + 1])
+        else:
+            start = None
         if re.match(r"\s*(logitcache|torchrun) ", line):
             # A lone `\` at a line's end inside the epilog's Python string joins two lines into one: the next
             # line's indent shows up inside it.
