@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_demo.py              # `make demo`: the full preset, ~15 min on 2 CPU cores
     .venv/bin/python benchmarks/bench_demo.py --quick      # `make demo QUICK=1`
+    .venv/bin/python benchmarks/bench_demo.py --keep DIR   # and keep the demo's output (report.md) in DIR
 
 Runs `python -m logitcache.pipeline.demo [--quick] --out DIR` in a fresh temporary folder (the demo
 reuses finished steps, so a rerun in a used folder times nothing), takes the whole process tree's wall
@@ -12,6 +13,7 @@ paired differences (`demo.full.models`, `demo.full.paired`; `--quick` records it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -49,9 +51,12 @@ def paired_table(rows: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the quick preset (make demo QUICK=1)")
+    ap.add_argument("--keep", metavar="DIR", help="run in DIR, a new folder, and keep the demo's output there")
     a = ap.parse_args()
     preset = "quick" if a.quick else "full"
-    with tempfile.TemporaryDirectory(prefix="bench-demo-") as out:
+    if a.keep and Path(a.keep).exists():
+        ap.error(f"--keep {a.keep}: exists; the demo reuses finished steps, so the time would count nothing")
+    with (contextlib.nullcontext(a.keep) if a.keep else tempfile.TemporaryDirectory(prefix="bench-demo-")) as out:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "logitcache.pipeline.demo", *(["--quick"] if a.quick else []),
                         "--out", out], check=True)
