@@ -117,3 +117,38 @@ def test_rerun_on_a_finished_s3_cache_rewrites_only_the_damaged_shards(reference
     assert_same_cache(reference, url, storage_options=s3_options(endpoint))
     assert json.loads(fs.cat_file(f"{root}/index.json")) == json.loads((reference / "index.json").read_text())
     assert modified() == before
+
+
+def test_rerun_repairs_a_parquet_cache_the_default_backend(tiny_teacher, tmp_path, capsys):
+    """The same repair on the default backend, where a shard is one file: deleted, truncated and bit-flipped
+    shards are named by `validate`, rewritten by the rerun (the flip with `--verify`), and the cache decodes
+    as it did; the intact shards are not touched."""
+    from precompute_util import text_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "rows.jsonl", text_rows(8))
+    flags = ["precompute", "--teacher", str(tiny_teacher[0]), "--data", str(data), "--engine", "hf",
+             "--text-field", "text", "--top-k", "4", "--rows-per-shard", "2", "--batch-size", "2", "--no-progress"]
+    reference, cache = tmp_path / "reference", tmp_path / "cache"
+    assert run_here([*flags, "--out", str(reference)]) == 0
+    assert sorted(p.name for p in reference.glob("shard-*")) == [f"shard-0000{i}.parquet" for i in range(4)]
+    shutil.copytree(reference, cache)
+    deleted, truncated, flipped = (cache / f"shard-0000{i}.parquet" for i in (0, 1, 2))
+    deleted.unlink()
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    flipped.write_bytes(bytes(raw))
+    intact = (cache / "shard-00003.parquet").stat().st_mtime_ns
+
+    rc, out = validate(str(cache), capsys)
+    assert rc == 1 and [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("BAD")] == [
+        deleted.name, truncated.name, flipped.name], out
+    time.sleep(0.01)
+    assert run_here([*flags, "--out", str(cache)]) == 0
+    rc, out = validate(str(cache), capsys)
+    assert rc == 1 and [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("BAD")] == [
+        flipped.name], out
+    assert run_here([*flags, "--out", str(cache), "--verify"]) == 0
+    assert validate(str(cache), capsys)[0] == 0
+    assert_same_cache(reference, cache)
+    assert (cache / "shard-00003.parquet").stat().st_mtime_ns == intact
