@@ -323,7 +323,8 @@ def add_student_data_options(group, *, data_flags: str) -> None:
 
 def add_progress_option(parser) -> None:
     """`--progress/--no-progress` of the commands that read a whole cache (validate, inspect, eval, merge,
-    convert); unset, a bar shows only on a terminal, so piped and scripted runs print only their result."""
+    convert) and of `train` (TrainingArguments.disable_tqdm); unset, a bar shows only on a terminal, so piped
+    and scripted runs print only their result."""
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a progress bar on stderr (default: only when stderr is a terminal)")
 
