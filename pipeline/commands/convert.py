@@ -35,7 +35,8 @@ def execute(args) -> dict:
         raise ConfigError(f"convert: --backend is required ({' or '.join(BACKENDS)})")
     backend = "arrow" if args.backend == "parquet" else args.backend  # the name users look for
     return convert_cache(args.src, args.dst, backend=backend, encoding=args.encoding,
-                         storage_options=parse_storage_options(args.storage_options), progress=show_progress(args.progress))
+                         storage_options=parse_storage_options(args.storage_options),
+                         progress=show_progress(args.progress))
 
 
 def run(args) -> int:

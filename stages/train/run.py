@@ -96,7 +96,7 @@ class TrainSettings:
     save_total_limit: int | None = 2
     logging_steps: int = 10
     report_to: str = "none"
-    progress: bool = True  # bars on stderr: the Trainer's (TrainingArguments.disable_tqdm turned over), transformers' own
+    progress: bool = True  # bars on stderr: the Trainer's (not TrainingArguments.disable_tqdm) and transformers'
     resume_from_checkpoint: bool = False  # as Trainer.train(resume_from_checkpoint=True): the last in output_dir
     eval_data: str | None = None
     eval_cache: str | None = None

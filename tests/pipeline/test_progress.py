@@ -149,5 +149,5 @@ def test_train_bar_counts_its_steps_and_a_pipe_gets_the_log_lines_alone(tmp_path
     assert main([*argv, "--out", str(tmp_path / "off")]) == 0  # capsys' stderr is not a terminal
     out, err = capsys.readouterr()
     assert not bar.search(err) and out.count("'loss'") == 3, err
-    record = {run: json.loads((tmp_path / run / "logitcache_train.json").read_text())["settings"] for run in ("on", "off")}
-    assert (record["on"]["progress"], record["off"]["progress"]) == (True, False)
+    settings = [json.loads((tmp_path / run / "logitcache_train.json").read_text())["settings"] for run in ("on", "off")]
+    assert [s["progress"] for s in settings] == [True, False]
