@@ -3,9 +3,10 @@
 Distinctive fake credentials go in through every documented route: `--storage-option key=/secret=`
 flags (of precompute, eval, merge, validate, inspect and convert), a `--config` YAML's
 `storage_options:`, `user:password@` in a URL (an HTTP server on loopback that demands them), a URL
-with credentials that fails, and for `push` HF_TOKEN, `--token-file` and the refused `--token`. The runs are real (the hf engine, a moto S3 server, `train` with a checkpoint);
-then every byte they wrote (the caches on disk and in the bucket, the student folders with their
-checkpoints, the pushed repo) and everything they printed is searched for the credentials.
+with credentials that fails, and for `push` HF_TOKEN, `--token-file` and the refused `--token`. The
+runs are real (the hf engine, a moto S3 server, `train` with a checkpoint); then every byte they wrote
+(the caches on disk and in the bucket, the student folders with their checkpoints, the pushed repo)
+and everything they printed is searched for the credentials.
 
     .venv/bin/pytest tests/pipeline/test_secrets.py -m slow
 """
