@@ -30,7 +30,7 @@ from logitcache.storage.errors import ConfigError
 
 __all__ = ["Number", "RULES", "PATH_RULES", "check_options", "flag_name", "DeprecatedAlias", "add_deprecated_alias",
            "warn_deprecated", "add_chat_template_options", "chat_template_kwargs", "add_student_data_options",
-           "add_progress_option", "show_progress", "negated_keywords"]
+           "add_progress_option", "show_progress", "add_storage_option", "negated_keywords"]
 
 
 @dataclass(frozen=True)
@@ -323,9 +323,18 @@ def add_student_data_options(group, *, data_flags: str) -> None:
 
 def add_progress_option(parser) -> None:
     """`--progress/--no-progress` of the commands that read a whole cache (validate, inspect, eval, merge,
-    convert); unset, a bar shows only on a terminal, so piped and scripted runs print only their result."""
+    convert) and of `train` (TrainingArguments.disable_tqdm); unset, a bar shows only on a terminal, so piped
+    and scripted runs print only their result."""
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a progress bar on stderr (default: only when stderr is a terminal)")
+
+
+def add_storage_option(parser, *, urls: str = "a CACHE URL (s3://, gs://)") -> None:
+    """`--storage-option KEY=VALUE`, repeatable, of the commands that open caches (`parse_storage_options`
+    reads it); `urls`: what the options reach, for the help."""
+    parser.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
+                        help=f"fsspec option for {urls}, repeatable (e.g. endpoint_url=http://...); credentials "
+                             "are otherwise read from the usual environment")
 
 
 def show_progress(flag: bool | None) -> bool:

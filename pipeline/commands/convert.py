@@ -2,7 +2,8 @@
 
 import argparse
 
-from logitcache.pipeline.options import add_deprecated_alias, add_progress_option, show_progress
+from logitcache.pipeline.options import (add_deprecated_alias, add_progress_option, add_storage_option,
+                                       show_progress)
 from logitcache.storage.backends import BACKENDS
 
 HELP = "rewrite a cache with another backend (zarr <-> arrow) and optionally another encoding"
@@ -20,18 +21,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_deprecated_alias(p, "--format", "--backend", dest="backend", choices=[*BACKENDS, "parquet"])
     p.add_argument("--encoding", choices=["lossless", "float16", "compact"], default=None,
                    help="value encoding of the new cache (default: keep the source's)")
+    add_storage_option(p, urls="the SRC and DST URLs alike (s3://, gs://)")
     add_progress_option(p)
     return p
 
 
 def execute(args) -> dict:
     """The command's work; returns the new cache's index."""
+    from logitcache.pipeline.commands.precompute import parse_storage_options
     from logitcache.storage import ConfigError, convert_cache
 
     if args.backend is None:
         raise ConfigError(f"convert: --backend is required ({' or '.join(BACKENDS)})")
     backend = "arrow" if args.backend == "parquet" else args.backend  # the name users look for
     return convert_cache(args.src, args.dst, backend=backend, encoding=args.encoding,
+                         storage_options=parse_storage_options(args.storage_options),
                          progress=show_progress(args.progress))
 
 

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from logitcache.pipeline.options import add_progress_option, show_progress
+from logitcache.pipeline.options import add_progress_option, add_storage_option, show_progress
 
 HELP = "summarize a cache: counts, bytes per position and per entry, and how much probability the top-K holds"
 
@@ -18,6 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="save a histogram of the top-K probability mass per position")
     p.add_argument("--max-shards", type=int, default=None, metavar="N",
                    help="read at most this many shards for the mass statistics (default: all)")
+    add_storage_option(p)
     add_progress_option(p)
     return p
 
@@ -72,9 +73,11 @@ def plot_mass(mass, k: int, path: str) -> None:
 
 def execute(args) -> dict:
     """The command's work: the summary `--json` prints (after drawing --plot if asked)."""
+    from logitcache.pipeline.commands.precompute import parse_storage_options
     from logitcache.storage import open_cache
 
-    summary, mass = summarize(open_cache(args.cache), args.max_shards, progress=show_progress(args.progress))
+    cache = open_cache(args.cache, storage_options=parse_storage_options(args.storage_options))
+    summary, mass = summarize(cache, args.max_shards, progress=show_progress(args.progress))
     if args.plot:
         plot_mass(mass, summary["top_k"], args.plot)
     return summary

@@ -2,6 +2,8 @@
 
 import argparse
 
+from logitcache.pipeline.options import add_storage_option
+
 HELP = "upload a finished Parquet cache to a Hugging Face dataset repo, with a generated dataset card"
 
 DESCRIPTION = """\
@@ -37,9 +39,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--license", metavar="ID",
                    help="the card's license, a Hub license id (e.g. apache-2.0, other); the teacher's and the "
                         "dataset's terms decide it (default: none stated)")
-    p.add_argument("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
-                   help="fsspec option for a CACHE URL (s3://, gs://), repeatable (e.g. endpoint_url=http://...); "
-                        "credentials are otherwise read from the usual environment")
+    add_storage_option(p)
     p.add_argument("--mass-shards", type=int, default=8, metavar="N",
                    help="shards read to measure the mean stored probability for the card (default 8; 0: skip)")
     return p

@@ -2,7 +2,8 @@
 
 import argparse
 
-from logitcache.pipeline.options import add_student_data_options, chat_template_kwargs
+from logitcache.pipeline.options import (add_progress_option, add_student_data_options, chat_template_kwargs,
+                                       show_progress)
 from logitcache.stages.train.losses import registry
 
 HELP = "train a student by streaming a teacher's cache (any loss), or from a jsonl dataset (--loss sft)"
@@ -190,6 +191,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--fsdp", metavar="SPEC", help="shard parameters, gradients and optimizer state over the ranks "
                    "(FSDP2, transformers' TrainingArguments.fsdp), e.g. 'full_shard auto_wrap'; also on CPU (gloo), "
                    "where accelerate alone would run DDP; the LM head then runs unfused (it is sharded)")
+    add_progress_option(g)
     g.add_argument("--hf-arg", dest="hf_args", action="append", type=_key_value, default=None, metavar="KEY=VALUE",
                    help="any other transformers TrainingArguments field, e.g. max_grad_norm=0.5; repeatable")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the student's own modelling code")
@@ -215,6 +217,7 @@ def settings(args):
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainSettings)}
     return TrainSettings(**{**values, "storage_options": parse_storage_options(args.storage_options),
+                            "progress": show_progress(args.progress),
                             "loss_options": _as_dict(args.loss_options), "hf_args": _as_dict(args.hf_args),
                             "chat_template_kwargs": chat_template_kwargs(args.chat_template_kwargs) or {}})
 

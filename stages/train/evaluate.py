@@ -259,7 +259,7 @@ def evaluate_source(model, source, *, pad_id: int, vocab_size: int | None, batch
 
 
 @contextmanager
-def _transformers_bars(show: bool):
+def transformers_bars(show: bool):
     """transformers' own bars (its "Loading weights") shown only with `show`, like ours."""
     from transformers.utils import logging
 
@@ -318,7 +318,7 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None, b
         raise ConfigError("eval needs --data, --cache or both")
     chat = ChatOptions.load(chat_template, chat_template_kwargs, storage_options=storage_options)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with _transformers_bars(progress):
+    with transformers_bars(progress):
         student = load_student(model, dtype=None, trust_remote_code=trust_remote_code, device=device, flag="--model")
     reader = Reader(model, student.tokenizer, student.vocab_size, max_length or student.max_length,
                     storage_options=storage_options, chat=chat, prompt_format=prompt_format)

@@ -96,6 +96,7 @@ class TrainSettings:
     save_total_limit: int | None = 2
     logging_steps: int = 10
     report_to: str = "none"
+    progress: bool = True  # bars on stderr: the Trainer's (not TrainingArguments.disable_tqdm) and transformers'
     resume_from_checkpoint: bool = False  # as Trainer.train(resume_from_checkpoint=True): the last in output_dir
     eval_data: str | None = None
     eval_cache: str | None = None
@@ -195,6 +196,13 @@ def train(s: TrainSettings) -> dict:
     Raises:
         ConfigError: bad or conflicting settings, or a cache and student that do not fit together.
     """
+    from logitcache.stages.train.evaluate import transformers_bars
+
+    with transformers_bars(s.progress):  # its "Loading weights" and "Writing model shards" too
+        return _train(s)
+
+
+def _train(s: TrainSettings) -> dict:
     from logitcache.stages.train.collate import Collator
     from logitcache.stages.train.sources import DataOptions, Reader, open_training_data
     from logitcache.stages.train.student import fused_head_problem, packing_problem
@@ -368,7 +376,7 @@ def _training_arguments(s: TrainSettings, stream, *, rank: int, world_size: int)
         batches = stream.batches_per_rank(s.per_device_train_batch_size, s.dataloader_num_workers, s.num_train_epochs)
         max_steps = -(-batches // s.gradient_accumulation_steps)
     own = {name: getattr(s, name) for name in PASSED_AS_IS}
-    own["max_steps"] = max_steps
+    own.update(max_steps=max_steps, disable_tqdm=not s.progress)
     if s.eval_steps is not None:  # `check` made sure there is something to evaluate
         own.update(eval_strategy="steps", eval_steps=s.eval_steps, per_device_eval_batch_size=s.per_device_train_batch_size)
     if s.gradient_checkpointing:
@@ -410,7 +418,7 @@ PASSED_AS_IS = ("per_device_train_batch_size", "gradient_accumulation_steps", "l
 _HF_FLAGS = {**{name: f"--{name.replace('_', '-')}" for name in PASSED_AS_IS},
              "max_steps": "--max-steps/--epochs", "num_train_epochs": "--epochs", "output_dir": "--out",
              "resume_from_checkpoint": "--resume", "gradient_checkpointing": "--gradient-checkpointing",
-             "eval_strategy": "--eval-steps", "eval_steps": "--eval-steps"}
+             "eval_strategy": "--eval-steps", "eval_steps": "--eval-steps", "disable_tqdm": "--progress/--no-progress"}
 _HF_FIXED = ("remove_unused_columns", "ignore_data_skip")
 
 

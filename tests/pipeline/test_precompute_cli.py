@@ -89,7 +89,7 @@ def test_sigterm_then_kill_9_then_rerun_equals_uninterrupted(reference_cache, tm
     config = tmp_path / "precompute.yaml"
     config.write_text(yaml.safe_dump({"teacher": teacher, "data": str(data), "out": str(out), "engine": "hf",
                                       "text_field": "text", "top_k": 8, "rows_per_shard": ROWS_PER_SHARD,
-                                      "batch_size": 1, "progress": False}))
+                                      "batch_size": 1, "backend": "zarr", "progress": False}))
     capsys.readouterr()
     rc = run_here(["precompute", "--config", str(config)])  # in this process: only the stops needed one
     text = capsys.readouterr().err

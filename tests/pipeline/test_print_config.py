@@ -113,6 +113,18 @@ def test_print_config_redacts_credentials(capsys):
     assert printed["storage_options"] == {"key": "<redacted>", "client_kwargs": {"endpoint_url": "http://minio:9000"}}
 
 
+@pytest.mark.parametrize("argv", [["merge", "s3://b/c"], ["validate", "s3://b/c"], ["inspect", "s3://b/c", "--json"],
+                                  ["convert", "s3://b/c", "s3://b/d", "--backend", "zarr"]], ids=lambda a: a[0])
+def test_cache_commands_print_their_storage_options_redacted(argv, capsys):
+    flags = ["--storage-option", "key=AKIAPRINTCONFIG2", "--storage-option", "secret=printConfigSecret2",
+             "--storage-option", "endpoint_url=http://minio:9000"]
+    assert main([*argv, *flags, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "AKIAPRINTCONFIG2" not in printed and "printConfigSecret2" not in printed
+    assert yaml.safe_load(printed)["storage_options"] == {
+        "key": "<redacted>", "secret": "<redacted>", "client_kwargs": {"endpoint_url": "http://minio:9000"}}
+
+
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 

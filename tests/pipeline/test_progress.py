@@ -130,3 +130,24 @@ def test_eval_counts_sequences_of_each_source(tmp_path, capsys):
     # and from a script: nothing on stderr
     assert main(["eval", "--model", str(w.student), "--data", str(w.heldout), "--json"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_train_bar_counts_its_steps_and_a_pipe_gets_the_log_lines_alone(tmp_path, capsys):
+    """train's bar is transformers Trainer's own: --progress is TrainingArguments.disable_tqdm turned over."""
+    from trainkit import world
+
+    w = world()
+    argv = ["train", "--student", str(w.student), "--cache", str(w.cache), "--loss", "kl", "--max-steps", "3",
+            "--batch-size", "2", "--num-workers", "0", "--logging-steps", "1", "--save-steps", "100"]
+    bar = re.compile(r"\d+%\|[^|]*\| *(\d+)/(\d+) \[")  # any tqdm bar's state: (n, total)
+    assert main([*argv, "--out", str(tmp_path / "on"), "--progress"]) == 0
+    out, err = capsys.readouterr()
+    drawn = re.split(r"[\r\n]", err)
+    steps = [bar.search(s).groups() for s in drawn if bar.search(s) and ":" not in s[:bar.search(s).start()]]
+    assert ("3", "3") in steps and out.count("'loss'") == 3  # the Trainer's bar (no label) reached the end
+    assert any("Writing model shards" in s for s in drawn)  # transformers' own bars show too
+    assert main([*argv, "--out", str(tmp_path / "off")]) == 0  # capsys' stderr is not a terminal
+    out, err = capsys.readouterr()
+    assert not bar.search(err) and out.count("'loss'") == 3, err
+    settings = [json.loads((tmp_path / run / "logitcache_train.json").read_text())["settings"] for run in ("on", "off")]
+    assert [s["progress"] for s in settings] == [True, False]

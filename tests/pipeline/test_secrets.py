@@ -1,11 +1,12 @@
 """No credential is ever written or printed (docs/ERRORS.md, "Credentials").
 
 Distinctive fake credentials go in through every documented route: `--storage-option key=/secret=`
-flags, a `--config` YAML's `storage_options:`, `user:password@` in a URL (an HTTP server on loopback
-that demands them), a URL with credentials that fails, and for `push` HF_TOKEN, `--token-file` and
-the refused `--token`. The runs are real (the hf engine, a moto S3 server, `train` with a checkpoint);
-then every byte they wrote (the caches on disk and in the bucket, the student folders with their
-checkpoints, the pushed repo) and everything they printed is searched for the credentials.
+flags (of precompute, eval, merge, validate, inspect and convert), a `--config` YAML's
+`storage_options:`, `user:password@` in a URL (an HTTP server on loopback that demands them), a URL
+with credentials that fails, and for `push` HF_TOKEN, `--token-file` and the refused `--token`. The
+runs are real (the hf engine, a moto S3 server, `train` with a checkpoint); then every byte they wrote
+(the caches on disk and in the bucket, the student folders with their checkpoints, the pushed repo)
+and everything they printed is searched for the credentials.
 
     .venv/bin/pytest tests/pipeline/test_secrets.py -m slow
 """
@@ -132,6 +133,10 @@ def test_no_credential_is_written_or_printed(tiny_teacher, s3, http_data, tmp_pa
                  "--eval-data", url_data]) == 0
     assert main(["eval", "--model", str(student_dir), "--cache", f"s3://{BUCKET}/cache", *flags,
                  "--device", "cpu", "--json"]) == 0
+    # The commands that only open caches take the same flags (convert's reach both ends: its copy is in the bucket).
+    for argv in (["merge"], ["validate"], ["inspect", "--json"],
+                 ["convert", f"s3://{BUCKET}/cache-zarr", "--backend", "zarr", "--no-progress"]):
+        assert main([argv[0], f"s3://{BUCKET}/cache", *argv[1:], *flags]) == 0, argv
     # A URL with credentials that fails: the error line names the URL, without them.
     bad = f"s3://AKIAFAILURLKEY:{SECRETS['failing url secret']}@{BUCKET}/nowhere"
     assert main(["train", "--student", str(student), "--cache", bad, "--storage-option", f"endpoint_url={endpoint}",
@@ -161,6 +166,7 @@ def test_no_credential_is_written_or_printed(tiny_teacher, s3, http_data, tmp_pa
     # Nothing written or printed holds any of them.
     written = _everything_written([local_cache, student_dir, url_student, repo], bucket)
     assert any("checkpoint-" in name for name in written) and f"s3://{BUCKET}/cache/index.json" in written
+    assert f"s3://{BUCKET}/cache-zarr/index.json" in written
     for what, secret in SECRETS.items():
         for name, data in written.items():
             assert secret.encode() not in data, f"the {what} is written in {name}"

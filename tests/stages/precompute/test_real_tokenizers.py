@@ -207,6 +207,6 @@ def test_stage_two_renders_with_the_caches_template_variables(qwen, no_think_cac
     assert supervised(ChatOptions.load(qwen3, {"enable_thinking": True})) == \
         "11.<|im_end|>\n<think>\n\n</think>\n\n十三 (13)。<|im_end|>\n"
     with pytest.raises(ConfigError, match=r"enable_thinking=True \(the cache: False\)"):
-        train(TrainSettings(student=str(qwen["thinking"]), cache=str(no_think_cache), out=str(tmp_path / "kl"),
-                            loss="kl", max_steps=1, num_workers=0, chat_template=qwen3,
-                            chat_template_kwargs={"enable_thinking": True}))
+        train(TrainSettings(student=str(qwen["thinking"]), cache=str(no_think_cache), loss="kl",
+                            output_dir=str(tmp_path / "kl"), max_steps=1, dataloader_num_workers=0,
+                            chat_template=qwen3, chat_template_kwargs={"enable_thinking": True}))
