@@ -84,7 +84,7 @@ def train_argv(cache, out: Path, *extra: str, steps: int = 24) -> list[str]:
     w = world()
     return ["train", "--student", str(w.student), "--cache", str(cache), "--loss", "kl", "--out", str(out),
             "--max-steps", str(steps), "--batch-size", "2", "--lr", "1e-3", "--num-workers", "1",
-            "--logging-steps", "1", "--save-steps", "1000", *extra]
+            "--logging-steps", "1", "--save-steps", "1000", "--progress", *extra]  # the bar says the step
 
 
 def test_sigterm_during_train_checkpoints_and_resume_continues_exactly(tmp_path, capsys):
@@ -288,7 +288,7 @@ def test_s3_store_gone_while_training_is_an_error_not_a_hang(reference_cache, s3
         log = tmp_path / "train.log"
         argv = ["train", "--student", teacher, "--cache", url, "--loss", "kl", "--out", str(tmp_path / "out"),
                 "--max-steps", "200", "--batch-size", "1", "--num-workers", "0", "--shuffle-window", "1",
-                "--save-steps", "1000"]
+                "--save-steps", "1000", "--progress"]  # the bar says the step
         proc = start(argv, log, _s3_env(proxy.endpoint))
         step = re.compile(r"\b([2-9]|\d\d)/200\b")
         wait_until(proc, log, lambda: step.search(log.read_text()), "step 2")
@@ -314,7 +314,7 @@ def test_train_resumes_exactly_after_an_s3_outage_mid_training(s3, tmp_path, cap
     def argv(out, *extra):  # many epochs of a small cache: shards are read again after the read-ahead
         return ["train", "--student", str(w.student), "--cache", url, "--loss", "kl", "--out", str(out),
                 "--max-steps", "40", "--batch-size", "2", "--lr", "1e-3", "--num-workers", "0",
-                "--shuffle-window", "1", "--save-steps", "4", "--logging-steps", "1", *bounds, *extra]
+                "--shuffle-window", "1", "--save-steps", "4", "--logging-steps", "1", "--progress", *bounds, *extra]
 
     out = tmp_path / "run"
     with tcp_proxy(endpoint) as proxy:
