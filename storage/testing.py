@@ -88,14 +88,16 @@ def index_metadata(k: int, mode: str = "topk", vocab: int = VOCAB) -> dict:
 
 
 def write_synthetic_cache(root: str, backend: str, *, encoding: str = "lossless", k: int = 8, shards: int = 3,
-                          per_shard: int = 4, sample: bool = False, seed: int = 0) -> list[dict]:
+                          per_shard: int = 4, sample: bool = False, seed: int = 0,
+                          storage_options: dict | None = None) -> list[dict]:
     """Write a finished cache of random-length synthetic sequences. Returns the sequences written.
 
     Shard j holds rows [j * per_shard, (j + 1) * per_shard); the index counts one skipped row.
+    `storage_options` are fsspec's, for a `root` URL (s3://...).
     """
     rng = np.random.default_rng(seed)
     writer = CacheWriter(root, backend=backend, encoding=encoding, vocab_size=VOCAB,
-                         fingerprint="fp-test", text_fields=TEXT_FIELDS)
+                         fingerprint="fp-test", text_fields=TEXT_FIELDS, storage_options=storage_options)
     written = []
     for j in range(shards):
         seqs = [make_sequence(rng, j * per_shard + i, int(rng.integers(4, 40)), k, sample=sample)

@@ -15,26 +15,18 @@ import subprocess
 import sys
 import termios
 
-import numpy as np
 import pytest
-from synthetic import TEXT_FIELDS, VOCAB, make_sequence, metadata
 
 from logitcache.pipeline.cli import main
-from logitcache.storage import CacheWriter, ShardData
+from logitcache.storage.testing import write_synthetic_cache
 
 SHARDS = 3
 
 
 @pytest.fixture
 def cache_dir(tmp_path):
-    rng = np.random.default_rng(0)
     root = str(tmp_path / "cache")
-    w = CacheWriter(root, backend="zarr", encoding="compact", vocab_size=VOCAB, fingerprint="progress",
-                    text_fields=TEXT_FIELDS)
-    for j in range(SHARDS):
-        seqs = [make_sequence(rng, 2 * j + i, 20, 8) for i in range(2)]
-        w.write_shard(j, ShardData.from_sequences(seqs, text_fields=TEXT_FIELDS), extra={"rows": [2 * j, 2 * j + 2]})
-    w.finalize(metadata(8))
+    write_synthetic_cache(root, "zarr", encoding="compact", shards=SHARDS, per_shard=2)
     return root
 
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import s3fs
 from fake_hub import fake_hub
-from synthetic import TEXT_FIELDS, VOCAB, make_sequence, metadata
 
 from logitcache.pipeline.cli import main
 from logitcache.pipeline.commands.push import push_cache
-from logitcache.storage import CacheWriter, ShardData, open_cache
+from logitcache.storage import open_cache
 from logitcache.storage.errors import CacheIndexError, ConfigError
+from logitcache.storage.testing import write_synthetic_cache
 
 SHARDS = 3
 
@@ -31,14 +31,8 @@ def online(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
-def write_cache(root: str, storage_options: dict | None = None, backend: str = "arrow") -> dict:
-    rng = np.random.default_rng(0)
-    w = CacheWriter(root, backend=backend, encoding="compact", vocab_size=VOCAB, fingerprint="push",
-                    text_fields=TEXT_FIELDS, storage_options=storage_options)
-    for j in range(SHARDS):
-        seqs = [make_sequence(rng, 3 * j + i, 30, 16) for i in range(3)]
-        w.write_shard(j, ShardData.from_sequences(seqs, text_fields=TEXT_FIELDS), extra={"rows": [3 * j, 3 * j + 3]})
-    return w.finalize(metadata(16), counts={"skipped": 2})
+def write_cache(root: str, storage_options: dict | None = None, backend: str = "arrow") -> None:
+    write_synthetic_cache(root, backend, encoding="compact", shards=SHARDS, per_shard=3, storage_options=storage_options)
 
 
 def hub_api(hub):

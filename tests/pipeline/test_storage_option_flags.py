@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from precompute_util import text_rows, write_jsonl
 from s3server import make_bucket, s3_options
-from synthetic import TEXT_FIELDS, VOCAB, make_sequence, metadata
 
 from logitcache.pipeline.cli import main
-from logitcache.storage import CacheWriter, ShardData, open_cache
+from logitcache.storage import open_cache
+from logitcache.storage.testing import write_synthetic_cache
 
 BUCKET = "lc-flags"
 KEY, SECRET = "AKIAFLAGSONLY4Q7Z", "flagsOnlySecret-3e9a"  # moto takes any pair; these must not be printed
@@ -43,14 +43,7 @@ def store(s3, monkeypatch):
 
 
 def write_cache(url: str, options: dict) -> None:
-    rng = np.random.default_rng(0)
-    w = CacheWriter(url, backend="arrow", encoding="compact", vocab_size=VOCAB, fingerprint="flags",
-                    text_fields=TEXT_FIELDS, storage_options=options)
-    for j in range(SHARDS):
-        seqs = [make_sequence(rng, PER_SHARD * j + i, 20, 8) for i in range(PER_SHARD)]
-        w.write_shard(j, ShardData.from_sequences(seqs, text_fields=TEXT_FIELDS),
-                      extra={"rows": [PER_SHARD * j, PER_SHARD * (j + 1)]})
-    w.finalize(metadata(8))
+    write_synthetic_cache(url, "arrow", encoding="compact", shards=SHARDS, per_shard=PER_SHARD, storage_options=options)
 
 
 def no_credentials(command: list[str], endpoint: str, capsys) -> None:
